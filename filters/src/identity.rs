@@ -1,0 +1,385 @@
+//! Identity: which configured client is calling, from the credentials the request presents.
+//!
+//! Credentials accepted (SPEC §5): `api-key: KEY`; `Authorization: Bearer KEY` where KEY
+//! starts with `agw_`; `Authorization: Bearer JWT`; the client certificate of an mTLS
+//! listener. Every presented credential must pass: one that fails rejects the request even
+//! if another would pass.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::apikey::{KeyStore, KEY_PREFIX};
+use crate::cert::{CertMap, PeerCert};
+use crate::{AuthMethod, FilterError};
+
+/// The credentials a request presents, taken from its headers and TLS session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Presented {
+    pub api_key: Option<String>,
+    pub jwt: Option<String>,
+    pub certificate: Option<PeerCert>,
+}
+
+impl Presented {
+    /// Reads `api-key` and `Authorization` header values. A malformed `Authorization`
+    /// (not `Bearer <something>`) is an invalid credential.
+    pub fn from_headers(
+        api_key: Option<&[u8]>,
+        authorization: Option<&[u8]>,
+    ) -> Result<Presented, FilterError> {
+        let mut p = Presented::default();
+        if let Some(v) = api_key {
+            let s = std::str::from_utf8(v).map_err(|_| FilterError::InvalidCredential)?;
+            p.api_key = Some(s.trim().to_string());
+        }
+        if let Some(v) = authorization {
+            let s = std::str::from_utf8(v).map_err(|_| FilterError::InvalidCredential)?;
+            let (scheme, rest) = s
+                .trim()
+                .split_once(' ')
+                .ok_or(FilterError::InvalidCredential)?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(FilterError::InvalidCredential);
+            }
+            let token = rest.trim();
+            if token.is_empty() {
+                return Err(FilterError::InvalidCredential);
+            }
+            if token.starts_with(KEY_PREFIX) {
+                if p.api_key.as_deref().is_some_and(|k| k != token) {
+                    // Two different keys: refuse rather than guess.
+                    return Err(FilterError::InvalidCredential);
+                }
+                p.api_key = Some(token.to_string());
+            } else {
+                p.jwt = Some(token.to_string());
+            }
+        }
+        Ok(p)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.api_key.is_none() && self.jwt.is_none() && self.certificate.is_none()
+    }
+
+    /// The method named in the audit log, also when the credential failed.
+    pub fn method(&self) -> AuthMethod {
+        if self.certificate.is_some() {
+            AuthMethod::Certificate
+        } else if self.api_key.is_some() {
+            AuthMethod::ApiKey
+        } else if self.jwt.is_some() {
+            AuthMethod::Oidc
+        } else {
+            AuthMethod::None
+        }
+    }
+}
+
+/// A JWT that passed signature and claim checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedJwt {
+    pub provider: Arc<str>,
+    /// Value of the provider's `client_claim`.
+    pub client_value: String,
+    pub user: Option<String>,
+}
+
+/// Verifies JWTs (the OIDC module implements it; tests use fakes).
+#[async_trait]
+pub trait JwtVerifier: Send + Sync {
+    async fn verify(&self, token: &str) -> Result<VerifiedJwt, FilterError>;
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Index of the client (or unlisted-clients template) in the runtime client table.
+    pub client: usize,
+    /// The client's name in logs, metrics and limit keys: the configured id, or
+    /// `unlisted:<provider>:<value>` for an unlisted OIDC application.
+    pub client_id: Arc<str>,
+    pub auth: AuthMethod,
+    pub key_id: Option<String>,
+    pub user: Option<String>,
+    pub provider: Option<Arc<str>>,
+    /// The request was authenticated by a JWT (it may then be forwarded to `forward` backends).
+    pub jwt_authenticated: bool,
+}
+
+/// Maps OIDC applications to clients.
+#[derive(Debug, Default, Clone)]
+pub struct TokenMap {
+    /// (provider, client_claim value) -> client index
+    pub listed: HashMap<(Arc<str>, String), usize>,
+    /// provider -> index of its unlisted-clients template
+    pub unlisted: HashMap<Arc<str>, usize>,
+}
+
+impl TokenMap {
+    /// The pure mapping decision of SPEC §5.
+    pub fn client_of(&self, jwt: &VerifiedJwt) -> Result<(usize, Option<String>), FilterError> {
+        if let Some(&c) = self
+            .listed
+            .get(&(jwt.provider.clone(), jwt.client_value.clone()))
+        {
+            return Ok((c, None));
+        }
+        match self.unlisted.get(&jwt.provider) {
+            Some(&c) => Ok((
+                c,
+                Some(format!("unlisted:{}:{}", jwt.provider, jwt.client_value)),
+            )),
+            None => Err(FilterError::Forbidden),
+        }
+    }
+}
+
+/// Resolves the identity of a request: every presented credential must pass and name the
+/// same client.
+pub struct IdentityResolver {
+    pub keys: KeyStore,
+    pub certs: CertMap,
+    pub tokens: TokenMap,
+    pub jwt: Option<Arc<dyn JwtVerifier>>,
+    /// Configured client ids, by index.
+    pub client_ids: Vec<Arc<str>>,
+}
+
+impl IdentityResolver {
+    pub async fn resolve(&self, p: &Presented, now_unix: i64) -> Result<Identity, FilterError> {
+        if p.is_empty() {
+            return Err(FilterError::MissingCredential);
+        }
+        let mut found: Option<Identity> = None;
+        let mut agree = |id: Identity| -> Result<(), FilterError> {
+            match &found {
+                Some(prev) if prev.client_id != id.client_id => Err(FilterError::InvalidCredential),
+                Some(_) => Ok(()),
+                None => {
+                    found = Some(id);
+                    Ok(())
+                }
+            }
+        };
+        if let Some(cert) = &p.certificate {
+            let c = self.certs.client_of(cert).ok_or(FilterError::Forbidden)?;
+            agree(self.identity(c, None, AuthMethod::Certificate))?;
+        }
+        if let Some(key) = &p.api_key {
+            let rec = self.keys.lookup(key, now_unix)?;
+            let mut id = self.identity(rec.client, None, AuthMethod::ApiKey);
+            id.key_id = Some(rec.key_id.clone());
+            agree(id)?;
+        }
+        if let Some(token) = &p.jwt {
+            let verifier = self.jwt.as_ref().ok_or(FilterError::InvalidCredential)?;
+            let v = verifier.verify(token).await?;
+            let (c, unlisted_id) = self.tokens.client_of(&v)?;
+            let mut id = self.identity(c, unlisted_id, AuthMethod::Oidc);
+            id.user = v.user;
+            id.provider = Some(v.provider);
+            id.jwt_authenticated = true;
+            agree(id)?;
+        }
+        found.ok_or(FilterError::MissingCredential)
+    }
+
+    fn identity(&self, client: usize, unlisted_id: Option<String>, auth: AuthMethod) -> Identity {
+        Identity {
+            client,
+            client_id: unlisted_id
+                .map(Arc::from)
+                .unwrap_or_else(|| self.client_ids[client].clone()),
+            auth,
+            key_id: None,
+            user: None,
+            provider: None,
+            jwt_authenticated: false,
+        }
+    }
+}
+
+/// The identity filter: sets `cx.identity` or rejects.
+pub struct IdentityFilter {
+    pub resolver: IdentityResolver,
+}
+
+#[async_trait]
+impl crate::RequestFilter for IdentityFilter {
+    fn phase(&self) -> crate::Phase {
+        crate::Phase::Headers
+    }
+
+    async fn apply(&self, cx: &mut crate::FilterContext) -> crate::Outcome {
+        match self.resolver.resolve(&cx.presented, cx.now_unix()).await {
+            Ok(id) => {
+                cx.identity = Some(id);
+                crate::Outcome::Continue
+            }
+            Err(e) => crate::Outcome::Reject(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apikey::{hash_key, parse_hash, KeyRecord};
+
+    struct FakeJwt;
+    #[async_trait]
+    impl JwtVerifier for FakeJwt {
+        async fn verify(&self, token: &str) -> Result<VerifiedJwt, FilterError> {
+            match token.split_once('.') {
+                Some(("good", app)) => Ok(VerifiedJwt {
+                    provider: Arc::from("idp"),
+                    client_value: app.to_string(),
+                    user: Some("u1".into()),
+                }),
+                Some(("noroles", _)) => Err(FilterError::Forbidden),
+                _ => Err(FilterError::InvalidCredential),
+            }
+        }
+    }
+
+    fn resolver() -> IdentityResolver {
+        let mut keys = KeyStore::default();
+        keys.insert(
+            parse_hash(&hash_key("agw_a")).unwrap(),
+            KeyRecord {
+                client: 0,
+                expires_at: None,
+                key_id: "aaaaaaaa".into(),
+            },
+        );
+        let mut tokens = TokenMap::default();
+        tokens.listed.insert((Arc::from("idp"), "app-b".into()), 1);
+        tokens.unlisted.insert(Arc::from("idp"), 2);
+        IdentityResolver {
+            keys,
+            certs: CertMap::default(),
+            tokens,
+            jwt: Some(Arc::new(FakeJwt)),
+            client_ids: vec![Arc::from("a"), Arc::from("b"), Arc::from("unlisted")],
+        }
+    }
+
+    fn rt<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn headers_are_classified() {
+        let p = Presented::from_headers(Some(b"agw_x"), None).unwrap();
+        assert_eq!(p.api_key.as_deref(), Some("agw_x"));
+        let p = Presented::from_headers(None, Some(b"Bearer agw_y")).unwrap();
+        assert_eq!(p.api_key.as_deref(), Some("agw_y"));
+        let p = Presented::from_headers(None, Some(b"bearer eyJ.a.b")).unwrap();
+        assert_eq!(p.jwt.as_deref(), Some("eyJ.a.b"));
+        assert_eq!(p.method(), AuthMethod::Oidc);
+        assert_eq!(
+            Presented::from_headers(None, Some(b"Basic abc")),
+            Err(FilterError::InvalidCredential)
+        );
+        assert_eq!(
+            Presented::from_headers(None, Some(b"Bearer ")),
+            Err(FilterError::InvalidCredential)
+        );
+        assert_eq!(
+            Presented::from_headers(Some(b"agw_1"), Some(b"Bearer agw_2")),
+            Err(FilterError::InvalidCredential)
+        );
+    }
+
+    #[test]
+    fn nothing_presented_is_missing() {
+        let r = resolver();
+        assert_eq!(
+            rt(r.resolve(&Presented::default(), 0)),
+            Err(FilterError::MissingCredential)
+        );
+    }
+
+    #[test]
+    fn api_key_names_its_client() {
+        let r = resolver();
+        let p = Presented::from_headers(Some(b"agw_a"), None).unwrap();
+        let id = rt(r.resolve(&p, 0)).unwrap();
+        assert_eq!(&*id.client_id, "a");
+        assert_eq!(id.key_id.as_deref(), Some("aaaaaaaa"));
+        assert_eq!(id.auth, AuthMethod::ApiKey);
+    }
+
+    #[test]
+    fn failing_credential_rejects_even_with_a_good_one() {
+        let r = resolver();
+        let p = Presented {
+            api_key: Some("agw_a".into()),
+            jwt: Some("bad.token".into()),
+            certificate: None,
+        };
+        assert_eq!(rt(r.resolve(&p, 0)), Err(FilterError::InvalidCredential));
+    }
+
+    #[test]
+    fn listed_and_unlisted_apps() {
+        let r = resolver();
+        let p = Presented {
+            jwt: Some("good.app-b".into()),
+            ..Default::default()
+        };
+        let id = rt(r.resolve(&p, 0)).unwrap();
+        assert_eq!(&*id.client_id, "b");
+        assert!(id.jwt_authenticated);
+        assert_eq!(id.user.as_deref(), Some("u1"));
+        let p = Presented {
+            jwt: Some("good.app-z".into()),
+            ..Default::default()
+        };
+        let id = rt(r.resolve(&p, 0)).unwrap();
+        assert_eq!(&*id.client_id, "unlisted:idp:app-z");
+        assert_eq!(id.client, 2);
+    }
+
+    #[test]
+    fn unlisted_without_policy_is_forbidden() {
+        let mut r = resolver();
+        r.tokens.unlisted.clear();
+        let p = Presented {
+            jwt: Some("good.app-z".into()),
+            ..Default::default()
+        };
+        assert_eq!(rt(r.resolve(&p, 0)), Err(FilterError::Forbidden));
+    }
+
+    #[test]
+    fn credentials_naming_different_clients_are_refused() {
+        let r = resolver();
+        let p = Presented {
+            api_key: Some("agw_a".into()),
+            jwt: Some("good.app-b".into()),
+            certificate: None,
+        };
+        assert_eq!(rt(r.resolve(&p, 0)), Err(FilterError::InvalidCredential));
+    }
+
+    #[test]
+    fn unmapped_certificate_is_forbidden() {
+        let r = resolver();
+        let p = Presented {
+            certificate: Some(PeerCert {
+                fingerprint: "00".repeat(32),
+                subject: "CN=x".into(),
+                not_after: 0,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(rt(r.resolve(&p, 0)), Err(FilterError::Forbidden));
+    }
+}

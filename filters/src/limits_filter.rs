@@ -1,0 +1,83 @@
+//! The limits filter: admits the request against the client's request and token limits
+//! (client-wide and per deployment), reserving the estimated tokens; the gateway reconciles
+//! the reservation with the backend's usage when the response ends.
+
+use std::sync::Arc;
+
+use crate::limits::{ClientLimits, LimitSpec, Limiter};
+use crate::{FilterContext, Outcome, Phase, RequestFilter};
+
+/// Whether any limit applies to this client and deployment.
+pub fn has_limits(l: &ClientLimits, deployment: &str) -> bool {
+    let any = |s: &LimitSpec| {
+        s.requests_per_minute.is_some()
+            || s.tokens_per_minute.is_some()
+            || s.tokens_per_day.is_some()
+    };
+    any(&l.client) || l.per_deployment.get(deployment).is_some_and(any)
+}
+
+/// Whether a token limit applies (then the prompt must be estimated).
+pub fn has_token_limits(l: &ClientLimits, deployment: &str) -> bool {
+    let any = |s: &LimitSpec| s.tokens_per_minute.is_some() || s.tokens_per_day.is_some();
+    any(&l.client) || l.per_deployment.get(deployment).is_some_and(any)
+}
+
+pub struct LimitsFilter {
+    pub limiter: Arc<Limiter>,
+    /// Limits by client index (configured clients, then unlisted-client templates).
+    pub limits: Arc<Vec<ClientLimits>>,
+}
+
+#[async_trait::async_trait]
+impl RequestFilter for LimitsFilter {
+    fn phase(&self) -> Phase {
+        Phase::Body
+    }
+
+    async fn apply(&self, cx: &mut FilterContext) -> Outcome {
+        let (Some(id), Some(deployment)) = (&cx.identity, &cx.deployment) else {
+            // `models.read` is answered by the gateway and costs nothing.
+            return Outcome::Continue;
+        };
+        let limits = &self.limits[id.client];
+        if !has_limits(limits, deployment) {
+            return Outcome::Continue;
+        }
+        match self
+            .limiter
+            .admit(&id.client_id, deployment, limits, cx.reserve_tokens, cx.now)
+            .await
+        {
+            Ok(a) => {
+                cx.admission = Some(a);
+                Outcome::Continue
+            }
+            Err(e) => Outcome::Reject(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_presence() {
+        let mut l = ClientLimits::default();
+        assert!(!has_limits(&l, "d"));
+        l.per_deployment.insert(
+            "d".into(),
+            LimitSpec {
+                tokens_per_minute: Some(5),
+                ..Default::default()
+            },
+        );
+        assert!(has_limits(&l, "d"));
+        assert!(has_token_limits(&l, "d"));
+        assert!(!has_limits(&l, "other"));
+        l.client.requests_per_minute = Some(1);
+        assert!(has_limits(&l, "other"));
+        assert!(!has_token_limits(&l, "other"));
+    }
+}

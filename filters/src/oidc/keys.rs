@@ -1,0 +1,244 @@
+//! JWKS documents turned into verification keys, and the rules that pair a token's `alg`
+//! with a key.
+
+use std::str::FromStr;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// RSA moduli shorter than this are skipped (NIST: 2048 bits minimum).
+const MIN_RSA_BITS: usize = 2048;
+
+/// The kinds of keys a token may be verified with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyType {
+    Rsa,
+    EcP256,
+    EcP384,
+}
+
+impl KeyType {
+    /// `true` when `alg` is a signature algorithm of this key type (RSA: RS*/PS*; EC: ES256
+    /// on P-256, ES384 on P-384). HS* and EdDSA fit no key.
+    pub(crate) fn fits(self, alg: Algorithm) -> bool {
+        use Algorithm::*;
+        matches!(
+            (self, alg),
+            (KeyType::Rsa, RS256 | RS384 | RS512 | PS256 | PS384 | PS512)
+                | (KeyType::EcP256, ES256)
+                | (KeyType::EcP384, ES384)
+        )
+    }
+}
+
+/// Parses an algorithm name of `identity.oidc[].algorithms` or of a token header; only the
+/// asymmetric algorithms this module verifies are accepted.
+pub(crate) fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+    if name.eq_ignore_ascii_case("none") {
+        return Err(format!("{name} is not allowed (asymmetric only)"));
+    }
+    match Algorithm::from_str(name) {
+        Ok(Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => {
+            Err(format!("{name} is not allowed (asymmetric only)"))
+        }
+        Ok(Algorithm::EdDSA) => Err(format!(
+            "{name} is not supported (use RS256, RS384, RS512, PS256, PS384, PS512, ES256 or ES384)"
+        )),
+        Ok(alg) => Ok(alg),
+        Err(_) => Err(format!(
+            "unknown algorithm {name:?} (use RS256, RS384, RS512, PS256, PS384, PS512, ES256 or ES384)"
+        )),
+    }
+}
+
+/// One key of a provider's JWKS, ready to verify signatures.
+pub(crate) struct VerifyKey {
+    pub(crate) kid: Option<String>,
+    pub(crate) key_type: KeyType,
+    /// The JWK's own `alg`, when it names one: tokens must then use exactly that algorithm.
+    pub(crate) alg: Option<Algorithm>,
+    pub(crate) key: DecodingKey,
+}
+
+impl VerifyKey {
+    fn accepts(&self, alg: Algorithm) -> bool {
+        self.key_type.fits(alg) && self.alg.is_none_or(|a| a == alg)
+    }
+}
+
+/// The keys of one provider as of one fetch. Replaced whole, never mutated.
+#[derive(Default)]
+pub(crate) struct KeySet {
+    pub(crate) keys: Vec<VerifyKey>,
+    /// Bumped by every successful fetch; lets concurrent misses notice that someone else
+    /// fetched while they waited.
+    pub(crate) generation: u64,
+    /// Clock time of the fetch that produced these keys (`None`: never fetched).
+    pub(crate) fetched_at: Option<u64>,
+}
+
+/// Result of looking a token's key up.
+pub(crate) enum Lookup<'a> {
+    Found(&'a VerifyKey),
+    /// The `kid` exists but its key does not fit the token's `alg` (no refetch: that is not
+    /// a rotation, it is a forged or misconfigured token).
+    WrongType,
+    /// No `kid` in the token and more than one key fits its `alg`.
+    Ambiguous,
+    /// Nothing fits: worth one refetch.
+    Missing,
+}
+
+impl KeySet {
+    pub(crate) fn find(&self, kid: Option<&str>, alg: Algorithm) -> Lookup<'_> {
+        match kid {
+            Some(kid) => {
+                let mut seen = false;
+                for key in self.keys.iter().filter(|k| k.kid.as_deref() == Some(kid)) {
+                    if key.accepts(alg) {
+                        return Lookup::Found(key);
+                    }
+                    seen = true;
+                }
+                if seen {
+                    Lookup::WrongType
+                } else {
+                    Lookup::Missing
+                }
+            }
+            None => {
+                let mut fitting = self.keys.iter().filter(|k| k.accepts(alg));
+                match (fitting.next(), fitting.next()) {
+                    (Some(key), None) => Lookup::Found(key),
+                    (Some(_), Some(_)) => Lookup::Ambiguous,
+                    _ => Lookup::Missing,
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawJwk {
+    kty: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(rename = "use", default)]
+    use_: Option<String>,
+    #[serde(default)]
+    key_ops: Option<Vec<String>>,
+    #[serde(default)]
+    alg: Option<String>,
+    #[serde(default)]
+    crv: Option<String>,
+    #[serde(default)]
+    n: Option<String>,
+    #[serde(default)]
+    e: Option<String>,
+    #[serde(default)]
+    x: Option<String>,
+    #[serde(default)]
+    y: Option<String>,
+}
+
+/// Turns a JWKS document (`{"keys": [...]}`) into verification keys. Keys this module
+/// cannot or must not use (symmetric `oct`, OKP, encryption keys, weak RSA, unknown
+/// curves) are skipped; a document with no usable key is an error so that the caller
+/// keeps its last good keys.
+pub(crate) fn parse_jwks(doc: &Value) -> Result<Vec<VerifyKey>, String> {
+    let Some(items) = doc.get("keys").and_then(Value::as_array) else {
+        return Err("the JWKS document has no \"keys\" array".to_string());
+    };
+    let mut keys = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match parse_jwk(item) {
+            Ok(key) => keys.push(key),
+            Err(why) => log::debug!("JWKS key {i} skipped: {why}"),
+        }
+    }
+    if keys.is_empty() {
+        return Err(format!(
+            "the JWKS document holds no usable RSA or EC signing key ({} keys)",
+            items.len()
+        ));
+    }
+    Ok(keys)
+}
+
+fn b64(field: &str, value: Option<&String>) -> Result<Vec<u8>, String> {
+    let value = value.ok_or_else(|| format!("no {field:?}"))?;
+    URL_SAFE_NO_PAD
+        .decode(value.trim_end_matches('='))
+        .map_err(|_| format!("{field:?} is not base64url"))
+}
+
+fn parse_jwk(item: &Value) -> Result<VerifyKey, String> {
+    let jwk = RawJwk::deserialize(item).map_err(|e| format!("not a JWK: {e}"))?;
+    if let Some(use_) = &jwk.use_ {
+        if use_ != "sig" {
+            return Err(format!("use is {use_:?}"));
+        }
+    }
+    if let Some(ops) = &jwk.key_ops {
+        if !ops.iter().any(|op| op == "verify") {
+            return Err("key_ops lacks \"verify\"".to_string());
+        }
+    }
+    let alg = match &jwk.alg {
+        None => None,
+        Some(name) => Some(parse_algorithm(name)?),
+    };
+    let (key_type, key) = match jwk.kty.as_str() {
+        "RSA" => {
+            let n = b64("n", jwk.n.as_ref())?;
+            let e = b64("e", jwk.e.as_ref())?;
+            let n = strip_leading_zeros(&n);
+            let e = strip_leading_zeros(&e);
+            let bits = n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize);
+            if bits < MIN_RSA_BITS {
+                return Err(format!("RSA modulus of {bits} bits is too short"));
+            }
+            if e.is_empty() || e.len() > 8 {
+                return Err("RSA exponent out of range".to_string());
+            }
+            (KeyType::Rsa, DecodingKey::from_rsa_raw_components(n, e))
+        }
+        "EC" => {
+            let (key_type, len) = match jwk.crv.as_deref() {
+                Some("P-256") => (KeyType::EcP256, 32),
+                Some("P-384") => (KeyType::EcP384, 48),
+                other => return Err(format!("unsupported curve {other:?}")),
+            };
+            let x = b64("x", jwk.x.as_ref())?;
+            let y = b64("y", jwk.y.as_ref())?;
+            if x.len() != len || y.len() != len {
+                return Err("EC coordinates of the wrong length".to_string());
+            }
+            let mut point = Vec::with_capacity(1 + 2 * len);
+            point.push(0x04);
+            point.extend_from_slice(&x);
+            point.extend_from_slice(&y);
+            (key_type, DecodingKey::from_ec_der(&point))
+        }
+        other => return Err(format!("key type {other:?} is not used")),
+    };
+    if let Some(alg) = alg {
+        if !key_type.fits(alg) {
+            return Err(format!("alg {alg:?} does not fit a {key_type:?} key"));
+        }
+    }
+    Ok(VerifyKey {
+        kid: jwk.kid,
+        key_type,
+        alg,
+        key,
+    })
+}
+
+fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
+    let first = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
+    &bytes[first..]
+}

@@ -1,0 +1,65 @@
+//! The operations of SPEC §4 and the URL patterns that name them.
+
+/// An operation a client may be allowed (`allow.operations`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Operation {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Responses,
+    Images,
+    Audio,
+    ModelsRead,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 7] = [
+        Operation::ChatCompletions,
+        Operation::Completions,
+        Operation::Embeddings,
+        Operation::Responses,
+        Operation::Images,
+        Operation::Audio,
+        Operation::ModelsRead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "chat.completions",
+            Operation::Completions => "completions",
+            Operation::Embeddings => "embeddings",
+            Operation::Responses => "responses",
+            Operation::Images => "images",
+            Operation::Audio => "audio",
+            Operation::ModelsRead => "models.read",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Operation> {
+        Operation::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
+    /// Operations whose responses report token usage the gateway accounts for.
+    pub fn counts_tokens(self) -> bool {
+        matches!(
+            self,
+            Operation::ChatCompletions
+                | Operation::Completions
+                | Operation::Embeddings
+                | Operation::Responses
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for op in Operation::ALL {
+            assert_eq!(Operation::parse(op.as_str()), Some(op));
+        }
+        assert_eq!(Operation::parse("files"), None);
+    }
+}

@@ -1,0 +1,382 @@
+//! Token accounting: reading the backend's reported usage from plain JSON responses and
+//! from SSE streams, and hiding the usage chunk the gateway asked for on the client's behalf.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+
+/// Token usage of one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl RawUsage {
+    fn normalize(self) -> Option<Usage> {
+        let prompt = self.prompt_tokens.or(self.input_tokens);
+        let completion = self.completion_tokens.or(self.output_tokens);
+        if prompt.is_none() && completion.is_none() && self.total_tokens.is_none() {
+            return None;
+        }
+        let prompt = prompt.unwrap_or(0);
+        let completion = completion
+            .or_else(|| self.total_tokens.map(|t| t.saturating_sub(prompt)))
+            .unwrap_or(0);
+        Some(Usage {
+            prompt,
+            completion,
+            total: self.total_tokens.unwrap_or(prompt + completion),
+        })
+    }
+}
+
+/// Finds the last `"usage": { … }` object in a JSON document (or its tail) and reads it.
+/// In raw JSON a `"usage"` followed by `:` can only be a key (quotes inside strings are
+/// escaped), and OpenAI and Azure put the response's usage last.
+pub fn usage_in_json(buf: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = buf.len();
+    while let Some(pos) = find_last(&buf[..end], KEY) {
+        let mut i = pos + KEY.len();
+        while i < buf.len() && buf[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if buf.get(i) == Some(&b':') {
+            i += 1;
+            while i < buf.len() && buf[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            if buf.get(i) == Some(&b'{') {
+                let mut de =
+                    serde_json::Deserializer::from_slice(&buf[i..]).into_iter::<RawUsage>();
+                if let Some(Ok(raw)) = de.next() {
+                    return raw.normalize();
+                }
+            }
+        }
+        end = pos;
+    }
+    None
+}
+
+fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if hay.len() < needle.len() {
+        return None;
+    }
+    (0..=hay.len() - needle.len())
+        .rev()
+        .find(|&i| &hay[i..i + needle.len()] == needle)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Keeps the last `cap` bytes of a plain response so its usage can be read at the end.
+#[derive(Debug)]
+pub struct JsonTail {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl JsonTail {
+    pub fn new(cap: usize) -> Self {
+        JsonTail {
+            buf: Vec::new(),
+            cap,
+        }
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) {
+        if chunk.len() >= self.cap {
+            self.buf.clear();
+            self.buf.extend_from_slice(&chunk[chunk.len() - self.cap..]);
+            return;
+        }
+        let over = (self.buf.len() + chunk.len()).saturating_sub(self.cap);
+        if over > 0 {
+            self.buf.drain(..over);
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        usage_in_json(&self.buf)
+    }
+}
+
+/// Passes an SSE stream through event by event, reading usage on the way. With `strip`,
+/// the usage the gateway asked for on the client's behalf is removed: the usage-only chunk
+/// (`"choices":[]` with a usage) is dropped and `"usage":null` members are cut from the
+/// other chunks, so the client sees exactly the stream it asked for.
+#[derive(Debug)]
+pub struct SseTracker {
+    pending: BytesMut,
+    strip: bool,
+    usage: Option<Usage>,
+}
+
+impl SseTracker {
+    pub fn new(strip: bool) -> Self {
+        SseTracker {
+            pending: BytesMut::new(),
+            strip,
+            usage: None,
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Takes a chunk from the backend; returns what to send to the client now (whole events;
+    /// a partial event waits for its end).
+    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        self.pending.extend_from_slice(chunk);
+        let Some(cut) = last_event_end(&self.pending) else {
+            return Bytes::new();
+        };
+        let complete = self.pending.split_to(cut);
+        if !self.strip && !contains(&complete, b"\"usage\"") {
+            return complete.freeze();
+        }
+        let mut out = BytesMut::with_capacity(complete.len());
+        let mut rest: &[u8] = &complete;
+        while let Some(end) = first_event_end(rest) {
+            let (event, tail) = rest.split_at(end);
+            self.event(event, &mut out);
+            rest = tail;
+        }
+        out.freeze()
+    }
+
+    /// The end of the stream: whatever is left (an unterminated last event) is passed on.
+    pub fn finish(&mut self) -> Bytes {
+        let rest = self.pending.split();
+        if rest.is_empty() {
+            return Bytes::new();
+        }
+        let mut out = BytesMut::new();
+        self.event(&rest, &mut out);
+        out.freeze()
+    }
+
+    fn event(&mut self, event: &[u8], out: &mut BytesMut) {
+        if !contains(event, b"\"usage\"") {
+            out.extend_from_slice(event);
+            return;
+        }
+        let data = event_data(event);
+        let mut usage_only = false;
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) {
+            let u = v.get("usage").filter(|u| u.is_object()).or_else(|| {
+                v.get("response")
+                    .and_then(|r| r.get("usage"))
+                    .filter(|u| u.is_object())
+            });
+            if let Some(u) = u {
+                if let Some(n) = RawUsage::deserialize(u).ok().and_then(RawUsage::normalize) {
+                    self.usage = Some(n);
+                }
+                usage_only = v
+                    .get("choices")
+                    .and_then(|c| c.as_array())
+                    .is_some_and(|c| c.is_empty());
+            }
+        }
+        if !self.strip {
+            out.extend_from_slice(event);
+            return;
+        }
+        if usage_only {
+            return;
+        }
+        out.extend_from_slice(&strip_null_usage(event));
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    find(hay, needle).is_some()
+}
+
+/// Removes `,"usage":null` / `"usage":null,` members.
+fn strip_null_usage(event: &[u8]) -> Vec<u8> {
+    let mut s = event.to_vec();
+    for pat in [&b",\"usage\":null"[..], &b"\"usage\":null,"[..]] {
+        while let Some(i) = find(&s, pat) {
+            s.drain(i..i + pat.len());
+        }
+    }
+    s
+}
+
+/// The data of an event: its `data:` lines joined by newlines.
+fn event_data(event: &[u8]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(d) = line.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+        }
+    }
+    data
+}
+
+/// End (exclusive) of the first complete event, blank line included.
+fn first_event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' {
+            if buf[i + 1] == b'\n' {
+                return Some(i + 2);
+            }
+            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// End (exclusive) of the last complete event in the buffer.
+fn last_event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = buf.len();
+    while i >= 2 {
+        if buf[i - 1] == b'\n' && buf[i - 2] == b'\n' {
+            return Some(i);
+        }
+        if i >= 3 && buf[i - 1] == b'\n' && buf[i - 2] == b'\r' && buf[i - 3] == b'\n' {
+            return Some(i);
+        }
+        i -= 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_of_chat_embeddings_and_responses() {
+        let chat = br#"{"choices":[{"message":{"content":"say \"usage\": {\"prompt_tokens\": 99}"}}],"usage":{"prompt_tokens":12,"completion_tokens":4,"total_tokens":16}}"#;
+        assert_eq!(
+            usage_in_json(chat),
+            Some(Usage {
+                prompt: 12,
+                completion: 4,
+                total: 16
+            })
+        );
+        let emb = br#"{"data":[],"usage":{"prompt_tokens":5,"total_tokens":5}}"#;
+        assert_eq!(
+            usage_in_json(emb),
+            Some(Usage {
+                prompt: 5,
+                completion: 0,
+                total: 5
+            })
+        );
+        let resp = br#"{"output":[],"usage": {"input_tokens":7,"output_tokens":3,"total_tokens":10,"input_tokens_details":{"cached_tokens":0}}}"#;
+        assert_eq!(
+            usage_in_json(resp),
+            Some(Usage {
+                prompt: 7,
+                completion: 3,
+                total: 10
+            })
+        );
+        assert_eq!(usage_in_json(br#"{"usage":null}"#), None);
+        assert_eq!(usage_in_json(b"not json"), None);
+    }
+
+    #[test]
+    fn tail_keeps_the_end() {
+        let mut t = JsonTail::new(64);
+        t.push(&[b' '; 100]);
+        t.push(br#"{"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#);
+        assert_eq!(t.usage().map(|u| u.total), Some(3));
+        let mut t = JsonTail::new(16);
+        for _ in 0..10 {
+            t.push(b"0123456789");
+        }
+        assert_eq!(t.buf.len(), 16);
+    }
+
+    const CHUNK: &str =
+        r#"data: {"id":"c","choices":[{"index":0,"delta":{"content":"Hi"}}],"usage":null}"#;
+    const USAGE: &str = r#"data: {"id":"c","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":4,"total_tokens":16}}"#;
+
+    fn stream() -> String {
+        format!("{CHUNK}\n\n{USAGE}\n\ndata: [DONE]\n\n")
+    }
+
+    #[test]
+    fn injected_usage_is_read_and_hidden() {
+        let mut t = SseTracker::new(true);
+        let out = t.push(stream().as_bytes());
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert_eq!(
+            text,
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n"
+        );
+        assert_eq!(t.usage().map(|u| (u.prompt, u.completion)), Some((12, 4)));
+    }
+
+    #[test]
+    fn requested_usage_passes_unchanged() {
+        let mut t = SseTracker::new(false);
+        let out = t.push(stream().as_bytes());
+        assert_eq!(out, stream().as_bytes());
+        assert_eq!(t.usage().map(|u| u.total), Some(16));
+    }
+
+    #[test]
+    fn events_split_across_chunks() {
+        let s = stream();
+        for cut in 1..s.len() {
+            let mut t = SseTracker::new(true);
+            let mut got = Vec::new();
+            got.extend_from_slice(&t.push(&s.as_bytes()[..cut]));
+            got.extend_from_slice(&t.push(&s.as_bytes()[cut..]));
+            got.extend_from_slice(&t.finish());
+            assert!(
+                !String::from_utf8_lossy(&got).contains("usage"),
+                "cut at {cut}"
+            );
+            assert!(got.ends_with(b"data: [DONE]\n\n"));
+            assert_eq!(t.usage().map(|u| u.total), Some(16), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn crlf_events() {
+        let s = format!("{CHUNK}\r\n\r\n{USAGE}\r\n\r\ndata: [DONE]\r\n\r\n");
+        let mut t = SseTracker::new(true);
+        let out = t.push(s.as_bytes());
+        assert!(!String::from_utf8_lossy(&out).contains("usage"));
+        assert_eq!(t.usage().map(|u| u.total), Some(16));
+    }
+
+    #[test]
+    fn responses_stream_usage() {
+        let s = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":2,\"total_tokens\":11}}}\n\n";
+        let mut t = SseTracker::new(false);
+        assert_eq!(t.push(s.as_bytes()), s.as_bytes());
+        assert_eq!(t.usage().map(|u| (u.prompt, u.completion)), Some((9, 2)));
+    }
+}

@@ -1,0 +1,108 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (as on every listener) and
+//! `/status` (backends, health, cooldowns — no secrets).
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::metrics::Metrics;
+use crate::pool::now_ms;
+use crate::proxy::Gateway;
+use crate::state::Snapshot;
+
+pub struct Admin {
+    pub state: Arc<ArcSwap<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+}
+
+fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("content-length", body.len())
+        .body(body)
+        .expect("valid response")
+}
+
+/// The `/status` document.
+pub fn status_json(snap: &Snapshot) -> serde_json::Value {
+    let now = now_ms();
+    let backends: Vec<_> = snap
+        .cfg
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            serde_json::json!({
+                "name": &*b.name,
+                "region": &*b.region,
+                "url": format!("{}://{}", if b.tls { "https" } else { "http" }, b.host_header),
+                "credential": match b.credential {
+                    crate::config::runtime::Credential::ManagedIdentity => "managed_identity",
+                    crate::config::runtime::Credential::ApiKey(_) => "api_key",
+                    crate::config::runtime::Credential::Forward => "forward",
+                },
+                "healthy": snap.pool.health[i].is_healthy(),
+            })
+        })
+        .collect();
+    let deployments: serde_json::Map<String, serde_json::Value> = snap
+        .cfg
+        .deployment_names
+        .iter()
+        .map(|name| {
+            let d = &snap.cfg.deployments[&**name];
+            let members: Vec<_> = d
+                .members
+                .iter()
+                .zip(&snap.pool.cooldowns[&**name])
+                .map(|(m, c)| {
+                    serde_json::json!({
+                        "backend": &*snap.cfg.backends[m.backend].name,
+                        "deployment": &*m.upstream_deployment,
+                        "priority": m.priority,
+                        "weight": m.weight,
+                        "cooldown_remaining_ms": c.until_ms().saturating_sub(now),
+                    })
+                })
+                .collect();
+            (name.to_string(), serde_json::Value::Array(members))
+        })
+        .collect();
+    serde_json::json!({
+        "backends": backends,
+        "deployments": deployments,
+        "oidc_providers": snap.oidc.as_ref().map(|o| o.status().len()).unwrap_or(0),
+        "clients": snap.cfg.clients.len(),
+    })
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        let snap = self.state.load_full();
+        match path.as_str() {
+            "/metrics" => reply(200, "text/plain; version=0.0.4", self.metrics.render()),
+            "/healthz" => {
+                let (status, body) = Gateway::health_answer(&snap);
+                reply(status, "application/json", body.to_vec())
+            }
+            "/status" => reply(
+                200,
+                "application/json",
+                status_json(&snap).to_string().into_bytes(),
+            ),
+            _ => reply(
+                404,
+                "application/json",
+                br#"{"error":{"code":"NotFound","message":"/metrics, /healthz or /status"}}"#
+                    .to_vec(),
+            ),
+        }
+    }
+}

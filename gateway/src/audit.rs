@@ -1,0 +1,181 @@
+//! The audit log (SPEC §8): one JSON object per line per request, written after it ends by
+//! a dedicated thread (the request path only sends a record over a channel). A file is
+//! appended to and reopened on SIGHUP (logrotate); `-` is stdout.
+
+use std::fs::OpenOptions;
+use std::io::{BufWriter, Write};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+/// One request, as logged. `None` is written as `null`.
+#[derive(Debug, Serialize, Default, Clone)]
+pub struct AuditRecord {
+    pub ts: String,
+    pub request_id: String,
+    pub client: Arc<str>,
+    pub auth: &'static str,
+    pub key_id: Option<String>,
+    pub user: Option<String>,
+    pub provider: Option<Arc<str>>,
+    pub client_ip: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub operation: Option<&'static str>,
+    pub deployment: Option<Arc<str>>,
+    pub backend: Option<Arc<str>>,
+    pub region: Option<Arc<str>>,
+    pub attempts: u32,
+    pub status: u16,
+    pub error_code: Option<&'static str>,
+    pub stream: bool,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+    pub usage_source: &'static str,
+    pub duration_ms: u64,
+    pub ttfb_ms: Option<u64>,
+    pub upstream_request_id: Option<String>,
+}
+
+enum Msg {
+    Line(Box<AuditRecord>),
+    Reopen,
+}
+
+/// Sends records to the writer thread.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: SyncSender<Msg>,
+}
+
+impl AuditLog {
+    /// Starts the writer for `path` (`-` = stdout).
+    pub fn start(path: &str) -> std::io::Result<AuditLog> {
+        let sink = Sink::open(path)?;
+        let (tx, rx) = sync_channel(65_536);
+        let path = path.to_string();
+        std::thread::Builder::new()
+            .name("audit-log".into())
+            .spawn(move || writer(rx, sink, path))?;
+        Ok(AuditLog { tx })
+    }
+
+    pub fn log(&self, rec: AuditRecord) {
+        match self.tx.try_send(Msg::Line(Box::new(rec))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(m)) => {
+                // The writer is behind: wait rather than lose an audit line.
+                let _ = self.tx.send(m);
+            }
+            Err(TrySendError::Disconnected(_)) => log::error!("audit log writer has stopped"),
+        }
+    }
+
+    /// Reopens the file (after logrotate moved it).
+    pub fn reopen(&self) {
+        let _ = self.tx.send(Msg::Reopen);
+    }
+}
+
+enum Sink {
+    Stdout(BufWriter<std::io::Stdout>),
+    File(BufWriter<std::fs::File>),
+}
+
+impl Sink {
+    fn open(path: &str) -> std::io::Result<Sink> {
+        if path == "-" {
+            return Ok(Sink::Stdout(BufWriter::new(std::io::stdout())));
+        }
+        let f = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Sink::File(BufWriter::new(f)))
+    }
+
+    fn out(&mut self) -> &mut dyn Write {
+        match self {
+            Sink::Stdout(w) => w,
+            Sink::File(w) => w,
+        }
+    }
+}
+
+fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
+    while let Ok(msg) = rx.recv() {
+        let handle = |m: Msg, sink: &mut Sink| match m {
+            Msg::Line(rec) => {
+                if let Ok(mut line) = serde_json::to_vec(&rec) {
+                    line.push(b'\n');
+                    if let Err(e) = sink.out().write_all(&line) {
+                        log::error!("audit log write failed: {e}");
+                    }
+                }
+            }
+            Msg::Reopen => {
+                let _ = sink.out().flush();
+                match Sink::open(&path) {
+                    Ok(s) => *sink = s,
+                    Err(e) => log::error!("audit log reopen of {path} failed: {e}"),
+                }
+            }
+        };
+        handle(msg, &mut sink);
+        // Drain what is queued, then flush once.
+        while let Ok(m) = rx.try_recv() {
+            handle(m, &mut sink);
+        }
+        let _ = sink.out().flush();
+    }
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn rfc3339_now() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    now.format(&fmt).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_values_are_null_and_lines_are_json() {
+        let dir = std::env::temp_dir().join(format!("agw-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.log");
+        let log = AuditLog::start(path.to_str().unwrap()).unwrap();
+        log.log(AuditRecord {
+            client: Arc::from("anonymous"),
+            auth: "none",
+            usage_source: "none",
+            ..Default::default()
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let text = loop {
+            let t = std::fs::read_to_string(&path).unwrap_or_default();
+            if t.ends_with('\n') || std::time::Instant::now() > deadline {
+                break t;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(v["client"], "anonymous");
+        assert!(v["user"].is_null());
+        assert!(v["backend"].is_null());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn timestamp_is_rfc3339_utc() {
+        let ts = rfc3339_now();
+        assert!(ts.ends_with('Z'));
+        assert!(
+            time::OffsetDateTime::parse(&ts, &time::format_description::well_known::Rfc3339)
+                .is_ok()
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! The request body: read whole and bounded, inspected once (deployment in `model`, `stream`,
+//! the token reservation), and rewritten only where the upstream request must differ (the
+//! backend's deployment name in `model`, `stream_options.include_usage` for streamed usage).
+
+use bytes::{Bytes, BytesMut};
+use filters::estimate::{requested_output_tokens, PromptEstimator};
+use filters::Operation;
+use pingora::proxy::Session;
+use serde_json::Value;
+
+use crate::errors::{ErrorCode, GatewayError};
+
+pub enum ReadError {
+    TooLarge,
+    Io(Box<pingora::Error>),
+}
+
+/// Reads the whole request body, refusing more than `max` bytes (by Content-Length before
+/// reading anything, else while reading). A refused body closes the connection afterwards.
+pub async fn read_bounded(session: &mut Session, max: usize) -> Result<Bytes, ReadError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max) {
+        session.set_keepalive(None);
+        return Err(ReadError::TooLarge);
+    }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get("expect")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        session
+            .write_continue_response()
+            .await
+            .map_err(ReadError::Io)?;
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = session.read_request_body().await.map_err(ReadError::Io)? {
+        if buf.len() + chunk.len() > max {
+            session.set_keepalive(None);
+            return Err(ReadError::TooLarge);
+        }
+        if buf.is_empty() && declared.is_none() {
+            // Avoid a copy for the common single-chunk body.
+            buf = BytesMut::from(&chunk[..]);
+        } else {
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Whether an operation's body is JSON (multipart uploads are passed through untouched).
+fn is_json(operation: Operation, rest: &str) -> bool {
+    match operation {
+        Operation::ChatCompletions
+        | Operation::Completions
+        | Operation::Embeddings
+        | Operation::Responses => true,
+        Operation::Images => rest == "/images/generations",
+        Operation::Audio => rest == "/audio/speech",
+        Operation::ModelsRead => false,
+    }
+}
+
+#[derive(Debug)]
+pub struct RequestBody {
+    raw: Bytes,
+    json: Option<Value>,
+    /// The body as it goes upstream when the gateway added `stream_options`.
+    rewritten: Option<Bytes>,
+    pub stream: bool,
+}
+
+impl RequestBody {
+    pub fn inspect(
+        raw: Bytes,
+        operation: Operation,
+        rest: &str,
+        content_type: &str,
+    ) -> Result<RequestBody, GatewayError> {
+        if !is_json(operation, rest) {
+            return Ok(RequestBody {
+                raw,
+                json: None,
+                rewritten: None,
+                stream: false,
+            });
+        }
+        let ct = content_type.trim().to_ascii_lowercase();
+        if !ct.is_empty() && !ct.starts_with("application/json") && !ct.ends_with("+json") {
+            return Err(GatewayError::with_message(
+                ErrorCode::InvalidRequestBody,
+                "The request body must be JSON (content-type: application/json).",
+            ));
+        }
+        let json: Value = serde_json::from_slice(&raw).map_err(|_| {
+            GatewayError::with_message(
+                ErrorCode::InvalidRequestBody,
+                "The request body is not valid JSON.",
+            )
+        })?;
+        if !json.is_object() {
+            return Err(GatewayError::with_message(
+                ErrorCode::InvalidRequestBody,
+                "The request body must be a JSON object.",
+            ));
+        }
+        let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        Ok(RequestBody {
+            raw,
+            json: Some(json),
+            rewritten: None,
+            stream,
+        })
+    }
+
+    /// The body's `model`, if it is a string.
+    pub fn model(&self) -> Option<&str> {
+        self.json
+            .as_ref()?
+            .get("model")?
+            .as_str()
+            .filter(|m| !m.is_empty())
+    }
+
+    /// For streamed chat and completions without `stream_options.include_usage`, asks the
+    /// backend for usage; returns whether the gateway added it (and must hide it again).
+    pub fn ensure_stream_usage(&mut self, operation: Operation) -> bool {
+        if !self.stream
+            || !matches!(
+                operation,
+                Operation::ChatCompletions | Operation::Completions
+            )
+        {
+            return false;
+        }
+        let Some(Value::Object(map)) = &mut self.json else {
+            return false;
+        };
+        let asked = map
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if asked {
+            return false;
+        }
+        match map.get_mut("stream_options") {
+            Some(Value::Object(o)) => {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+            _ => {
+                map.insert(
+                    "stream_options".into(),
+                    serde_json::json!({"include_usage": true}),
+                );
+            }
+        }
+        self.rewritten = serde_json::to_vec(&self.json).ok().map(Bytes::from);
+        true
+    }
+
+    /// The body for a member whose deployment is named `upstream` (client-facing `client`):
+    /// a `model` naming the client-facing deployment is replaced by the backend's name.
+    pub fn for_upstream(&self, client: &str, upstream: &str) -> Bytes {
+        let base = self.rewritten.clone().unwrap_or_else(|| self.raw.clone());
+        if client == upstream || self.model() != Some(client) {
+            return base;
+        }
+        let mut v = self.json.clone().expect("model() implies JSON");
+        v["model"] = Value::String(upstream.to_string());
+        serde_json::to_vec(&v).map(Bytes::from).unwrap_or(base)
+    }
+
+    /// Tokens to reserve: the prompt estimate plus the requested output (or the default).
+    pub fn reservation(
+        &self,
+        estimator: &PromptEstimator,
+        operation: Operation,
+        model_hint: &str,
+        default_output: u64,
+    ) -> u64 {
+        match &self.json {
+            Some(v) => {
+                estimator.estimate(operation, v, model_hint)
+                    + requested_output_tokens(v).unwrap_or(default_output)
+            }
+            None => default_output,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> RequestBody {
+        RequestBody::inspect(
+            Bytes::from(body.to_string()),
+            Operation::ChatCompletions,
+            "/chat/completions",
+            "application/json",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn rejects_non_json_and_non_objects() {
+        for b in ["not json", "[1,2]", "\"x\""] {
+            let e = RequestBody::inspect(
+                Bytes::from(b),
+                Operation::ChatCompletions,
+                "",
+                "application/json",
+            )
+            .unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequestBody, "{b}");
+        }
+        let e = RequestBody::inspect(Bytes::from("{}"), Operation::Embeddings, "", "text/plain")
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequestBody);
+    }
+
+    #[test]
+    fn multipart_is_passed_untouched() {
+        let b = RequestBody::inspect(
+            Bytes::from("--x\r\n"),
+            Operation::Audio,
+            "/audio/transcriptions",
+            "multipart/form-data; boundary=x",
+        )
+        .unwrap();
+        assert_eq!(b.for_upstream("a", "b"), Bytes::from("--x\r\n"));
+        assert!(b.model().is_none());
+    }
+
+    #[test]
+    fn adds_include_usage_only_when_missing() {
+        let mut b = chat(r#"{"model":"m","stream":true,"messages":[]}"#);
+        assert!(b.ensure_stream_usage(Operation::ChatCompletions));
+        let v: Value = serde_json::from_slice(&b.for_upstream("m", "m")).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+
+        let mut b = chat(r#"{"stream":true,"stream_options":{"include_usage":true}}"#);
+        assert!(!b.ensure_stream_usage(Operation::ChatCompletions));
+
+        let mut b = chat(r#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#);
+        assert!(b.ensure_stream_usage(Operation::ChatCompletions));
+        let v: Value = serde_json::from_slice(&b.for_upstream("m", "m")).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+
+        let mut b = chat(r#"{"stream":false}"#);
+        assert!(!b.ensure_stream_usage(Operation::ChatCompletions));
+        let mut b = chat(r#"{"stream":true}"#);
+        assert!(!b.ensure_stream_usage(Operation::Responses));
+    }
+
+    #[test]
+    fn model_is_renamed_for_the_backend() {
+        let b = chat(r#"{"model":"gpt-4o","messages":[]}"#);
+        let v: Value = serde_json::from_slice(&b.for_upstream("gpt-4o", "gpt-4o-ptu")).unwrap();
+        assert_eq!(v["model"], "gpt-4o-ptu");
+        let same = b.for_upstream("gpt-4o", "gpt-4o");
+        assert_eq!(same, Bytes::from(r#"{"model":"gpt-4o","messages":[]}"#));
+        assert_eq!(b.model(), Some("gpt-4o"));
+    }
+}

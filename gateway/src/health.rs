@@ -1,0 +1,160 @@
+//! Active health checks: each backend is probed on `health_checks.path` (a models list costs
+//! no tokens) with its own credential, every `interval_seconds`; it goes down after
+//! `failures_before_down` failed probes in a row and up after `successes_before_up` good ones.
+//! The same loop refreshes the health and cooldown gauges.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::connectors::http::v1::Connector;
+use pingora::http::RequestHeader;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::config::runtime::Credential;
+use crate::metrics::Metrics;
+use crate::pool::now_ms;
+use crate::state::Snapshot;
+use crate::upstream_token::UpstreamToken;
+
+pub struct HealthChecker {
+    pub state: Arc<ArcSwap<Snapshot>>,
+    pub token: Option<Arc<UpstreamToken>>,
+    pub metrics: Arc<Metrics>,
+    pub connector: Connector,
+}
+
+/// Whether a probe's status means the backend is serving. 429 is throttling (handled by
+/// cooldowns), not an outage; a `forward` backend answers 401/403 to a probe without the
+/// caller's token and is still up.
+pub fn probe_ok(status: u16, credential: &Credential) -> bool {
+    (200..300).contains(&status)
+        || status == 429
+        || (*credential == Credential::Forward && (status == 401 || status == 403))
+}
+
+impl HealthChecker {
+    async fn probe(&self, snap: &Snapshot, i: usize) -> bool {
+        let b = &snap.cfg.backends[i];
+        let peer = &snap.peers[i];
+        let timeout = snap.cfg.health.timeout;
+        let Ok(mut req) = RequestHeader::build("GET", snap.cfg.health.path.as_bytes(), Some(3))
+        else {
+            return false;
+        };
+        let _ = req.insert_header("host", b.host_header.as_str());
+        let _ = req.insert_header("content-length", "0");
+        match &b.credential {
+            Credential::ApiKey(k) => {
+                let _ = req.insert_header("api-key", k.as_str());
+            }
+            Credential::ManagedIdentity => {
+                if let Some(t) = &self.token {
+                    match t.get().await {
+                        Ok(t) => {
+                            let _ = req.insert_header("authorization", t.header.as_str());
+                        }
+                        // No token is the gateway's problem, not the backend's.
+                        Err(_) => return snap.pool.health[i].is_healthy(),
+                    }
+                }
+            }
+            Credential::Forward => {}
+        }
+        let result = tokio::time::timeout(timeout, async {
+            let (mut http, _) = self.connector.get_http_session(peer).await?;
+            http.write_request_header(Box::new(req)).await?;
+            http.finish_body().await?;
+            http.read_response().await?;
+            let status = http.resp_header().map(|r| r.status.as_u16()).unwrap_or(0);
+            while http.read_body_bytes().await?.is_some() {}
+            self.connector.release_http_session(http, peer, None).await;
+            Ok::<u16, Box<pingora::Error>>(status)
+        })
+        .await;
+        match result {
+            Ok(Ok(status)) => probe_ok(status, &b.credential),
+            Ok(Err(e)) => {
+                log::warn!("health check of {} failed: {e}", b.name);
+                false
+            }
+            Err(_) => {
+                log::warn!("health check of {} timed out", b.name);
+                false
+            }
+        }
+    }
+
+    async fn round(&self) -> Duration {
+        let snap = self.state.load_full();
+        let probes = (0..snap.cfg.backends.len()).map(|i| {
+            let snap = snap.clone();
+            async move { (i, self.probe(&snap, i).await) }
+        });
+        for (i, ok) in futures::future::join_all(probes).await {
+            let b = &snap.cfg.backends[i];
+            let h = &snap.pool.health[i];
+            let was = h.is_healthy();
+            let now = h.record(
+                ok,
+                snap.cfg.health.successes_before_up,
+                snap.cfg.health.failures_before_down,
+            );
+            if was != now {
+                log::warn!(
+                    "backend {} is now {}",
+                    b.name,
+                    if now { "healthy" } else { "down" }
+                );
+            }
+            self.metrics
+                .backend_healthy
+                .with_label_values(&[&b.name, &b.region])
+                .set(now as i64);
+        }
+        self.update_cooldown_gauges(&snap);
+        snap.cfg.health.interval
+    }
+
+    pub fn update_cooldown_gauges(&self, snap: &Snapshot) {
+        let now = now_ms();
+        for (name, d) in &snap.cfg.deployments {
+            for (m, c) in d.members.iter().zip(&snap.pool.cooldowns[name]) {
+                let left = c.until_ms().saturating_sub(now) as f64 / 1000.0;
+                self.metrics
+                    .backend_cooldown
+                    .with_label_values(&[&snap.cfg.backends[m.backend].name, name.as_str()])
+                    .set(left);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let wait = self.round().await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_statuses() {
+        assert!(probe_ok(200, &Credential::ManagedIdentity));
+        assert!(probe_ok(429, &Credential::ManagedIdentity));
+        assert!(!probe_ok(500, &Credential::ManagedIdentity));
+        assert!(!probe_ok(401, &Credential::ManagedIdentity));
+        assert!(probe_ok(401, &Credential::Forward));
+    }
+}

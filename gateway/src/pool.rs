@@ -1,0 +1,331 @@
+//! The backend pool: health per backend, cooldown per (backend, deployment) pair, and the
+//! pure choice of the next member to try (SPEC §7).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::runtime::{Config, RetrySettings};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Health of one backend, updated by the health checker.
+#[derive(Debug)]
+pub struct BackendHealth {
+    healthy: AtomicBool,
+    successes: AtomicU32,
+    failures: AtomicU32,
+}
+
+impl Default for BackendHealth {
+    fn default() -> Self {
+        // Backends start healthy: the first checks confirm or refute it.
+        BackendHealth {
+            healthy: AtomicBool::new(true),
+            successes: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+        }
+    }
+}
+
+impl BackendHealth {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Records one probe; returns the new health. Flips after `threshold` consecutive
+    /// results of the other kind.
+    pub fn record(&self, ok: bool, successes_before_up: u32, failures_before_down: u32) -> bool {
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            let n = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
+            if n >= successes_before_up {
+                self.healthy.store(true, Ordering::Relaxed);
+            }
+        } else {
+            self.successes.store(0, Ordering::Relaxed);
+            let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if n >= failures_before_down {
+                self.healthy.store(false, Ordering::Relaxed);
+            }
+        }
+        self.is_healthy()
+    }
+}
+
+/// Cooldown of one (backend, deployment) pair: unix milliseconds until which it is skipped.
+#[derive(Debug, Default)]
+pub struct Cooldown {
+    until_ms: AtomicU64,
+}
+
+impl Cooldown {
+    pub fn until_ms(&self) -> u64 {
+        self.until_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn cool_until(&self, until_ms: u64) {
+        self.until_ms.fetch_max(until_ms, Ordering::Relaxed);
+    }
+}
+
+/// How long a throttled pair cools: `retry-after-ms`, else `retry-after` (seconds), else
+/// the default; capped by the maximum.
+pub fn cooldown_for(
+    retry_after_ms: Option<&[u8]>,
+    retry_after: Option<&[u8]>,
+    retries: &RetrySettings,
+) -> Duration {
+    let parse = |v: Option<&[u8]>| -> Option<u64> {
+        std::str::from_utf8(v?)
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|x| *x >= 0.0)
+            .map(|x| x as u64)
+    };
+    let d = parse(retry_after_ms)
+        .map(Duration::from_millis)
+        .or_else(|| parse(retry_after).map(Duration::from_secs))
+        .unwrap_or(retries.default_cooldown);
+    d.min(retries.max_cooldown)
+}
+
+/// Shared pool state, kept across configuration reloads (keyed by names).
+#[derive(Debug, Default)]
+pub struct PoolState {
+    /// By backend index of the current configuration.
+    pub health: Vec<Arc<BackendHealth>>,
+    /// By deployment name, one per member (same order as the deployment's members).
+    pub cooldowns: HashMap<String, Vec<Arc<Cooldown>>>,
+}
+
+impl PoolState {
+    /// Builds the state for `cfg`, reusing the entries of `prev` whose backend (and
+    /// upstream deployment) names match.
+    pub fn for_config(
+        cfg: &Config,
+        prev: Option<&PoolState>,
+        prev_cfg: Option<&Config>,
+    ) -> PoolState {
+        let mut old_health: HashMap<&str, Arc<BackendHealth>> = HashMap::new();
+        let mut old_cool: HashMap<(&str, &str), Arc<Cooldown>> = HashMap::new();
+        if let (Some(p), Some(pc)) = (prev, prev_cfg) {
+            for (i, b) in pc.backends.iter().enumerate() {
+                if let Some(h) = p.health.get(i) {
+                    old_health.insert(&b.name, h.clone());
+                }
+            }
+            for (name, d) in &pc.deployments {
+                if let Some(cs) = p.cooldowns.get(name) {
+                    for (m, c) in d.members.iter().zip(cs) {
+                        old_cool.insert(
+                            (&pc.backends[m.backend].name, &m.upstream_deployment),
+                            c.clone(),
+                        );
+                    }
+                }
+            }
+        }
+        let health = cfg
+            .backends
+            .iter()
+            .map(|b| old_health.get(&*b.name).cloned().unwrap_or_default())
+            .collect();
+        let cooldowns = cfg
+            .deployments
+            .iter()
+            .map(|(name, d)| {
+                let cs = d
+                    .members
+                    .iter()
+                    .map(|m| {
+                        old_cool
+                            .get(&(&*cfg.backends[m.backend].name, &*m.upstream_deployment))
+                            .cloned()
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                (name.clone(), cs)
+            })
+            .collect();
+        PoolState { health, cooldowns }
+    }
+}
+
+/// What the chooser knows of one member.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub priority: u32,
+    pub weight: u32,
+    pub healthy: bool,
+    pub cooling_until_ms: u64,
+    pub tried: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    Member(usize),
+    /// Every untried member is cooling down (or down, with at least one cooling): wait this long.
+    AllCooling {
+        retry_after_ms: u64,
+    },
+    /// Every untried member is down.
+    AllDown,
+    /// Every member was tried in this request.
+    Exhausted,
+}
+
+/// The best priority tier with an available member; a weighted choice inside it.
+/// `rand` is any uniformly random number.
+pub fn pick(cands: &[Candidate], now_ms: u64, rand: u64) -> Pick {
+    let available = |c: &Candidate| !c.tried && c.healthy && c.cooling_until_ms <= now_ms;
+    let best = cands
+        .iter()
+        .filter(|c| available(c))
+        .map(|c| c.priority)
+        .min();
+    if let Some(tier) = best {
+        let total: u64 = cands
+            .iter()
+            .filter(|c| available(c) && c.priority == tier)
+            .map(|c| c.weight as u64)
+            .sum();
+        let mut r = rand % total.max(1);
+        for (i, c) in cands.iter().enumerate() {
+            if available(c) && c.priority == tier {
+                if r < c.weight as u64 {
+                    return Pick::Member(i);
+                }
+                r -= c.weight as u64;
+            }
+        }
+    }
+    let untried: Vec<&Candidate> = cands.iter().filter(|c| !c.tried).collect();
+    if untried.is_empty() {
+        return Pick::Exhausted;
+    }
+    match untried
+        .iter()
+        .filter(|c| c.healthy && c.cooling_until_ms > now_ms)
+        .map(|c| c.cooling_until_ms - now_ms)
+        .min()
+    {
+        Some(ms) => Pick::AllCooling { retry_after_ms: ms },
+        None => Pick::AllDown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(priority: u32, weight: u32) -> Candidate {
+        Candidate {
+            priority,
+            weight,
+            healthy: true,
+            cooling_until_ms: 0,
+            tried: false,
+        }
+    }
+
+    #[test]
+    fn best_tier_first() {
+        let cs = [c(2, 1), c(1, 1)];
+        for r in 0..10 {
+            assert_eq!(pick(&cs, 100, r), Pick::Member(1));
+        }
+    }
+
+    #[test]
+    fn weights_share_a_tier() {
+        let cs = [c(1, 3), c(1, 1)];
+        let mut counts = [0; 2];
+        for r in 0..400 {
+            if let Pick::Member(i) = pick(&cs, 0, r) {
+                counts[i] += 1;
+            }
+        }
+        assert_eq!(counts, [300, 100]);
+    }
+
+    #[test]
+    fn cooling_and_tried_members_are_skipped() {
+        let mut cs = [c(1, 1), c(2, 1)];
+        cs[0].cooling_until_ms = 500;
+        assert_eq!(pick(&cs, 100, 0), Pick::Member(1));
+        assert_eq!(pick(&cs, 500, 0), Pick::Member(0), "cooldown over");
+        cs[1].tried = true;
+        assert_eq!(
+            pick(&cs, 100, 0),
+            Pick::AllCooling {
+                retry_after_ms: 400
+            }
+        );
+    }
+
+    #[test]
+    fn down_members_are_skipped() {
+        let mut cs = [c(1, 1), c(2, 1)];
+        cs[0].healthy = false;
+        assert_eq!(pick(&cs, 0, 0), Pick::Member(1));
+        cs[1].healthy = false;
+        assert_eq!(pick(&cs, 0, 0), Pick::AllDown);
+        cs[1].healthy = true;
+        cs[1].cooling_until_ms = 2_000;
+        assert_eq!(
+            pick(&cs, 0, 0),
+            Pick::AllCooling {
+                retry_after_ms: 2_000
+            }
+        );
+    }
+
+    #[test]
+    fn exhausted_when_all_tried() {
+        let mut cs = [c(1, 1)];
+        cs[0].tried = true;
+        assert_eq!(pick(&cs, 0, 0), Pick::Exhausted);
+    }
+
+    #[test]
+    fn health_flips_after_thresholds() {
+        let h = BackendHealth::default();
+        assert!(h.record(false, 2, 2));
+        assert!(!h.record(false, 2, 2));
+        assert!(!h.record(true, 2, 2));
+        assert!(h.record(true, 2, 2));
+    }
+
+    #[test]
+    fn cooldown_sources_in_order_and_capped() {
+        let r = RetrySettings {
+            max_attempts: 3,
+            on_status: Default::default(),
+            default_cooldown: Duration::from_secs(10),
+            max_cooldown: Duration::from_secs(60),
+        };
+        assert_eq!(
+            cooldown_for(Some(b"1500"), Some(b"9"), &r),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(cooldown_for(None, Some(b"9"), &r), Duration::from_secs(9));
+        assert_eq!(cooldown_for(None, None, &r), Duration::from_secs(10));
+        assert_eq!(
+            cooldown_for(Some(b"600000"), None, &r),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            cooldown_for(Some(b"junk"), None, &r),
+            Duration::from_secs(10)
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! One loaded configuration with everything built from it — filters, pool state, upstream
+//! peers, limiter — swapped atomically on reload so each request sees one consistent view.
+
+use std::net::ToSocketAddrs;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use filters::authz::AuthzFilter;
+use filters::estimate::{EstimateMode, PromptEstimator};
+use filters::identity::{IdentityFilter, IdentityResolver, JwtVerifier, VerifiedJwt};
+use filters::limits::{Limiter, OnStoreFailure, StoreKind};
+use filters::limits_filter::LimitsFilter;
+use filters::oidc::OidcVerifier;
+use filters::{FilterChain, FilterError};
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::config::file::{OnStoreFailureFile, PromptEstimateFile, StoreKindFile};
+use crate::config::runtime::{Backend, Config, LimitSettings};
+use crate::metrics::Metrics;
+use crate::pool::PoolState;
+
+pub use filters::limits_filter::has_token_limits;
+
+pub struct Snapshot {
+    pub cfg: Config,
+    pub chain: FilterChain,
+    pub pool: PoolState,
+    /// By backend index.
+    pub peers: Vec<HttpPeer>,
+    pub estimator: Arc<PromptEstimator>,
+    pub limiter: Arc<Limiter>,
+    pub oidc: Option<Arc<OidcVerifier>>,
+}
+
+/// Lets the identity filter verify JWTs with the OIDC module.
+struct OidcJwt(Arc<OidcVerifier>);
+
+#[async_trait]
+impl JwtVerifier for OidcJwt {
+    async fn verify(&self, token: &str) -> Result<VerifiedJwt, FilterError> {
+        let v = self.0.verify(token).await?;
+        Ok(VerifiedJwt {
+            provider: v.provider,
+            client_value: v.client_value,
+            user: v.user,
+        })
+    }
+}
+
+fn same_store(a: &LimitSettings, b: &LimitSettings) -> bool {
+    a.store == b.store && a.redis_url == b.redis_url && a.on_store_failure == b.on_store_failure
+}
+
+/// Builds the upstream peer of a backend: resolved address (pingora's `HttpPeer::new` with a
+/// host name would resolve on the request path), TLS with SNI, private CA if configured.
+pub fn build_peer(b: &Backend) -> Result<HttpPeer, String> {
+    let addr = (b.host.as_str(), b.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("backend {}: cannot resolve {}: {e}", b.name, b.host))?
+        .next()
+        .ok_or_else(|| format!("backend {}: {} has no address", b.name, b.host))?;
+    let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
+    peer.options.connection_timeout = Some(Duration::from_secs(5));
+    peer.options.total_connection_timeout = Some(Duration::from_secs(10));
+    peer.options.idle_timeout = Some(Duration::from_secs(90));
+    if let Some(ca) = &b.ca_file {
+        let pem =
+            std::fs::read(ca).map_err(|e| format!("backend {}: cannot read {ca}: {e}", b.name))?;
+        let certs = openssl::x509::X509::stack_from_pem(&pem)
+            .map_err(|e| format!("backend {}: {ca} is not a PEM bundle: {e}", b.name))?;
+        peer.options.ca = Some(Arc::new(certs.into_boxed_slice()));
+    }
+    Ok(peer)
+}
+
+impl Snapshot {
+    /// Builds everything for `cfg`, reusing the limiter, estimator and pool state of `prev`
+    /// where the configuration kept them.
+    pub fn build(
+        cfg: Config,
+        prev: Option<&Snapshot>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Snapshot, String> {
+        let peers = cfg
+            .backends
+            .iter()
+            .map(build_peer)
+            .collect::<Result<Vec<_>, _>>()?;
+        let limiter = match prev {
+            Some(p) if same_store(&p.cfg.limits, &cfg.limits) => p.limiter.clone(),
+            _ => {
+                let store = match cfg.limits.store {
+                    StoreKindFile::Memory => StoreKind::Memory,
+                    StoreKindFile::Redis => StoreKind::Redis {
+                        url: cfg.limits.redis_url.clone().unwrap_or_default(),
+                    },
+                };
+                let on_failure = match cfg.limits.on_store_failure {
+                    OnStoreFailureFile::Local => OnStoreFailure::Local,
+                    OnStoreFailureFile::Reject => OnStoreFailure::Reject,
+                };
+                let m = metrics.clone();
+                Arc::new(Limiter::new(
+                    store,
+                    on_failure,
+                    Arc::new(move || m.limit_store_errors.inc()),
+                )?)
+            }
+        };
+        let estimator = match prev {
+            Some(p) if p.cfg.limits.prompt_estimate == cfg.limits.prompt_estimate => {
+                p.estimator.clone()
+            }
+            _ => Arc::new(PromptEstimator::new(match cfg.limits.prompt_estimate {
+                PromptEstimateFile::Tokenizer => EstimateMode::Tokenizer,
+                PromptEstimateFile::Bytes => EstimateMode::Bytes,
+            })),
+        };
+        let oidc = if cfg.oidc.is_empty() {
+            None
+        } else {
+            Some(Arc::new(OidcVerifier::new(cfg.oidc.clone())?))
+        };
+        let resolver = IdentityResolver {
+            keys: cfg.keys.clone(),
+            certs: cfg.certs.clone(),
+            tokens: cfg.tokens.clone(),
+            jwt: oidc
+                .clone()
+                .map(|v| Arc::new(OidcJwt(v)) as Arc<dyn JwtVerifier>),
+            client_ids: cfg.clients.iter().map(|c| c.id.clone()).collect(),
+        };
+        let chain = FilterChain::new(
+            IdentityFilter { resolver },
+            AuthzFilter {
+                policies: Arc::new(cfg.clients.iter().map(|c| c.policy.clone()).collect()),
+            },
+            LimitsFilter {
+                limiter: limiter.clone(),
+                limits: Arc::new(cfg.clients.iter().map(|c| c.limits.clone()).collect()),
+            },
+        );
+        let pool = PoolState::for_config(&cfg, prev.map(|p| &p.pool), prev.map(|p| &p.cfg));
+        for c in &cfg.clients {
+            for (key_id, exp) in &c.key_expiries {
+                metrics
+                    .key_expiry
+                    .with_label_values(&[&*c.id, key_id.as_str()])
+                    .set(*exp);
+            }
+        }
+        Ok(Snapshot {
+            cfg,
+            chain,
+            pool,
+            peers,
+            estimator,
+            limiter,
+            oidc,
+        })
+    }
+}
