@@ -275,7 +275,10 @@ impl Gateway {
             req.headers.get("authorization").map(|v| v.as_bytes()),
         );
         let presented = match presented {
-            Ok(p) => p,
+            Ok(mut p) => {
+                p.certificate = crate::tls::peer_certificate(session);
+                p
+            }
             Err(e) => {
                 ctx.rec.auth = if req.headers.contains_key("authorization") {
                     "oidc"

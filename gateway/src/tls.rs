@@ -12,6 +12,13 @@ use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::state::Snapshot;
 
+/// The verified client certificate of this request's TLS connection, if any.
+pub fn peer_certificate(session: &pingora::proxy::Session) -> Option<filters::cert::PeerCert> {
+    let digest = session.digest()?;
+    let ssl = digest.ssl_digest.as_ref()?;
+    ssl.extension.get::<filters::cert::PeerCert>().cloned()
+}
+
 pub fn add_tls_listener(
     service: &mut Service<HttpProxy<Gateway>>,
     address: &str,

@@ -321,7 +321,7 @@ def test_all_members_unhealthy_is_503_and_healthz_503(mock, gateway):
     assert a.data_requests() == [] and b.data_requests() == []
 
     # and back
-    a.faults(health_status=200)
+    a.faults(health_status=0)
     agw.wait_until(lambda: healthz(gw.admin_url) == 200, 20, "/healthz 200 after recovery")
     r = chat(gw)
     assert r.status_code == 200, r.text

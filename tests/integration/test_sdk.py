@@ -29,6 +29,8 @@ def env(module_cluster):
         },
         backends=[agw.backend("east", m, region="eastus")],
         clients=[agw.client(deployments=sorted(ALLOWED), operations=["*"])],
+        # the mock counts model lists with health checks: keep the checks out of the way
+        health_checks={"interval_seconds": 3600},
     )
     gw = module_cluster.gateway(cfg)
     return gw, m
@@ -235,8 +237,8 @@ def test_v1_chat_completions_model_in_body(env):
 
 def test_models_list_shows_only_allowed_deployments(env):
     gw, m = env
-    version = "2024-06-01"  # not the health check's, so a forwarded list would be visible
-    m.clear()
+    version = "2024-06-01"
+    before = m.stats()["health_requests"]
     azure = agw.azure_client(gw, api_version=version)
     ids = {model.id for model in azure.models.list()}
     assert ids == ALLOWED
@@ -250,6 +252,4 @@ def test_models_list_shows_only_allowed_deployments(env):
     assert {d["id"] for d in r.json()["data"]} == ALLOWED
     assert r.headers.get("x-request-id")
 
-    seen = [q for q in m.requests() if version in (q.get("query") or "") or "/v1/models" in q["path"]
-            or q["path"] == "/openai/deployments"]
-    assert seen == [], "models.read must be answered by the gateway itself"
+    assert m.stats()["health_requests"] == before, "models.read must be answered by the gateway"

@@ -163,10 +163,20 @@ impl MemoryStore {
         for c in corrections {
             let w = match c.scope {
                 Scope::Client => &mut subject.client,
-                Scope::Deployment => subject
-                    .deployments
-                    .entry(deployment.to_owned())
-                    .or_default(),
+                Scope::Deployment => {
+                    if !subject.deployments.contains_key(deployment) {
+                        if c.delta <= 0 {
+                            continue;
+                        }
+                        subject
+                            .deployments
+                            .insert(deployment.to_owned(), Windows::default());
+                    }
+                    match subject.deployments.get_mut(deployment) {
+                        Some(w) => w,
+                        None => continue,
+                    }
+                }
             };
             match c.kind {
                 Kind::Requests => {}

@@ -163,6 +163,9 @@ impl Admission {
 // The plan: which windows apply to one request, without allocating.
 
 pub(crate) const MAX_CHECKS: usize = 6;
+/// Limits and amounts are capped at 2^52 (far beyond any real limit) so that every count stays
+/// exact in Lua's doubles and fits an `i64`.
+pub(crate) const MAX_UNITS: u64 = 1 << 52;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Scope {
@@ -225,8 +228,8 @@ impl Plan {
                 self.checks[self.len] = Check {
                     scope,
                     kind,
-                    limit,
-                    amount,
+                    limit: limit.min(MAX_UNITS),
+                    amount: amount.min(MAX_UNITS),
                 };
                 self.len += 1;
             }
@@ -382,7 +385,7 @@ fn corrections(ticket: &Ticket, actual: u64, now: i64) -> ([Correction; MAX_CHEC
                 if day_index(now) != ticket.day {
                     continue;
                 }
-                actual.min(i64::MAX as u64) as i64 - ticket.reserved.min(i64::MAX as u64) as i64
+                actual.min(MAX_UNITS) as i64 - ticket.reserved as i64
             }
         };
         if delta != 0 {

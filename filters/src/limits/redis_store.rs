@@ -253,10 +253,7 @@ impl RedisStore {
                         .arg(0);
                 }
                 Kind::Day => {
-                    inv.arg("d")
-                        .arg(c.amount.min(1 << 52))
-                        .arg(c.limit.min(1 << 52))
-                        .arg(day_end_ms);
+                    inv.arg("d").arg(c.amount).arg(c.limit).arg(day_end_ms);
                 }
             }
         }

@@ -771,3 +771,17 @@ async fn a_stalled_redis_costs_at_most_the_command_timeout() {
         }
     }
 }
+
+#[test]
+fn limiter_and_its_futures_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    let l = memory();
+    send_sync(&l);
+    let lim = ClientLimits::default();
+    let fut = l.admit("c", "d", &lim, 0, SystemTime::now());
+    send(&fut);
+    let a = Admission::unlimited();
+    send_sync(&a);
+    send(&l.reconcile(&a, Some(1)));
+}

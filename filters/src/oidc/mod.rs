@@ -8,11 +8,14 @@
 //!   `kid` triggers a refetch at most once per [`MIN_REFETCH_INTERVAL_SECONDS`] per provider
 //!   (the first at once), shared by every concurrent miss. Failed fetches keep the last good
 //!   keys.
+//! - Verified tokens are cached (bounded, keyed by SHA-256, until `exp`): see [`cache`]
+//!   for what it saves and why it stays correct.
 //! - The clock and the key source are injectable ([`Clock`], [`JwksSource`]) so the rate
 //!   limit is testable without sleeping.
 //!
 //! Tokens are never logged nor returned; errors carry static reasons only.
 
+pub mod cache;
 mod fetch;
 mod keys;
 #[cfg(test)]
@@ -31,6 +34,8 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use cache::TokenCache;
+pub use cache::DEFAULT_TOKEN_CACHE_CAPACITY;
 pub use fetch::{check_url, HttpJwksSource, JwksSource, HTTP_TIMEOUT, MAX_DOCUMENT_BYTES};
 use keys::{KeySet, Lookup};
 
@@ -235,6 +240,7 @@ pub struct OidcVerifier {
     by_issuer: HashMap<String, usize>,
     clock: Clock,
     started: AtomicBool,
+    cache: TokenCache,
 }
 
 impl fmt::Debug for OidcVerifier {
@@ -309,7 +315,20 @@ impl OidcVerifier {
             by_issuer,
             clock,
             started: AtomicBool::new(false),
+            cache: TokenCache::new(DEFAULT_TOKEN_CACHE_CAPACITY),
         })
+    }
+
+    /// Sets the capacity of the verified-token cache (default
+    /// [`DEFAULT_TOKEN_CACHE_CAPACITY`]; 0 disables it).
+    pub fn with_token_cache(mut self, capacity: usize) -> Self {
+        self.cache = TokenCache::new(capacity);
+        self
+    }
+
+    /// Number of tokens currently cached.
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.len()
     }
 
     /// Fetches discovery + JWKS of every provider once (concurrently; failures are logged,
@@ -425,15 +444,23 @@ impl OidcVerifier {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(OidcError::Invalid("token larger than 16 KiB"));
         }
+        let now = (self.clock)();
+        let cache_key = cache::cache_key(token);
+        if let Some(hit) = self.cache.get(&cache_key, now, |i| {
+            self.providers[i].current_keys().generation
+        }) {
+            return Ok(hit);
+        }
+
         let parsed = ParsedToken::parse(token)?;
         let Some(Value::String(iss)) = parsed.claims.get("iss") else {
             return Err(OidcError::Invalid("no iss claim"));
         };
-        let provider = self
+        let index = *self
             .by_issuer
             .get(iss.as_str())
-            .map(|&i| &self.providers[i])
             .ok_or(OidcError::Invalid("unknown issuer"))?;
+        let provider = &self.providers[index];
 
         let alg = token_algorithm(&parsed.header.alg)?;
         if !provider.algorithms.contains(&alg) {
@@ -473,9 +500,20 @@ impl OidcVerifier {
                 Lookup::Missing => return Err(OidcError::Invalid("no key for the token's kid")),
             }
         }
+        let generation = keys.generation;
         drop(keys);
 
-        check_claims(provider, &parsed.claims, (self.clock)())
+        let now = (self.clock)(); // a refetch may have taken a while
+        let verified = check_claims(provider, &parsed.claims, now)?;
+        self.cache.insert(
+            cache_key,
+            verified.clone(),
+            index,
+            generation,
+            verified.expires_at.saturating_add(provider.leeway),
+            now,
+        );
+        Ok(verified)
     }
 }
 

@@ -490,6 +490,8 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
                     RETRY_AFTER.clone(),
                     HeaderValue::from(builders::retry_after_secs(ms)),
                 );
+                h.insert(X_RL_REQUESTS.clone(), HeaderValue::from_static("0"));
+                h.insert(X_RL_TOKENS.clone(), HeaderValue::from_static("0"));
                 Some(r)
             }
             Fault::None => Some(answer(
