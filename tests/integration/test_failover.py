@@ -16,11 +16,13 @@ BIG = 200 * 1024  # a long-context chat request, far above Pingora's 64 KiB repl
 
 
 def two_regions(a: agw.Mock, b: agw.Mock, **kw) -> dict:
+    # same deployment name on both backends: the body must reach them byte for byte
+    # (a renamed member legitimately gets the body's `model` rewritten)
     return agw.make_config(
         deployments={
             "gpt-4o": [
-                agw.member("east", deployment="gpt-4o-east", priority=1),
-                agw.member("sweden", deployment="gpt-4o-sweden", priority=2),
+                agw.member("east", priority=1),
+                agw.member("sweden", priority=2),
             ]
         },
         backends=[
@@ -80,9 +82,9 @@ def test_429_fails_over_with_full_body_and_cools_down(mock, gateway):
     a_reqs, b_reqs = chat_requests(a), chat_requests(b)
     assert len(a_reqs) == 1, f"the primary must be tried once: {a_reqs}"
     assert a_reqs[0]["status"] == 429
-    assert a_reqs[0]["path"] == "/openai/deployments/gpt-4o-east/chat/completions"
+    assert a_reqs[0]["path"] == "/openai/deployments/gpt-4o/chat/completions"
     assert len(b_reqs) == 1
-    assert b_reqs[0]["path"] == "/openai/deployments/gpt-4o-sweden/chat/completions"
+    assert b_reqs[0]["path"] == "/openai/deployments/gpt-4o/chat/completions"
     assert b_reqs[0]["body_len"] == len(sent), "the secondary did not get the whole body"
     assert b_reqs[0]["body_sha256"] == agw.sha256_hex(sent), "the secondary got other bytes"
     assert a_reqs[0]["body_sha256"] == agw.sha256_hex(sent)

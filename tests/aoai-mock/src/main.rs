@@ -1034,6 +1034,73 @@ mod tests {
         assert!(state(Some("t1"), None).authorized(&h));
     }
 
+    /// Sends one raw HTTP/1.1 request (Connection: close); the bytes read, or an error.
+    async fn raw(addr: std::net::SocketAddr, req: &str) -> io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(req.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    fn post(path: &str, body: &str) -> String {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[tokio::test]
+    async fn end_to_end_over_tcp() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let st = Arc::new(state(None, None));
+        tokio::spawn(serve(listener, st.clone()));
+        let chat = "/openai/deployments/d1/chat/completions?api-version=2024-10-21";
+
+        let r = raw(
+            addr,
+            &post(
+                chat,
+                r#"{"messages":[{"role":"user","content":"abcdabcd"}]}"#,
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.contains("\"prompt_tokens\":2"), "{r}");
+        assert!(r.contains("x-mock-name: t"), "{r}");
+
+        let r = raw(addr, &post(chat, r#"{"stream":true,"messages":[]}"#))
+            .await
+            .unwrap();
+        assert!(r.contains("transfer-encoding: chunked"), "{r}");
+        assert!(r.contains("text/event-stream"), "{r}");
+        assert!(r.contains("data: [DONE]"), "{r}");
+
+        st.faults
+            .apply(&serde_json::from_str(r#"{"reset_count":1}"#).unwrap())
+            .unwrap();
+        // Closed without an answer: nothing or a connection reset.
+        match raw(addr, &post(chat, "{}")).await {
+            Ok(s) => assert_eq!(s, ""),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
+        }
+        let r = raw(addr, &post(chat, "{}")).await.unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+
+        let r = raw(
+            addr,
+            "GET /_mock/stats HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(r.contains("\"requests\":4"), "{r}");
+        let statuses: Vec<u16> = st.recorder.list().iter().map(|r| r.status).collect();
+        assert_eq!(statuses, vec![200]); // capacity 1 in this test state
+    }
+
     #[test]
     fn response_headers() {
         let st = state(None, None);

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Gateway vs a bare nginx reverse proxy, same machine, same mock (nginx answering canned Azure
+# OpenAI JSON), same load: wrk -t1 at 1, 10 and 64 connections. Targets alternate, each point
+# is repeated ROUNDS times; medians are printed with the gateway/nginx ratio.
+# Usage: load-tests/bench.sh [BIN_DIR]   (default target/release)   env: ROUNDS=3 DURATION=10s
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-"1 10 64"}
+DIR=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$DIR"; }
+trap cleanup EXIT INT TERM
+
+command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs nginx and wrk (make deps)" >&2; exit 1; }
+mkdir -p "$DIR"/{body,proxy,fcgi,uwsgi,scgi,pbody,pproxy,pfcgi,puwsgi,pscgi}
+sed "s#__DIR__#$DIR#g" load-tests/nginx-mock.conf >"$DIR/mock.conf"
+sed "s#__DIR__#$DIR#g" load-tests/nginx-proxy.conf >"$DIR/proxy.conf"
+KEY=agw_bench-key-000000000000000000000000000000000
+SHA=$(printf '%s' "$KEY" | sha256sum | cut -d' ' -f1)
+sed -e "s#__DIR__#$DIR#g" -e "s#__KEY_SHA256__#$SHA#" load-tests/gateway.yaml >"$DIR/gateway.yaml"
+
+nginx -c "$DIR/mock.conf" -p "$DIR" & pids+=($!)
+nginx -c "$DIR/proxy.conf" -p "$DIR" & pids+=($!)
+"$BIN/aoai-gateway" run -c "$DIR/gateway.yaml" 2>"$DIR/gateway.err" & pids+=($!)
+for port in 18080 18090 18091; do
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+done
+PATH_CHAT=/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21
+# Sanity: both answer the same request with 200.
+for port in 18090 18091; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$port$PATH_CHAT" \
+    -H "api-key: $KEY" -H 'content-type: application/json' -d '{"messages":[]}')
+  [ "$code" = 200 ] || { echo "target on port $port answered $code"; cat "$DIR/gateway.err"; exit 1; }
+done
+
+run() { # port conns -> "rps p50 p99"
+  wrk -t1 -c"$2" -d"$DURATION" --latency -s load-tests/post.lua "http://127.0.0.1:$1$PATH_CHAT" >"$DIR/wrk.out" 2>&1
+  local rps p50 p99 errs
+  rps=$(awk '/^Requests\/sec/ {print $2}' "$DIR/wrk.out")
+  p50=$(awk '$1=="50%" {print $2}' "$DIR/wrk.out")
+  p99=$(awk '$1=="99%" {print $2}' "$DIR/wrk.out")
+  errs=$(awk '/Non-2xx|Socket errors/ {print}' "$DIR/wrk.out")
+  [ -z "$errs" ] || echo "  (port $1 c=$2: $errs)" >&2
+  echo "$rps $p50 $p99"
+}
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+printf '\n%-8s %-28s %-28s %s\n' "conns" "nginx RPS (p50/p99)" "gateway RPS (p50/p99)" "ratio"
+for c in $CONNS; do
+  : >"$DIR/n.txt"; : >"$DIR/g.txt"
+  for _ in $(seq 1 "$ROUNDS"); do
+    run 18090 "$c" >>"$DIR/n.txt"
+    run 18091 "$c" >>"$DIR/g.txt"
+  done
+  n=$(cut -d' ' -f1 "$DIR/n.txt" | median); g=$(cut -d' ' -f1 "$DIR/g.txt" | median)
+  nl=$(grep "^$n " "$DIR/n.txt" | head -1 | cut -d' ' -f2-3 | tr ' ' /)
+  gl=$(grep "^$g " "$DIR/g.txt" | head -1 | cut -d' ' -f2-3 | tr ' ' /)
+  ratio=$(awk -v a="$g" -v b="$n" 'BEGIN {printf "%.2f", a/b}')
+  printf '%-8s %-28s %-28s %s\n' "c=$c" "$n ($nl)" "$g ($gl)" "$ratio"
+done
+rss=$(ps -o rss= -p "${pids[2]}" | tr -d ' ')
+echo
+echo "gateway RSS after the run: $((rss / 1024)) MiB; audit lines written: $(wc -l <"$DIR/audit.log")"
