@@ -7,24 +7,26 @@
 //!
 //! # Tokenizer choice: `bpe-openai`
 //!
-//! Measured with `estimate::tests::tokenizer_timings` (release build, this 2-core machine,
-//! `cargo test -p filters --release --features bench-tiktoken -- --ignored --nocapture
-//! tokenizer_timings`), counting one ~100 KiB prompt (English prose, code, numbers, accents,
-//! CJK), mean of 20 runs:
+//! Measured with `estimate::tests::tokenizer_timings` (release build on this project's 2-core
+//! machine: `cargo test -p filters --release --features bench-tiktoken --lib -- --ignored
+//! --nocapture tokenizer_timings`), counting one 100 KiB prompt (English prose, code, numbers,
+//! accents, CJK), mean of 20 counts, ranges over 3–4 runs; "quiet" = idle machine, "busy" =
+//! load average 7 from parallel builds:
 //!
-//! | encoding | tiktoken-rs 0.12.1 | bpe-openai 0.3.2 |
+//! | | tiktoken-rs 0.12.1 | bpe-openai 0.3.2 |
 //! |---|---|---|
-//! | o200k_base, 100 KiB mixed text | 5.1–6.4 ms | 2.7–3.4 ms |
-//! | cl100k_base, 100 KiB mixed text | 9.3–13.8 ms | 3.0–5.3 ms |
-//! | o200k_base, 100 KiB without spaces | 27.0 ms | 13.0 ms |
-//! | cl100k_base, 100 KiB without spaces | 26.3 ms | 7.9 ms |
-//! | loading the o200k / cl100k tables | 190–245 / 70–78 ms | 59–77 / 24–34 ms |
+//! | o200k_base, 100 KiB mixed text, quiet | 5.1–6.4 ms | 2.7–3.4 ms |
+//! | cl100k_base, 100 KiB mixed text, quiet | 9.3–13.8 ms | 3.0–5.3 ms |
+//! | o200k_base, 100 KiB mixed text, busy | 9.5–19.4 ms | 5.7–6.4 ms |
+//! | cl100k_base, 100 KiB mixed text, busy | 18.4–23.2 ms | 6.3–7.4 ms |
+//! | o200k / cl100k, 100 KiB of letters without spaces, quiet | 27.0 / 26.3 ms | 13.0 / 7.9 ms |
+//! | loading both tables, quiet / busy | 260–320 / 500–840 ms | 85–110 / 185–290 ms |
 //!
-//! Both give identical counts (e.g. 28 305 o200k tokens for the mixed prompt) and both embed
-//! their tables in the crate (no network at run time: the measurement also ran in a network
-//! namespace without any interface). `bpe-openai` is 2–3× faster and linear on pathological
-//! input, so it is the one used; `tiktoken-rs` is only an optional dependency of the
-//! comparison (feature `bench-tiktoken`).
+//! Both count identically (28 305 o200k and 30 625 cl100k tokens for the mixed prompt) and
+//! both embed their tables in the crate: the comparison also passes in a network namespace
+//! whose only interface is a downed loopback (`unshare -rn`). `bpe-openai` is 1.5–3× faster,
+//! loads faster and is linear on pathological input, so it is the one used; `tiktoken-rs` is
+//! only an optional dependency of the comparison (feature `bench-tiktoken`).
 //!
 //! Exact counting is capped at [`TOKENIZE_MAX_BYTES`] of text per request (≈ 60 ms of CPU):
 //! text beyond that (far larger than any model's context) is estimated as bytes / 4.

@@ -520,7 +520,6 @@ impl Gateway {
         let members = &deployment.members;
         let mut tried = vec![false; members.len()];
         let mut last_answer: Option<(Box<ResponseHeader>, Bytes)> = None;
-        let mut last_failure: Option<ErrorCode> = None;
         let caller_jwt = if jwt_authenticated {
             header_str(session.req_header(), "authorization")
                 .and_then(|v| v.split_once(' ').map(|(_, t)| t.trim().to_string()))
@@ -582,7 +581,6 @@ impl Gateway {
                             .upstream_attempts
                             .with_label_values(&[&backend.name, &deployment.name, "error"])
                             .inc();
-                        last_failure = Some(ErrorCode::BadGateway);
                         continue;
                     }
                 },
@@ -631,7 +629,6 @@ impl Gateway {
                         .upstream_attempts
                         .with_label_values(&[&backend.name, &deployment.name, "error"])
                         .inc();
-                    last_failure = Some(ErrorCode::BadGateway);
                     continue;
                 }
             };
@@ -691,7 +688,7 @@ impl Gateway {
         if let Some((resp, body)) = last_answer {
             return self.send_kept(session, ctx, resp, body).await;
         }
-        Err(GatewayError::new(last_failure.unwrap_or(ErrorCode::BadGateway)).into())
+        Err(GatewayError::new(ErrorCode::BadGateway).into())
     }
 
     /// Returns the backend's own (failed) answer, e.g. its 429 with retry headers.

@@ -4,10 +4,7 @@ is skipped until its retry-after-ms cooldown ends; priority tiers and weights.""
 
 from __future__ import annotations
 
-import json
 import time
-
-import pytest
 
 import agw
 from agw import KEY
@@ -69,8 +66,12 @@ def test_429_fails_over_with_full_body_and_cools_down(mock, gateway):
     a = mock("eastus-a")
     b = mock("sweden-b")
     gw = gateway(two_regions(a, b))
-    a.faults(fail_429_count=1, retry_after_ms=3000)
     cap = Capture()
+    # warm-up (the SDK's first call is slow to build), which also shows the primary is used
+    _, warm = send_big(gw, cap, "warm-up")
+    assert warm.choices[0].message.content == "Hello from eastus-a."
+    a.clear(), b.clear()
+    a.faults(fail_429_count=1, retry_after_ms=3000)
 
     t0 = time.monotonic()
     raw, resp = send_big(gw, cap, "1")

@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
+import pytest
+
 import agw
 from agw import API_VERSION, KEY
 
 
-def test_every_response_has_its_own_request_id(mock, gateway):
-    m = mock("eastus-a")
-    gw = gateway(agw.single(m))
+@pytest.fixture(scope="module")
+def env(module_cluster):
+    m = module_cluster.mock("eastus-a")
+    return module_cluster.gateway(agw.single(m)), m
+
+
+def test_every_response_has_its_own_request_id(env):
+    gw, m = env
     with agw.http_client() as h:
         responses = [
             h.post(gw.url + agw.chat_path("gpt-4o"), headers={"api-key": KEY}, json=agw.chat_body()),
@@ -32,9 +39,8 @@ def test_every_response_has_its_own_request_id(mock, gateway):
         assert line["status"] == r.status_code
 
 
-def test_backend_request_id_is_passed_through_and_logged(mock, gateway):
-    m = mock("eastus-a")
-    gw = gateway(agw.single(m))
+def test_backend_request_id_is_passed_through_and_logged(env):
+    gw, m = env
     with agw.http_client() as h:
         direct = h.post(m.url + agw.chat_path("gpt-4o"), json=agw.chat_body())
         assert direct.headers.get("apim-request-id"), "the mock sends apim-request-id"
@@ -49,10 +55,9 @@ def test_backend_request_id_is_passed_through_and_logged(mock, gateway):
     assert gw.audit_for(r2.headers["x-request-id"])["upstream_request_id"] == up2
 
 
-def test_audit_line_fields(mock, gateway):
+def test_audit_line_fields(env):
     """One JSON line per request with every SPEC §8 field (null when it has no value)."""
-    m = mock("eastus-a")
-    gw = gateway(agw.single(m))
+    gw, m = env
     with agw.http_client() as h:
         r = h.post(gw.url + agw.chat_path("gpt-4o"), headers={"api-key": KEY},
                    json=agw.chat_body())

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 import agw
 from agw import API_VERSION, KEY
 
@@ -18,6 +20,25 @@ def _direct_usage(m: agw.Mock, path: str, body: dict) -> dict:
         return r.json()["usage"]
 
 
+@pytest.fixture(scope="module")
+def env(module_cluster):
+    """One gateway for the tests that only read: "gpt-4o" (chat) and "instruct" (completions)."""
+    m = module_cluster.mock("eastus-a")
+    cfg = agw.make_config(
+        deployments={"gpt-4o": [agw.member("b1")], "instruct": [agw.member("b1")]},
+        backends=[agw.backend("b1", m)],
+    )
+    gw = module_cluster.gateway(cfg)
+    return gw, m
+
+
+@pytest.fixture
+def fresh(env):
+    gw, m = env
+    m.clear()
+    return gw, m
+
+
 def _stream(gw: agw.Gateway, path: str, body: dict) -> tuple[agw.httpx.Response, str]:
     with agw.http_client() as h:
         with h.stream("POST", gw.url + path, headers={"api-key": KEY}, json=body) as r:
@@ -25,9 +46,8 @@ def _stream(gw: agw.Gateway, path: str, body: dict) -> tuple[agw.httpx.Response,
     return r, text
 
 
-def test_stream_without_include_usage_hides_usage_and_counts_it(mock, gateway):
-    m = mock("eastus-a")
-    gw = gateway(agw.single(m))
+def test_stream_without_include_usage_hides_usage_and_counts_it(fresh):
+    gw, m = fresh
     path = agw.chat_path("gpt-4o")
     body = agw.chat_body("Count the tokens of this streamed request, please.", stream=True)
 
@@ -64,9 +84,8 @@ def test_stream_without_include_usage_hides_usage_and_counts_it(mock, gateway):
     assert line["usage_source"] == "response"
 
 
-def test_stream_with_include_usage_delivers_usage_chunk(mock, gateway):
-    m = mock("eastus-a")
-    gw = gateway(agw.single(m))
+def test_stream_with_include_usage_delivers_usage_chunk(fresh):
+    gw, m = fresh
     path = agw.chat_path("gpt-4o")
     body = agw.chat_body("I do want my usage.", stream=True, stream_options={"include_usage": True})
 
@@ -88,9 +107,8 @@ def test_stream_with_include_usage_delivers_usage_chunk(mock, gateway):
     assert line["usage_source"] == "response"
 
 
-def test_completions_stream_without_include_usage(mock, gateway):
-    m = mock("eastus-a")
-    gw = gateway(agw.single(m, deployment="instruct"))
+def test_completions_stream_without_include_usage(fresh):
+    gw, m = fresh
     path = f"/openai/deployments/instruct/completions?api-version={API_VERSION}"
     body = {"prompt": "Once upon a time", "max_tokens": 20, "stream": True}
 

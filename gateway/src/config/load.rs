@@ -69,6 +69,16 @@ impl Errors {
         });
     }
 
+    /// The deepest path that starts on `line` (for errors found by line, like `${VAR}`).
+    pub fn path_at(&self, line: usize) -> Option<String> {
+        self.lines
+            .iter()
+            .filter(|(_, l)| **l == line)
+            .map(|(p, _)| p)
+            .max_by_key(|p| (p.len(), p.as_str()))
+            .cloned()
+    }
+
     pub fn line_of(&self, path: &str) -> Option<usize> {
         let mut p = path;
         loop {
@@ -251,8 +261,12 @@ pub fn parse(text: &str) -> Result<FileConfig, Vec<ConfigError>> {
     let (text, env_errors) = substitute_env(text, |n| std::env::var(n).ok());
     let mut errs = Errors {
         lines: index_lines(&text),
-        list: env_errors,
+        list: Vec::new(),
     };
+    for mut e in env_errors {
+        e.path = e.line.and_then(|l| errs.path_at(l)).unwrap_or_default();
+        errs.list.push(e);
+    }
     let root: Value = match serde_norway::from_str(&text) {
         Ok(v) => v,
         Err(e) => {
@@ -418,6 +432,15 @@ backends: []
                 .any(|s| s.starts_with("line 10: clients[1].limits.requests_per_minute")),
             "{shown:#?}"
         );
+    }
+
+    #[test]
+    fn missing_variable_is_reported_with_its_path() {
+        let text = "server:\n  listeners: []\nbackends:\n  - name: b\n    api_key: ${AGW_UNIT_SURELY_UNSET}\n";
+        let errs = parse(text).unwrap_err();
+        let e = errs.iter().find(|e| e.message.contains("AGW_UNIT_SURELY_UNSET")).unwrap();
+        assert_eq!(e.line, Some(5));
+        assert_eq!(e.path, "backends[0].api_key");
     }
 
     #[test]
