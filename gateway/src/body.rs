@@ -2,6 +2,8 @@
 //! the token reservation), and rewritten only where the upstream request must differ (the
 //! backend's deployment name in `model`, `stream_options.include_usage` for streamed usage).
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use filters::estimate::{requested_output_tokens, PromptEstimator};
 use filters::Operation;
@@ -71,7 +73,7 @@ fn is_json(operation: Operation, rest: &str) -> bool {
 #[derive(Debug)]
 pub struct RequestBody {
     raw: Bytes,
-    json: Option<Value>,
+    json: Option<Arc<Value>>,
     /// The body as it goes upstream when the gateway added `stream_options`.
     rewritten: Option<Bytes>,
     pub stream: bool,
@@ -114,7 +116,7 @@ impl RequestBody {
         let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
         Ok(RequestBody {
             raw,
-            json: Some(json),
+            json: Some(Arc::new(json)),
             rewritten: None,
             stream,
         })
@@ -140,7 +142,10 @@ impl RequestBody {
         {
             return false;
         }
-        let Some(Value::Object(map)) = &mut self.json else {
+        let Some(json) = &mut self.json else {
+            return false;
+        };
+        let Value::Object(map) = Arc::make_mut(json) else {
             return false;
         };
         let asked = map
@@ -173,28 +178,38 @@ impl RequestBody {
         if client == upstream || self.model() != Some(client) {
             return base;
         }
-        let mut v = self.json.clone().expect("model() implies JSON");
+        let mut v = Value::clone(self.json.as_ref().expect("model() implies JSON"));
         v["model"] = Value::String(upstream.to_string());
         serde_json::to_vec(&v).map(Bytes::from).unwrap_or(base)
     }
 
     /// Tokens to reserve: the prompt estimate plus the requested output (or the default).
-    pub fn reservation(
+    /// Large bodies are tokenized on the blocking pool, off the request threads.
+    pub async fn reservation(
         &self,
-        estimator: &PromptEstimator,
+        estimator: &Arc<PromptEstimator>,
         operation: Operation,
         model_hint: &str,
         default_output: u64,
     ) -> u64 {
-        match &self.json {
-            Some(v) => {
-                estimator.estimate(operation, v, model_hint)
-                    + requested_output_tokens(v).unwrap_or(default_output)
-            }
-            None => default_output,
-        }
+        let Some(v) = &self.json else {
+            return default_output;
+        };
+        let output = requested_output_tokens(v).unwrap_or(default_output);
+        let prompt = if self.raw.len() > INLINE_ESTIMATE_BYTES {
+            let (e, v, hint) = (estimator.clone(), v.clone(), model_hint.to_string());
+            tokio::task::spawn_blocking(move || e.estimate(operation, &v, &hint))
+                .await
+                .unwrap_or((self.raw.len() / 4) as u64)
+        } else {
+            estimator.estimate(operation, v, model_hint)
+        };
+        prompt + output
     }
 }
+
+/// Bodies larger than this are tokenized with `spawn_blocking` (about 1 ms of BPE work).
+const INLINE_ESTIMATE_BYTES: usize = 32 * 1024;
 
 #[cfg(test)]
 mod tests {

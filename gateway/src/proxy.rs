@@ -354,12 +354,14 @@ impl Gateway {
                     .first()
                     .map(|m| &*m.upstream_deployment)
                     .unwrap_or(&d.name);
-                fcx.reserve_tokens = b.reservation(
-                    &snap.estimator,
-                    operation,
-                    hint,
-                    snap.cfg.limits.default_completion_reservation,
-                );
+                fcx.reserve_tokens = b
+                    .reservation(
+                        &snap.estimator,
+                        operation,
+                        hint,
+                        snap.cfg.limits.default_completion_reservation,
+                    )
+                    .await;
             }
         }
         ctx.reserved = fcx.reserve_tokens;

@@ -8,7 +8,7 @@
 //! [`Limiter::reconcile`] with the usage the backend reported.
 //!
 //! * `requests_per_minute`, `tokens_per_minute`: GCRA windows (a sliding leaky bucket; see
-//!   [`window`] for the choice and the arithmetic). `tokens_per_day`: the UTC calendar day.
+//!   `limits/window.rs` for the choice and the arithmetic). `tokens_per_day`: the UTC calendar day.
 //! * Client-wide windows, and per (client, deployment) windows on top; a request must fit
 //!   every applicable window and is counted in all of them or in none.
 //! * Stores: [`StoreKind::Memory`] (per process, sharded mutexes) or [`StoreKind::Redis`]

@@ -1,7 +1,7 @@
 //! The Redis store: counters shared by every gateway on the same Redis.
 //!
 //! * One round trip per admission: a Lua script reads every applicable window, decides exactly
-//!   like [`super::evaluate`] and, only if all fit, writes all of them (Redis runs a script
+//!   like `evaluate` in `mod.rs` and, only if all fit, writes all of them (Redis runs a script
 //!   atomically, so concurrent gateways can neither over-admit nor half-count). One round trip
 //!   per reconciliation, another script. Every key has a TTL (a per-minute key lives one
 //!   minute past its drain time, a day key one hour past its day), so idle clients leave

@@ -1341,3 +1341,15 @@ async fn measure_verify_cost() {
         }
     }
 }
+
+/// The gateway runs `verify` inside Pingora's (multi-threaded) request futures.
+#[test]
+fn verifier_is_shareable_and_verify_is_send() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>(_: &T) {}
+    send_sync::<OidcVerifier>();
+    send_sync::<VerifiedToken>();
+    let v = verifier_with(config(), &FakeSource::serving(jwks(&[])), &FakeClock::new());
+    send(&v.verify("a.b.c"));
+    send(&Arc::new(v).start());
+}
