@@ -417,6 +417,7 @@ impl Gateway {
             .map_err(Failure::Abort)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn upstream_request(
         &self,
         session: &Session,

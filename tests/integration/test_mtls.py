@@ -16,6 +16,7 @@ import time
 
 import httpx
 import pytest
+import yaml
 
 import agw
 from agw import API_VERSION, KEY
@@ -199,7 +200,8 @@ def test_subject_mapped_certificate_with_openai_sdk(required_gw, pki, backend):
     assert resp.choices[0].message.content == "Hello from mtls-east."
     assert len(backend.data_requests()) == before + 1
     up = backend.data_requests()[-1]
-    assert "api-key" not in {k.lower() for k in up.get("headers", {})}, up
+    assert "api-key" not in up["headers"], up
+    assert up["headers"].get("authorization") == f"Bearer {agw.MI_TOKEN}", up
     line = required_gw.audit_for(raw.headers.get("x-request-id"))
     assert line["client"] == "subject-client", line
     assert line["auth"] == "certificate", line
@@ -399,6 +401,15 @@ def test_crl_update_takes_effect_on_sighup_without_dropping_connections(cluster,
     # the connection made before the reload was not dropped (a new one would be refused)
     r = kept.post(https(gw) + CHAT, json=BODY)
     assert r.status_code == 200, r.text
+    # what cuts off that open connection: unlisting the certificate in the same kind of reload
+    cfg = yaml.safe_load(gw.config_path.read_text())
+    for c in cfg["clients"]:
+        if c["id"] == "late-client":
+            c["certificates"] = []
+            c["api_keys"] = [{"sha256": agw.OTHER_KEY_SHA256}]
+    gw.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    reload(gw)
+    agw.assert_error(kept.post(https(gw) + CHAT, json=BODY), 403, "Forbidden")
     kept.close()
     # other certificates are unaffected
     with client_for(pki, "fp-device") as h:
@@ -432,3 +443,69 @@ def test_trust_bundle_update_takes_effect_on_sighup(cluster, tmp_path):
     with client_for(pki, "fp-device") as h:
         assert h.post(https(gw) + CHAT, json=BODY).status_code == 200
     assert "stay in force" in gw.proc.stderr()
+
+
+def test_mode_follows_reload(cluster, tmp_path):
+    pki = Pki(tmp_path / "pki")
+    m = cluster.mock("mode-east")
+    gw = start(cluster, pki, m, "optional")
+    with client_for(pki, None) as h:
+        assert h.post(https(gw) + CHAT, json=BODY, headers={"api-key": KEY}).status_code == 200
+    cfg = yaml.safe_load(gw.config_path.read_text())
+    cfg["server"]["listeners"][0]["tls"]["client_certificates"]["mode"] = "required"
+    gw.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    reload(gw)
+    with client_for(pki, None) as h:
+        assert_refused(lambda: h.post(https(gw) + CHAT, json=BODY, headers={"api-key": KEY}))
+    wait_failures(gw, "no_certificate", 1)
+    with client_for(pki, "fp-device") as h:
+        assert h.post(https(gw) + CHAT, json=BODY).status_code == 200
+
+
+def upgrade(cluster, gw: agw.Gateway) -> agw.Proc:
+    """The graceful upgrade: `aoai-gateway run -c FILE --upgrade`, then SIGQUIT to the old
+    process, which hands over its listening sockets and drains. Returns the new process."""
+    ident = cluster.identity_mock()
+    env = agw.clean_env({"IDENTITY_ENDPOINT": f"{ident.url}/msi/token",
+                         "IDENTITY_HEADER": agw.MI_HEADER_SECRET})
+    new = agw.Proc("gateway-upgraded", [str(agw.GATEWAY_BIN), "run", "-c", str(gw.config_path),
+                                        "--upgrade"], cluster.workdir, env)
+    cluster.procs.append(new)
+    agw.wait_until(lambda: "Bootstrap starting" in new.stderr(), 30,
+                   "the --upgrade instance to start")
+    time.sleep(0.5)
+    gw.process.send_signal(signal.SIGQUIT)
+    gw.process.wait(timeout=60)
+    # the old instance is meant to exit: stop the harness from reporting it
+    cluster.gateways.remove(gw)
+    gw.close()
+    assert new.alive(), new.tail()
+    return new
+
+
+def test_crl_update_takes_effect_on_graceful_upgrade(cluster, tmp_path):
+    pki = Pki(tmp_path / "pki")
+    m = cluster.mock("upgrade-east")
+    gw = start(cluster, pki, m, "required")
+    with client_for(pki, "late-device") as h:
+        assert h.post(https(gw) + CHAT, json=BODY).status_code == 200
+
+    pki.revoke("late-device")
+    new = upgrade(cluster, gw)
+    admin = agw.http_client(base_url=gw.admin_url)
+    agw.wait_until(lambda: admin.get("/healthz").status_code in (200, 503), 30,
+                   "the upgraded instance's admin listener")
+
+    before_reqs = len(m.data_requests())
+    with client_for(pki, "late-device") as h:
+        assert_refused(lambda: h.post(https(gw) + CHAT, json=BODY))
+    assert len(m.data_requests()) == before_reqs
+    assert "refused at the TLS handshake: revoked" in new.stderr()
+    assert 'aoai_gateway_tls_handshake_failures_total{reason="revoked"} 1' in \
+        admin.get("/metrics").text
+    with client_for(pki, "fp-device") as h:
+        r = h.post(https(gw) + CHAT, json=BODY)
+        assert r.status_code == 200, r.text
+    line = gw.audit_for(r.headers["x-request-id"])
+    assert (line["client"], line["auth"]) == ("fp-client", "certificate"), line
+    admin.close()

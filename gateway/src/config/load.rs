@@ -438,7 +438,10 @@ backends: []
     fn missing_variable_is_reported_with_its_path() {
         let text = "server:\n  listeners: []\nbackends:\n  - name: b\n    api_key: ${AGW_UNIT_SURELY_UNSET}\n";
         let errs = parse(text).unwrap_err();
-        let e = errs.iter().find(|e| e.message.contains("AGW_UNIT_SURELY_UNSET")).unwrap();
+        let e = errs
+            .iter()
+            .find(|e| e.message.contains("AGW_UNIT_SURELY_UNSET"))
+            .unwrap();
         assert_eq!(e.line, Some(5));
         assert_eq!(e.path, "backends[0].api_key");
     }

@@ -30,7 +30,9 @@ mod tests {
     use super::*;
 
     fn repo_file(name: &str) -> String {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name);
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(name);
         std::fs::read_to_string(p).unwrap()
     }
 
@@ -49,7 +51,12 @@ mod tests {
         std::env::set_var("AOAI_SWEDEN_KEY", "k");
         let cfg = load_str(&repo_file("conf/demo.yaml")).expect("demo is valid");
         assert!(cfg.needs_upstream_token());
-        assert_eq!(cfg.deployments["gpt-4o"].members[0].upstream_deployment.as_ref(), "gpt-4o-2024-08-06");
+        assert_eq!(
+            cfg.deployments["gpt-4o"].members[0]
+                .upstream_deployment
+                .as_ref(),
+            "gpt-4o-2024-08-06"
+        );
     }
 
     #[test]
@@ -79,7 +86,10 @@ backends:
             "line 12: backends[0].url",
             "line 11: backends[0].api_key",
         ] {
-            assert!(shown.iter().any(|s| s.starts_with(want)), "missing {want:?} in {shown:#?}");
+            assert!(
+                shown.iter().any(|s| s.starts_with(want)),
+                "missing {want:?} in {shown:#?}"
+            );
         }
     }
 }
