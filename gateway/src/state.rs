@@ -117,10 +117,12 @@ impl Snapshot {
                 PromptEstimateFile::Bytes => EstimateMode::Bytes,
             })),
         };
-        let oidc = if cfg.oidc.is_empty() {
-            None
-        } else {
-            Some(Arc::new(OidcVerifier::new(cfg.oidc.clone())?))
+        // Unchanged providers keep their verifier: cached keys (also while the IdP is
+        // unreachable), verified tokens and the refetch budget survive a reload.
+        let oidc = match prev {
+            _ if cfg.oidc.is_empty() => None,
+            Some(p) if p.cfg.oidc == cfg.oidc && p.oidc.is_some() => p.oidc.clone(),
+            _ => Some(Arc::new(OidcVerifier::new(cfg.oidc.clone())?)),
         };
         let resolver = IdentityResolver {
             keys: cfg.keys.clone(),
