@@ -64,3 +64,5 @@ done
 rss=$(ps -o rss= -p "${pids[2]}" | tr -d ' ')
 echo
 echo "gateway RSS after the run: $((rss / 1024)) MiB; audit lines written: $(wc -l <"$DIR/audit.log")"
+echo "gateway answers by status (from the audit log):"
+grep -o '"status":[0-9]*,"error_code":[^,]*' "$DIR/audit.log" | sort | uniq -c | sort -rn | head -5

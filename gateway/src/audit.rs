@@ -42,6 +42,8 @@ pub struct AuditRecord {
 enum Msg {
     Line(Box<AuditRecord>),
     Reopen,
+    /// Answered once everything before it is written and flushed.
+    Sync(SyncSender<()>),
 }
 
 /// Sends records to the writer thread.
@@ -77,6 +79,14 @@ impl AuditLog {
     pub fn reopen(&self) {
         let _ = self.tx.send(Msg::Reopen);
     }
+
+    /// Waits until every line logged so far is written (before the process exits).
+    pub fn sync(&self, timeout: std::time::Duration) {
+        let (tx, rx) = sync_channel(1);
+        if self.tx.send(Msg::Sync(tx)).is_ok() {
+            let _ = rx.recv_timeout(timeout);
+        }
+    }
 }
 
 enum Sink {
@@ -103,7 +113,8 @@ impl Sink {
 
 fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
     while let Ok(msg) = rx.recv() {
-        let handle = |m: Msg, sink: &mut Sink| match m {
+        let mut acks = Vec::new();
+        let mut handle = |m: Msg, sink: &mut Sink| match m {
             Msg::Line(rec) => {
                 if let Ok(mut line) = serde_json::to_vec(&rec) {
                     line.push(b'\n');
@@ -119,6 +130,7 @@ fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
                     Err(e) => log::error!("audit log reopen of {path} failed: {e}"),
                 }
             }
+            Msg::Sync(ack) => acks.push(ack),
         };
         handle(msg, &mut sink);
         // Drain what is queued, then flush once.
@@ -126,6 +138,9 @@ fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
             handle(m, &mut sink);
         }
         let _ = sink.out().flush();
+        for ack in acks {
+            let _ = ack.send(());
+        }
     }
 }
 

@@ -167,6 +167,11 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric registered once");
         }
+        // Both results exist from the start, so `increase()` sees the first failure.
+        for r in ["success", "failure"] {
+            token_refreshes.with_label_values(&[r]).inc_by(0);
+            config_reloads.with_label_values(&[r]).inc_by(0);
+        }
         Arc::new(Metrics {
             registry,
             requests,

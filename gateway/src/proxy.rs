@@ -5,6 +5,7 @@
 //! chosen response to the client itself, returning `Ok(true)` ("answered").
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -69,6 +70,8 @@ const MAX_KEPT_ERROR_BODY: usize = 256 * 1024;
 const USAGE_TAIL: usize = 64 * 1024;
 
 pub struct Gateway {
+    /// Requests in flight, for draining on shutdown and upgrade.
+    pub in_flight: Arc<AtomicUsize>,
     pub state: Arc<ArcSwap<Snapshot>>,
     pub connector: Connector,
     pub token: Option<Arc<UpstreamToken>>,
@@ -76,8 +79,18 @@ pub struct Gateway {
     pub audit: AuditLog,
 }
 
+/// Counts a request in flight for as long as its context lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Per-request state (one per request, across all attempts).
 pub struct Ctx {
+    _in_flight: InFlight,
     start: Instant,
     request_id: String,
     snap: Option<Arc<Snapshot>>,
@@ -122,6 +135,15 @@ fn new_request_id() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+/// The backend's own request id (`apim-request-id`, else `x-request-id`).
+fn upstream_request_id(resp: &ResponseHeader) -> Option<String> {
+    resp.headers
+        .get("apim-request-id")
+        .or_else(|| resp.headers.get("x-request-id"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
@@ -265,6 +287,14 @@ impl Gateway {
             } => (operation, Some(deployment.to_string()), rest),
         };
         let rest = rest.to_string();
+        if let Some(d) = path_deployment
+            .as_deref()
+            .and_then(|d| snap.cfg.deployments.get(d))
+        {
+            // Known before identity, so refusals are counted against it (configured names only).
+            ctx.deployment = Some(d.name.clone());
+            ctx.rec.deployment = Some(d.name.clone());
+        }
         ctx.operation = Some(operation);
         ctx.rec.operation = Some(operation.as_str());
 
@@ -675,12 +705,7 @@ impl Gateway {
             }
 
             ctx.rec.ttfb_ms = Some(ctx.start.elapsed().as_millis() as u64);
-            ctx.rec.upstream_request_id = resp
-                .headers
-                .get("apim-request-id")
-                .or_else(|| resp.headers.get("x-request-id"))
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            ctx.rec.upstream_request_id = upstream_request_id(&resp);
             return self
                 .stream_response(session, ctx, http, peer, resp, deadline, strip_usage)
                 .await;
@@ -946,7 +971,9 @@ impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         Ctx {
+            _in_flight: InFlight(self.in_flight.clone()),
             start: Instant::now(),
             request_id: new_request_id(),
             snap: None,
@@ -997,7 +1024,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, _session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
-        if ctx.snap.is_none() {
+        // Front Door's /healthz probes are neither traffic nor audit events.
+        if ctx.snap.is_none() || ctx.rec.path == "/healthz" {
             return;
         }
         self.finish_record(ctx);
@@ -1012,9 +1040,7 @@ impl ProxyHttp for Gateway {
         rec.ts = rfc3339_now();
         rec.request_id = std::mem::take(&mut ctx.request_id);
         rec.duration_ms = ctx.start.elapsed().as_millis() as u64;
-        if rec.path != "/healthz" {
-            self.audit.log(rec);
-        }
+        self.audit.log(rec);
     }
 }
 

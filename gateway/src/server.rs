@@ -29,11 +29,14 @@ struct Supervisor {
     metrics: Arc<Metrics>,
     audit: AuditLog,
     token: Option<Arc<UpstreamToken>>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Supervisor {
     /// Loads the file again and swaps it in; on any error the old configuration stays.
     pub async fn reload(&self) {
+        // The audit file is reopened on every SIGHUP (logrotate), whatever the reload's fate.
+        self.audit.reopen();
         let path = self.path.clone();
         let loaded = tokio::task::spawn_blocking(move || config::load_file(&path)).await;
         let cfg = match loaded {
@@ -72,8 +75,13 @@ impl Supervisor {
                 if let Some(o) = &snap.oidc {
                     o.start().await;
                 }
+                // Series of keys, backends and pairs the new file dropped disappear; the
+                // current ones are set again (health and cooldowns by the next check round).
+                self.metrics.key_expiry.reset();
+                self.metrics.backend_healthy.reset();
+                self.metrics.backend_cooldown.reset();
+                snap.set_key_expiry_gauges(&self.metrics);
                 self.state.store(Arc::new(snap));
-                self.audit.reopen();
                 self.metrics
                     .config_reloads
                     .with_label_values(&["success"])
@@ -114,9 +122,19 @@ impl BackgroundService for Supervisor {
         loop {
             tokio::select! {
                 _ = hup.recv() => self.reload().await,
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => break,
             }
         }
+        // SIGTERM or SIGQUIT (upgrade): the listeners have stopped accepting. Let the requests
+        // in flight finish — streams included, up to request_timeout_seconds (Pingora's grace
+        // period) — then exit at once instead of sleeping out the whole grace period.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        while self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.audit.sync(std::time::Duration::from_secs(5));
+        log::info!("drained: exiting");
+        std::process::exit(0);
     }
 }
 
@@ -149,11 +167,14 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
 
     let mut conf = ServerConf {
         threads: server_cfg.threads,
+        // One single-threaded runtime per thread: no cross-thread task stealing and wakeups
+        // on this short, I/O-bound request path.
+        work_stealing: false,
         daemon: opts.daemon,
-        // A drained instance stops soon after its last request; Front Door has already moved
-        // traffic away by then (its probes see /healthz of the new instance).
-        grace_period_seconds: Some(1),
-        graceful_shutdown_timeout_seconds: Some(server_cfg.request_timeout.as_secs().min(30)),
+        // The longest a request in flight may still need; the supervisor exits as soon as the
+        // last one is done, so this is an upper bound, not a wait.
+        grace_period_seconds: Some(server_cfg.request_timeout.as_secs() + 1),
+        graceful_shutdown_timeout_seconds: Some(5),
         ..Default::default()
     };
     let id = {
@@ -163,7 +184,8 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
     };
     conf.upgrade_sock = std::env::var("AOAI_GATEWAY_UPGRADE_SOCK")
         .unwrap_or_else(|_| format!("/tmp/aoai-gateway-{id}.upgrade.sock"));
-    conf.pid_file = format!("/tmp/aoai-gateway-{id}.pid");
+    conf.pid_file = std::env::var("AOAI_GATEWAY_PID_FILE")
+        .unwrap_or_else(|_| format!("/tmp/aoai-gateway-{id}.pid"));
     let opt = Opt {
         upgrade: opts.upgrade,
         daemon: opts.daemon,
@@ -174,7 +196,9 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let gateway = Gateway {
+        in_flight: in_flight.clone(),
         state: state.clone(),
         connector: Connector::new(None),
         token: token.clone(),
@@ -224,6 +248,7 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
             metrics,
             audit,
             token,
+            in_flight,
         },
     ));
     server.run_forever();

@@ -144,15 +144,7 @@ impl Snapshot {
             },
         );
         let pool = PoolState::for_config(&cfg, prev.map(|p| &p.pool), prev.map(|p| &p.cfg));
-        for c in &cfg.clients {
-            for (key_id, exp) in &c.key_expiries {
-                metrics
-                    .key_expiry
-                    .with_label_values(&[&*c.id, key_id.as_str()])
-                    .set(*exp);
-            }
-        }
-        Ok(Snapshot {
+        let snap = Snapshot {
             cfg,
             chain,
             pool,
@@ -160,6 +152,22 @@ impl Snapshot {
             estimator,
             limiter,
             oidc,
-        })
+        };
+        if prev.is_none() {
+            snap.set_key_expiry_gauges(metrics);
+        }
+        Ok(snap)
+    }
+
+    /// `aoai_gateway_api_key_expiry_timestamp_seconds` for every key with an expiry.
+    pub fn set_key_expiry_gauges(&self, metrics: &Metrics) {
+        for c in &self.cfg.clients {
+            for (key_id, exp) in &c.key_expiries {
+                metrics
+                    .key_expiry
+                    .with_label_values(&[&*c.id, key_id.as_str()])
+                    .set(*exp);
+            }
+        }
     }
 }
