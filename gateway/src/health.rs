@@ -93,7 +93,13 @@ impl HealthChecker {
             let snap = snap.clone();
             async move { (i, self.probe(&snap, i).await) }
         });
-        for (i, ok) in futures::future::join_all(probes).await {
+        let results = futures::future::join_all(probes).await;
+        if !Arc::ptr_eq(&snap, &self.state.load_full()) {
+            // A reload happened meanwhile: these backends may be gone; the next round
+            // probes the new configuration (its gauges were reset by the reload).
+            return Duration::from_millis(100);
+        }
+        for (i, ok) in results {
             let b = &snap.cfg.backends[i];
             let h = &snap.pool.health[i];
             let was = h.is_healthy();

@@ -124,17 +124,24 @@ enum AttemptError {
     Failed(String),
 }
 
+/// A random UUID-shaped id, written without the formatting machinery (it is per request).
 fn new_request_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let v: u128 = rand::random();
-    let h = format!("{v:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    let mut out = String::with_capacity(36);
+    for i in 0..32 {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            out.push('-');
+        }
+        out.push(HEX[((v >> (124 - 4 * i)) & 0xf) as usize] as char);
+    }
+    out
+}
+
+/// The `client` of requests whose credential failed or was not needed, shared.
+fn anonymous() -> Arc<str> {
+    static ANON: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    ANON.get_or_init(|| Arc::from("anonymous")).clone()
 }
 
 /// The backend's own request id (`apim-request-id`, else `x-request-id`).
@@ -978,12 +985,12 @@ impl ProxyHttp for Gateway {
             request_id: new_request_id(),
             snap: None,
             rec: AuditRecord {
-                client: Arc::from("anonymous"),
+                client: anonymous(),
                 auth: "none",
                 usage_source: "none",
                 ..Default::default()
             },
-            client_label: Arc::from("anonymous"),
+            client_label: anonymous(),
             operation: None,
             deployment: None,
             admission: None,

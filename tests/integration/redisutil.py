@@ -20,7 +20,7 @@ import agw
 
 def redis_server_binary() -> str:
     path = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
-    if not path:
+    if not path or not os.access(path, os.X_OK):
         raise AssertionError(
             "redis-server is not installed, and the limit tests need a real one: run "
             "`scripts/install-deps.sh` (or `apt-get install redis-server`), or set REDIS_SERVER "
@@ -146,7 +146,17 @@ class RedisServer:
         self.kill()
         return self.start(timeout)
 
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs with its connections open (a half-open peer)."""
+        assert self.alive()
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

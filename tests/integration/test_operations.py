@@ -1036,15 +1036,10 @@ def test_systemd_unit_is_hardened_and_verifies(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# Gateway bugs found while writing these tests. Each test states the expected behaviour and
-# is marked xfail(strict=True): it fails today (reported to the lead), and once the gateway is
-# fixed it XPASSes, which pytest reports as a failure so that the marker gets removed.
+# Draining, reload hygiene and logrotate: behaviours found missing while these tests were
+# written, fixed in the gateway since.
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway bug: server.rs sets grace_period_seconds=1; Pingora drops every task when the "
-    "grace period ends (tokio runtime shutdown), so a request in flight ~6 s after SIGQUIT "
-    "is cut (graceful_shutdown_timeout_seconds does not keep tasks alive)"))
 def test_upgrade_lets_a_stream_in_flight_finish(cluster, tmp_path):
     """A stream that is running when the old process gets SIGQUIT finishes intact on the old
     process (SPEC §2/§8: no failed request during an upgrade)."""
@@ -1070,9 +1065,6 @@ def test_upgrade_lets_a_stream_in_flight_finish(cluster, tmp_path):
     assert agw.sse_data(stream.text)[-1] == "[DONE]"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway bug: SIGTERM ends the process 1 s later (grace_period_seconds=1) and Pingora's "
-    "runtime shutdown drops the requests still in flight"))
 def test_sigterm_drains_a_stream_in_flight(cluster):
     """SPEC §2: SIGTERM drains and stops — a stream in flight completes, then the process
     exits 0."""
@@ -1092,9 +1084,6 @@ def test_sigterm_drains_a_stream_in_flight(cluster):
     assert code == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway bug: Snapshot::build only sets gauges; series of keys and backends removed by a "
-    "reload stay on /metrics until restart (stale expiry alerts, a removed backend 'down' forever)"))
 def test_reload_drops_series_of_removed_keys_and_backends(cluster):
     """After a reload that removes a key (with `expires`) and a backend, /metrics no longer
     has their expiry, health and cooldown series — else the expiry alert keeps paging for a
@@ -1122,9 +1111,6 @@ def test_reload_drops_series_of_removed_keys_and_backends(cluster):
     assert stale == [], f"series of removed configuration left on /metrics: {stale}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway bug: server.rs reopens the audit log only after a successful reload; SPEC §3/§8 "
-    "say the file is reopened on SIGHUP"))
 def test_audit_log_reopened_on_sighup_even_when_the_reload_fails(cluster):
     """logrotate's SIGHUP must reopen the audit file even if the configuration file happens to
     be broken at that moment (the reload fails, the old configuration stays)."""
