@@ -44,7 +44,7 @@ The audit log goes to this terminal. Ctrl-C stops everything.
 
 Try it:
 
-curl -s http://127.0.0.1:8080/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 \\
+curl -s "http://127.0.0.1:8080/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21" \\
   -H "api-key: $KEY" -H "content-type: application/json" \\
   -d '{"messages":[{"role":"user","content":"Hello!"}]}'
 

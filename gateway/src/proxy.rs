@@ -762,10 +762,14 @@ impl Gateway {
     ) -> Result<Box<ResponseHeader>, Failure> {
         let mut out = ResponseHeader::build(resp.status, Some(resp.headers.len() + 6))
             .map_err(Failure::Abort)?;
+        // Where the gateway limits this client, its x-ratelimit-* replace the backend's
+        // (a backend's fleet-wide numbers beside per-client ones would mislead).
+        let own_limits = ctx.admission.is_some();
         for (name, value) in resp.headers.iter() {
             if STRIP_DOWNSTREAM.contains(&name.as_str())
                 || name.as_str() == "content-length"
                 || name.as_str() == "x-request-id"
+                || (own_limits && name.as_str().starts_with("x-ratelimit-"))
             {
                 continue;
             }

@@ -605,6 +605,23 @@ def test_ratelimit_headers_show_the_tightest_limit_with_this_request_counted(clu
             assert len(r.headers.get_list(name)) == 1, (name, r.headers.get_list(name))
 
 
+def test_backend_rate_limit_headers_are_replaced_where_the_gateway_limits(cluster):
+    """A client limited only by tokens_per_day: the gateway's token headers are there, and the
+    backend's own fleet-wide x-ratelimit-remaining-requests (the mock sends 9999) is not passed
+    on beside them. A client without limits still sees the backend's headers."""
+    m = cluster.mock("b")
+    gw = cluster.gateway(config(m, [
+        agw.client("day", limits={"tokens_per_day": 100000}),
+        agw.client("free", keys=[agw.api_key(OTHER_KEY_SHA256)]),
+    ]))
+    r = ok(chat(sdk(gw)))
+    assert r.h("x-ratelimit-limit-tokens") == 100000
+    assert r.h("x-ratelimit-remaining-requests") is None, "the backend's request header leaked"
+    assert r.h("x-ratelimit-limit-requests") is None
+    free = ok(chat(sdk(gw, key=OTHER_KEY)))
+    assert free.h("x-ratelimit-remaining-requests") == 9999, "unlimited clients see the backend's"
+
+
 # --------------------------------------------------------------------------------------------
 # the SDK's own retry
 
