@@ -70,13 +70,33 @@ fn is_json(operation: Operation, rest: &str) -> bool {
     }
 }
 
+/// The few fields the gateway routes on, read without building the whole document (the
+/// rest of the body is only validated): a 200 KiB chat body costs a scan, not a tree.
+#[derive(serde::Deserialize)]
+struct Peek {
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    stream: Option<Value>,
+    #[serde(default)]
+    stream_options: Option<Value>,
+}
+
 #[derive(Debug)]
 pub struct RequestBody {
     raw: Bytes,
-    json: Option<Arc<Value>>,
+    is_json: bool,
+    model: Option<String>,
+    include_usage: bool,
+    /// The whole document, parsed only when needed (rewrite, token estimate).
+    json: std::sync::OnceLock<Arc<Value>>,
     /// The body as it goes upstream when the gateway added `stream_options`.
     rewritten: Option<Bytes>,
     pub stream: bool,
+}
+
+fn invalid(message: &'static str) -> GatewayError {
+    GatewayError::with_message(ErrorCode::InvalidRequestBody, message)
 }
 
 impl RequestBody {
@@ -86,55 +106,71 @@ impl RequestBody {
         rest: &str,
         content_type: &str,
     ) -> Result<RequestBody, GatewayError> {
+        let mut body = RequestBody {
+            raw,
+            is_json: false,
+            model: None,
+            include_usage: false,
+            json: std::sync::OnceLock::new(),
+            rewritten: None,
+            stream: false,
+        };
         if !is_json(operation, rest) {
-            return Ok(RequestBody {
-                raw,
-                json: None,
-                rewritten: None,
-                stream: false,
-            });
+            return Ok(body);
         }
         let ct = content_type.trim().to_ascii_lowercase();
         if !ct.is_empty() && !ct.starts_with("application/json") && !ct.ends_with("+json") {
-            return Err(GatewayError::with_message(
-                ErrorCode::InvalidRequestBody,
+            return Err(invalid(
                 "The request body must be JSON (content-type: application/json).",
             ));
         }
-        let json: Value = serde_json::from_slice(&raw).map_err(|_| {
-            GatewayError::with_message(
-                ErrorCode::InvalidRequestBody,
-                "The request body is not valid JSON.",
-            )
-        })?;
-        if !json.is_object() {
-            return Err(GatewayError::with_message(
-                ErrorCode::InvalidRequestBody,
-                "The request body must be a JSON object.",
-            ));
+        let first = body.raw.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&body.raw).is_ok() {
+                    invalid("The request body must be a JSON object.")
+                } else {
+                    invalid("The request body is not valid JSON.")
+                },
+            );
         }
-        let stream = json.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        Ok(RequestBody {
-            raw,
-            json: Some(Arc::new(json)),
-            rewritten: None,
-            stream,
-        })
+        let peek: Peek = serde_json::from_slice(&body.raw)
+            .map_err(|_| invalid("The request body is not valid JSON."))?;
+        body.is_json = true;
+        body.model = peek.model.and_then(|m| match m {
+            Value::String(s) if !s.is_empty() => Some(s),
+            _ => None,
+        });
+        body.stream = peek.stream.and_then(|v| v.as_bool()).unwrap_or(false);
+        body.include_usage = peek
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Ok(body)
     }
 
-    /// The body's `model`, if it is a string.
+    /// The whole document (parsed once, on first use).
+    fn json(&self) -> Option<&Arc<Value>> {
+        if !self.is_json {
+            return None;
+        }
+        Some(self.json.get_or_init(|| {
+            Arc::new(serde_json::from_slice(&self.raw).expect("validated in inspect"))
+        }))
+    }
+
+    /// The body's `model`, if it is a non-empty string.
     pub fn model(&self) -> Option<&str> {
-        self.json
-            .as_ref()?
-            .get("model")?
-            .as_str()
-            .filter(|m| !m.is_empty())
+        self.model.as_deref()
     }
 
     /// For streamed chat and completions without `stream_options.include_usage`, asks the
     /// backend for usage; returns whether the gateway added it (and must hide it again).
     pub fn ensure_stream_usage(&mut self, operation: Operation) -> bool {
         if !self.stream
+            || self.include_usage
             || !matches!(
                 operation,
                 Operation::ChatCompletions | Operation::Completions
@@ -142,20 +178,13 @@ impl RequestBody {
         {
             return false;
         }
-        let Some(json) = &mut self.json else {
+        let Some(json) = self.json().cloned() else {
             return false;
         };
-        let Value::Object(map) = Arc::make_mut(json) else {
+        let mut v = Value::clone(&json);
+        let Value::Object(map) = &mut v else {
             return false;
         };
-        let asked = map
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if asked {
-            return false;
-        }
         match map.get_mut("stream_options") {
             Some(Value::Object(o)) => {
                 o.insert("include_usage".into(), Value::Bool(true));
@@ -167,7 +196,8 @@ impl RequestBody {
                 );
             }
         }
-        self.rewritten = serde_json::to_vec(&self.json).ok().map(Bytes::from);
+        self.rewritten = serde_json::to_vec(&v).ok().map(Bytes::from);
+        self.json = std::sync::OnceLock::from(Arc::new(v));
         true
     }
 
@@ -178,7 +208,7 @@ impl RequestBody {
         if client == upstream || self.model() != Some(client) {
             return base;
         }
-        let mut v = Value::clone(self.json.as_ref().expect("model() implies JSON"));
+        let mut v = Value::clone(self.json().expect("model() implies JSON"));
         v["model"] = Value::String(upstream.to_string());
         serde_json::to_vec(&v).map(Bytes::from).unwrap_or(base)
     }
@@ -192,7 +222,7 @@ impl RequestBody {
         model_hint: &str,
         default_output: u64,
     ) -> u64 {
-        let Some(v) = &self.json else {
+        let Some(v) = self.json() else {
             return default_output;
         };
         let output = requested_output_tokens(v).unwrap_or(default_output);
