@@ -36,10 +36,43 @@ pub fn probe_ok(status: u16, credential: &Credential) -> bool {
 }
 
 impl HealthChecker {
+    /// Azure endpoints sit behind DNS that can change: each probe round looks the host up
+    /// again and moves new connections to a changed address (pooled ones age out).
+    async fn re_resolve(&self, snap: &Snapshot, i: usize) {
+        let b = &snap.cfg.backends[i];
+        let Ok(Ok(addrs)) = tokio::time::timeout(
+            snap.cfg.health.timeout,
+            tokio::net::lookup_host((b.host.as_str(), b.port)),
+        )
+        .await
+        else {
+            return; // keep the last good address
+        };
+        let addrs: Vec<std::net::SocketAddr> = addrs.collect();
+        let current = snap.peers[i].load()._address.as_inet().copied();
+        if addrs.is_empty() || addrs.iter().any(|a| Some(*a) == current) {
+            return;
+        }
+        match crate::state::peer_at(b, addrs[0]) {
+            Ok(peer) => {
+                log::warn!(
+                    "backend {}: {} now resolves to {}",
+                    b.name,
+                    b.host,
+                    addrs[0]
+                );
+                snap.peers[i].store(Arc::new(peer));
+            }
+            Err(e) => log::error!("{e}"),
+        }
+    }
+
     async fn probe(&self, snap: &Snapshot, i: usize) -> bool {
         let b = &snap.cfg.backends[i];
-        let peer = &snap.peers[i];
         let timeout = snap.cfg.health.timeout;
+        self.re_resolve(snap, i).await;
+        let peer = snap.peers[i].load_full();
+        let peer = &*peer;
         let Ok(mut req) = RequestHeader::build("GET", snap.cfg.health.path.as_bytes(), Some(3))
         else {
             return false;

@@ -607,7 +607,8 @@ impl Gateway {
             tried[i] = true;
             let member = &members[i];
             let backend = &snap.cfg.backends[member.backend];
-            let peer = &snap.peers[member.backend];
+            let peer = snap.peers[member.backend].load_full();
+            let peer = &*peer;
             ctx.rec.attempts += 1;
             ctx.rec.backend = Some(backend.name.clone());
             ctx.rec.region = Some(backend.region.clone()).filter(|r| !r.is_empty());

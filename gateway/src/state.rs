@@ -26,8 +26,8 @@ pub struct Snapshot {
     pub cfg: Config,
     pub chain: FilterChain,
     pub pool: PoolState,
-    /// By backend index.
-    pub peers: Vec<HttpPeer>,
+    /// By backend index. Re-resolved by the health checker when the host's address changes.
+    pub peers: Vec<arc_swap::ArcSwap<HttpPeer>>,
     pub estimator: Arc<PromptEstimator>,
     pub limiter: Arc<Limiter>,
     pub oidc: Option<Arc<OidcVerifier>>,
@@ -60,6 +60,11 @@ pub fn build_peer(b: &Backend) -> Result<HttpPeer, String> {
         .map_err(|e| format!("backend {}: cannot resolve {}: {e}", b.name, b.host))?
         .next()
         .ok_or_else(|| format!("backend {}: {} has no address", b.name, b.host))?;
+    peer_at(b, addr)
+}
+
+/// The peer of a backend at a given address.
+pub fn peer_at(b: &Backend, addr: std::net::SocketAddr) -> Result<HttpPeer, String> {
     let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
     peer.options.connection_timeout = Some(Duration::from_secs(5));
     peer.options.total_connection_timeout = Some(Duration::from_secs(10));
@@ -85,7 +90,7 @@ impl Snapshot {
         let peers = cfg
             .backends
             .iter()
-            .map(build_peer)
+            .map(|b| build_peer(b).map(arc_swap::ArcSwap::from_pointee))
             .collect::<Result<Vec<_>, _>>()?;
         let limiter = match prev {
             Some(p) if same_store(&p.cfg.limits, &cfg.limits) => p.limiter.clone(),
