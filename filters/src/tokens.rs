@@ -306,8 +306,8 @@ mod tests {
 
     #[test]
     fn tail_keeps_the_end() {
-        let mut t = JsonTail::new(64);
-        t.push(&[b' '; 100]);
+        let mut t = JsonTail::new(128);
+        t.push(&[b' '; 200]);
         t.push(br#"{"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#);
         assert_eq!(t.usage().map(|u| u.total), Some(3));
         let mut t = JsonTail::new(16);
