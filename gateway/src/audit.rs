@@ -12,7 +12,10 @@ use serde::Serialize;
 /// One request, as logged. `None` is written as `null`.
 #[derive(Debug, Serialize, Default, Clone)]
 pub struct AuditRecord {
+    /// Written by the writer thread from `ended` (formatting stays off the request path).
     pub ts: String,
+    #[serde(skip)]
+    pub ended: Option<time::OffsetDateTime>,
     pub request_id: String,
     pub client: Arc<str>,
     pub auth: &'static str,
@@ -111,46 +114,60 @@ impl Sink {
     }
 }
 
+/// Drains the queue every few milliseconds instead of blocking on it: a parked receiver
+/// would cost every request a futex wake-up; this way requests only enqueue.
 fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
-    while let Ok(msg) = rx.recv() {
+    const PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
+    loop {
+        std::thread::sleep(PERIOD);
         let mut acks = Vec::new();
-        let mut handle = |m: Msg, sink: &mut Sink| match m {
-            Msg::Line(rec) => {
-                if let Ok(mut line) = serde_json::to_vec(&rec) {
-                    line.push(b'\n');
-                    if let Err(e) = sink.out().write_all(&line) {
-                        log::error!("audit log write failed: {e}");
+        let mut wrote = false;
+        let closed = loop {
+            match rx.try_recv() {
+                Ok(Msg::Line(mut rec)) => {
+                    if let Some(t) = rec.ended {
+                        rec.ts = rfc3339(t);
+                    }
+                    if let Ok(mut line) = serde_json::to_vec(&rec) {
+                        line.push(b'\n');
+                        if let Err(e) = sink.out().write_all(&line) {
+                            log::error!("audit log write failed: {e}");
+                        }
+                        wrote = true;
                     }
                 }
-            }
-            Msg::Reopen => {
-                let _ = sink.out().flush();
-                match Sink::open(&path) {
-                    Ok(s) => *sink = s,
-                    Err(e) => log::error!("audit log reopen of {path} failed: {e}"),
+                Ok(Msg::Reopen) => {
+                    let _ = sink.out().flush();
+                    match Sink::open(&path) {
+                        Ok(s) => sink = s,
+                        Err(e) => log::error!("audit log reopen of {path} failed: {e}"),
+                    }
                 }
+                Ok(Msg::Sync(ack)) => acks.push(ack),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break false,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break true,
             }
-            Msg::Sync(ack) => acks.push(ack),
         };
-        handle(msg, &mut sink);
-        // Drain what is queued, then flush once.
-        while let Ok(m) = rx.try_recv() {
-            handle(m, &mut sink);
+        if wrote || !acks.is_empty() {
+            let _ = sink.out().flush();
         }
-        let _ = sink.out().flush();
         for ack in acks {
             let _ = ack.send(());
+        }
+        if closed {
+            return;
         }
     }
 }
 
 /// RFC 3339 UTC with milliseconds.
-pub fn rfc3339_now() -> String {
-    let now = time::OffsetDateTime::now_utc();
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    now.format(&fmt).unwrap_or_default()
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&fmt)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -186,7 +203,7 @@ mod tests {
 
     #[test]
     fn timestamp_is_rfc3339_utc() {
-        let ts = rfc3339_now();
+        let ts = rfc3339(time::OffsetDateTime::now_utc());
         assert!(ts.ends_with('Z'));
         assert!(
             time::OffsetDateTime::parse(&ts, &time::format_description::well_known::Rfc3339)

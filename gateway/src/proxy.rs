@@ -23,7 +23,7 @@ use pingora::upstreams::peer::HttpPeer;
 use serde_json::Value;
 use tokio::time::timeout_at;
 
-use crate::audit::{rfc3339_now, AuditLog, AuditRecord};
+use crate::audit::{AuditLog, AuditRecord};
 use crate::body::{self, RequestBody};
 use crate::config::runtime::{Credential, Deployment};
 use crate::errors::{ErrorCode, GatewayError};
@@ -1049,7 +1049,7 @@ impl ProxyHttp for Gateway {
             snap.limiter.reconcile(&a, actual).await;
         }
         let mut rec = std::mem::take(&mut ctx.rec);
-        rec.ts = rfc3339_now();
+        rec.ended = Some(time::OffsetDateTime::now_utc());
         rec.request_id = std::mem::take(&mut ctx.request_id);
         rec.duration_ms = ctx.start.elapsed().as_millis() as u64;
         self.audit.log(rec);
