@@ -14,6 +14,7 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v promtool >/dev/null || need+=(prometheus)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""
@@ -22,7 +23,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 PY=${PYTHON:-python3}
-if ! $PY -c 'import openai, pytest, jwt, httpx, cryptography' 2>/dev/null; then
+if ! $PY -c 'import openai, pytest, jwt, httpx, cryptography, yaml' 2>/dev/null; then
   echo "installing Python test packages"
   $PY -m pip install -q -r tests/integration/requirements.txt
 fi
