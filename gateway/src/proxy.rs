@@ -17,7 +17,7 @@ use filters::tokens::{JsonTail, SseTracker, Usage};
 use filters::{FilterContext, Operation, Outcome, Phase};
 use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::v1::client::HttpSession;
+use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession};
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use serde_json::Value;
@@ -501,8 +501,11 @@ impl Gateway {
     }
 
     /// Connects (or reuses a pooled connection), sends the request and reads the response
-    /// header. A reused connection that fails before any response is retried once on a
-    /// fresh one (the backend may have closed it while idle).
+    /// header. The request line, headers and body leave in one write: Pingora's
+    /// `write_request_header` flushes the header on its own, which costs every request a
+    /// second `send` (and the backend a second wake-up). A reused connection that fails
+    /// before any response is retried once on a fresh one (the backend may have closed it
+    /// while idle).
     async fn exchange(
         &self,
         peer: &HttpPeer,
@@ -510,26 +513,30 @@ impl Gateway {
         body: &Bytes,
         deadline: tokio::time::Instant,
     ) -> Result<HttpSession, AttemptError> {
+        use tokio::io::AsyncWriteExt;
+        let wire = http_req_header_to_wire(req)
+            .ok_or_else(|| AttemptError::Failed("request header not representable".into()))?;
         for _ in 0..2 {
-            let (mut http, reused) =
+            let (http, reused) =
                 match timeout_at(deadline, self.connector.get_http_session(peer)).await {
                     Err(_) => return Err(AttemptError::Timeout),
                     Ok(Err(e)) => return Err(AttemptError::Failed(format!("connect: {e}"))),
                     Ok(Ok(s)) => s,
                 };
+            let mut stream = http.into_inner();
             let sent = timeout_at(deadline, async {
-                http.write_request_header(Box::new(req.clone())).await?;
-                if !body.is_empty() {
-                    http.write_body(body).await?;
-                }
-                http.finish_body().await?;
-                http.read_response().await?;
-                Ok::<(), Box<pingora::Error>>(())
+                // Both go through the stream's write buffer; one flush sends them.
+                stream.write_all(&wire).await?;
+                stream.write_all(body).await?;
+                stream.flush().await?;
+                let mut http = HttpSession::new_with_options(stream, peer);
+                http.read_response().await.map_err(std::io::Error::other)?;
+                Ok::<HttpSession, std::io::Error>(http)
             })
             .await;
             match sent {
                 Err(_) => return Err(AttemptError::Timeout),
-                Ok(Ok(())) => return Ok(http),
+                Ok(Ok(http)) => return Ok(http),
                 Ok(Err(e)) if reused => {
                     log::debug!("pooled connection failed ({e}); retrying on a new one");
                     continue;
