@@ -636,6 +636,8 @@ def test_sdk_automatic_retry_honours_retry_after_ms_and_succeeds(cluster):
     for _ in range(20):
         ok(chat(c0))
     m.clear()
+    # Audit lines are written after the response; wait for all 20 before counting.
+    agw.wait_until(lambda: len(gw.audit_lines()) >= 20, 10, "the 20 audit lines")
     before = len(gw.audit_lines())
 
     events: list[tuple[str, float, int | None, str | None]] = []
