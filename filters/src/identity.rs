@@ -112,19 +112,29 @@ pub struct Identity {
 /// Maps OIDC applications to clients.
 #[derive(Debug, Default, Clone)]
 pub struct TokenMap {
-    /// (provider, client_claim value) -> client index
-    pub listed: HashMap<(Arc<str>, String), usize>,
+    /// provider -> client_claim value -> client index (looked up by `&str`, no allocation)
+    listed: HashMap<Arc<str>, HashMap<String, usize>>,
     /// provider -> index of its unlisted-clients template
     pub unlisted: HashMap<Arc<str>, usize>,
 }
 
 impl TokenMap {
+    /// Lists an application; returns `false` if it was already listed.
+    pub fn add_listed(&mut self, provider: &str, client_value: &str, client: usize) -> bool {
+        self.listed
+            .entry(Arc::from(provider))
+            .or_default()
+            .insert(client_value.to_string(), client)
+            .is_none()
+    }
+
     /// The pure mapping decision of SPEC §5.
     pub fn client_of(&self, jwt: &VerifiedJwt) -> Result<(usize, Option<String>), FilterError> {
-        if let Some(&c) = self
+        let listed = self
             .listed
-            .get(&(jwt.provider.clone(), jwt.client_value.clone()))
-        {
+            .get(&*jwt.provider)
+            .and_then(|apps| apps.get(jwt.client_value.as_str()));
+        if let Some(&c) = listed {
             return Ok((c, None));
         }
         match self.unlisted.get(&jwt.provider) {
@@ -256,7 +266,8 @@ mod tests {
             },
         );
         let mut tokens = TokenMap::default();
-        tokens.listed.insert((Arc::from("idp"), "app-b".into()), 1);
+        assert!(tokens.add_listed("idp", "app-b", 1));
+        assert!(!tokens.add_listed("idp", "app-b", 1), "listed twice");
         tokens.unlisted.insert(Arc::from("idp"), 2);
         IdentityResolver {
             keys,

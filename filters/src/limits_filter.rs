@@ -9,12 +9,10 @@ use crate::{FilterContext, Outcome, Phase, RequestFilter};
 
 /// Whether any limit applies to this client and deployment.
 pub fn has_limits(l: &ClientLimits, deployment: &str) -> bool {
-    let any = |s: &LimitSpec| {
-        s.requests_per_minute.is_some()
-            || s.tokens_per_minute.is_some()
-            || s.tokens_per_day.is_some()
-    };
-    any(&l.client) || l.per_deployment.get(deployment).is_some_and(any)
+    !l.client.is_empty()
+        || l.per_deployment
+            .get(deployment)
+            .is_some_and(|s| !s.is_empty())
 }
 
 /// Whether a token limit applies (then the prompt must be estimated).

@@ -178,10 +178,12 @@ impl RequestBody {
         {
             return false;
         }
-        let Some(json) = self.json().cloned() else {
+        if self.json().is_none() {
             return false;
-        };
-        let mut v = Value::clone(&json);
+        }
+        // Take the parsed document rather than copy it: it is replaced below.
+        let json = self.json.take().expect("parsed just above");
+        let mut v = Arc::unwrap_or_clone(json);
         let Value::Object(map) = &mut v else {
             return false;
         };

@@ -385,7 +385,7 @@ impl Gateway {
         // Token reservation, only where a token limit applies.
         if let (Some(d), Some(b)) = (&deployment, &body) {
             let limits = &snap.cfg.clients[identity.client].limits;
-            if crate::state::has_token_limits(limits, &d.name) {
+            if filters::limits_filter::has_token_limits(limits, &d.name) {
                 let hint = d
                     .members
                     .first()
@@ -681,11 +681,8 @@ impl Gateway {
                 }
             };
             let ttfb = attempt_start.elapsed();
-            let resp = http
-                .resp_header()
-                .expect("response header was read")
-                .clone();
-            let status = resp.status.as_u16();
+            let head = http.resp_header().expect("response header was read");
+            let status = head.status.as_u16();
             self.metrics
                 .upstream_attempts
                 .with_label_values(&[&backend.name, &deployment.name, status_label(status)])
@@ -698,13 +695,14 @@ impl Gateway {
             if retries.on_status.contains(&status) {
                 if status == 429 || status == 503 {
                     let cool = cooldown_for(
-                        resp.headers.get("retry-after-ms").map(|v| v.as_bytes()),
-                        resp.headers.get("retry-after").map(|v| v.as_bytes()),
+                        head.headers.get("retry-after-ms").map(|v| v.as_bytes()),
+                        head.headers.get("retry-after").map(|v| v.as_bytes()),
                         retries,
                     );
                     cools[i].cool_until(now_ms() + cool.as_millis() as u64);
                 }
                 // Keep this answer in case it is the last.
+                let resp = Box::new(head.clone());
                 let kept =
                     match timeout_at(deadline, read_capped(&mut http, MAX_KEPT_ERROR_BODY)).await {
                         Ok(Ok((b, complete))) => {
@@ -715,14 +713,14 @@ impl Gateway {
                         }
                         _ => Bytes::new(),
                     };
-                last_answer = Some((Box::new(resp), kept));
+                last_answer = Some((resp, kept));
                 continue;
             }
 
             ctx.rec.ttfb_ms = Some(ctx.start.elapsed().as_millis() as u64);
-            ctx.rec.upstream_request_id = upstream_request_id(&resp);
+            ctx.rec.upstream_request_id = upstream_request_id(head);
             return self
-                .stream_response(session, ctx, http, peer, resp, deadline, strip_usage)
+                .stream_response(session, ctx, http, peer, deadline, strip_usage)
                 .await;
         }
 
@@ -816,10 +814,10 @@ impl Gateway {
         ctx: &mut Ctx,
         mut http: HttpSession,
         peer: &HttpPeer,
-        resp: ResponseHeader,
         deadline: tokio::time::Instant,
         strip_usage: bool,
     ) -> Result<(), Failure> {
+        let resp = http.resp_header().expect("response header was read");
         let status = resp.status.as_u16();
         let is_sse = resp
             .headers
@@ -832,7 +830,7 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
         let keep_len = if is_sse { None } else { upstream_len };
-        let mut out = self.downstream_header(&resp, ctx, keep_len)?;
+        let mut out = self.downstream_header(resp, ctx, keep_len)?;
         out.insert_header("x-request-id", ctx.request_id.as_str())
             .map_err(Failure::Abort)?;
         ctx.rec.status = status;

@@ -20,8 +20,6 @@ use crate::config::runtime::{Backend, Config, LimitSettings};
 use crate::metrics::Metrics;
 use crate::pool::PoolState;
 
-pub use filters::limits_filter::has_token_limits;
-
 pub struct Snapshot {
     pub cfg: Config,
     pub chain: FilterChain,

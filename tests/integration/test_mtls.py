@@ -209,24 +209,20 @@ def test_subject_mapped_certificate_with_openai_sdk(required_gw, pki, backend):
 
 
 def test_h2_alpn_and_tls12_minimum(required_gw, pki):
-    out = subprocess.run(
-        ["curl", "-sS", "--http2", "-o", "/dev/null", "-w", "%{http_version}",
-         "--cacert", str(pki.server_ca.crt), "--cert", str(pki.leaf["fp-device"].crt),
-         "--key", str(pki.leaf["fp-device"].key), https(required_gw) + "/healthz"],
-        capture_output=True, text=True, env=agw.clean_env())
+    def curl_healthz(*flags: str, write_out: str) -> subprocess.CompletedProcess:
+        leaf = pki.leaf["fp-device"]
+        return subprocess.run(
+            ["curl", "-sS", *flags, "-o", "/dev/null", "-w", write_out,
+             "--cacert", str(pki.server_ca.crt), "--cert", str(leaf.crt), "--key", str(leaf.key),
+             https(required_gw) + "/healthz"],
+            capture_output=True, text=True, env=agw.clean_env())
+
+    out = curl_healthz("--http2", write_out="%{http_version}")
     assert out.stdout == "2", (out.stdout, out.stderr)
-    out = subprocess.run(
-        ["curl", "-sS", "--http1.1", "-o", "/dev/null", "-w", "%{http_version}",
-         "--cacert", str(pki.server_ca.crt), "--cert", str(pki.leaf["fp-device"].crt),
-         "--key", str(pki.leaf["fp-device"].key), https(required_gw) + "/healthz"],
-        capture_output=True, text=True, env=agw.clean_env())
+    out = curl_healthz("--http1.1", write_out="%{http_version}")
     assert out.stdout == "1.1", (out.stdout, out.stderr)
-    old = subprocess.run(
-        ["curl", "-sS", "--tlsv1.0", "--tls-max", "1.1", "--ciphers", "DEFAULT@SECLEVEL=0",
-         "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(pki.server_ca.crt),
-         "--cert", str(pki.leaf["fp-device"].crt), "--key", str(pki.leaf["fp-device"].key),
-         https(required_gw) + "/healthz"],
-        capture_output=True, text=True, env=agw.clean_env())
+    old = curl_healthz("--tlsv1.0", "--tls-max", "1.1", "--ciphers", "DEFAULT@SECLEVEL=0",
+                       write_out="%{http_code}")
     assert old.returncode != 0 and old.stdout == "000", (old.stdout, old.stderr)
 
 

@@ -577,11 +577,7 @@ pub fn validate(f: FileConfig, mut errs: Errors) -> Result<Config, Vec<ConfigErr
                     format!("unknown provider `{}`", t.provider),
                 );
             }
-            if tokens
-                .listed
-                .insert((Arc::from(t.provider.as_str()), t.client.clone()), ci)
-                .is_some()
-            {
+            if !tokens.add_listed(&t.provider, &t.client, ci) {
                 errs.at(
                     format!("{path}.tokens[{ti}]"),
                     "this application is listed twice",
