@@ -22,7 +22,8 @@ pub struct AuditRecord {
     pub key_id: Option<String>,
     pub user: Option<String>,
     pub provider: Option<Arc<str>>,
-    pub client_ip: Option<String>,
+    /// Formatted by the writer thread.
+    pub client_ip: Option<std::net::IpAddr>,
     pub method: String,
     pub path: String,
     pub operation: Option<&'static str>,
@@ -118,6 +119,8 @@ impl Sink {
 /// would cost every request a futex wake-up; this way requests only enqueue.
 fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
     const PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
+    let mut line = Vec::with_capacity(1024);
+    let mut clock = SecondCache::default();
     loop {
         std::thread::sleep(PERIOD);
         let mut acks = Vec::new();
@@ -126,9 +129,10 @@ fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
             match rx.try_recv() {
                 Ok(Msg::Line(mut rec)) => {
                     if let Some(t) = rec.ended {
-                        rec.ts = rfc3339(t);
+                        rec.ts = clock.rfc3339(t);
                     }
-                    if let Ok(mut line) = serde_json::to_vec(&rec) {
+                    line.clear();
+                    if serde_json::to_writer(&mut line, &rec).is_ok() {
                         line.push(b'\n');
                         if let Err(e) = sink.out().write_all(&line) {
                             log::error!("audit log write failed: {e}");
@@ -157,6 +161,35 @@ fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
         if closed {
             return;
         }
+    }
+}
+
+/// [`rfc3339`] with the part up to the second formatted once per second.
+#[derive(Default)]
+struct SecondCache {
+    second: i64,
+    prefix: String,
+}
+
+impl SecondCache {
+    fn rfc3339(&mut self, t: time::OffsetDateTime) -> String {
+        let t = t.to_offset(time::UtcOffset::UTC);
+        let second = t.unix_timestamp();
+        if second != self.second || self.prefix.is_empty() {
+            let full = rfc3339(t);
+            // "YYYY-MM-DDTHH:MM:SS" + ".mmmZ"
+            self.prefix = full[..full.len() - 5].to_string();
+            self.second = second;
+        }
+        let mut out = String::with_capacity(self.prefix.len() + 5);
+        out.push_str(&self.prefix);
+        out.push('.');
+        let ms = t.millisecond();
+        out.push(char::from(b'0' + (ms / 100) as u8));
+        out.push(char::from(b'0' + (ms / 10 % 10) as u8));
+        out.push(char::from(b'0' + (ms % 10) as u8));
+        out.push('Z');
+        out
     }
 }
 
@@ -199,6 +232,16 @@ mod tests {
         assert!(v["user"].is_null());
         assert!(v["backend"].is_null());
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn cached_timestamps_equal_formatted_ones() {
+        let mut c = SecondCache::default();
+        let base = time::OffsetDateTime::from_unix_timestamp(1_790_000_000).unwrap();
+        for ms in [0i64, 7, 99, 123, 999, 1000, 1001, 61_042, 86_400_005] {
+            let t = base + time::Duration::milliseconds(ms);
+            assert_eq!(c.rfc3339(t), rfc3339(t), "{ms}");
+        }
     }
 
     #[test]

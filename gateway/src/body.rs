@@ -4,58 +4,12 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use filters::estimate::{requested_output_tokens, PromptEstimator};
 use filters::Operation;
-use pingora::proxy::Session;
 use serde_json::Value;
 
 use crate::errors::{ErrorCode, GatewayError};
-
-pub enum ReadError {
-    TooLarge,
-    Io(Box<pingora::Error>),
-}
-
-/// Reads the whole request body, refusing more than `max` bytes (by Content-Length before
-/// reading anything, else while reading). A refused body closes the connection afterwards.
-pub async fn read_bounded(session: &mut Session, max: usize) -> Result<Bytes, ReadError> {
-    let declared = session
-        .req_header()
-        .headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    if declared.is_some_and(|n| n > max) {
-        session.set_keepalive(None);
-        return Err(ReadError::TooLarge);
-    }
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get("expect")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
-        session
-            .write_continue_response()
-            .await
-            .map_err(ReadError::Io)?;
-    }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
-    while let Some(chunk) = session.read_request_body().await.map_err(ReadError::Io)? {
-        if buf.len() + chunk.len() > max {
-            session.set_keepalive(None);
-            return Err(ReadError::TooLarge);
-        }
-        if buf.is_empty() && declared.is_none() {
-            // Avoid a copy for the common single-chunk body.
-            buf = BytesMut::from(&chunk[..]);
-        } else {
-            buf.extend_from_slice(&chunk);
-        }
-    }
-    Ok(buf.freeze())
-}
 
 /// Whether an operation's body is JSON (multipart uploads are passed through untouched).
 fn is_json(operation: Operation, rest: &str) -> bool {

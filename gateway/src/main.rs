@@ -11,7 +11,9 @@ mod admin;
 mod audit;
 mod body;
 mod config;
+mod downstream;
 mod errors;
+mod h1;
 mod health;
 mod keys;
 mod metrics;
@@ -21,6 +23,7 @@ mod route;
 mod server;
 mod state;
 mod tls;
+mod upstream;
 mod upstream_token;
 
 /// mimalloc: fewer cycles per request than glibc malloc on this allocation-heavy path, and

@@ -1,8 +1,13 @@
 //! The request path. Pingora's native proxy path cannot see the body before it picks an
 //! upstream and cannot replay a body over 64 KiB (../shared/notes/pingora-0.9.md), and this
-//! gateway needs both: so `request_filter` reads the whole body (bounded), runs the filters,
-//! then runs its own attempt loop over pingora's pooled HTTP/1.1 connector and streams the
-//! chosen response to the client itself, returning `Ok(true)` ("answered").
+//! gateway needs both: so a request's body is read whole (bounded), the filters run, then
+//! the gateway's own attempt loop sends it to a backend over a pooled connection and streams
+//! the chosen response back.
+//!
+//! HTTP/1.x clients are served on the gateway's own codec (`h1`, measured several times
+//! cheaper per request than Pingora's HTTP session); HTTP/2 clients (ALPN on a TLS listener)
+//! go through Pingora's HTTP/2 session and `ProxyHttp::request_filter`. Both reach the same
+//! `Gateway::serve`, generic over the [`Downstream`] they answer on.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,28 +17,45 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use filters::cert::PeerCert;
 use filters::identity::Presented;
 use filters::tokens::{JsonTail, SseTracker, Usage};
 use filters::{FilterContext, Operation, Outcome, Phase};
-use pingora::connectors::http::v1::Connector;
-use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession};
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::apps::ServerApp;
+use pingora::protocols::{Stream, ALPN};
+use pingora::proxy::{HttpProxy, ProxyHttp, Session};
+use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
 use serde_json::Value;
-use tokio::time::timeout_at;
+use tokio::io::AsyncWriteExt;
 
 use crate::audit::{AuditLog, AuditRecord};
-use crate::body::{self, RequestBody};
+use crate::body::RequestBody;
 use crate::config::runtime::{Credential, Deployment};
+use crate::downstream::{Downstream, ReadError, Session2, H1};
 use crate::errors::{ErrorCode, GatewayError};
+use crate::h1::{BodyReader, Conn, Framing, H1Error, Head, RespHead};
 use crate::metrics::Metrics;
 use crate::pool::{cooldown_for, now_ms, pick, Candidate, Pick};
 use crate::route::{classify, Route};
 use crate::state::Snapshot;
+use crate::upstream::{Upstream, Upstreams};
 use crate::upstream_token::UpstreamToken;
 
-/// Headers that never go upstream: hop-by-hop, and the client's credentials.
+/// `tokio::time::timeout_at` on Pingora's shared 10 ms timer wheel. A tokio timer armed per
+/// request wakes the runtime's driver through its eventfd (a `write` and an extra
+/// `epoll_wait` per request, measured); these timers cost a map insert.
+fn timeout_at<F: std::future::Future>(
+    deadline: Instant,
+    fut: F,
+) -> pingora::time::Timeout<F, pingora::time::fast_timeout::FastOrTokioTimeout> {
+    pingora::time::fast_timeout::fast_timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        fut,
+    )
+}
+
+/// Headers that never go upstream: hop-by-hop, and the client's credentials (lower case).
 const STRIP_UPSTREAM: &[&str] = &[
     "connection",
     "keep-alive",
@@ -65,6 +87,9 @@ const STRIP_DOWNSTREAM: &[&str] = &[
 ];
 
 /// A failed answer kept to be returned when every attempt failed is read up to this size.
+/// Bodies up to this size are copied behind the request header and sent with it.
+const ONE_WRITE_MAX_BODY: usize = 64 * 1024;
+/// The kept body of a retried answer is capped at this size.
 const MAX_KEPT_ERROR_BODY: usize = 256 * 1024;
 /// The tail of a plain response kept to read its usage.
 const USAGE_TAIL: usize = 64 * 1024;
@@ -73,7 +98,7 @@ pub struct Gateway {
     /// Requests in flight, for draining on shutdown and upgrade.
     pub in_flight: Arc<AtomicUsize>,
     pub state: Arc<ArcSwap<Snapshot>>,
-    pub connector: Connector,
+    pub upstreams: Upstreams,
     pub token: Option<Arc<UpstreamToken>>,
     pub metrics: Arc<Metrics>,
     pub audit: AuditLog,
@@ -108,8 +133,8 @@ pub struct Ctx {
 enum Failure {
     /// Nothing was sent yet: answer this error.
     Answer(GatewayError),
-    /// The response was under way: the connection must be closed.
-    Abort(Box<pingora::Error>),
+    /// The response was under way, or the client is gone: the connection must be closed.
+    Abort(String),
 }
 
 impl From<GatewayError> for Failure {
@@ -145,24 +170,22 @@ fn anonymous() -> Arc<str> {
 }
 
 /// The backend's own request id (`apim-request-id`, else `x-request-id`).
-fn upstream_request_id(resp: &ResponseHeader) -> Option<String> {
-    resp.headers
-        .get("apim-request-id")
-        .or_else(|| resp.headers.get("x-request-id"))
-        .and_then(|v| v.to_str().ok())
+fn upstream_request_id(resp: &Head) -> Option<String> {
+    resp.get_str("apim-request-id")
+        .or_else(|| resp.get_str("x-request-id"))
         .map(str::to_string)
 }
 
-fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
-    req.headers.get(name).and_then(|v| v.to_str().ok())
+fn abort(e: impl std::fmt::Display) -> Failure {
+    Failure::Abort(e.to_string())
 }
 
+/// How long a kept-alive client connection may stay idle between requests.
+const CLIENT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Gateway {
-    fn client_ip(&self, session: &Session, snap: &Snapshot) -> Option<IpAddr> {
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip())?;
+    fn client_ip<D: Downstream>(&self, d: &D, snap: &Snapshot) -> Option<IpAddr> {
+        let peer = d.client_addr()?;
         let trusted = snap
             .cfg
             .server
@@ -170,13 +193,14 @@ impl Gateway {
             .iter()
             .any(|n| n.contains(&peer));
         if trusted {
-            let req = session.req_header();
-            if let Some(ip) =
-                header_str(req, "x-azure-clientip").and_then(|v| v.trim().parse().ok())
+            let req = d.head();
+            if let Some(ip) = req
+                .get_str("x-azure-clientip")
+                .and_then(|v| v.trim().parse().ok())
             {
                 return Some(ip);
             }
-            if let Some(xff) = header_str(req, "x-forwarded-for") {
+            if let Some(xff) = req.get_str("x-forwarded-for") {
                 // The right-most address not belonging to a trusted proxy.
                 for part in xff.rsplit(',') {
                     if let Ok(ip) = part.trim().parse::<IpAddr>() {
@@ -220,60 +244,60 @@ impl Gateway {
         (status, Bytes::from(body.to_string()))
     }
 
-    async fn write_simple(
+    async fn write_simple<D: Downstream>(
         &self,
-        session: &mut Session,
+        d: &mut D,
         ctx: &Ctx,
         status: u16,
         body: Bytes,
         extra: &[(&str, String)],
-    ) -> pingora::Result<()> {
-        let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
-        resp.insert_header("content-type", "application/json")?;
-        resp.insert_header("content-length", body.len().to_string())?;
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+    ) -> std::io::Result<()> {
+        let mut resp = RespHead::new(status);
+        resp.add("content-type", "application/json");
+        resp.add("x-request-id", ctx.request_id.as_str());
         for (k, v) in extra {
-            resp.insert_header(k.to_string(), v.as_str())?;
+            resp.add(k, v.as_str());
         }
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await
+        d.send_full(&resp, &body).await
     }
 
-    async fn answer_error(&self, session: &mut Session, ctx: &mut Ctx, e: GatewayError) {
+    async fn answer_error<D: Downstream>(&self, d: &mut D, ctx: &mut Ctx, e: GatewayError) {
         ctx.rec.status = e.status();
         ctx.rec.error_code = Some(e.code.as_str());
         let headers: Vec<(&str, String)> = e.headers();
         let _ = self
-            .write_simple(session, ctx, e.status(), e.body(), &headers)
+            .write_simple(d, ctx, e.status(), e.body(), &headers)
             .await;
         ctx.rejected = Some(e);
     }
 
-    async fn handle(
+    async fn handle<D: Downstream>(
         &self,
-        session: &mut Session,
+        d: &mut D,
         ctx: &mut Ctx,
         snap: &Arc<Snapshot>,
     ) -> Result<(), Failure> {
-        let req = session.req_header();
-        let method = req.method.as_str().to_string();
-        let path = req.uri.path().to_string();
-        let query = req.uri.query().map(str::to_string);
+        let req = d.head();
+        let method = req.method().to_string();
+        let path = req.path().to_string();
+        let query = req.query().map(str::to_string);
         ctx.rec.method = method.clone();
         ctx.rec.path = path.clone();
 
         if path == "/healthz" && (method == "GET" || method == "HEAD") {
             let (status, body) = Self::health_answer(snap);
             ctx.rec.status = status;
-            self.write_simple(session, ctx, status, body, &[])
+            self.write_simple(d, ctx, status, body, &[])
                 .await
-                .map_err(Failure::Abort)?;
+                .map_err(abort)?;
             return Ok(());
         }
 
         let fdids = &snap.cfg.server.front_door_ids;
         if !fdids.is_empty() {
-            let ok = header_str(session.req_header(), "x-azure-fdid")
+            let ok = d
+                .head()
+                .get_str("x-azure-fdid")
                 .is_some_and(|v| fdids.iter().any(|id| id.eq_ignore_ascii_case(v.trim())));
             if !ok {
                 return Err(GatewayError::new(ErrorCode::ForbiddenOrigin).into());
@@ -306,18 +330,15 @@ impl Gateway {
         ctx.rec.operation = Some(operation.as_str());
 
         // Identity, before any body byte is read.
-        let req = session.req_header();
-        let presented = Presented::from_headers(
-            req.headers.get("api-key").map(|v| v.as_bytes()),
-            req.headers.get("authorization").map(|v| v.as_bytes()),
-        );
+        let req = d.head();
+        let presented = Presented::from_headers(req.get("api-key"), req.get("authorization"));
         let presented = match presented {
             Ok(mut p) => {
-                p.certificate = crate::tls::peer_certificate(session);
+                p.certificate = d.certificate();
                 p
             }
             Err(e) => {
-                ctx.rec.auth = if req.headers.contains_key("authorization") {
+                ctx.rec.auth = if req.contains("authorization") {
                     "oidc"
                 } else {
                     "api_key"
@@ -338,19 +359,24 @@ impl Gateway {
         ctx.rec.provider = identity.provider.clone();
 
         // The body, bounded.
-        let raw = body::read_bounded(session, snap.cfg.server.max_request_body_bytes)
+        let raw = d
+            .read_body(snap.cfg.server.max_request_body_bytes)
             .await
             .map_err(|e| match e {
-                body::ReadError::TooLarge => {
+                ReadError::TooLarge => {
                     Failure::Answer(GatewayError::new(ErrorCode::RequestTooLarge))
                 }
-                body::ReadError::Io(e) => Failure::Abort(e),
+                ReadError::Malformed(why) => Failure::Answer(GatewayError::with_message(
+                    ErrorCode::InvalidRequestBody,
+                    format!("The request body could not be read: {why}."),
+                )),
+                ReadError::Io(e) => Failure::Abort(e),
             })?;
 
         let mut body = if operation == Operation::ModelsRead {
             None
         } else {
-            let ct = header_str(session.req_header(), "content-type").unwrap_or("");
+            let ct = d.head().get_str("content-type").unwrap_or("");
             Some(RequestBody::inspect(raw, operation, &rest, ct)?)
         };
 
@@ -411,16 +437,14 @@ impl Gateway {
         }
 
         let Some(deployment) = deployment else {
-            return self
-                .answer_models(session, ctx, snap, identity.client)
-                .await;
+            return self.answer_models(d, ctx, snap, identity.client).await;
         };
         let body = body.as_mut().expect("inference operations have a body");
         ctx.rec.stream = body.stream;
         let strip_usage = body.ensure_stream_usage(operation);
 
         self.proxy(
-            session,
+            d,
             ctx,
             snap,
             &deployment,
@@ -434,9 +458,9 @@ impl Gateway {
         .await
     }
 
-    async fn answer_models(
+    async fn answer_models<D: Downstream>(
         &self,
-        session: &mut Session,
+        d: &mut D,
         ctx: &mut Ctx,
         snap: &Snapshot,
         client: usize,
@@ -449,95 +473,118 @@ impl Gateway {
             .collect();
         let body = Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string());
         ctx.rec.status = 200;
-        self.write_simple(session, ctx, 200, body, &[])
+        self.write_simple(d, ctx, 200, body, &[])
             .await
-            .map_err(Failure::Abort)
+            .map_err(abort)
     }
 
+    /// The upstream request: its line, the client's headers without hop-by-hop ones and
+    /// credentials, host, length and the backend's credential — and the body when it is
+    /// small, so that all of it leaves in one `send`.
     #[allow(clippy::too_many_arguments)]
     fn upstream_request(
-        &self,
-        session: &Session,
+        head: &Head,
         path: &str,
         query: Option<&str>,
         host: &str,
-        body_len: usize,
+        body: &[u8],
         credential: &Credential,
         token: Option<&str>,
         caller_jwt: Option<&str>,
-    ) -> pingora::Result<Box<RequestHeader>> {
-        let full = match query {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_string(),
+    ) -> Vec<u8> {
+        let with_body = body.len() <= ONE_WRITE_MAX_BODY;
+        let mut out = Vec::with_capacity(1024 + if with_body { body.len() } else { 0 });
+        out.extend_from_slice(head.method().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(path.as_bytes());
+        if let Some(q) = query {
+            out.push(b'?');
+            out.extend_from_slice(q.as_bytes());
+        }
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut line = |name: &[u8], value: &[u8]| {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
         };
-        let client_req = session.req_header();
-        let mut req = RequestHeader::build(
-            client_req.method.clone(),
-            full.as_bytes(),
-            Some(client_req.headers.len() + 3),
-        )?;
-        for (name, value) in client_req.headers.iter() {
-            if STRIP_UPSTREAM.contains(&name.as_str()) {
+        for (name, value) in head.iter() {
+            if STRIP_UPSTREAM
+                .iter()
+                .any(|s| name.eq_ignore_ascii_case(s.as_bytes()))
+            {
                 continue;
             }
-            req.append_header(name.clone(), value.clone())?;
+            line(name, value);
         }
-        req.insert_header("host", host)?;
-        req.insert_header("content-length", body_len.to_string())?;
+        line(b"host", host.as_bytes());
+        line(
+            b"content-length",
+            itoa::Buffer::new().format(body.len()).as_bytes(),
+        );
         match credential {
-            Credential::ApiKey(k) => req.insert_header("api-key", k.as_str())?,
+            Credential::ApiKey(k) => line(b"api-key", k.as_bytes()),
             Credential::ManagedIdentity => {
                 if let Some(t) = token {
-                    req.insert_header("authorization", t)?;
+                    line(b"authorization", t.as_bytes());
                 }
             }
             Credential::Forward => {
                 if let Some(j) = caller_jwt {
-                    req.insert_header("authorization", format!("Bearer {j}"))?;
+                    line(b"authorization", format!("Bearer {j}").as_bytes());
                 }
             }
         }
-        Ok(Box::new(req))
+        out.extend_from_slice(b"\r\n");
+        if with_body {
+            out.extend_from_slice(body);
+        }
+        out
     }
 
-    /// Connects (or reuses a pooled connection), sends the request and reads the response
-    /// header. The request line, headers and body leave in one write: Pingora's
-    /// `write_request_header` flushes the header on its own, which costs every request a
-    /// second `send` (and the backend a second wake-up). A reused connection that fails
-    /// before any response is retried once on a fresh one (the backend may have closed it
-    /// while idle).
+    /// Sends the request on a pooled (or new) connection and reads the response head. A
+    /// reused connection that fails before any response is retried once on a new one (the
+    /// backend may have closed it while it was idle).
     async fn exchange(
         &self,
         peer: &HttpPeer,
-        req: &RequestHeader,
-        body: &Bytes,
-        deadline: tokio::time::Instant,
-    ) -> Result<HttpSession, AttemptError> {
-        use tokio::io::AsyncWriteExt;
-        let wire = http_req_header_to_wire(req)
-            .ok_or_else(|| AttemptError::Failed("request header not representable".into()))?;
+        key: u64,
+        wire: &[u8],
+        body: &[u8],
+        deadline: Instant,
+    ) -> Result<(Upstream, Head), AttemptError> {
+        let body_apart = body.len() > ONE_WRITE_MAX_BODY;
+        let mut pooled = self.upstreams.take(key);
         for _ in 0..2 {
-            let (http, reused) =
-                match timeout_at(deadline, self.connector.get_http_session(peer)).await {
+            let reused = pooled.is_some();
+            let mut conn = match pooled.take() {
+                Some(c) => c,
+                None => match timeout_at(deadline, self.upstreams.connect(peer)).await {
                     Err(_) => return Err(AttemptError::Timeout),
                     Ok(Err(e)) => return Err(AttemptError::Failed(format!("connect: {e}"))),
-                    Ok(Ok(s)) => s,
-                };
-            let mut stream = http.into_inner();
+                    Ok(Ok(c)) => c,
+                },
+            };
             let sent = timeout_at(deadline, async {
-                // Both go through the stream's write buffer; one flush sends them.
-                stream.write_all(&wire).await?;
-                stream.write_all(body).await?;
-                stream.flush().await?;
-                let mut http = HttpSession::new_with_options(stream, peer);
-                http.read_response().await.map_err(std::io::Error::other)?;
-                Ok::<HttpSession, std::io::Error>(http)
+                conn.io.write_all(wire).await?;
+                if body_apart {
+                    conn.io.write_all(body).await?;
+                }
+                conn.io.flush().await?;
+                loop {
+                    match conn.read_head(true).await? {
+                        None => return Err(H1Error::Closed),
+                        // Interim answers (100 Continue): the final one follows.
+                        Some(h) if h.status < 200 => continue,
+                        Some(h) => return Ok(h),
+                    }
+                }
             })
             .await;
             match sent {
                 Err(_) => return Err(AttemptError::Timeout),
-                Ok(Ok(http)) => return Ok(http),
-                Ok(Err(e)) if reused => {
+                Ok(Ok(head)) => return Ok((conn, head)),
+                Ok(Err(e @ (H1Error::Closed | H1Error::Io(_)))) if reused => {
                     log::debug!("pooled connection failed ({e}); retrying on a new one");
                     continue;
                 }
@@ -548,9 +595,9 @@ impl Gateway {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn proxy(
+    async fn proxy<D: Downstream>(
         &self,
-        session: &mut Session,
+        d: &mut D,
         ctx: &mut Ctx,
         snap: &Arc<Snapshot>,
         deployment: &Arc<Deployment>,
@@ -561,14 +608,15 @@ impl Gateway {
         jwt_authenticated: bool,
         strip_usage: bool,
     ) -> Result<(), Failure> {
-        let deadline = tokio::time::Instant::from_std(ctx.start + snap.cfg.server.request_timeout);
+        let deadline = ctx.start + snap.cfg.server.request_timeout;
         let retries = &snap.cfg.retries;
         let cools = &snap.pool.cooldowns[&*deployment.name];
         let members = &deployment.members;
         let mut tried = vec![false; members.len()];
-        let mut last_answer: Option<(Box<ResponseHeader>, Bytes)> = None;
+        let mut last_answer: Option<(Head, Bytes)> = None;
         let caller_jwt = if jwt_authenticated {
-            header_str(session.req_header(), "authorization")
+            d.head()
+                .get_str("authorization")
                 .and_then(|v| v.split_once(' ').map(|(_, t)| t.trim().to_string()))
         } else {
             None
@@ -616,6 +664,7 @@ impl Gateway {
             let backend = &snap.cfg.backends[member.backend];
             let peer = snap.peers[member.backend].load_full();
             let peer = &*peer;
+            let key = Upstreams::key(peer);
             ctx.rec.attempts += 1;
             ctx.rec.backend = Some(backend.name.clone());
             ctx.rec.region = Some(backend.region.clone()).filter(|r| !r.is_empty());
@@ -640,26 +689,19 @@ impl Gateway {
                 client_path.to_string()
             };
             let payload = body.for_upstream(&deployment.name, &member.upstream_deployment);
-            let req = self
-                .upstream_request(
-                    session,
-                    &upstream_path,
-                    query,
-                    &backend.host_header,
-                    payload.len(),
-                    &backend.credential,
-                    token.as_ref().map(|t| t.header.as_str()),
-                    caller_jwt.as_deref(),
-                )
-                .map_err(|e| {
-                    Failure::Answer(GatewayError::with_message(
-                        ErrorCode::InvalidRequestBody,
-                        format!("bad request header: {:?}", e.etype()),
-                    ))
-                })?;
+            let wire = Self::upstream_request(
+                d.head(),
+                &upstream_path,
+                query,
+                &backend.host_header,
+                &payload,
+                &backend.credential,
+                token.as_ref().map(|t| t.header.as_str()),
+                caller_jwt.as_deref(),
+            );
             let attempt_start = Instant::now();
-            let mut http = match self.exchange(peer, &req, &payload, deadline).await {
-                Ok(h) => h,
+            let (mut up, head) = match self.exchange(peer, key, &wire, &payload, deadline).await {
+                Ok(x) => x,
                 Err(AttemptError::Timeout) => {
                     self.metrics
                         .upstream_attempts
@@ -681,8 +723,7 @@ impl Gateway {
                 }
             };
             let ttfb = attempt_start.elapsed();
-            let head = http.resp_header().expect("response header was read");
-            let status = head.status.as_u16();
+            let status = head.status;
             self.metrics
                 .upstream_attempts
                 .with_label_values(&[&backend.name, &deployment.name, status_label(status)])
@@ -694,101 +735,77 @@ impl Gateway {
 
             if retries.on_status.contains(&status) {
                 if status == 429 || status == 503 {
-                    let cool = cooldown_for(
-                        head.headers.get("retry-after-ms").map(|v| v.as_bytes()),
-                        head.headers.get("retry-after").map(|v| v.as_bytes()),
-                        retries,
-                    );
+                    let cool =
+                        cooldown_for(head.get("retry-after-ms"), head.get("retry-after"), retries);
                     cools[i].cool_until(now_ms() + cool.as_millis() as u64);
                 }
                 // Keep this answer in case it is the last.
-                let resp = Box::new(head.clone());
                 let kept =
-                    match timeout_at(deadline, read_capped(&mut http, MAX_KEPT_ERROR_BODY)).await {
+                    match timeout_at(deadline, read_capped(&mut up, &head, MAX_KEPT_ERROR_BODY))
+                        .await
+                    {
                         Ok(Ok((b, complete))) => {
-                            if complete {
-                                self.connector.release_http_session(http, peer, None).await;
+                            if complete && head.keep_alive() {
+                                self.upstreams.put(key, up);
                             }
                             b
                         }
                         _ => Bytes::new(),
                     };
-                last_answer = Some((resp, kept));
+                last_answer = Some((head, kept));
                 continue;
             }
 
             ctx.rec.ttfb_ms = Some(ctx.start.elapsed().as_millis() as u64);
-            ctx.rec.upstream_request_id = upstream_request_id(head);
+            ctx.rec.upstream_request_id = upstream_request_id(&head);
             return self
-                .stream_response(session, ctx, http, peer, deadline, strip_usage)
+                .stream_response(d, ctx, up, head, key, deadline, strip_usage)
                 .await;
         }
 
         // Every attempt failed: the last backend answer if there was one (a 429 keeps its
         // retry headers), else what went wrong without an answer.
         if let Some((resp, body)) = last_answer {
-            return self.send_kept(session, ctx, resp, body).await;
+            return self.send_kept(d, ctx, resp, body).await;
         }
         Err(GatewayError::new(ErrorCode::BadGateway).into())
     }
 
     /// Returns the backend's own (failed) answer, e.g. its 429 with retry headers.
-    async fn send_kept(
+    async fn send_kept<D: Downstream>(
         &self,
-        session: &mut Session,
+        d: &mut D,
         ctx: &mut Ctx,
-        resp: Box<ResponseHeader>,
+        resp: Head,
         body: Bytes,
     ) -> Result<(), Failure> {
-        let status = resp.status.as_u16();
-        let mut out = self.downstream_header(&resp, ctx, Some(body.len()))?;
-        out.insert_header("x-request-id", ctx.request_id.as_str())
-            .map_err(Failure::Abort)?;
-        ctx.rec.status = status;
-        ctx.rec.upstream_request_id = resp
-            .headers
-            .get("apim-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        session
-            .write_response_header(out, false)
-            .await
-            .map_err(Failure::Abort)?;
-        session
-            .write_response_body(Some(body), true)
-            .await
-            .map_err(Failure::Abort)
+        let out = self.downstream_header(&resp, ctx);
+        ctx.rec.status = resp.status;
+        ctx.rec.upstream_request_id = resp.get_str("apim-request-id").map(str::to_string);
+        d.send_full(&out, &body).await.map_err(abort)
     }
 
-    fn downstream_header(
-        &self,
-        resp: &ResponseHeader,
-        ctx: &Ctx,
-        content_length: Option<usize>,
-    ) -> Result<Box<ResponseHeader>, Failure> {
-        let mut out = ResponseHeader::build(resp.status, Some(resp.headers.len() + 6))
-            .map_err(Failure::Abort)?;
+    /// The client's response head from the backend's: hop-by-hop headers, its length and
+    /// request id left out (the gateway sets its own), the gateway's x-ratelimit-* where it
+    /// limits this client.
+    fn downstream_header(&self, resp: &Head, ctx: &Ctx) -> RespHead {
+        let mut out = RespHead::new(resp.status);
         // Where the gateway limits this client, its x-ratelimit-* replace the backend's
         // (a backend's fleet-wide numbers beside per-client ones would mislead).
         let own_limits = ctx.admission.is_some();
-        for (name, value) in resp.headers.iter() {
-            if STRIP_DOWNSTREAM.contains(&name.as_str())
-                || name.as_str() == "content-length"
-                || name.as_str() == "x-request-id"
-                || (own_limits && name.as_str().starts_with("x-ratelimit-"))
+        for (name, value) in resp.iter() {
+            if STRIP_DOWNSTREAM
+                .iter()
+                .any(|s| name.eq_ignore_ascii_case(s.as_bytes()))
+                || name.eq_ignore_ascii_case(b"content-length")
+                || name.eq_ignore_ascii_case(b"x-request-id")
+                || (own_limits
+                    && name.len() > 12
+                    && name[..12].eq_ignore_ascii_case(b"x-ratelimit-"))
             {
                 continue;
             }
-            out.append_header(name.clone(), value.clone())
-                .map_err(Failure::Abort)?;
-        }
-        match content_length {
-            Some(n) => out
-                .insert_header("content-length", n.to_string())
-                .map_err(Failure::Abort)?,
-            None => out
-                .insert_header("transfer-encoding", "chunked")
-                .map_err(Failure::Abort)?,
+            out.add_raw(name, value);
         }
         if let Some(a) = &ctx.admission {
             let h = &a.headers;
@@ -799,72 +816,94 @@ impl Gateway {
                 ("x-ratelimit-remaining-tokens", h.remaining_tokens),
             ] {
                 if let Some(v) = v {
-                    out.insert_header(k, v.to_string())
-                        .map_err(Failure::Abort)?;
+                    out.add_u64(k, v);
                 }
             }
         }
-        Ok(Box::new(out))
+        out.add("x-request-id", ctx.request_id.as_str());
+        out
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn stream_response(
+    async fn stream_response<D: Downstream>(
         &self,
-        session: &mut Session,
+        d: &mut D,
         ctx: &mut Ctx,
-        mut http: HttpSession,
-        peer: &HttpPeer,
-        deadline: tokio::time::Instant,
+        mut up: Upstream,
+        resp: Head,
+        key: u64,
+        deadline: Instant,
         strip_usage: bool,
     ) -> Result<(), Failure> {
-        let resp = http.resp_header().expect("response header was read");
-        let status = resp.status.as_u16();
+        let status = resp.status;
+        let framing = match resp.response_framing(false) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("request {}: backend answer unusable: {e}", ctx.request_id);
+                return Err(GatewayError::new(ErrorCode::BadGateway).into());
+            }
+        };
         let is_sse = resp
-            .headers
             .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        let upstream_len: Option<usize> = resp
-            .headers
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse().ok());
-        let keep_len = if is_sse { None } else { upstream_len };
-        let mut out = self.downstream_header(resp, ctx, keep_len)?;
-        out.insert_header("x-request-id", ctx.request_id.as_str())
-            .map_err(Failure::Abort)?;
+            .is_some_and(|v| v.starts_with(b"text/event-stream"));
+        let out = self.downstream_header(&resp, ctx);
         ctx.rec.status = status;
+        let mut reader = BodyReader::new(framing);
+
+        // A plain answer of known length (the usual JSON) goes out in one write.
+        if let (false, Framing::Length(n)) = (is_sse, framing) {
+            if n as usize <= USAGE_TAIL {
+                let mut body = BytesMut::with_capacity(n as usize);
+                loop {
+                    match timeout_at(deadline, reader.next(&mut up)).await {
+                        Err(_) => return Err(GatewayError::new(ErrorCode::BackendTimeout).into()),
+                        Ok(Err(e)) => {
+                            log::warn!(
+                                "request {}: backend failed mid-response: {e}",
+                                ctx.request_id
+                            );
+                            return Err(GatewayError::new(ErrorCode::BadGateway).into());
+                        }
+                        Ok(Ok(None)) => break,
+                        Ok(Ok(Some(c))) => body.extend_from_slice(&c),
+                    }
+                }
+                if status < 300 {
+                    ctx.usage = filters::tokens::usage_in_json(&body);
+                }
+                if resp.keep_alive() {
+                    self.upstreams.put(key, up);
+                }
+                return d.send_full(&out, &body).await.map_err(abort);
+            }
+        }
+
         if status == 204 || status == 304 {
-            session
-                .write_response_header(out, true)
-                .await
-                .map_err(Failure::Abort)?;
+            d.send_full(&out, &[]).await.map_err(abort)?;
+            if resp.keep_alive() {
+                self.upstreams.put(key, up);
+            }
             return Ok(());
         }
-        session
-            .write_response_header(out, false)
-            .await
-            .map_err(Failure::Abort)?;
+        d.send_stream_head(&out).await.map_err(abort)?;
 
         let mut sse = is_sse.then(|| SseTracker::new(strip_usage));
         let mut tail = (!is_sse && status < 300).then(|| JsonTail::new(USAGE_TAIL));
         loop {
-            let chunk = match timeout_at(deadline, http.read_body_bytes()).await {
+            let chunk = match timeout_at(deadline, reader.next(&mut up)).await {
                 Err(_) => {
                     log::warn!(
                         "request {}: whole-request timeout while streaming",
                         ctx.request_id
                     );
-                    return Err(Failure::Abort(pingora::Error::new_str(
-                        "request timeout while streaming",
-                    )));
+                    return Err(abort("request timeout while streaming"));
                 }
                 Ok(Err(e)) => {
                     log::warn!(
                         "request {}: backend failed mid-response: {e}",
                         ctx.request_id
                     );
-                    return Err(Failure::Abort(e));
+                    return Err(abort(e));
                 }
                 Ok(Ok(c)) => c,
             };
@@ -878,14 +917,14 @@ impl Gateway {
                 (None, None) => chunk,
             };
             if !send.is_empty() {
-                if let Err(e) = session.write_response_body(Some(send), false).await {
+                if let Err(e) = d.send_chunk(send).await {
                     // The client went away: the upstream connection is dropped, not pooled.
                     log::info!(
                         "request {}: client disconnected mid-response",
                         ctx.request_id
                     );
                     ctx.usage = sse.as_ref().and_then(|s| s.usage());
-                    return Err(Failure::Abort(e));
+                    return Err(abort(e));
                 }
             }
         }
@@ -895,11 +934,10 @@ impl Gateway {
             (None, Some(t)) => t.usage(),
             _ => None,
         };
-        session
-            .write_response_body(Some(last), true)
-            .await
-            .map_err(Failure::Abort)?;
-        self.connector.release_http_session(http, peer, None).await;
+        d.send_end(last).await.map_err(abort)?;
+        if framing != Framing::Close && resp.keep_alive() {
+            self.upstreams.put(key, up);
+        }
         Ok(())
     }
 
@@ -972,21 +1010,20 @@ fn status_label(status: u16) -> &'static str {
 }
 
 /// Reads a response body up to `cap` bytes; returns it and whether the body ended.
-async fn read_capped(http: &mut HttpSession, cap: usize) -> pingora::Result<(Bytes, bool)> {
+async fn read_capped(up: &mut Upstream, head: &Head, cap: usize) -> Result<(Bytes, bool), H1Error> {
+    let mut reader = BodyReader::new(head.response_framing(false)?);
     let mut buf = BytesMut::new();
-    while let Some(chunk) = http.read_body_bytes().await? {
+    while let Some(chunk) = reader.next(up).await? {
         if buf.len() + chunk.len() > cap {
             return Ok((buf.freeze(), false));
         }
         buf.extend_from_slice(&chunk);
     }
-    Ok((buf.freeze(), true))
+    let reusable = !matches!(head.response_framing(false), Ok(Framing::Close));
+    Ok((buf.freeze(), reusable))
 }
 
-#[async_trait]
-impl ProxyHttp for Gateway {
-    type CTX = Ctx;
-
+impl Gateway {
     fn new_ctx(&self) -> Ctx {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Ctx {
@@ -1010,37 +1047,31 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+    /// Handles one request. `false`: the response broke off and the connection must close.
+    async fn serve<D: Downstream>(&self, d: &mut D, ctx: &mut Ctx) -> bool {
         let snap = self.state.load_full();
         ctx.snap = Some(snap.clone());
-        if let Some(ip) = self.client_ip(session, &snap) {
-            ctx.rec.client_ip = Some(ip.to_string());
+        if let Some(ip) = self.client_ip(d, &snap) {
+            ctx.rec.client_ip = Some(ip);
         }
-        match self.handle(session, ctx, &snap).await {
-            Ok(()) => Ok(true),
+        match self.handle(d, ctx, &snap).await {
+            Ok(()) => true,
             Err(Failure::Answer(e)) => {
-                self.answer_error(session, ctx, e).await;
-                Ok(true)
+                self.answer_error(d, ctx, e).await;
+                true
             }
-            Err(Failure::Abort(e)) => {
+            Err(Failure::Abort(why)) => {
+                log::debug!("request {}: connection closed: {why}", ctx.request_id);
                 if ctx.rec.status == 0 {
                     ctx.rec.status = 502;
                 }
-                Err(e)
+                false
             }
         }
     }
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut Ctx,
-    ) -> pingora::Result<Box<HttpPeer>> {
-        // Every request is answered in request_filter.
-        Err(pingora::Error::new_str("no native upstream"))
-    }
-
-    async fn logging(&self, _session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
+    /// After the response: metrics, limit reconciliation, the audit line.
+    async fn finish(&self, ctx: &mut Ctx) {
         // Front Door's /healthz probes are neither traffic nor audit events.
         if ctx.snap.is_none() || ctx.rec.path == "/healthz" {
             return;
@@ -1058,6 +1089,138 @@ impl ProxyHttp for Gateway {
         rec.request_id = std::mem::take(&mut ctx.request_id);
         rec.duration_ms = ctx.start.elapsed().as_millis() as u64;
         self.audit.log(rec);
+    }
+
+    /// Serves the requests of one HTTP/1.x connection, one after the other (pipelined ones
+    /// included), until the client closes, asks to close, stays idle for [`CLIENT_IDLE`],
+    /// sends something that is not HTTP/1.x, or the server shuts down.
+    async fn serve_h1(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let cert: Option<PeerCert> = stream
+            .get_ssl_digest()
+            .and_then(|d| d.extension.get::<PeerCert>().cloned());
+        let mut conn = Conn::new(stream);
+        let mut out = Vec::with_capacity(4096);
+        let mut shutdown = shutdown.clone();
+        loop {
+            let idle_until = Instant::now() + CLIENT_IDLE;
+            let head = if conn.has_buffered() {
+                timeout_at(idle_until, conn.read_head(false)).await
+            } else {
+                if *shutdown.borrow() {
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    r = timeout_at(idle_until, conn.read_head(false)) => r,
+                    _ = shutdown.changed() => break,
+                }
+            };
+            let head = match head {
+                Ok(Ok(Some(h))) => h,
+                Ok(Err(e @ (H1Error::Malformed(_) | H1Error::HeadTooLarge))) => {
+                    log::debug!("client {client:?}: {e}");
+                    let e = GatewayError::with_message(
+                        ErrorCode::InvalidRequestBody,
+                        match e {
+                            H1Error::HeadTooLarge => "The request head is too large.",
+                            _ => "The request is not valid HTTP/1.1.",
+                        },
+                    );
+                    let mut resp = RespHead::new(e.status());
+                    resp.add("content-type", "application/json");
+                    let body = e.body();
+                    out.clear();
+                    resp.encode(&mut out, crate::h1::OutFraming::Length(body.len()), true);
+                    out.extend_from_slice(&body);
+                    let _ = conn.send(&out).await;
+                    break;
+                }
+                // Closed, idle too long, or a broken connection.
+                _ => break,
+            };
+            let closing = *shutdown.borrow();
+            let mut d = H1::new(&mut conn, head, client, &cert, &mut out, closing);
+            let mut ctx = self.new_ctx();
+            let reusable = self.serve(&mut d, &mut ctx).await && d.reusable();
+            self.finish(&mut ctx).await;
+            if !reusable {
+                break;
+            }
+        }
+        let _ = timeout_at(
+            Instant::now() + std::time::Duration::from_secs(1),
+            conn.io.shutdown(),
+        )
+        .await;
+    }
+}
+
+/// The listeners' application: HTTP/1.x on the gateway's codec, HTTP/2 through Pingora.
+pub struct Front {
+    gateway: Arc<Gateway>,
+    h2: Arc<HttpProxy<H2Gateway>>,
+}
+
+impl Front {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        conf: &Arc<pingora::server::configuration::ServerConf>,
+    ) -> Self {
+        let h2 = Arc::new(pingora::proxy::http_proxy(conf, H2Gateway(gateway.clone())));
+        Front { gateway, h2 }
+    }
+}
+
+#[async_trait]
+impl ServerApp for Front {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            return self.h2.process_new(stream, shutdown).await;
+        }
+        self.gateway.serve_h1(stream, shutdown).await;
+        None
+    }
+}
+
+/// The gateway on Pingora's session, for HTTP/2 clients: everything happens in
+/// `request_filter`, which answers every request itself.
+pub struct H2Gateway(Arc<Gateway>);
+
+#[async_trait]
+impl ProxyHttp for H2Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        self.0.new_ctx()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        let mut d = Session2::new(session);
+        if self.0.serve(&mut d, ctx).await {
+            Ok(true)
+        } else {
+            Err(pingora::Error::new_str("response broke off"))
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Ctx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        // Every request is answered in request_filter.
+        Err(pingora::Error::new_str("no native upstream"))
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
+        self.0.finish(ctx).await;
     }
 }
 

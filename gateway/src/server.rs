@@ -17,8 +17,9 @@ use crate::audit::AuditLog;
 use crate::config;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
-use crate::proxy::Gateway;
+use crate::proxy::{Front, Gateway};
 use crate::state::Snapshot;
+use crate::upstream::Upstreams;
 use crate::upstream_token::UpstreamToken;
 
 /// Re-reads the configuration on SIGHUP; keeps the upstream token fresh; starts OIDC key
@@ -200,16 +201,14 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
     let gateway = Gateway {
         in_flight: in_flight.clone(),
         state: state.clone(),
-        connector: Connector::new(None),
+        // Backends close idle connections after minutes; ours go well before.
+        upstreams: Upstreams::new(std::time::Duration::from_secs(55)),
         token: token.clone(),
         metrics: metrics.clone(),
         audit: audit.clone(),
     };
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        gateway,
-        "aoai-gateway",
-    );
+    let front = Front::new(Arc::new(gateway), &server.configuration);
+    let mut proxy = Service::new("aoai-gateway".to_string(), front);
     for l in &server_cfg.listeners {
         match &l.tls {
             None => proxy.add_tcp(&l.address),

@@ -50,24 +50,16 @@ use openssl::x509::{X509Name, X509NameRef, X509Ref, X509StoreContextRef, X509};
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
-use pingora::proxy::HttpProxy;
 use pingora::services::listening::Service;
 use pingora::tls::ssl_sys;
 
 use crate::config::runtime::{ClientCertSettings, ListenerTls};
 use crate::metrics::Metrics;
-use crate::proxy::Gateway;
+use crate::proxy::Front;
 use crate::state::Snapshot;
 
-/// The verified client certificate of this request's TLS connection, if any.
-pub fn peer_certificate(session: &pingora::proxy::Session) -> Option<filters::cert::PeerCert> {
-    let digest = session.digest()?;
-    let ssl = digest.ssl_digest.as_ref()?;
-    ssl.extension.get::<filters::cert::PeerCert>().cloned()
-}
-
 pub fn add_tls_listener(
-    service: &mut Service<HttpProxy<Gateway>>,
+    service: &mut Service<Front>,
     address: &str,
     tls: &ListenerTls,
     metrics: &Arc<Metrics>,

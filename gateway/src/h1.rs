@@ -1,0 +1,798 @@
+//! The HTTP/1.1 codec of the request path, both sides: requests from clients, responses from
+//! backends. Pingora's own HTTP/1 session keeps every header in a `HeaderMap` plus a
+//! case-preserving copy, builds a response header object per request and runs a module
+//! pipeline; measured, that costs more per request than the whole rest of the gateway
+//! (load-tests/results.md). Here a head is parsed once by `httparse` into one buffer with
+//! offsets, looked up by a linear case-insensitive scan (a request has a dozen headers), and a
+//! response leaves in one write. Pingora still owns the listeners, TLS, the upstream
+//! connect/TLS handshake and the process lifecycle.
+//!
+//! Framing follows RFC 9112: `Transfer-Encoding: chunked` or one `Content-Length` (several
+//! that disagree, a `Transfer-Encoding` other than `chunked`, or both headers on a request
+//! are refused — the request-smuggling cases); a response without either is read to close.
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The largest request or response head accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+const READ_CHUNK: usize = 16 * 1024;
+
+#[derive(Debug)]
+pub enum H1Error {
+    /// The peer closed the connection (cleanly or not) before the message was complete.
+    Closed,
+    Io(io::Error),
+    /// Not HTTP/1.x, or framing that cannot be trusted: answer 400 and close.
+    Malformed(&'static str),
+    /// The head is larger than [`MAX_HEAD`] (431 for a request).
+    HeadTooLarge,
+}
+
+impl std::fmt::Display for H1Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            H1Error::Closed => f.write_str("connection closed"),
+            H1Error::Io(e) => write!(f, "{e}"),
+            H1Error::Malformed(why) => write!(f, "malformed message: {why}"),
+            H1Error::HeadTooLarge => f.write_str("message head too large"),
+        }
+    }
+}
+
+impl std::error::Error for H1Error {}
+
+impl From<io::Error> for H1Error {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => H1Error::Closed,
+            _ => H1Error::Io(e),
+        }
+    }
+}
+
+type Span = (u32, u32);
+
+/// A parsed request or response head: the raw bytes and where each part sits in them.
+#[derive(Debug, Clone)]
+pub struct Head {
+    buf: Bytes,
+    method: Span,
+    target: Span,
+    /// 0 for requests.
+    pub status: u16,
+    /// HTTP/1.`minor`.
+    pub minor: u8,
+    headers: Vec<(Span, Span)>,
+}
+
+fn span_of(buf: &[u8], part: &[u8]) -> Span {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    (start as u32, (start + part.len()) as u32)
+}
+
+impl Head {
+    fn slice(&self, s: Span) -> &[u8] {
+        &self.buf[s.0 as usize..s.1 as usize]
+    }
+
+    /// A request head from parts (HTTP/2 requests, tests).
+    pub fn request<'a>(
+        method: &str,
+        target: &str,
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Head {
+        let mut raw = Vec::with_capacity(256);
+        raw.extend_from_slice(method.as_bytes());
+        let method_span = (0, raw.len() as u32);
+        let t0 = raw.len() as u32;
+        raw.extend_from_slice(target.as_bytes());
+        let target_span = (t0, raw.len() as u32);
+        let mut spans = Vec::new();
+        for (n, v) in headers {
+            let n0 = raw.len() as u32;
+            raw.extend_from_slice(n.as_bytes());
+            let n1 = raw.len() as u32;
+            raw.extend_from_slice(v);
+            spans.push(((n0, n1), (n1, raw.len() as u32)));
+        }
+        Head {
+            buf: Bytes::from(raw),
+            method: method_span,
+            target: target_span,
+            status: 0,
+            minor: 1,
+            headers: spans,
+        }
+    }
+
+    pub fn method(&self) -> &str {
+        // httparse only accepts token characters in a method.
+        std::str::from_utf8(self.slice(self.method)).unwrap_or("")
+    }
+
+    /// The request target as sent (origin form `/path?query`; the absolute form
+    /// `http://host/path?query` is reduced to its path and query).
+    pub fn target(&self) -> &str {
+        let t = std::str::from_utf8(self.slice(self.target)).unwrap_or("");
+        if let Some(rest) = t
+            .strip_prefix("http://")
+            .or_else(|| t.strip_prefix("https://"))
+        {
+            return rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
+        }
+        t
+    }
+
+    pub fn path(&self) -> &str {
+        let t = self.target();
+        t.split_once('?').map(|(p, _)| p).unwrap_or(t)
+    }
+
+    pub fn query(&self) -> Option<&str> {
+        self.target().split_once('?').map(|(_, q)| q)
+    }
+
+    /// The first header of this name (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| self.slice(*n).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| self.slice(*v))
+    }
+
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Every header in order, names as sent.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers
+            .iter()
+            .map(|(n, v)| (self.slice(*n), self.slice(*v)))
+    }
+
+    /// Whether a `Connection` header lists this option.
+    fn connection_has(&self, option: &str) -> bool {
+        self.headers.iter().any(|(n, v)| {
+            self.slice(*n).eq_ignore_ascii_case(b"connection")
+                && self
+                    .slice(*v)
+                    .split(|&b| b == b',')
+                    .any(|o| o.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
+        })
+    }
+
+    /// Whether the connection may carry another message after this one.
+    pub fn keep_alive(&self) -> bool {
+        if self.minor == 0 {
+            self.connection_has("keep-alive")
+        } else {
+            !self.connection_has("close")
+        }
+    }
+
+    /// How the body of this request is delimited.
+    pub fn request_framing(&self) -> Result<Framing, H1Error> {
+        let te = self.transfer_encoding()?;
+        let cl = self.content_length()?;
+        match (te, cl) {
+            (Some(_), Some(_)) => Err(H1Error::Malformed(
+                "both Transfer-Encoding and Content-Length",
+            )),
+            (Some(()), None) => Ok(Framing::Chunked),
+            (None, Some(n)) => Ok(Framing::Length(n)),
+            (None, None) => Ok(Framing::Length(0)),
+        }
+    }
+
+    /// How the body of this response is delimited (`head_request`: it answers a HEAD).
+    pub fn response_framing(&self, head_request: bool) -> Result<Framing, H1Error> {
+        if head_request || self.status < 200 || self.status == 204 || self.status == 304 {
+            return Ok(Framing::Length(0));
+        }
+        if self.transfer_encoding()?.is_some() {
+            return Ok(Framing::Chunked);
+        }
+        Ok(match self.content_length()? {
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        })
+    }
+
+    fn transfer_encoding(&self) -> Result<Option<()>, H1Error> {
+        let mut seen = false;
+        for (n, v) in self.iter() {
+            if n.eq_ignore_ascii_case(b"transfer-encoding") {
+                for coding in v.split(|&b| b == b',') {
+                    let coding = coding.trim_ascii();
+                    if coding.is_empty() {
+                        continue;
+                    }
+                    if !coding.eq_ignore_ascii_case(b"chunked") || seen {
+                        return Err(H1Error::Malformed("unsupported Transfer-Encoding"));
+                    }
+                    seen = true;
+                }
+            }
+        }
+        Ok(seen.then_some(()))
+    }
+
+    fn content_length(&self) -> Result<Option<u64>, H1Error> {
+        let mut len: Option<u64> = None;
+        for (n, v) in self.iter() {
+            if n.eq_ignore_ascii_case(b"content-length") {
+                for part in v.split(|&b| b == b',') {
+                    let part = part.trim_ascii();
+                    if part.is_empty() || part.len() > 18 || !part.iter().all(u8::is_ascii_digit) {
+                        return Err(H1Error::Malformed("bad Content-Length"));
+                    }
+                    let n: u64 = std::str::from_utf8(part)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or(H1Error::Malformed("bad Content-Length"))?;
+                    if len.is_some_and(|l| l != n) {
+                        return Err(H1Error::Malformed("conflicting Content-Length"));
+                    }
+                    len = Some(n);
+                }
+            }
+        }
+        Ok(len)
+    }
+}
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Length(u64),
+    Chunked,
+    /// Until the peer closes (responses only).
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// Reads one message body, chunk by chunk, from a [`Conn`].
+#[derive(Debug)]
+pub struct BodyReader {
+    framing: Framing,
+    left: u64,
+    chunk: Chunk,
+    done: bool,
+}
+
+impl BodyReader {
+    pub fn new(framing: Framing) -> Self {
+        let left = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        BodyReader {
+            framing,
+            left,
+            chunk: Chunk::Size,
+            done: matches!(framing, Framing::Length(0)),
+        }
+    }
+
+    /// The next piece of the body; `None` at its end.
+    pub async fn next<S>(&mut self, conn: &mut Conn<S>) -> Result<Option<Bytes>, H1Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if self.done {
+            return Ok(None);
+        }
+        match self.framing {
+            Framing::Length(_) => {
+                if conn.rbuf.is_empty() && conn.fill().await? == 0 {
+                    return Err(H1Error::Closed);
+                }
+                let n = (conn.rbuf.len() as u64).min(self.left) as usize;
+                self.left -= n as u64;
+                self.done = self.left == 0;
+                Ok(Some(conn.rbuf.split_to(n).freeze()))
+            }
+            Framing::Close => {
+                if conn.rbuf.is_empty() && conn.fill().await? == 0 {
+                    self.done = true;
+                    return Ok(None);
+                }
+                Ok(Some(conn.rbuf.split().freeze()))
+            }
+            Framing::Chunked => self.next_chunked(conn).await,
+        }
+    }
+
+    async fn next_chunked<S>(&mut self, conn: &mut Conn<S>) -> Result<Option<Bytes>, H1Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        loop {
+            match self.chunk {
+                Chunk::Size => match httparse::parse_chunk_size(&conn.rbuf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        let _ = conn.rbuf.split_to(used);
+                        self.chunk = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) => {
+                        if conn.rbuf.len() > 4096 {
+                            return Err(H1Error::Malformed("chunk size line too long"));
+                        }
+                        if conn.fill().await? == 0 {
+                            return Err(H1Error::Closed);
+                        }
+                    }
+                    Err(_) => return Err(H1Error::Malformed("bad chunk size")),
+                },
+                Chunk::Data(left) => {
+                    if conn.rbuf.is_empty() && conn.fill().await? == 0 {
+                        return Err(H1Error::Closed);
+                    }
+                    let n = (conn.rbuf.len() as u64).min(left) as usize;
+                    self.chunk = if n as u64 == left {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left - n as u64)
+                    };
+                    return Ok(Some(conn.rbuf.split_to(n).freeze()));
+                }
+                Chunk::DataEnd => {
+                    while conn.rbuf.len() < 2 {
+                        if conn.fill().await? == 0 {
+                            return Err(H1Error::Closed);
+                        }
+                    }
+                    if &conn.rbuf[..2] != b"\r\n" {
+                        return Err(H1Error::Malformed("chunk not followed by CRLF"));
+                    }
+                    let _ = conn.rbuf.split_to(2);
+                    self.chunk = Chunk::Size;
+                }
+                Chunk::Trailers => match memchr::memmem::find(&conn.rbuf, b"\r\n") {
+                    Some(0) => {
+                        let _ = conn.rbuf.split_to(2);
+                        self.done = true;
+                        return Ok(None);
+                    }
+                    // A trailer field: read and dropped.
+                    Some(i) => {
+                        let _ = conn.rbuf.split_to(i + 2);
+                    }
+                    None => {
+                        if conn.rbuf.len() > MAX_HEAD {
+                            return Err(H1Error::HeadTooLarge);
+                        }
+                        if conn.fill().await? == 0 {
+                            return Err(H1Error::Closed);
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// One HTTP/1.x connection: the stream and its read buffer (bytes read past the current
+/// message stay for the next one: pipelined requests).
+pub struct Conn<S> {
+    pub io: S,
+    rbuf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    pub fn new(io: S) -> Self {
+        Conn {
+            io,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+        }
+    }
+
+    /// Whether bytes past the last message are waiting.
+    pub fn has_buffered(&self) -> bool {
+        !self.rbuf.is_empty()
+    }
+
+    async fn fill(&mut self) -> Result<usize, H1Error> {
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        Ok(self.io.read_buf(&mut self.rbuf).await?)
+    }
+
+    /// Reads a request head (`response: false`) or a response head. `Ok(None)`: the peer
+    /// closed the connection before sending a byte of it.
+    pub async fn read_head(&mut self, response: bool) -> Result<Option<Head>, H1Error> {
+        loop {
+            // Tolerate empty lines before a request (RFC 9112 §2.2).
+            if !response {
+                while self.rbuf.starts_with(b"\r\n") {
+                    let _ = self.rbuf.split_to(2);
+                }
+            }
+            if !self.rbuf.is_empty() {
+                if let Some(head) = self.try_parse(response)? {
+                    return Ok(Some(head));
+                }
+                if self.rbuf.len() >= MAX_HEAD {
+                    return Err(H1Error::HeadTooLarge);
+                }
+            }
+            let was_empty = self.rbuf.is_empty();
+            if self.fill().await? == 0 {
+                return if was_empty {
+                    Ok(None)
+                } else {
+                    Err(H1Error::Closed)
+                };
+            }
+        }
+    }
+
+    fn try_parse(&mut self, response: bool) -> Result<Option<Head>, H1Error> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let (used, method, target, status, minor, spans);
+        if response {
+            let mut r = httparse::Response::new(&mut headers);
+            match r.parse(&self.rbuf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    used = n;
+                    method = (0, 0);
+                    target = (0, 0);
+                    status = r.code.unwrap_or(0);
+                    minor = r.version.unwrap_or(1);
+                    spans = collect(&self.rbuf, r.headers);
+                }
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
+                Err(_) => return Err(H1Error::Malformed("bad response head")),
+            }
+        } else {
+            let mut r = httparse::Request::new(&mut headers);
+            match r.parse(&self.rbuf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    used = n;
+                    method = span_of(&self.rbuf, r.method.unwrap_or("").as_bytes());
+                    target = span_of(&self.rbuf, r.path.unwrap_or("").as_bytes());
+                    status = 0;
+                    minor = r.version.unwrap_or(1);
+                    spans = collect(&self.rbuf, r.headers);
+                }
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
+                Err(_) => return Err(H1Error::Malformed("bad request head")),
+            }
+        }
+        if used > MAX_HEAD {
+            return Err(H1Error::HeadTooLarge);
+        }
+        let buf = self.rbuf.split_to(used).freeze();
+        Ok(Some(Head {
+            buf,
+            method,
+            target,
+            status,
+            minor,
+            headers: spans,
+        }))
+    }
+
+    /// Writes all of `bytes` and flushes.
+    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.io.write_all(bytes).await?;
+        self.io.flush().await
+    }
+}
+
+fn collect(buf: &[u8], headers: &[httparse::Header<'_>]) -> Vec<(Span, Span)> {
+    headers
+        .iter()
+        .map(|h| (span_of(buf, h.name.as_bytes()), span_of(buf, h.value)))
+        .collect()
+}
+
+/// A response head being built: the status and its header lines, written as they are added.
+#[derive(Debug, Clone)]
+pub struct RespHead {
+    pub status: u16,
+    lines: Vec<u8>,
+}
+
+impl RespHead {
+    pub fn new(status: u16) -> Self {
+        RespHead {
+            status,
+            lines: Vec::with_capacity(512),
+        }
+    }
+
+    /// Adds a header line. Values with CR or LF are dropped (they would split the head).
+    pub fn add(&mut self, name: &str, value: impl AsRef<[u8]>) {
+        self.add_raw(name.as_bytes(), value.as_ref());
+    }
+
+    pub fn add_raw(&mut self, name: &[u8], value: &[u8]) {
+        if value.iter().any(|&b| b == b'\r' || b == b'\n') {
+            return;
+        }
+        self.lines.extend_from_slice(name);
+        self.lines.extend_from_slice(b": ");
+        self.lines.extend_from_slice(value);
+        self.lines.extend_from_slice(b"\r\n");
+    }
+
+    pub fn add_u64(&mut self, name: &str, value: u64) {
+        self.add(name, itoa::Buffer::new().format(value));
+    }
+
+    /// The header lines as (name, value) pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines
+            .split(|&b| b == b'\n')
+            .filter_map(|l| l.strip_suffix(b"\r"))
+            .filter_map(|l| {
+                let i = l.iter().position(|&b| b == b':')?;
+                Some((&l[..i], l[i + 1..].trim_ascii()))
+            })
+    }
+
+    /// Writes the status line and headers into `out`, then the framing headers and the
+    /// blank line.
+    pub fn encode(&self, out: &mut Vec<u8>, framing: OutFraming, close: bool) {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(itoa::Buffer::new().format(self.status).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(reason(self.status).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&self.lines);
+        match framing {
+            OutFraming::Length(n) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            OutFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            OutFraming::Close | OutFraming::None => {}
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// How a response body goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutFraming {
+    Length(usize),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client of a stream).
+    Close,
+    /// No body and no length (204, 304).
+    None,
+}
+
+/// Appends one chunk of a chunked body.
+pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    let mut hex = [0u8; 16];
+    let mut n = data.len();
+    let mut i = hex.len();
+    while n > 0 {
+        i -= 1;
+        hex[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+    }
+    out.extend_from_slice(&hex[i..]);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+pub fn reason(status: u16) -> &'static str {
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Unknown")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    async fn conn_with(input: &'static [u8]) -> Conn<tokio::io::DuplexStream> {
+        let (a, mut b) = duplex(1 << 20);
+        b.write_all(input).await.unwrap();
+        drop(b);
+        Conn::new(a)
+    }
+
+    async fn body_of(
+        c: &mut Conn<tokio::io::DuplexStream>,
+        f: Framing,
+    ) -> Result<Vec<u8>, H1Error> {
+        let mut r = BodyReader::new(f);
+        let mut out = Vec::new();
+        while let Some(b) = r.next(c).await? {
+            out.extend_from_slice(&b);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn parses_a_request_and_keeps_the_pipelined_rest() {
+        let mut c = conn_with(
+            b"POST /openai/deployments/x/chat/completions?api-version=1 HTTP/1.1\r\nHost: a\r\nAPI-Key: k\r\nContent-Length: 2\r\n\r\n{}GET /healthz HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        let h = c.read_head(false).await.unwrap().unwrap();
+        assert_eq!(h.method(), "POST");
+        assert_eq!(h.path(), "/openai/deployments/x/chat/completions");
+        assert_eq!(h.query(), Some("api-version=1"));
+        assert_eq!(h.get("api-key"), Some(&b"k"[..]));
+        assert_eq!(h.get_str("HOST"), Some("a"));
+        assert!(h.keep_alive());
+        assert_eq!(h.request_framing().unwrap(), Framing::Length(2));
+        assert_eq!(body_of(&mut c, Framing::Length(2)).await.unwrap(), b"{}");
+        let h2 = c.read_head(false).await.unwrap().unwrap();
+        assert_eq!((h2.method(), h2.path()), ("GET", "/healthz"));
+        assert!(c.read_head(false).await.unwrap().is_none(), "clean close");
+    }
+
+    #[tokio::test]
+    async fn decodes_chunked_bodies_with_extensions_and_trailers() {
+        let mut c = conn_with(b"4;ext=1\r\nWiki\r\n5\r\npedia\r\n0\r\nx-t: 1\r\n\r\nNEXT").await;
+        assert_eq!(
+            body_of(&mut c, Framing::Chunked).await.unwrap(),
+            b"Wikipedia"
+        );
+        assert_eq!(&c.rbuf[..], b"NEXT");
+    }
+
+    #[tokio::test]
+    async fn truncated_bodies_are_errors_not_short_bodies() {
+        let mut c = conn_with(b"abc").await;
+        assert!(matches!(
+            body_of(&mut c, Framing::Length(5)).await,
+            Err(H1Error::Closed)
+        ));
+        let mut c = conn_with(b"5\r\nab").await;
+        assert!(matches!(
+            body_of(&mut c, Framing::Chunked).await,
+            Err(H1Error::Closed)
+        ));
+        let mut c = conn_with(b"2\r\nabXY0\r\n\r\n").await;
+        assert!(matches!(
+            body_of(&mut c, Framing::Chunked).await,
+            Err(H1Error::Malformed(_))
+        ));
+        let mut c = conn_with(b"zz\r\n").await;
+        assert!(matches!(
+            body_of(&mut c, Framing::Chunked).await,
+            Err(H1Error::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn close_delimited_bodies_end_at_eof() {
+        let mut c = conn_with(b"data: 1\n\ndata: 2\n\n").await;
+        assert_eq!(
+            body_of(&mut c, Framing::Close).await.unwrap(),
+            b"data: 1\n\ndata: 2\n\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn smuggling_shapes_are_refused() {
+        for raw in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+        ] {
+            let raw: &'static [u8] = Box::leak(raw.to_vec().into_boxed_slice());
+            let mut c = conn_with(raw).await;
+            let h = c.read_head(false).await.unwrap().unwrap();
+            assert!(
+                matches!(h.request_framing(), Err(H1Error::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        // The same length twice is one length.
+        let mut c =
+            conn_with(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n").await;
+        let h = c.read_head(false).await.unwrap().unwrap();
+        assert_eq!(h.request_framing().unwrap(), Framing::Length(3));
+    }
+
+    #[tokio::test]
+    async fn garbage_oversized_and_truncated_heads() {
+        let mut c = conn_with(b"\x16\x03\x01 not http\r\n\r\n").await;
+        assert!(matches!(
+            c.read_head(false).await,
+            Err(H1Error::Malformed(_))
+        ));
+        let big: &'static [u8] = Box::leak(
+            format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(MAX_HEAD))
+                .into_bytes()
+                .into_boxed_slice(),
+        );
+        let mut c = conn_with(big).await;
+        assert!(matches!(
+            c.read_head(false).await,
+            Err(H1Error::HeadTooLarge)
+        ));
+        let mut c = conn_with(b"GET / HTTP/1.1\r\nHost: a\r\n").await;
+        assert!(matches!(c.read_head(false).await, Err(H1Error::Closed)));
+    }
+
+    #[tokio::test]
+    async fn response_framing_and_keep_alive() {
+        let mut c = conn_with(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n").await;
+        let h = c.read_head(true).await.unwrap().unwrap();
+        assert_eq!(h.status, 200);
+        assert_eq!(h.response_framing(false).unwrap(), Framing::Close);
+        let mut c = conn_with(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").await;
+        let h = c.read_head(true).await.unwrap().unwrap();
+        assert_eq!(h.response_framing(false).unwrap(), Framing::Length(0));
+        let mut c = conn_with(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n").await;
+        let h = c.read_head(true).await.unwrap().unwrap();
+        assert!(!h.keep_alive());
+        let mut c = conn_with(b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, Close\r\n\r\n").await;
+        assert!(!c.read_head(true).await.unwrap().unwrap().keep_alive());
+        let h = Head::request("GET", "http://gw.example/healthz?x=1", []);
+        assert_eq!((h.path(), h.query()), ("/healthz", Some("x=1")));
+    }
+
+    #[test]
+    fn response_heads_encode_and_refuse_header_injection() {
+        let mut r = RespHead::new(429);
+        r.add("retry-after", "3");
+        r.add("x-evil", "a\r\nset-cookie: b");
+        r.add_u64("x-n", 42);
+        let mut out = Vec::new();
+        r.encode(&mut out, OutFraming::Length(2), true);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 429 Too Many Requests\r\nretry-after: 3\r\nx-n: 42\r\ncontent-length: 2\r\nconnection: close\r\n\r\n"
+        );
+        let pairs: Vec<_> = r.iter().collect();
+        assert_eq!(
+            pairs,
+            vec![(&b"retry-after"[..], &b"3"[..]), (&b"x-n"[..], &b"42"[..])]
+        );
+        let mut out = Vec::new();
+        encode_chunk(&mut out, &[b'x'; 26]);
+        assert!(out.starts_with(b"1a\r\nxxx"));
+        assert!(out.ends_with(b"x\r\n"));
+    }
+}

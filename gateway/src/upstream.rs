@@ -1,0 +1,107 @@
+//! Connections to backends. Pingora's `TransportConnector` makes them (TCP, TLS with SNI,
+//! a private CA, connect timeouts); idle ones wait in a pool per worker thread. A request
+//! runs on one thread from start to end (per-thread runtimes, no work stealing), so taking
+//! and returning a connection is a `Vec` push and pop: no lock, no watcher task per
+//! connection, no `getpeername` per reuse, which is what a shared pool costs per request.
+//!
+//! A connection idle for more than [`CHECK_AFTER`] is probed (a non-blocking read must find
+//! nothing) before it is reused; one idle for longer than the idle timeout is closed. A
+//! reused connection that fails before any response byte is retried on a new one by the
+//! caller (the backend may have closed it in the meantime).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use pingora::connectors::TransportConnector;
+use pingora::protocols::Stream;
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use tokio::io::AsyncReadExt;
+
+use crate::h1::Conn;
+
+/// Idle connections kept per backend address and thread.
+const MAX_IDLE: usize = 256;
+/// Idle longer than this, a connection is checked for a close or stray bytes before reuse.
+const CHECK_AFTER: Duration = Duration::from_secs(1);
+
+pub type Upstream = Conn<Stream>;
+
+struct Idle {
+    conn: Upstream,
+    since: Instant,
+}
+
+thread_local! {
+    static IDLE: RefCell<HashMap<u64, Vec<Idle>>> = RefCell::new(HashMap::new());
+}
+
+pub struct Upstreams {
+    connector: TransportConnector,
+    idle_timeout: Duration,
+}
+
+impl Upstreams {
+    pub fn new(idle_timeout: Duration) -> Self {
+        Upstreams {
+            connector: TransportConnector::new(None),
+            idle_timeout,
+        }
+    }
+
+    /// The pool key of a peer (address, TLS, SNI, CA).
+    pub fn key(peer: &HttpPeer) -> u64 {
+        peer.reuse_hash()
+    }
+
+    /// An idle connection to this peer, if one is usable.
+    pub fn take(&self, key: u64) -> Option<Upstream> {
+        let now = Instant::now();
+        IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let list = idle.get_mut(&key)?;
+            while let Some(mut c) = list.pop() {
+                let quiet = now.saturating_duration_since(c.since);
+                if quiet > self.idle_timeout {
+                    // Everything below it is older still.
+                    list.clear();
+                    return None;
+                }
+                if quiet <= CHECK_AFTER || still_open(&mut c.conn) {
+                    return Some(c.conn);
+                }
+            }
+            None
+        })
+    }
+
+    /// A new connection.
+    pub async fn connect(&self, peer: &HttpPeer) -> pingora::Result<Upstream> {
+        Ok(Conn::new(self.connector.new_stream(peer).await?))
+    }
+
+    /// Returns a connection whose last response was read to its end.
+    pub fn put(&self, key: u64, conn: Upstream) {
+        if conn.has_buffered() {
+            return;
+        }
+        IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let list = idle.entry(key).or_default();
+            if list.len() >= MAX_IDLE {
+                list.remove(0);
+            }
+            list.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        });
+    }
+}
+
+/// An idle connection is usable when a read would block: no close, no unexpected bytes.
+fn still_open(conn: &mut Upstream) -> bool {
+    let mut byte = [0u8; 1];
+    conn.io.read(&mut byte).now_or_never().is_none()
+}
