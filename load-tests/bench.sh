@@ -3,12 +3,15 @@
 # OpenAI JSON), same load: wrk -t1 at 1, 10 and 64 connections. Targets alternate, each point
 # is repeated ROUNDS times; medians are printed with the gateway/nginx ratio.
 # Usage: load-tests/bench.sh [BIN_DIR]   (default target/release)   env: ROUNDS=3 DURATION=10s
+#   BARE=1 adds a column for Pingora's own proxy doing nothing (BIN_DIR/examples/bare_pingora,
+#   `cargo build --release --example bare_pingora`): the framework's floor, for reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-"1 10 64"}
+BARE=${BARE:-0}
 DIR=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$DIR"; }
@@ -25,7 +28,14 @@ sed -e "s#__DIR__#$DIR#g" -e "s#__KEY_SHA256__#$SHA#" load-tests/gateway.yaml >"
 nginx -c "$DIR/mock.conf" -p "$DIR" & pids+=($!)
 nginx -c "$DIR/proxy.conf" -p "$DIR" & pids+=($!)
 "$BIN/aoai-gateway" run -c "$DIR/gateway.yaml" 2>"$DIR/gateway.err" & pids+=($!)
-for port in 18080 18090 18091; do
+gw_pid=$!
+ports="18080 18090 18091"
+if [ "$BARE" = 1 ]; then
+  [ -x "$BIN/examples/bare_pingora" ] || { echo "BARE=1 needs $BIN/examples/bare_pingora" >&2; exit 1; }
+  "$BIN/examples/bare_pingora" 127.0.0.1:18093 127.0.0.1:18080 2>"$DIR/bare.err" & pids+=($!)
+  ports="$ports 18093"
+fi
+for port in $ports; do
   for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 done
 PATH_CHAT=/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21
@@ -48,20 +58,29 @@ run() { # port conns -> "rps p50 p99"
 }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-printf '\n%-8s %-28s %-28s %s\n' "conns" "nginx RPS (p50/p99)" "gateway RPS (p50/p99)" "ratio"
+printf '\n%-8s %-28s %-28s %s' "conns" "nginx RPS (p50/p99)" "gateway RPS (p50/p99)" "ratio"
+[ "$BARE" = 1 ] && printf '   %-28s %s' "bare Pingora RPS (p50/p99)" "ratio"
+echo
 for c in $CONNS; do
-  : >"$DIR/n.txt"; : >"$DIR/g.txt"
+  : >"$DIR/n.txt"; : >"$DIR/g.txt"; : >"$DIR/b.txt"
   for _ in $(seq 1 "$ROUNDS"); do
     run 18090 "$c" >>"$DIR/n.txt"
     run 18091 "$c" >>"$DIR/g.txt"
+    [ "$BARE" = 1 ] && run 18093 "$c" >>"$DIR/b.txt"
   done
   n=$(cut -d' ' -f1 "$DIR/n.txt" | median); g=$(cut -d' ' -f1 "$DIR/g.txt" | median)
   nl=$(grep "^$n " "$DIR/n.txt" | head -1 | cut -d' ' -f2-3 | tr ' ' /)
   gl=$(grep "^$g " "$DIR/g.txt" | head -1 | cut -d' ' -f2-3 | tr ' ' /)
   ratio=$(awk -v a="$g" -v b="$n" 'BEGIN {printf "%.2f", a/b}')
-  printf '%-8s %-28s %-28s %s\n' "c=$c" "$n ($nl)" "$g ($gl)" "$ratio"
+  printf '%-8s %-28s %-28s %s' "c=$c" "$n ($nl)" "$g ($gl)" "$ratio"
+  if [ "$BARE" = 1 ]; then
+    b=$(cut -d' ' -f1 "$DIR/b.txt" | median)
+    bl=$(grep "^$b " "$DIR/b.txt" | head -1 | cut -d' ' -f2-3 | tr ' ' /)
+    printf '   %-28s %s' "$b ($bl)" "$(awk -v a="$b" -v b="$n" 'BEGIN {printf "%.2f", a/b}')"
+  fi
+  echo
 done
-rss=$(ps -o rss= -p "${pids[2]}" | tr -d ' ')
+rss=$(ps -o rss= -p "$gw_pid" | tr -d ' ')
 echo
 echo "gateway RSS after the run: $((rss / 1024)) MiB; audit lines written: $(wc -l <"$DIR/audit.log")"
 echo "gateway answers by status (from the audit log):"

@@ -26,6 +26,10 @@ pub trait Downstream: Send {
     fn head(&self) -> &Head;
     fn client_addr(&self) -> Option<IpAddr>;
     fn certificate(&self) -> Option<PeerCert>;
+    /// Why the request's body framing cannot be trusted, if it cannot.
+    fn framing_error(&self) -> Option<&'static str> {
+        None
+    }
     /// The whole body, refused above `max` bytes (by a declared length before reading
     /// anything, else while reading). A refused body closes the connection afterwards.
     fn read_body(&mut self, max: usize) -> impl Future<Output = Result<Bytes, ReadError>> + Send;
@@ -103,6 +107,14 @@ impl Downstream for H1<'_> {
 
     fn certificate(&self) -> Option<PeerCert> {
         self.cert.clone()
+    }
+
+    fn framing_error(&self) -> Option<&'static str> {
+        match self.head.request_framing() {
+            Err(H1Error::Malformed(why)) => Some(why),
+            Err(_) => Some("unreadable"),
+            Ok(_) => None,
+        }
     }
 
     async fn read_body(&mut self, max: usize) -> Result<Bytes, ReadError> {

@@ -25,6 +25,7 @@ use pingora::apps::ServerApp;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::{HttpProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
+use pingora::time::fast_timeout::fast_timeout;
 use pingora::upstreams::peer::HttpPeer;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -49,10 +50,7 @@ fn timeout_at<F: std::future::Future>(
     deadline: Instant,
     fut: F,
 ) -> pingora::time::Timeout<F, pingora::time::fast_timeout::FastOrTokioTimeout> {
-    pingora::time::fast_timeout::fast_timeout(
-        deadline.saturating_duration_since(Instant::now()),
-        fut,
-    )
+    fast_timeout(deadline.saturating_duration_since(Instant::now()), fut)
 }
 
 /// Headers that never go upstream: hop-by-hop, and the client's credentials (lower case).
@@ -117,6 +115,8 @@ impl Drop for InFlight {
 pub struct Ctx {
     _in_flight: InFlight,
     start: Instant,
+    /// Set when the response is done.
+    elapsed: std::time::Duration,
     request_id: String,
     snap: Option<Arc<Snapshot>>,
     rec: AuditRecord,
@@ -293,6 +293,15 @@ impl Gateway {
             return Ok(());
         }
 
+        if let Some(why) = d.framing_error() {
+            // Request-smuggling shapes are refused before anything else is looked at.
+            return Err(GatewayError::with_message(
+                ErrorCode::InvalidRequestBody,
+                format!("The request's framing is invalid: {why}."),
+            )
+            .into());
+        }
+
         let fdids = &snap.cfg.server.front_door_ids;
         if !fdids.is_empty() {
             let ok = d
@@ -359,19 +368,20 @@ impl Gateway {
         ctx.rec.provider = identity.provider.clone();
 
         // The body, bounded.
-        let raw = d
-            .read_body(snap.cfg.server.max_request_body_bytes)
-            .await
-            .map_err(|e| match e {
-                ReadError::TooLarge => {
-                    Failure::Answer(GatewayError::new(ErrorCode::RequestTooLarge))
-                }
-                ReadError::Malformed(why) => Failure::Answer(GatewayError::with_message(
-                    ErrorCode::InvalidRequestBody,
-                    format!("The request body could not be read: {why}."),
-                )),
-                ReadError::Io(e) => Failure::Abort(e),
-            })?;
+        let raw = timeout_at(
+            ctx.start + snap.cfg.server.request_timeout,
+            d.read_body(snap.cfg.server.max_request_body_bytes),
+        )
+        .await
+        .map_err(|_| abort("request body not received within the request timeout"))?
+        .map_err(|e| match e {
+            ReadError::TooLarge => Failure::Answer(GatewayError::new(ErrorCode::RequestTooLarge)),
+            ReadError::Malformed(why) => Failure::Answer(GatewayError::with_message(
+                ErrorCode::InvalidRequestBody,
+                format!("The request body could not be read: {why}."),
+            )),
+            ReadError::Io(e) => Failure::Abort(e),
+        })?;
 
         let mut body = if operation == Operation::ModelsRead {
             None
@@ -722,7 +732,8 @@ impl Gateway {
                     continue;
                 }
             };
-            let ttfb = attempt_start.elapsed();
+            let head_at = Instant::now();
+            let ttfb = head_at - attempt_start;
             let status = head.status;
             self.metrics
                 .upstream_attempts
@@ -756,7 +767,7 @@ impl Gateway {
                 continue;
             }
 
-            ctx.rec.ttfb_ms = Some(ctx.start.elapsed().as_millis() as u64);
+            ctx.rec.ttfb_ms = Some((head_at - ctx.start).as_millis() as u64);
             ctx.rec.upstream_request_id = upstream_request_id(&head);
             return self
                 .stream_response(d, ctx, up, head, key, deadline, strip_usage)
@@ -853,7 +864,9 @@ impl Gateway {
         // A plain answer of known length (the usual JSON) goes out in one write.
         if let (false, Framing::Length(n)) = (is_sse, framing) {
             if n as usize <= USAGE_TAIL {
-                let mut body = BytesMut::with_capacity(n as usize);
+                // Usually the whole body came with the head: kept without a copy.
+                let mut first: Option<Bytes> = None;
+                let mut more = BytesMut::new();
                 loop {
                     match timeout_at(deadline, reader.next(&mut up)).await {
                         Err(_) => return Err(GatewayError::new(ErrorCode::BackendTimeout).into()),
@@ -865,9 +878,19 @@ impl Gateway {
                             return Err(GatewayError::new(ErrorCode::BadGateway).into());
                         }
                         Ok(Ok(None)) => break,
-                        Ok(Ok(Some(c))) => body.extend_from_slice(&c),
+                        Ok(Ok(Some(c))) => match first.take() {
+                            None if more.is_empty() => first = Some(c),
+                            f => {
+                                if let Some(f) = f {
+                                    more.reserve(n as usize);
+                                    more.extend_from_slice(&f);
+                                }
+                                more.extend_from_slice(&c);
+                            }
+                        },
                     }
                 }
+                let body = first.unwrap_or_else(|| more.freeze());
                 if status < 300 {
                     ctx.usage = filters::tokens::usage_in_json(&body);
                 }
@@ -954,7 +977,7 @@ impl Gateway {
         self.metrics
             .duration
             .with_label_values(&[&client, dep_label, op_label])
-            .observe(ctx.start.elapsed().as_secs_f64());
+            .observe(ctx.elapsed.as_secs_f64());
         if let Some(e) = &ctx.rejected {
             if let Some(reason) = e.rejection_reason() {
                 self.metrics
@@ -1029,6 +1052,7 @@ impl Gateway {
         Ctx {
             _in_flight: InFlight(self.in_flight.clone()),
             start: Instant::now(),
+            elapsed: std::time::Duration::ZERO,
             request_id: new_request_id(),
             snap: None,
             rec: AuditRecord {
@@ -1076,6 +1100,7 @@ impl Gateway {
         if ctx.snap.is_none() || ctx.rec.path == "/healthz" {
             return;
         }
+        ctx.elapsed = ctx.start.elapsed();
         self.finish_record(ctx);
         if let (Some(a), Some(snap)) = (ctx.admission.take(), &ctx.snap) {
             let actual = match ctx.rec.usage_source {
@@ -1087,7 +1112,7 @@ impl Gateway {
         let mut rec = std::mem::take(&mut ctx.rec);
         rec.ended = Some(time::OffsetDateTime::now_utc());
         rec.request_id = std::mem::take(&mut ctx.request_id);
-        rec.duration_ms = ctx.start.elapsed().as_millis() as u64;
+        rec.duration_ms = ctx.elapsed.as_millis() as u64;
         self.audit.log(rec);
     }
 
@@ -1104,23 +1129,32 @@ impl Gateway {
         let mut conn = Conn::new(stream);
         let mut out = Vec::with_capacity(4096);
         let mut shutdown = shutdown.clone();
-        loop {
-            let idle_until = Instant::now() + CLIENT_IDLE;
-            let head = if conn.has_buffered() {
-                timeout_at(idle_until, conn.read_head(false)).await
-            } else {
-                if *shutdown.borrow() {
-                    break;
+        // One idle clock per connection rather than a timer per request: a connection on
+        // which no request completed between two ticks is closed (idle 60-120 s).
+        let mut idle_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + CLIENT_IDLE, CLIENT_IDLE);
+        let mut served = false;
+        'conn: loop {
+            let head = loop {
+                if *shutdown.borrow() && !conn.has_buffered() {
+                    break 'conn;
                 }
+                // `read_head` keeps what it read in the connection's buffer: dropping it
+                // for a tick loses nothing.
                 tokio::select! {
                     biased;
-                    r = timeout_at(idle_until, conn.read_head(false)) => r,
-                    _ = shutdown.changed() => break,
+                    r = conn.read_head(false) => break r,
+                    _ = shutdown.changed() => {}
+                    _ = idle_tick.tick() => {
+                        if !std::mem::replace(&mut served, false) {
+                            break 'conn;
+                        }
+                    }
                 }
             };
             let head = match head {
-                Ok(Ok(Some(h))) => h,
-                Ok(Err(e @ (H1Error::Malformed(_) | H1Error::HeadTooLarge))) => {
+                Ok(Some(h)) => h,
+                Err(e @ (H1Error::Malformed(_) | H1Error::HeadTooLarge)) => {
                     log::debug!("client {client:?}: {e}");
                     let e = GatewayError::with_message(
                         ErrorCode::InvalidRequestBody,
@@ -1131,6 +1165,7 @@ impl Gateway {
                     );
                     let mut resp = RespHead::new(e.status());
                     resp.add("content-type", "application/json");
+                    resp.add("x-request-id", new_request_id());
                     let body = e.body();
                     out.clear();
                     resp.encode(&mut out, crate::h1::OutFraming::Length(body.len()), true);
@@ -1146,6 +1181,7 @@ impl Gateway {
             let mut ctx = self.new_ctx();
             let reusable = self.serve(&mut d, &mut ctx).await && d.reusable();
             self.finish(&mut ctx).await;
+            served = true;
             if !reusable {
                 break;
             }

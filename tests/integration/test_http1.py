@@ -1,0 +1,764 @@
+"""HTTP/1.x on the wire: raw sockets against the gateway's own codec (keep-alive, pipelining,
+chunked request bodies, `Expect: 100-continue`, HTTP/1.0, request-smuggling shapes, garbage
+and oversized heads, bodies over the limit, unread bodies, and response framing).
+
+Every test talks bytes to the listener over a plain `socket`, with a timeout so that a gateway
+that waits for bytes that never come fails the test instead of hanging it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+
+import pytest
+
+import agw
+from agw import KEY, OTHER_KEY, assert_error
+
+TIMEOUT = 10.0
+MAX_BODY = 65536
+REPLY = "Hello from eastus-a."
+CHAT = agw.chat_path("gpt-4o")
+
+
+@pytest.fixture(scope="module")
+def env(module_cluster):
+    m = module_cluster.mock("eastus-a")
+    cfg = agw.single(m, server={"max_request_body_bytes": MAX_BODY})
+    gw = module_cluster.gateway(cfg)
+    return gw, m
+
+
+@pytest.fixture
+def fresh(env):
+    gw, m = env
+    m.clear()
+    return gw, m
+
+
+# -- a tiny, strict HTTP/1.1 client ------------------------------------------------------
+
+
+class Headers:
+    """Response headers in order; lookups are case-insensitive, repeated ones joined."""
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        self.pairs = pairs
+
+    def get(self, name: str, default=None):
+        vals = [v for k, v in self.pairs if k.lower() == name.lower()]
+        return ", ".join(vals) if vals else default
+
+    def count(self, name: str) -> int:
+        return sum(1 for k, _ in self.pairs if k.lower() == name.lower())
+
+    def items(self):
+        return list(self.pairs)
+
+    def __contains__(self, name: str) -> bool:
+        return self.count(name) > 0
+
+    def __repr__(self) -> str:
+        return repr(self.pairs)
+
+
+class Resp:
+    def __init__(self, version: str, status: int, headers: Headers, body: bytes, wire: bytes):
+        self.version = version
+        self.status_code = status
+        self.headers = headers
+        self.body = body
+        self.wire = wire  # the body as it was framed on the wire
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+    def json(self):
+        return json.loads(self.body)
+
+    def closes(self) -> bool:
+        return any(
+            o.strip().lower() == "close"
+            for o in (self.headers.get("connection") or "").split(",")
+        )
+
+    def __repr__(self) -> str:
+        return f"<{self.version} {self.status_code} {self.headers!r} {self.body[:300]!r}>"
+
+
+class Conn:
+    """One client connection; bytes read past a response stay for the next one."""
+
+    def __init__(self, gw: agw.Gateway, timeout: float = TIMEOUT):
+        host, port = gw.listeners[0].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.buf = b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        """Reads more; False at EOF. A socket timeout propagates (the test fails)."""
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            if not self._fill():
+                raise AssertionError(f"connection closed inside a line: {self.buf[:200]!r}")
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise AssertionError(
+                    f"connection closed after {len(self.buf)} of {n} body bytes"
+                )
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def read_response(self, head_request: bool = False) -> Resp:
+        """One response (an interim 1xx one too: the caller reads the final one next)."""
+        while b"\r\n\r\n" not in self.buf:
+            if not self._fill():
+                raise AssertionError(f"connection closed before a response head: {self.buf!r}")
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        assert len(parts) >= 2 and parts[0] in ("HTTP/1.1", "HTTP/1.0"), f"status line {lines[0]!r}"
+        version, status = parts[0], int(parts[1])
+        pairs = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            assert sep and name and name == name.strip(), f"bad header line {line!r}"
+            pairs.append((name, value.strip()))
+        headers = Headers(pairs)
+
+        if head_request or status < 200 or status in (204, 304):
+            return Resp(version, status, headers, b"", b"")
+        te = headers.get("transfer-encoding")
+        if te is not None:
+            assert "content-length" not in headers, f"both framings: {headers!r}"
+            assert te.lower() == "chunked", f"transfer-encoding {te!r}"
+            body, wire = b"", b""
+            while True:
+                size_line = self._line()
+                wire += size_line + b"\r\n"
+                size = int(size_line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    break
+                data = self._exactly(size)
+                crlf = self._exactly(2)
+                assert crlf == b"\r\n", f"chunk of {size} not followed by CRLF: {crlf!r}"
+                body += data
+                wire += data + crlf
+            while True:  # trailers, then the empty line
+                line = self._line()
+                wire += line + b"\r\n"
+                if not line:
+                    break
+            return Resp(version, status, headers, body, wire)
+        cl = headers.get("content-length")
+        if cl is not None:
+            assert headers.count("content-length") == 1, f"repeated content-length: {headers!r}"
+            body = self._exactly(int(cl))
+            return Resp(version, status, headers, body, body)
+        # delimited by the close of the connection
+        while self._fill():
+            pass
+        body, self.buf = self.buf, b""
+        return Resp(version, status, headers, body, body)
+
+    def expect_closed(self) -> None:
+        """The server closes the connection, and sends nothing more before it does."""
+        try:
+            while self._fill():
+                pass
+        except ConnectionResetError:
+            pass
+        except socket.timeout:
+            raise AssertionError(
+                f"the gateway kept the connection open {TIMEOUT:.0f}s (got {self.buf!r})"
+            ) from None
+        assert self.buf == b"", f"bytes after the last response: {self.buf[:500]!r}"
+
+    def expect_open(self, wait: float = 0.5) -> None:
+        """Nothing arrives and the connection is not closed within `wait` seconds."""
+        self.sock.settimeout(wait)
+        try:
+            chunk = self.sock.recv(65536)
+        except socket.timeout:
+            return
+        finally:
+            self.sock.settimeout(TIMEOUT)
+        raise AssertionError(f"expected an idle open connection, got {chunk!r}")
+
+
+def request(target: str, body: bytes | None = None, *, method: str = "POST",
+            version: str = "1.1", key: str | None = KEY, headers: list[tuple[str, str]] = (),
+            length: bool = True) -> bytes:
+    """A request's bytes (Content-Length framing unless `length=False`; the body appended)."""
+    lines = [f"{method} {target} HTTP/{version}", "Host: gateway.test"]
+    if key is not None:
+        lines.append(f"api-key: {key}")
+    if body is not None:
+        lines.append("Content-Type: application/json")
+        if length:
+            lines.append(f"Content-Length: {len(body)}")
+    lines += [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+def chat_bytes(content: str = "Say hello.", **kw) -> bytes:
+    return json.dumps(agw.chat_body(content, **kw)).encode()
+
+
+def chat(body: bytes | None = None, **kw) -> bytes:
+    return request(CHAT, chat_bytes() if body is None else body, **kw)
+
+
+def chunked(data: bytes, sizes: list[int], ext: list[str] | None = None,
+            trailers: list[str] = ()) -> bytes:
+    """`data` in chunks of the given sizes (the rest in one more), with extensions."""
+    out, i, n = b"", 0, 0
+    while i < len(data):
+        size = sizes[n] if n < len(sizes) else len(data) - i
+        piece = data[i:i + size]
+        e = (ext[n % len(ext)] if ext else "")
+        # upper-case hex for odd chunks: both are valid
+        hexsize = f"{len(piece):X}" if n % 2 else f"{len(piece):x}"
+        out += f"{hexsize}{e}\r\n".encode() + piece + b"\r\n"
+        i += len(piece)
+        n += 1
+    out += b"0\r\n" + b"".join(t.encode() + b"\r\n" for t in trailers) + b"\r\n"
+    return out
+
+
+def assert_chat_ok(r: Resp) -> dict:
+    assert r.status_code == 200, r
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == REPLY, body
+    assert r.headers.get("x-request-id"), r
+    return body
+
+
+def assert_spec_error(r: Resp, status: int, code: str) -> dict:
+    """SPEC §8: status, `{"error":{"code","message"}}`, x-request-id, no key in it."""
+    return assert_error(r, status, code)
+
+
+# -- 1. keep-alive -----------------------------------------------------------------------
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(fresh):
+    gw, m = fresh
+    with Conn(gw) as c:
+        ids = []
+        for _ in range(3):
+            c.send(chat())
+            r = c.read_response()
+            assert_chat_ok(r)
+            assert not r.closes(), f"the gateway closes a keep-alive connection: {r!r}"
+            ids.append(r.headers.get("x-request-id"))
+        c.expect_open()
+        # and still usable after a pause
+        c.send(chat())
+        assert_chat_ok(c.read_response())
+    assert len(set(ids)) == 3, ids
+    assert len(m.data_requests()) == 4
+
+
+def test_connection_close_from_the_client_closes(fresh):
+    gw, m = fresh
+    with Conn(gw) as c:
+        c.send(chat())
+        assert_chat_ok(c.read_response())
+        c.send(chat(headers=[("Connection", "close")]))
+        r = c.read_response()
+        assert_chat_ok(r)
+        assert r.closes(), f"no `connection: close` on the answer to a closing request: {r!r}"
+        c.expect_closed()
+
+
+def test_connection_close_is_honoured_among_other_options(fresh):
+    gw, _ = fresh
+    with Conn(gw) as c:
+        c.send(chat(headers=[("Connection", "TE, Close")]))
+        r = c.read_response()
+        assert_chat_ok(r)
+        assert r.closes(), r
+        c.expect_closed()
+
+
+# -- 2. pipelining -----------------------------------------------------------------------
+
+
+def test_pipelined_requests_are_answered_in_order(fresh):
+    gw, m = fresh
+    # prompt_tokens = len(content) / 4: tells the answers apart
+    contents = ["a" * 40, "b" * 400, "c" * 200]
+    wire = b"".join(chat(chat_bytes(t)) for t in contents)
+    with Conn(gw) as c:
+        c.send(wire)
+        resps = [c.read_response() for _ in contents]
+        for r in resps:
+            assert_chat_ok(r)
+            assert not r.closes(), r
+        assert [r.json()["usage"]["prompt_tokens"] for r in resps] == [10, 100, 50]
+        ids = [r.headers.get("x-request-id") for r in resps]
+        assert len(set(ids)) == 3, ids
+        c.expect_open()
+    seen = m.data_requests()
+    assert [q["body_len"] for q in seen] == [len(chat_bytes(t)) for t in contents]
+
+
+def test_pipelined_request_after_a_chunked_body(fresh):
+    gw, m = fresh
+    first = chat_bytes("first " * 20)
+    wire = (
+        request(CHAT, b"", length=False, headers=[("Transfer-Encoding", "chunked")])
+        + chunked(first, [7, 30])
+        + chat(chat_bytes("b" * 400), headers=[("Connection", "close")])
+    )
+    with Conn(gw) as c:
+        c.send(wire)
+        r1 = c.read_response()
+        assert_chat_ok(r1)
+        r2 = c.read_response()
+        assert_chat_ok(r2)
+        assert r2.json()["usage"]["prompt_tokens"] == 100
+        assert r2.closes()
+        c.expect_closed()
+    assert [q["body_len"] for q in m.data_requests()] == [len(first), len(chat_bytes("b" * 400))]
+
+
+# -- 3. chunked request bodies -----------------------------------------------------------
+
+
+def test_chunked_body_with_extensions_and_trailer_reaches_the_backend_whole(fresh):
+    gw, m = fresh
+    body = chat_bytes("A chunked request body, sent in several pieces. " * 20)
+    framed = chunked(
+        body,
+        [1, 16, 255, 1000],
+        ext=["", ";foo=bar", ';name="quoted value"', ";a;b=c"],
+        trailers=["X-Trailer: yes", "X-Other: 1"],
+    )
+    with Conn(gw) as c:
+        c.send(request(CHAT, b"", length=False, headers=[("Transfer-Encoding", "chunked")]) + framed)
+        r = c.read_response()
+        assert_chat_ok(r)
+        assert not r.closes(), r
+        # the connection is still usable
+        c.send(chat())
+        assert_chat_ok(c.read_response())
+    seen = m.data_requests()
+    assert len(seen) == 2, seen
+    q = seen[0]
+    assert q["body_len"] == len(body), q
+    assert q["body_sha256"] == hashlib.sha256(body).hexdigest(), "the body changed on the way"
+    assert q["headers"].get("content-length") == str(len(body)), q["headers"]
+    assert "transfer-encoding" not in q["headers"], q["headers"]
+    assert "x-trailer" not in q["headers"] and "x-other" not in q["headers"]
+
+
+def test_chunked_body_sent_in_pieces_with_pauses(fresh):
+    """Chunk-size lines and data split over several TCP writes."""
+    gw, m = fresh
+    body = chat_bytes("pieces " * 50)
+    framed = chunked(body, [10, 100])
+    with Conn(gw) as c:
+        c.send(request(CHAT, b"", length=False, headers=[("Transfer-Encoding", "chunked")]))
+        for i in range(0, len(framed), 7):
+            c.send(framed[i:i + 7])
+            if i % 70 == 0:
+                time.sleep(0.01)
+        assert_chat_ok(c.read_response())
+    q = m.data_requests()[0]
+    assert q["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+# -- 4. Expect: 100-continue -------------------------------------------------------------
+
+
+def test_expect_100_continue(fresh):
+    gw, m = fresh
+    body = chat_bytes("Sent after 100 Continue.")
+    head = request(CHAT, b"", headers=[("Expect", "100-continue")])
+    head = head.replace(b"Content-Length: 0", f"Content-Length: {len(body)}".encode())
+    with Conn(gw) as c:
+        c.send(head)
+        interim = c.read_response()
+        assert interim.status_code == 100, f"expected 100 Continue, got {interim!r}"
+        assert interim.version == "HTTP/1.1"
+        assert m.data_requests() == [], "the backend was called before the body came"
+        c.send(body)
+        r = c.read_response()
+        assert_chat_ok(r)
+        assert not r.closes(), r
+        # the connection is still usable
+        c.send(chat())
+        assert_chat_ok(c.read_response())
+    q = m.data_requests()[0]
+    assert q["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert "expect" not in q["headers"], q["headers"]
+
+
+def test_expect_100_continue_with_a_chunked_body(fresh):
+    gw, m = fresh
+    body = chat_bytes("Chunked after 100 Continue.")
+    with Conn(gw) as c:
+        c.send(request(CHAT, b"", length=False,
+                       headers=[("Transfer-Encoding", "chunked"), ("Expect", "100-continue")]))
+        assert c.read_response().status_code == 100
+        c.send(chunked(body, [5, 5]))
+        assert_chat_ok(c.read_response())
+    assert m.data_requests()[0]["body_len"] == len(body)
+
+
+def test_expect_100_continue_refused_request_gets_no_100(fresh):
+    """A request refused on its head is answered at once, without a 100 Continue, and the
+    connection is closed (its body was never read)."""
+    gw, m = fresh
+    head = request(CHAT, b"", key=OTHER_KEY, headers=[("Expect", "100-continue")])
+    head = head.replace(b"Content-Length: 0", b"Content-Length: 100")
+    with Conn(gw) as c:
+        c.send(head)
+        r = c.read_response()
+        assert_spec_error(r, 401, "InvalidCredential")
+        assert r.closes(), r
+        c.expect_closed()
+    assert m.data_requests() == []
+
+
+# -- 5. HTTP/1.0 -------------------------------------------------------------------------
+
+
+def test_http10_request_is_answered_and_closed(fresh):
+    gw, _ = fresh
+    with Conn(gw) as c:
+        c.send(chat(version="1.0"))
+        r = c.read_response()
+        assert_chat_ok(r)
+        assert "transfer-encoding" not in r.headers, r
+        assert r.closes(), f"no `connection: close` for an HTTP/1.0 client: {r!r}"
+        c.expect_closed()
+
+
+def test_http10_stream_is_close_delimited_sse(fresh):
+    gw, _ = fresh
+    with Conn(gw) as c:
+        c.send(chat(chat_bytes(stream=True), version="1.0"))
+        r = c.read_response()
+        assert r.status_code == 200, r
+        assert (r.headers.get("content-type") or "").startswith("text/event-stream"), r
+        assert "transfer-encoding" not in r.headers, f"chunked to an HTTP/1.0 client: {r!r}"
+        assert "content-length" not in r.headers, r
+        # read_response read to the close: nothing else can follow
+        c.expect_closed()
+    text = r.text
+    assert text.startswith("data: "), f"not a bare SSE body (chunk framing?): {text[:80]!r}"
+    assert text.endswith("data: [DONE]\n\n"), text[-200:]
+    data = agw.sse_data(text)
+    content = "".join(
+        (json.loads(d)["choices"][0].get("delta") or {}).get("content") or ""
+        for d in data[:-1]
+    )
+    assert content == REPLY, text
+
+
+# -- 6. request smuggling shapes ---------------------------------------------------------
+
+
+def _smuggle_cases():
+    body = chat_bytes()
+    n = len(body)
+    ch = chunked(body, [10])
+    hdr = lambda *h: request(CHAT, b"", length=False, headers=list(h))  # noqa: E731
+    return {
+        "cl-and-te": hdr(("Content-Length", str(len(ch))), ("Transfer-Encoding", "chunked")) + ch,
+        "te-and-cl": hdr(("Transfer-Encoding", "chunked"), ("Content-Length", str(len(ch)))) + ch,
+        "two-content-lengths": hdr(("Content-Length", str(n)), ("Content-Length", str(n + 5)))
+        + body + b"     ",
+        "content-length-list": hdr(("Content-Length", f"{n}, {n + 5}")) + body + b"     ",
+        "te-gzip-chunked": hdr(("Transfer-Encoding", "gzip, chunked")) + ch,
+        "te-chunked-twice": hdr(("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked"))
+        + ch,
+        "te-identity": hdr(("Transfer-Encoding", "identity"), ("Content-Length", str(n))) + body,
+        "content-length-abc": hdr(("Content-Length", "abc")) + body,
+        "content-length-plus": hdr(("Content-Length", f"+{n}")) + body,
+        "content-length-hex": hdr(("Content-Length", f"0x{n:x}")) + body,
+    }
+
+
+SMUGGLE = _smuggle_cases()
+
+
+@pytest.mark.parametrize("case", list(SMUGGLE))
+def test_smuggling_shapes_are_refused_and_close(fresh, case):
+    gw, m = fresh
+    with Conn(gw) as c:
+        c.send(SMUGGLE[case])
+        r = c.read_response()
+        assert_spec_error(r, 400, "InvalidRequestBody")
+        assert r.closes(), f"a refused request's connection stays open: {r!r}"
+        c.expect_closed()
+    assert m.data_requests() == [], "a smuggling-shaped request reached the backend"
+    line = gw.audit_for(r.headers.get("x-request-id"))
+    assert line["status"] == 400 and line["error_code"] == "InvalidRequestBody", line
+
+
+def test_a_malformed_chunked_body_is_400_and_closes(fresh):
+    gw, m = fresh
+    body = chat_bytes()
+    bad = b"5\r\n" + body[:5] + b"XX" + body[5:]  # chunk data not followed by CRLF
+    with Conn(gw) as c:
+        c.send(request(CHAT, b"", length=False, headers=[("Transfer-Encoding", "chunked")]) + bad)
+        r = c.read_response()
+        assert_spec_error(r, 400, "InvalidRequestBody")
+        assert r.closes(), r
+        c.expect_closed()
+    assert m.data_requests() == []
+
+
+# -- 7. garbage and oversized heads ------------------------------------------------------
+
+
+def _assert_malformed_head_answer(r: Resp):
+    assert r.status_code == 400, r
+    assert (r.headers.get("content-type") or "").startswith("application/json"), r
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert body["error"].get("code") == "InvalidRequestBody", body
+    assert isinstance(body["error"].get("message"), str) and body["error"]["message"].strip()
+    assert r.closes(), f"no `connection: close` on a 400 for a broken head: {r!r}"
+
+
+BAD_HEADS = {
+    "tls-hello": b"\x16\x03\x01hello\r\n\r\n",
+    "binary": bytes(range(1, 32)) + b"\r\n\r\n",
+    "no-version": b"GET /healthz\r\n\r\n",
+    "http2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "space-in-header-name": b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+    "huge-header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n",
+    "many-headers": b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(f"X-H{i}: v\r\n".encode() for i in range(200)) + b"\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HEADS))
+def test_bad_heads_get_400_json_and_close_and_the_gateway_keeps_serving(fresh, case):
+    gw, m = fresh
+    with Conn(gw) as c:
+        c.send(BAD_HEADS[case])
+        r = c.read_response()
+        if case == "http2-preface":
+            # A cleartext HTTP/2 preface is not HTTP/1.1 either (no h2c here).
+            assert r.status_code in (400, 505), r
+            assert r.closes(), r
+        else:
+            _assert_malformed_head_answer(r)
+        c.expect_closed()
+    with Conn(gw) as c:
+        c.send(chat())
+        assert_chat_ok(c.read_response())
+    assert len(m.data_requests()) == 1
+
+
+def test_an_endless_head_is_refused_at_64k(fresh):
+    """A head that reaches 64 KiB without its end is refused, not waited for."""
+    gw, _ = fresh
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
+    head += b"a" * (64 * 1024 - len(head))
+    with Conn(gw) as c:
+        c.send(head)
+        r = c.read_response()
+        _assert_malformed_head_answer(r)
+        c.expect_closed()
+
+
+def test_a_head_just_under_64k_is_served(fresh):
+    gw, _ = fresh
+    pad = 60 * 1024
+    with Conn(gw) as c:
+        c.send(chat(headers=[("X-Pad", "p" * pad)]))
+        assert_chat_ok(c.read_response())
+
+
+@pytest.mark.parametrize("case", ["tls-hello", "huge-header"])
+def test_answers_to_bad_heads_carry_x_request_id(fresh, case):
+    """SPEC §8: every response carries `x-request-id`."""
+    gw, _ = fresh
+    with Conn(gw) as c:
+        c.send(BAD_HEADS[case])
+        r = c.read_response()
+    assert r.status_code == 400, r
+    assert r.headers.get("x-request-id"), f"a 400 without x-request-id: {r!r}"
+
+
+# -- 8. body over the limit --------------------------------------------------------------
+
+
+def test_chunked_body_over_the_limit_is_413_and_closes(fresh):
+    gw, m = fresh
+    body = chat_bytes("x" * (MAX_BODY + 10_000))
+    framed = chunked(body, [8192] * 20)
+    with Conn(gw) as c:
+        try:
+            c.send(request(CHAT, b"", length=False, headers=[("Transfer-Encoding", "chunked")])
+                   + framed)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the gateway may stop reading early; its answer is what counts
+        r = c.read_response()
+        assert_spec_error(r, 413, "RequestTooLarge")
+        assert r.closes(), f"the rest of the refused body would be read as a request: {r!r}"
+        c.expect_closed()
+    assert m.data_requests() == []
+
+
+def test_chunked_body_at_the_limit_is_served(fresh):
+    gw, m = fresh
+    prefix = chat_bytes("")
+    body = chat_bytes("y" * (MAX_BODY - len(prefix)))
+    assert len(body) == MAX_BODY
+    with Conn(gw) as c:
+        c.send(request(CHAT, b"", length=False, headers=[("Transfer-Encoding", "chunked")])
+               + chunked(body, [4096] * 20))
+        assert_chat_ok(c.read_response())
+    assert m.data_requests()[0]["body_len"] == MAX_BODY
+
+
+def test_declared_length_over_the_limit_is_413_and_closes(fresh):
+    gw, m = fresh
+    head = request(CHAT, b"")
+    head = head.replace(b"Content-Length: 0", f"Content-Length: {MAX_BODY + 1}".encode())
+    with Conn(gw) as c:
+        c.send(head)  # the body is never sent: the declared length is enough to refuse
+        r = c.read_response()
+        assert_spec_error(r, 413, "RequestTooLarge")
+        assert r.closes(), r
+        c.expect_closed()
+    assert m.data_requests() == []
+
+
+# -- 9. unread bodies --------------------------------------------------------------------
+
+
+# A body that is itself a request: if the gateway took it for the next request, a second
+# answer would follow the 401.
+INNER = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_unread_body_of_a_refused_request_closes_the_connection(fresh, framing):
+    gw, m = fresh
+    if framing == "content-length":
+        wire = request(CHAT, INNER, key=OTHER_KEY)
+    else:
+        wire = request(CHAT, b"", key=OTHER_KEY, length=False,
+                       headers=[("Transfer-Encoding", "chunked")]) + chunked(INNER, [10])
+    with Conn(gw) as c:
+        c.send(wire)
+        r = c.read_response()
+        assert_spec_error(r, 401, "InvalidCredential")
+        assert r.closes(), f"a 401 with its body unread keeps the connection: {r!r}"
+        c.expect_closed()
+    assert m.data_requests() == []
+
+
+def test_refused_request_without_body_keeps_the_connection(fresh):
+    gw, _ = fresh
+    with Conn(gw) as c:
+        c.send(request(CHAT, None, key=OTHER_KEY))
+        r = c.read_response()
+        assert_spec_error(r, 401, "InvalidCredential")
+        assert not r.closes(), r
+        c.send(chat())
+        assert_chat_ok(c.read_response())
+
+
+def test_refused_request_after_reading_the_body_keeps_the_connection(fresh):
+    """A 400 for a body that was read whole (not JSON) leaves the connection usable."""
+    gw, _ = fresh
+    with Conn(gw) as c:
+        c.send(chat(b"this is { not json"))
+        r = c.read_response()
+        assert_spec_error(r, 400, "InvalidRequestBody")
+        assert not r.closes(), r
+        c.send(chat())
+        assert_chat_ok(c.read_response())
+
+
+# -- 10. response framing ----------------------------------------------------------------
+
+
+def test_plain_response_content_length_is_the_body_length(fresh):
+    gw, _ = fresh
+    with Conn(gw) as c:
+        c.send(chat(headers=[("Connection", "close")]))
+        raw = b""
+        try:
+            while True:
+                chunk = c.sock.recv(65536)
+                if not chunk:
+                    break
+                raw += chunk
+        except ConnectionResetError:
+            pass
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    assert sep, raw[:500]
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 200"), lines[0]
+    cls = [l.split(":", 1)[1].strip() for l in lines[1:] if l.lower().startswith("content-length:")]
+    assert len(cls) == 1, lines
+    assert not any(l.lower().startswith("transfer-encoding:") for l in lines), lines
+    assert int(cls[0]) == len(body), f"content-length {cls[0]} but {len(body)} body bytes"
+    assert json.loads(body)["choices"][0]["message"]["content"] == REPLY
+
+
+def test_streamed_response_is_chunked_and_ends_with_done(fresh):
+    gw, _ = fresh
+    with Conn(gw) as c:
+        c.send(chat(chat_bytes(stream=True)))
+        r = c.read_response()
+        assert r.status_code == 200, r
+        assert (r.headers.get("transfer-encoding") or "").lower() == "chunked", r
+        assert "content-length" not in r.headers, r
+        assert (r.headers.get("content-type") or "").startswith("text/event-stream"), r
+        assert r.wire.endswith(b"0\r\n\r\n"), r.wire[-50:]
+        assert r.text.endswith("data: [DONE]\n\n"), r.text[-200:]
+        data = agw.sse_data(r.text)
+        assert data[-1] == "[DONE]"
+        content = "".join(
+            (json.loads(d)["choices"][0].get("delta") or {}).get("content") or ""
+            for d in data[:-1]
+        )
+        assert content == REPLY
+        assert not r.closes(), r
+        # the chunked body ended exactly: the next answer starts right after it
+        c.send(chat())
+        assert_chat_ok(c.read_response())
+
+
+def test_head_of_healthz_has_no_body(fresh):
+    gw, _ = fresh
+    with Conn(gw) as c:
+        c.send(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        r = c.read_response(head_request=True)
+        assert r.status_code in (200, 503), r
+        # no body bytes follow the head: the next answer starts right after it
+        c.send(chat())
+        assert_chat_ok(c.read_response())
