@@ -7,12 +7,14 @@ use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use filters::cert::PeerCert;
 use pingora::http::ResponseHeader;
 use pingora::protocols::Stream;
 
-use crate::h1::{encode_chunk, BodyReader, Conn, Framing, H1Error, Head, OutFraming, RespHead};
+use crate::h1::{
+    encode_chunk, BodyReader, Collected, Conn, Framing, H1Error, Head, OutFraming, RespHead,
+};
 
 pub enum ReadError {
     TooLarge,
@@ -52,8 +54,12 @@ pub struct H1<'a> {
     client: Option<IpAddr>,
     cert: &'a Option<PeerCert>,
     out: &'a mut Vec<u8>,
-    /// Answer with `connection: close` and close afterwards.
+    /// The body's framing, or why it cannot be trusted (read once from the head).
+    framing: Result<Framing, &'static str>,
+    /// The client asked to close, the server is shutting down, or the stream is
+    /// close-delimited.
     close: bool,
+    /// A body that is not read must not be taken for the next request: close then.
     body_read: bool,
     streaming: OutFraming,
 }
@@ -68,8 +74,10 @@ impl<'a> H1<'a> {
         closing: bool,
     ) -> Self {
         let close = closing || !head.keep_alive();
-        // A body that is not read must not be taken for the next request: close then.
-        let body_read = matches!(head.request_framing(), Ok(Framing::Length(0)));
+        let framing = head.request_framing().map_err(|e| match e {
+            H1Error::Malformed(why) => why,
+            _ => "unreadable",
+        });
         H1 {
             conn,
             head,
@@ -77,14 +85,15 @@ impl<'a> H1<'a> {
             cert,
             out,
             close,
-            body_read,
+            body_read: framing == Ok(Framing::Length(0)),
+            framing,
             streaming: OutFraming::None,
         }
     }
 
     /// Whether the connection can carry the next request.
     pub fn reusable(&self) -> bool {
-        !self.close && self.body_read
+        !self.must_close()
     }
 
     fn must_close(&self) -> bool {
@@ -110,18 +119,11 @@ impl Downstream for H1<'_> {
     }
 
     fn framing_error(&self) -> Option<&'static str> {
-        match self.head.request_framing() {
-            Err(H1Error::Malformed(why)) => Some(why),
-            Err(_) => Some("unreadable"),
-            Ok(_) => None,
-        }
+        self.framing.err()
     }
 
     async fn read_body(&mut self, max: usize) -> Result<Bytes, ReadError> {
-        let framing = self.head.request_framing().map_err(|e| match e {
-            H1Error::Malformed(why) => ReadError::Malformed(why),
-            e => ReadError::Io(e.to_string()),
-        })?;
+        let framing = self.framing.map_err(ReadError::Malformed)?;
         if let Framing::Length(n) = framing {
             if n > max as u64 {
                 return Err(ReadError::TooLarge);
@@ -145,36 +147,22 @@ impl Downstream for H1<'_> {
             _ => 0,
         };
         let mut reader = BodyReader::new(framing);
-        let mut buf = BytesMut::new();
-        let mut first: Option<Bytes> = None;
-        loop {
-            let chunk = reader.next(self.conn).await.map_err(|e| match e {
-                H1Error::Malformed(why) => ReadError::Malformed(why),
-                e => ReadError::Io(e.to_string()),
-            })?;
-            let Some(chunk) = chunk else { break };
-            let have = first.as_ref().map_or(0, |f| f.len()) + buf.len();
-            if have + chunk.len() > max {
+        let mut body = Collected::default();
+        while let Some(piece) = reader.next(self.conn).await.map_err(|e| match e {
+            H1Error::Malformed(why) => ReadError::Malformed(why),
+            e => ReadError::Io(e.to_string()),
+        })? {
+            if body.len() + piece.len() > max {
                 return Err(ReadError::TooLarge);
             }
-            // The common single-piece body is kept without a copy.
-            match first.take() {
-                None if buf.is_empty() => first = Some(chunk),
-                Some(f) => {
-                    buf.reserve(declared.max(f.len() + chunk.len()));
-                    buf.extend_from_slice(&f);
-                    buf.extend_from_slice(&chunk);
-                }
-                None => buf.extend_from_slice(&chunk),
-            }
+            body.push(piece, declared);
         }
         self.body_read = true;
-        Ok(first.unwrap_or_else(|| buf.freeze()))
+        Ok(body.freeze())
     }
 
     async fn send_full(&mut self, resp: &RespHead, body: &[u8]) -> io::Result<()> {
         let close = self.must_close();
-        self.close = close;
         self.out.clear();
         let framing = if resp.status == 204 || resp.status == 304 {
             OutFraming::None
@@ -197,7 +185,6 @@ impl Downstream for H1<'_> {
             OutFraming::Chunked
         };
         let close = self.must_close();
-        self.close = close;
         self.out.clear();
         resp.encode(self.out, self.streaming, close);
         self.conn.send(self.out).await
@@ -294,19 +281,19 @@ impl Downstream for Session2<'_> {
         if declared.is_some_and(|n| n > max) {
             return Err(ReadError::TooLarge);
         }
-        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
-        while let Some(chunk) = self
+        let mut body = Collected::default();
+        while let Some(piece) = self
             .session
             .read_request_body()
             .await
             .map_err(|e| ReadError::Io(e.to_string()))?
         {
-            if buf.len() + chunk.len() > max {
+            if body.len() + piece.len() > max {
                 return Err(ReadError::TooLarge);
             }
-            buf.extend_from_slice(&chunk);
+            body.push(piece, declared.unwrap_or(0));
         }
-        Ok(buf.freeze())
+        Ok(body.freeze())
     }
 
     async fn send_full(&mut self, resp: &RespHead, body: &[u8]) -> io::Result<()> {

@@ -395,6 +395,38 @@ impl BodyReader {
     }
 }
 
+/// A body gathered from the pieces a [`BodyReader`] yields. The usual body arrives in one
+/// piece and is kept as it is; only a second piece makes a copy.
+#[derive(Debug, Default)]
+pub struct Collected {
+    first: Option<Bytes>,
+    more: BytesMut,
+}
+
+impl Collected {
+    pub fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.more.len()
+    }
+
+    /// Adds a piece; `hint` is the expected total, reserved at the first copy.
+    pub fn push(&mut self, piece: Bytes, hint: usize) {
+        match self.first.take() {
+            None if self.more.is_empty() => self.first = Some(piece),
+            first => {
+                if let Some(f) = first {
+                    self.more.reserve(hint.max(f.len() + piece.len()));
+                    self.more.extend_from_slice(&f);
+                }
+                self.more.extend_from_slice(&piece);
+            }
+        }
+    }
+
+    pub fn freeze(self) -> Bytes {
+        self.first.unwrap_or_else(|| self.more.freeze())
+    }
+}
+
 /// One HTTP/1.x connection: the stream and its read buffer (bytes read past the current
 /// message stay for the next one: pipelined requests).
 pub struct Conn<S> {
@@ -696,6 +728,23 @@ mod tests {
             body_of(&mut c, Framing::Chunked).await,
             Err(H1Error::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn collected_keeps_one_piece_and_joins_several() {
+        let one = Bytes::from_static(b"whole");
+        let mut c = Collected::default();
+        c.push(one.clone(), 5);
+        assert_eq!(c.len(), 5);
+        let got = c.freeze();
+        assert_eq!(got, one);
+        assert_eq!(got.as_ptr(), one.as_ptr(), "a single piece is not copied");
+        let mut c = Collected::default();
+        for p in [&b"ab"[..], b"", b"cd", b"e"] {
+            c.push(Bytes::copy_from_slice(p), 0);
+        }
+        assert_eq!((c.len(), &c.freeze()[..]), (5, &b"abcde"[..]));
+        assert_eq!(Collected::default().freeze().len(), 0);
     }
 
     #[tokio::test]

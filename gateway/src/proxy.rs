@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use filters::cert::PeerCert;
 use filters::identity::Presented;
 use filters::tokens::{JsonTail, SseTracker, Usage};
@@ -35,7 +35,7 @@ use crate::body::RequestBody;
 use crate::config::runtime::{Credential, Deployment};
 use crate::downstream::{Downstream, ReadError, Session2, H1};
 use crate::errors::{ErrorCode, GatewayError};
-use crate::h1::{BodyReader, Conn, Framing, H1Error, Head, RespHead};
+use crate::h1::{BodyReader, Collected, Conn, Framing, H1Error, Head, RespHead};
 use crate::metrics::Metrics;
 use crate::pool::{cooldown_for, now_ms, pick, Candidate, Pick};
 use crate::route::{classify, Route};
@@ -176,11 +176,20 @@ fn upstream_request_id(resp: &Head) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The head of an answer the gateway writes itself.
+fn json_head(status: u16, request_id: &str) -> RespHead {
+    let mut resp = RespHead::new(status);
+    resp.add("content-type", "application/json");
+    resp.add("x-request-id", request_id);
+    resp
+}
+
 fn abort(e: impl std::fmt::Display) -> Failure {
     Failure::Abort(e.to_string())
 }
 
-/// How long a kept-alive client connection may stay idle between requests.
+/// The idle clock of a client connection: one that completes no request between two ticks
+/// is closed, so an idle connection lives 60–120 s.
 const CLIENT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Gateway {
@@ -252,9 +261,7 @@ impl Gateway {
         body: Bytes,
         extra: &[(&str, String)],
     ) -> std::io::Result<()> {
-        let mut resp = RespHead::new(status);
-        resp.add("content-type", "application/json");
-        resp.add("x-request-id", ctx.request_id.as_str());
+        let mut resp = json_head(status, &ctx.request_id);
         for (k, v) in extra {
             resp.add(k, v.as_str());
         }
@@ -751,18 +758,24 @@ impl Gateway {
                     cools[i].cool_until(now_ms() + cool.as_millis() as u64);
                 }
                 // Keep this answer in case it is the last.
-                let kept =
-                    match timeout_at(deadline, read_capped(&mut up, &head, MAX_KEPT_ERROR_BODY))
-                        .await
+                let framing = head.response_framing(false);
+                let kept = match framing {
+                    Ok(framing) => match timeout_at(
+                        deadline,
+                        read_capped(&mut up, framing, MAX_KEPT_ERROR_BODY),
+                    )
+                    .await
                     {
                         Ok(Ok((b, complete))) => {
-                            if complete && head.keep_alive() {
-                                self.upstreams.put(key, up);
+                            if complete {
+                                self.release(key, up, &head, framing);
                             }
                             b
                         }
                         _ => Bytes::new(),
-                    };
+                    },
+                    Err(_) => Bytes::new(),
+                };
                 last_answer = Some((head, kept));
                 continue;
             }
@@ -859,16 +872,13 @@ impl Gateway {
             .is_some_and(|v| v.starts_with(b"text/event-stream"));
         let out = self.downstream_header(&resp, ctx);
         ctx.rec.status = status;
-        let mut reader = BodyReader::new(framing);
 
-        // A plain answer of known length (the usual JSON) goes out in one write.
-        if let (false, Framing::Length(n)) = (is_sse, framing) {
-            if n as usize <= USAGE_TAIL {
-                // Usually the whole body came with the head: kept without a copy.
-                let mut first: Option<Bytes> = None;
-                let mut more = BytesMut::new();
-                loop {
-                    match timeout_at(deadline, reader.next(&mut up)).await {
+        // A plain answer of known length (the usual JSON, or none: 204, 304) goes out in
+        // one write.
+        if let Framing::Length(n) = framing {
+            if (n == 0 || !is_sse) && n as usize <= USAGE_TAIL {
+                let body =
+                    match timeout_at(deadline, read_capped(&mut up, framing, n as usize)).await {
                         Err(_) => return Err(GatewayError::new(ErrorCode::BackendTimeout).into()),
                         Ok(Err(e)) => {
                             log::warn!(
@@ -877,37 +887,17 @@ impl Gateway {
                             );
                             return Err(GatewayError::new(ErrorCode::BadGateway).into());
                         }
-                        Ok(Ok(None)) => break,
-                        Ok(Ok(Some(c))) => match first.take() {
-                            None if more.is_empty() => first = Some(c),
-                            f => {
-                                if let Some(f) = f {
-                                    more.reserve(n as usize);
-                                    more.extend_from_slice(&f);
-                                }
-                                more.extend_from_slice(&c);
-                            }
-                        },
-                    }
-                }
-                let body = first.unwrap_or_else(|| more.freeze());
+                        Ok(Ok((body, _))) => body,
+                    };
                 if status < 300 {
                     ctx.usage = filters::tokens::usage_in_json(&body);
                 }
-                if resp.keep_alive() {
-                    self.upstreams.put(key, up);
-                }
+                self.release(key, up, &resp, framing);
                 return d.send_full(&out, &body).await.map_err(abort);
             }
         }
 
-        if status == 204 || status == 304 {
-            d.send_full(&out, &[]).await.map_err(abort)?;
-            if resp.keep_alive() {
-                self.upstreams.put(key, up);
-            }
-            return Ok(());
-        }
+        let mut reader = BodyReader::new(framing);
         d.send_stream_head(&out).await.map_err(abort)?;
 
         let mut sse = is_sse.then(|| SseTracker::new(strip_usage));
@@ -958,10 +948,16 @@ impl Gateway {
             _ => None,
         };
         d.send_end(last).await.map_err(abort)?;
+        self.release(key, up, &resp, framing);
+        Ok(())
+    }
+
+    /// Pools a backend connection whose response was read to its end, unless the backend
+    /// closes it (`Connection: close`, HTTP/1.0, a body delimited by the close).
+    fn release(&self, key: u64, up: Upstream, resp: &Head, framing: Framing) {
         if framing != Framing::Close && resp.keep_alive() {
             self.upstreams.put(key, up);
         }
-        Ok(())
     }
 
     fn finish_record(&self, ctx: &mut Ctx) {
@@ -1033,17 +1029,20 @@ fn status_label(status: u16) -> &'static str {
 }
 
 /// Reads a response body up to `cap` bytes; returns it and whether the body ended.
-async fn read_capped(up: &mut Upstream, head: &Head, cap: usize) -> Result<(Bytes, bool), H1Error> {
-    let mut reader = BodyReader::new(head.response_framing(false)?);
-    let mut buf = BytesMut::new();
-    while let Some(chunk) = reader.next(up).await? {
-        if buf.len() + chunk.len() > cap {
-            return Ok((buf.freeze(), false));
+async fn read_capped(
+    up: &mut Upstream,
+    framing: Framing,
+    cap: usize,
+) -> Result<(Bytes, bool), H1Error> {
+    let mut reader = BodyReader::new(framing);
+    let mut body = Collected::default();
+    while let Some(piece) = reader.next(up).await? {
+        if body.len() + piece.len() > cap {
+            return Ok((body.freeze(), false));
         }
-        buf.extend_from_slice(&chunk);
+        body.push(piece, 0);
     }
-    let reusable = !matches!(head.response_framing(false), Ok(Framing::Close));
-    Ok((buf.freeze(), reusable))
+    Ok((body.freeze(), true))
 }
 
 impl Gateway {
@@ -1163,9 +1162,7 @@ impl Gateway {
                             _ => "The request is not valid HTTP/1.1.",
                         },
                     );
-                    let mut resp = RespHead::new(e.status());
-                    resp.add("content-type", "application/json");
-                    resp.add("x-request-id", new_request_id());
+                    let resp = json_head(e.status(), &new_request_id());
                     let body = e.body();
                     out.clear();
                     resp.encode(&mut out, crate::h1::OutFraming::Length(body.len()), true);

@@ -52,6 +52,14 @@ def cluster(tmp_path, session_cluster):
 
 
 @pytest.fixture
+def fresh(env):
+    """A module's shared `env` (gateway, mock) with the mock's request record cleared."""
+    gw, m = env
+    m.clear()
+    return gw, m
+
+
+@pytest.fixture
 def mock(cluster):
     return cluster.mock
 

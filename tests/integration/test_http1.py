@@ -31,13 +31,6 @@ def env(module_cluster):
     return gw, m
 
 
-@pytest.fixture
-def fresh(env):
-    gw, m = env
-    m.clear()
-    return gw, m
-
-
 # -- a tiny, strict HTTP/1.1 client ------------------------------------------------------
 
 

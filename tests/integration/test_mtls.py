@@ -226,6 +226,28 @@ def test_h2_alpn_and_tls12_minimum(required_gw, pki):
     assert old.returncode != 0 and old.stdout == "000", (old.stdout, old.stderr)
 
 
+def test_chat_over_http2_is_served_and_attributed(required_gw, pki, backend):
+    """HTTP/2 clients go through Pingora's session rather than the HTTP/1 codec: the same
+    answer, attribution, headers and errors."""
+    before = len(backend.data_requests())
+    rc, status, hdrs, body, err = curl(pki, required_gw, "fp-device", "--http2")
+    assert rc == 0 and status == 200, (rc, status, body, err)
+    assert "HTTP/2 200" in err, err
+    assert json.loads(body)["choices"][0]["message"]["content"] == "Hello from mtls-east."
+    assert int(hdrs["content-length"]) == len(body.encode())
+    reqs = backend.data_requests()
+    assert len(reqs) == before + 1
+    line = required_gw.audit_for(hdrs.get("x-request-id"))
+    assert (line["client"], line["auth"], line["status"]) == ("fp-client", "certificate", 200)
+    assert line["prompt_tokens"] is not None and line["usage_source"] == "response", line
+
+    rc, status, hdrs, body, err = curl(pki, required_gw, "unmapped", "--http2")
+    assert rc == 0 and status == 403 and "HTTP/2 403" in err, (rc, status, body, err)
+    assert hdrs.get("x-request-id"), hdrs
+    assert json.loads(body)["error"]["code"] == "Forbidden", body
+    assert len(backend.data_requests()) == before + 1
+
+
 def test_expiry_gauge_on_admin_metrics(required_gw, pki):
     with client_for(pki, "fp-device") as h:
         assert h.post(https(required_gw) + CHAT, json=BODY).status_code == 200

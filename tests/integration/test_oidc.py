@@ -548,6 +548,17 @@ def single_provider_gateway(cluster, idp: agw.Mock, backend: agw.Mock, **provide
     return cluster.gateway(cfg)
 
 
+def started_provider(cluster, *keys: SigningKey):
+    """An IdP serving `keys`, a backend, and a gateway that has fetched those keys at start;
+    with a factory of valid claims for that IdP."""
+    idp = cluster.mock("idp", oidc=True)
+    backend = cluster.mock("backend")
+    serve_jwks(idp, *keys)
+    gw = single_provider_gateway(cluster, idp, backend)
+    wait_startup_fetch(idp)
+    return idp, backend, gw, lambda: claims(idp.url, AUD)
+
+
 def flood(gw: agw.Gateway, tokens: list[str]) -> list[int]:
     def one(tok: str) -> int:
         with agw.http_client() as h:
@@ -559,12 +570,7 @@ def flood(gw: agw.Gateway, tokens: list[str]) -> list[int]:
 
 
 def test_key_rotation_accepted_after_one_refetch(cluster):
-    idp = cluster.mock("idp", oidc=True)
-    backend = cluster.mock("backend")
-    serve_jwks(idp, RSA)
-    gw = single_provider_gateway(cluster, idp, backend)
-    wait_startup_fetch(idp)
-    c = lambda: claims(idp.url, AUD)  # noqa: E731
+    idp, backend, gw, c = started_provider(cluster, RSA)
 
     sdk_chat(gw, mint(RSA, c()))
     before = jwks_fetches(idp)
@@ -620,12 +626,7 @@ def test_unknown_kid_flood_fetches_at_most_once_a_minute(cluster):
 
 
 def test_provider_outage_after_start_changes_nothing_for_valid_tokens(cluster):
-    idp = cluster.mock("idp", oidc=True)
-    backend = cluster.mock("backend")
-    serve_jwks(idp, RSA, EC)
-    gw = single_provider_gateway(cluster, idp, backend)
-    wait_startup_fetch(idp)
-    c = lambda: claims(idp.url, AUD)  # noqa: E731
+    idp, backend, gw, c = started_provider(cluster, RSA, EC)
     sdk_chat(gw, mint(RSA, c()))
 
     set_outage(idp, True)
@@ -654,12 +655,7 @@ def test_reload_during_provider_outage_keeps_the_keys(cluster):
     """SPEC §5 (keys kept when the IdP is unreachable) with §8 (SIGHUP re-reads the file):
     a reload of an unchanged configuration while the IdP is down must not leave the provider
     without keys."""
-    idp = cluster.mock("idp", oidc=True)
-    backend = cluster.mock("backend")
-    serve_jwks(idp, RSA)
-    gw = single_provider_gateway(cluster, idp, backend)
-    wait_startup_fetch(idp)
-    c = lambda: claims(idp.url, AUD)  # noqa: E731
+    idp, backend, gw, c = started_provider(cluster, RSA)
     sdk_chat(gw, mint(RSA, c()))
 
     set_outage(idp, True)

@@ -32,13 +32,6 @@ def env(module_cluster):
     return gw, m
 
 
-@pytest.fixture
-def fresh(env):
-    gw, m = env
-    m.clear()
-    return gw, m
-
-
 def _stream(gw: agw.Gateway, path: str, body: dict) -> tuple[agw.httpx.Response, str]:
     with agw.http_client() as h:
         with h.stream("POST", gw.url + path, headers={"api-key": KEY}, json=body) as r:
