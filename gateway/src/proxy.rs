@@ -188,6 +188,10 @@ fn abort(e: impl std::fmt::Display) -> Failure {
     Failure::Abort(e.to_string())
 }
 
+/// After the shutdown signal, how long an idle client connection is still read from (the
+/// supervisor waits longer than this before it checks that nothing is in flight).
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// The idle clock of a client connection: one that completes no request between two ticks
 /// is closed, so an idle connection lives 60–120 s.
 const CLIENT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -1134,19 +1138,31 @@ impl Gateway {
             tokio::time::interval_at(tokio::time::Instant::now() + CLIENT_IDLE, CLIENT_IDLE);
         let mut served = false;
         'conn: loop {
-            let head = loop {
-                if *shutdown.borrow() && !conn.has_buffered() {
-                    break 'conn;
+            let head = if *shutdown.borrow() {
+                // Shutting down: a request the client sent as the signal came is still
+                // answered (with `connection: close`); a connection quiet for the grace
+                // period is closed. Closing at once would cut such a request off.
+                match fast_timeout(SHUTDOWN_GRACE, conn.read_head(false)).await {
+                    Ok(r) => r,
+                    Err(_) => break 'conn,
                 }
-                // `read_head` keeps what it read in the connection's buffer: dropping it
-                // for a tick loses nothing.
-                tokio::select! {
-                    biased;
-                    r = conn.read_head(false) => break r,
-                    _ = shutdown.changed() => {}
-                    _ = idle_tick.tick() => {
-                        if !std::mem::replace(&mut served, false) {
-                            break 'conn;
+            } else {
+                loop {
+                    // `read_head` keeps what it read in the connection's buffer: dropping it
+                    // for a tick or the shutdown signal loses nothing.
+                    tokio::select! {
+                        biased;
+                        r = conn.read_head(false) => break r,
+                        changed = shutdown.changed() => {
+                            if changed.is_err() {
+                                break 'conn;
+                            }
+                            continue 'conn;
+                        }
+                        _ = idle_tick.tick() => {
+                            if !std::mem::replace(&mut served, false) {
+                                break 'conn;
+                            }
                         }
                     }
                 }

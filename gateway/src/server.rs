@@ -129,7 +129,10 @@ impl BackgroundService for Supervisor {
         // SIGTERM or SIGQUIT (upgrade): the listeners have stopped accepting. Let the requests
         // in flight finish — streams included, up to request_timeout_seconds (Pingora's grace
         // period) — then exit at once instead of sleeping out the whole grace period.
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // Idle client connections still take a request for `SHUTDOWN_GRACE`: wait past it,
+        // so that such a request is counted in flight before the check.
+        tokio::time::sleep(crate::proxy::SHUTDOWN_GRACE + std::time::Duration::from_millis(200))
+            .await;
         while self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }

@@ -296,6 +296,28 @@ def test_connection_close_is_honoured_among_other_options(fresh):
         c.expect_closed()
 
 
+def test_request_on_an_idle_connection_as_shutdown_begins_is_answered(cluster):
+    """A kept-alive client that sends just after SIGTERM (or the SIGQUIT of an upgrade) gets
+    its answer, with `connection: close`, rather than a connection closed under it."""
+    import signal
+
+    m = cluster.mock("eastus-a")
+    gw = cluster.gateway(agw.single(m))
+    with Conn(gw) as c:
+        c.send(chat())
+        assert_chat_ok(c.read_response())
+        gw.process.send_signal(signal.SIGTERM)
+        cluster.gateways.remove(gw)
+        time.sleep(0.1)  # the connection is idle when the shutdown begins
+        c.send(chat())
+        r = c.read_response()
+        assert_chat_ok(r)
+        assert r.closes(), f"no `connection: close` while shutting down: {r!r}"
+        c.expect_closed()
+    assert gw.proc.proc.wait(timeout=30) == 0
+    assert len(m.data_requests()) == 2
+
+
 # -- 2. pipelining -----------------------------------------------------------------------
 
 
