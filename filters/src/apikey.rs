@@ -29,7 +29,7 @@ pub struct KeyRecord {
     /// Unix seconds after which the key fails like an unknown one.
     pub expires_at: Option<i64>,
     /// First 8 hex characters of the hash, for logs and metrics.
-    pub key_id: String,
+    pub key_id: std::sync::Arc<str>,
 }
 
 /// All configured keys, looked up by the SHA-256 of the presented key.
@@ -78,7 +78,7 @@ mod tests {
             KeyRecord {
                 client: 0,
                 expires_at: None,
-                key_id: hash_key("agw_good")[..8].to_string(),
+                key_id: hash_key("agw_good")[..8].into(),
             },
         );
         let h = parse_hash(&hash_key("agw_old")).unwrap();

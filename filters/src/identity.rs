@@ -102,7 +102,7 @@ pub struct Identity {
     /// `unlisted:<provider>:<value>` for an unlisted OIDC application.
     pub client_id: Arc<str>,
     pub auth: AuthMethod,
-    pub key_id: Option<String>,
+    pub key_id: Option<Arc<str>>,
     pub user: Option<String>,
     pub provider: Option<Arc<str>>,
     /// The request was authenticated by a JWT (it may then be forwarded to `forward` backends).

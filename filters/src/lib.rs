@@ -102,9 +102,18 @@ pub struct FilterContext {
 
 impl FilterContext {
     pub fn new(presented: identity::Presented, operation: Operation) -> Self {
+        Self::at(presented, operation, std::time::SystemTime::now())
+    }
+
+    /// With the clock already read (the request's start).
+    pub fn at(
+        presented: identity::Presented,
+        operation: Operation,
+        now: std::time::SystemTime,
+    ) -> Self {
         FilterContext {
             presented,
-            now: std::time::SystemTime::now(),
+            now,
             operation,
             deployment: None,
             reserve_tokens: 0,

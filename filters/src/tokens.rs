@@ -45,8 +45,13 @@ impl RawUsage {
 /// escaped), and OpenAI and Azure put the response's usage last.
 pub fn usage_in_json(buf: &[u8]) -> Option<Usage> {
     const KEY: &[u8] = b"\"usage\"";
-    let mut end = buf.len();
-    while let Some(pos) = find_last(&buf[..end], KEY) {
+    // The last `"usage"` is found with a forward (vectorized) search; earlier ones are only
+    // looked at when the last is not an object key.
+    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
+        std::sync::OnceLock::new();
+    let finder = FINDER.get_or_init(|| memchr::memmem::Finder::new(KEY));
+    let mut next = finder.find_iter(buf).last();
+    while let Some(pos) = next {
         let mut i = pos + KEY.len();
         while i < buf.len() && buf[i].is_ascii_whitespace() {
             i += 1;
@@ -64,22 +69,17 @@ pub fn usage_in_json(buf: &[u8]) -> Option<Usage> {
                 }
             }
         }
-        end = pos;
+        next = find_last(&buf[..pos], KEY);
     }
     None
 }
 
 fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if hay.len() < needle.len() {
-        return None;
-    }
-    (0..=hay.len() - needle.len())
-        .rev()
-        .find(|&i| &hay[i..i + needle.len()] == needle)
+    memchr::memmem::rfind(hay, needle)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 /// Keeps the last `cap` bytes of a plain response so its usage can be read at the end.

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::h1::Text;
+
 /// One request, as logged. `None` is written as `null`.
 #[derive(Debug, Serialize, Default, Clone)]
 pub struct AuditRecord {
@@ -19,13 +21,13 @@ pub struct AuditRecord {
     pub request_id: String,
     pub client: Arc<str>,
     pub auth: &'static str,
-    pub key_id: Option<String>,
+    pub key_id: Option<Arc<str>>,
     pub user: Option<String>,
     pub provider: Option<Arc<str>>,
     /// Formatted by the writer thread.
     pub client_ip: Option<std::net::IpAddr>,
-    pub method: String,
-    pub path: String,
+    pub method: Text,
+    pub path: Text,
     pub operation: Option<&'static str>,
     pub deployment: Option<Arc<str>>,
     pub backend: Option<Arc<str>>,
@@ -40,7 +42,7 @@ pub struct AuditRecord {
     pub usage_source: &'static str,
     pub duration_ms: u64,
     pub ttfb_ms: Option<u64>,
-    pub upstream_request_id: Option<String>,
+    pub upstream_request_id: Option<Text>,
 }
 
 enum Msg {
@@ -132,13 +134,12 @@ fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
                         rec.ts = clock.rfc3339(t);
                     }
                     line.clear();
-                    if serde_json::to_writer(&mut line, &rec).is_ok() {
-                        line.push(b'\n');
-                        if let Err(e) = sink.out().write_all(&line) {
-                            log::error!("audit log write failed: {e}");
-                        }
-                        wrote = true;
+                    write_json(&rec, &mut line);
+                    line.push(b'\n');
+                    if let Err(e) = sink.out().write_all(&line) {
+                        log::error!("audit log write failed: {e}");
                     }
+                    wrote = true;
                 }
                 Ok(Msg::Reopen) => {
                     let _ = sink.out().flush();
@@ -162,6 +163,216 @@ fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
             return;
         }
     }
+}
+
+/// Appends `rec` as one JSON object, byte for byte what `serde_json::to_writer(out, rec)`
+/// writes (fields in declaration order, `None` as `null`, serde_json's escaping).
+///
+/// Hand-written because it runs once per request and serde_json's generic `serialize_str`
+/// (byte-by-byte escaping) and `serialize_entry` dominated the profile. The record is
+/// destructured exhaustively so that a new field fails to compile until it is added here
+/// (in the same position as in the struct; the tests compare against serde_json).
+fn write_json(rec: &AuditRecord, out: &mut Vec<u8>) {
+    let AuditRecord {
+        ts,
+        ended: _,
+        request_id,
+        client,
+        auth,
+        key_id,
+        user,
+        provider,
+        client_ip,
+        method,
+        path,
+        operation,
+        deployment,
+        backend,
+        region,
+        attempts,
+        status,
+        error_code,
+        stream,
+        prompt_tokens,
+        completion_tokens,
+        total_tokens,
+        usage_source,
+        duration_ms,
+        ttfb_ms,
+        upstream_request_id,
+    } = rec;
+    let mut obj = JsonObject::new(out);
+    obj.field("ts", ts);
+    obj.field("request_id", request_id);
+    obj.field("client", client);
+    obj.field("auth", auth);
+    obj.field("key_id", key_id);
+    obj.field("user", user);
+    obj.field("provider", provider);
+    obj.field("client_ip", client_ip);
+    obj.field("method", method);
+    obj.field("path", path);
+    obj.field("operation", operation);
+    obj.field("deployment", deployment);
+    obj.field("backend", backend);
+    obj.field("region", region);
+    obj.field("attempts", attempts);
+    obj.field("status", status);
+    obj.field("error_code", error_code);
+    obj.field("stream", stream);
+    obj.field("prompt_tokens", prompt_tokens);
+    obj.field("completion_tokens", completion_tokens);
+    obj.field("total_tokens", total_tokens);
+    obj.field("usage_source", usage_source);
+    obj.field("duration_ms", duration_ms);
+    obj.field("ttfb_ms", ttfb_ms);
+    obj.field("upstream_request_id", upstream_request_id);
+    obj.finish();
+}
+
+/// Writes `{"key":value,...}`. Keys are written as given: they must need no escaping.
+struct JsonObject<'a> {
+    out: &'a mut Vec<u8>,
+    /// `{` before the first field, `,` after it.
+    sep: u8,
+}
+
+impl<'a> JsonObject<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        JsonObject { out, sep: b'{' }
+    }
+
+    fn field<T: Json + ?Sized>(&mut self, key: &str, value: &T) {
+        self.out.push(self.sep);
+        self.sep = b',';
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        value.encode(self.out);
+    }
+
+    fn finish(self) {
+        if self.sep == b'{' {
+            self.out.push(b'{');
+        }
+        self.out.push(b'}');
+    }
+}
+
+/// A value written the way serde_json serializes it.
+trait Json {
+    fn encode(&self, out: &mut Vec<u8>);
+}
+
+impl Json for str {
+    fn encode(&self, out: &mut Vec<u8>) {
+        write_str(self, out);
+    }
+}
+
+impl Json for String {
+    fn encode(&self, out: &mut Vec<u8>) {
+        write_str(self, out);
+    }
+}
+
+impl Json for Text {
+    fn encode(&self, out: &mut Vec<u8>) {
+        write_str(self.as_str(), out);
+    }
+}
+
+impl<T: Json + ?Sized> Json for &T {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (**self).encode(out);
+    }
+}
+
+impl<T: Json + ?Sized> Json for Arc<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (**self).encode(out);
+    }
+}
+
+impl<T: Json> Json for Option<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Some(v) => v.encode(out),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+}
+
+impl Json for bool {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(if *self { b"true" } else { b"false" });
+    }
+}
+
+macro_rules! json_integer {
+    ($($t:ty),*) => {$(
+        impl Json for $t {
+            fn encode(&self, out: &mut Vec<u8>) {
+                out.extend_from_slice(itoa::Buffer::new().format(*self).as_bytes());
+            }
+        }
+    )*};
+}
+
+json_integer!(u16, u32, u64);
+
+/// serde writes an address as a string of its `Display` form (which needs no escaping).
+impl Json for std::net::IpAddr {
+    fn encode(&self, out: &mut Vec<u8>) {
+        // Writing to a `Vec` cannot fail.
+        let _ = write!(out, "\"{self}\"");
+    }
+}
+
+/// Writes `s` as a JSON string with serde_json's escaping: `"`, `\` and control characters
+/// below 0x20 are escaped (`\b \t \n \f \r` by name, the rest as `\u00xx`); everything else,
+/// including `/`, DEL and non-ASCII UTF-8, is copied as is, a clean run at a time.
+fn write_str(s: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    // Most values need no escape: checked without branching per byte (vectorized).
+    let plain = bytes
+        .iter()
+        .fold(true, |ok, &b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+    if plain {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !matches!(b, b'"' | b'\\' | 0x00..=0x1f) {
+            continue;
+        }
+        out.extend_from_slice(&bytes[start..i]);
+        start = i + 1;
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]),
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
 }
 
 /// [`rfc3339`] with the part up to the second formatted once per second.
@@ -252,5 +463,212 @@ mod tests {
             time::OffsetDateTime::parse(&ts, &time::format_description::well_known::Rfc3339)
                 .is_ok()
         );
+    }
+
+    /// Quotes, backslashes, every control character, DEL, `/` and multi-byte UTF-8.
+    fn nasty() -> String {
+        let mut s: String = (0u8..0x20).map(char::from).collect();
+        s.push_str("plain \"quoted\" back\\slash \\\\ \\\" \u{7f} a/b </script> é 日本 😀 end");
+        s
+    }
+
+    fn leak(s: String) -> &'static str {
+        Box::leak(s.into_boxed_str())
+    }
+
+    fn full() -> AuditRecord {
+        AuditRecord {
+            ts: "2026-09-22T10:00:00.123Z".into(),
+            ended: Some(time::OffsetDateTime::UNIX_EPOCH),
+            request_id: "req-1".into(),
+            client: Arc::from("team-a"),
+            auth: "api_key",
+            key_id: Some(Arc::from("k1")),
+            user: Some("alice@example.com".into()),
+            provider: Some(Arc::from("azure")),
+            client_ip: Some("203.0.113.7".parse().unwrap()),
+            method: Text::from("POST".to_string()),
+            path: Text::from(
+                "/openai/deployments/gpt-4o/chat/completions?api-version=1".to_string(),
+            ),
+            operation: Some("chat.completions"),
+            deployment: Some(Arc::from("gpt-4o")),
+            backend: Some(Arc::from("eastus-1")),
+            region: Some(Arc::from("eastus")),
+            attempts: 2,
+            status: 200,
+            error_code: Some("upstream_timeout"),
+            stream: true,
+            prompt_tokens: Some(12),
+            completion_tokens: Some(34),
+            total_tokens: Some(46),
+            usage_source: "response",
+            duration_ms: 1234,
+            ttfb_ms: Some(56),
+            upstream_request_id: Some(Text::from("abc-123".to_string())),
+        }
+    }
+
+    fn all_nasty() -> AuditRecord {
+        let n = nasty();
+        let st = leak(n.clone());
+        AuditRecord {
+            ts: n.clone(),
+            request_id: n.clone(),
+            client: Arc::from(n.as_str()),
+            auth: st,
+            key_id: Some(Arc::from(n.as_str())),
+            user: Some(n.clone()),
+            provider: Some(Arc::from(n.as_str())),
+            method: Text::from(n.clone()),
+            path: Text::from(n.clone()),
+            operation: Some(st),
+            deployment: Some(Arc::from(n.as_str())),
+            backend: Some(Arc::from(n.as_str())),
+            region: Some(Arc::from(n.as_str())),
+            error_code: Some(st),
+            usage_source: st,
+            upstream_request_id: Some(Text::from(n)),
+            ..full()
+        }
+    }
+
+    fn max_numbers() -> AuditRecord {
+        AuditRecord {
+            attempts: u32::MAX,
+            status: u16::MAX,
+            prompt_tokens: Some(u64::MAX),
+            completion_tokens: Some(u64::MAX),
+            total_tokens: Some(u64::MAX),
+            duration_ms: u64::MAX,
+            ttfb_ms: Some(u64::MAX),
+            stream: false,
+            ..full()
+        }
+    }
+
+    /// Each optional field set alone on a default record, and cleared alone on a full one.
+    fn one_optional_each() -> Vec<AuditRecord> {
+        let set: [fn(&mut AuditRecord, &AuditRecord); 15] = [
+            |r, f| r.key_id = f.key_id.clone(),
+            |r, f| r.user = f.user.clone(),
+            |r, f| r.provider = f.provider.clone(),
+            |r, f| r.client_ip = f.client_ip,
+            |r, f| r.operation = f.operation,
+            |r, f| r.deployment = f.deployment.clone(),
+            |r, f| r.backend = f.backend.clone(),
+            |r, f| r.region = f.region.clone(),
+            |r, f| r.error_code = f.error_code,
+            |r, f| r.prompt_tokens = f.prompt_tokens,
+            |r, f| r.completion_tokens = f.completion_tokens,
+            |r, f| r.total_tokens = f.total_tokens,
+            |r, f| r.ttfb_ms = f.ttfb_ms,
+            |r, f| r.upstream_request_id = f.upstream_request_id.clone(),
+            |r, f| r.ended = f.ended,
+        ];
+        let (full, empty) = (full(), AuditRecord::default());
+        let mut out = Vec::new();
+        for f in set {
+            let mut only = AuditRecord::default();
+            f(&mut only, &full);
+            out.push(only);
+            let mut all_but = full.clone();
+            f(&mut all_but, &empty);
+            out.push(all_but);
+        }
+        out
+    }
+
+    fn ip(s: &str) -> AuditRecord {
+        AuditRecord {
+            client_ip: Some(s.parse().unwrap()),
+            ..full()
+        }
+    }
+
+    fn cases() -> Vec<AuditRecord> {
+        let mut v = vec![
+            AuditRecord::default(),
+            full(),
+            all_nasty(),
+            max_numbers(),
+            ip("0.0.0.0"),
+            ip("255.255.255.255"),
+            ip("::"),
+            ip("::1"),
+            ip("2001:db8::8a2e:370:7334"),
+            ip("fe80::1:2:3:4"),
+            ip("::ffff:192.0.2.128"),
+            ip("2001:db8:85a3:1:2:8a2e:370:7334"),
+        ];
+        v.extend(one_optional_each());
+        v
+    }
+
+    fn hand_written(rec: &AuditRecord) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_json(rec, &mut out);
+        out
+    }
+
+    #[test]
+    fn write_json_equals_serde_json() {
+        for (i, rec) in cases().iter().enumerate() {
+            let ours = hand_written(rec);
+            let serde = serde_json::to_vec(rec).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&serde),
+                "case {i}"
+            );
+            assert_eq!(ours, serde, "case {i}");
+            assert!(
+                !ours.contains(&b'\n'),
+                "case {i}: a line must not contain a newline"
+            );
+        }
+    }
+
+    #[test]
+    fn write_json_appends_to_what_is_in_the_buffer() {
+        let mut out = b"prefix".to_vec();
+        write_json(&full(), &mut out);
+        let mut expected = b"prefix".to_vec();
+        serde_json::to_writer(&mut expected, &full()).unwrap();
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn write_json_parses_back_to_serde_value() {
+        for (i, rec) in cases().iter().enumerate() {
+            let parsed: serde_json::Value = serde_json::from_slice(&hand_written(rec)).unwrap();
+            assert_eq!(parsed, serde_json::to_value(rec).unwrap(), "case {i}");
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_like_serde_json() {
+        let mut samples: Vec<String> = (0u8..=0x7f)
+            .map(char::from)
+            .flat_map(|c| [c.to_string(), format!("ab{c}cd"), format!("{c}{c}x{c}")])
+            .collect();
+        samples.extend(
+            [
+                "",
+                "é",
+                "日本",
+                "😀",
+                "a\u{80}\u{7ff}\u{800}\u{ffff}\u{10000}\u{10ffff}z",
+            ]
+            .map(String::from),
+        );
+        samples.push(nasty());
+        // Every Unicode scalar value in one string.
+        samples.push(('\0'..=char::MAX).collect());
+        for s in &samples {
+            let mut ours = Vec::new();
+            write_str(s, &mut ours);
+            assert_eq!(ours, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
     }
 }

@@ -72,8 +72,11 @@ impl RequestBody {
         if !is_json(operation, rest) {
             return Ok(body);
         }
-        let ct = content_type.trim().to_ascii_lowercase();
-        if !ct.is_empty() && !ct.starts_with("application/json") && !ct.ends_with("+json") {
+        let ct = content_type.trim().as_bytes();
+        let starts = |p: &[u8]| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p);
+        let ends =
+            |p: &[u8]| ct.len() >= p.len() && ct[ct.len() - p.len()..].eq_ignore_ascii_case(p);
+        if !ct.is_empty() && !starts(b"application/json") && !ends(b"+json") {
             return Err(invalid(
                 "The request body must be JSON (content-type: application/json).",
             ));

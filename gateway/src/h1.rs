@@ -59,17 +59,173 @@ impl From<io::Error> for H1Error {
 
 type Span = (u32, u32);
 
+/// The header names the gateway acts on, recognized once when a head is parsed, so that
+/// lookups and the forwarding filters compare a byte rather than names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Name {
+    Other = 0,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    ProxyConnection,
+    Te,
+    Trailer,
+    Upgrade,
+    ProxyAuthorization,
+    Host,
+    AcceptEncoding,
+    ApiKey,
+    Authorization,
+    Cookie,
+    Expect,
+    SetCookie,
+    ContentType,
+    XRequestId,
+    ApimRequestId,
+    RetryAfter,
+    RetryAfterMs,
+    XAzureFdid,
+    XAzureClientIp,
+    XForwardedFor,
+    /// `x-ratelimit-*`
+    RateLimit,
+}
+
+/// How many [`Name`]s there are.
+const NAMES: usize = Name::RateLimit as usize + 1;
+
+impl Name {
+    /// The name of a header as sent (any case).
+    pub fn of(name: &[u8]) -> Name {
+        // The literals are lower case letters and `-`; for token characters (all a header
+        // name may hold) `b | 0x20` equals one of them only for that letter in either case,
+        // or `-` itself.
+        let is = |s: &str| name.iter().zip(s.as_bytes()).all(|(&a, &b)| a | 0x20 == b);
+        match name.len() {
+            2 if is("te") => Name::Te,
+            4 if is("host") => Name::Host,
+            6 if is("cookie") => Name::Cookie,
+            6 if is("expect") => Name::Expect,
+            7 if is("api-key") => Name::ApiKey,
+            7 if is("trailer") => Name::Trailer,
+            7 if is("upgrade") => Name::Upgrade,
+            10 if is("connection") => Name::Connection,
+            10 if is("keep-alive") => Name::KeepAlive,
+            10 if is("set-cookie") => Name::SetCookie,
+            11 if is("retry-after") => Name::RetryAfter,
+            12 if is("content-type") => Name::ContentType,
+            12 if is("x-request-id") => Name::XRequestId,
+            12 if is("x-azure-fdid") => Name::XAzureFdid,
+            13 if is("authorization") => Name::Authorization,
+            14 if is("content-length") => Name::ContentLength,
+            14 if is("retry-after-ms") => Name::RetryAfterMs,
+            15 if is("apim-request-id") => Name::ApimRequestId,
+            15 if is("accept-encoding") => Name::AcceptEncoding,
+            15 if is("x-forwarded-for") => Name::XForwardedFor,
+            16 if is("proxy-connection") => Name::ProxyConnection,
+            16 if is("x-azure-clientip") => Name::XAzureClientIp,
+            17 if is("transfer-encoding") => Name::TransferEncoding,
+            19 if is("proxy-authorization") => Name::ProxyAuthorization,
+            n if n > 12 && name[..12].eq_ignore_ascii_case(b"x-ratelimit-") => Name::RateLimit,
+            _ => Name::Other,
+        }
+    }
+
+    /// Hop-by-hop: about one connection, never forwarded either way.
+    pub fn hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Name::Connection
+                | Name::KeepAlive
+                | Name::ProxyConnection
+                | Name::Te
+                | Name::Trailer
+                | Name::TransferEncoding
+                | Name::Upgrade
+        )
+    }
+
+    /// Never sent to a backend: hop-by-hop, the client's credentials, and what the gateway
+    /// sets itself (host, length; no compression, so the gateway can read usage).
+    pub fn never_upstream(self) -> bool {
+        self.hop_by_hop()
+            || matches!(
+                self,
+                Name::ProxyAuthorization
+                    | Name::Host
+                    | Name::ContentLength
+                    | Name::AcceptEncoding
+                    | Name::ApiKey
+                    | Name::Authorization
+                    | Name::Cookie
+                    | Name::Expect
+            )
+    }
+
+    /// Never passed from a backend's answer to the client: hop-by-hop, cookies, and what
+    /// the gateway sets itself (length, `x-request-id`).
+    pub fn never_downstream(self) -> bool {
+        self.hop_by_hop()
+            || matches!(
+                self,
+                Name::SetCookie | Name::ContentLength | Name::XRequestId
+            )
+    }
+}
+
+/// One header: where its name and value sit in the head's buffer, and which it is.
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    name: Span,
+    value: Span,
+    kind: Name,
+}
+
+/// UTF-8 text that shares the buffer of the head it was read from: the audit record keeps
+/// the method, path and backend request id without copying them per request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Text(Bytes);
+
+impl Text {
+    pub fn as_str(&self) -> &str {
+        // Only built from `&str`s, so this always succeeds.
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Text {
+        Text(Bytes::from(s))
+    }
+}
+
+impl serde::Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// A parsed request or response head: the raw bytes and where each part sits in them.
 #[derive(Debug, Clone)]
 pub struct Head {
     buf: Bytes,
     method: Span,
-    target: Span,
+    /// The path of the request target (the absolute form reduced to it) and its query.
+    path: Span,
+    query: Option<Span>,
     /// 0 for requests.
     pub status: u16,
     /// HTTP/1.`minor`.
     pub minor: u8,
-    headers: Vec<(Span, Span)>,
+    fields: Vec<Field>,
+    /// Per [`Name`], 1 + the index of its first field (0: absent).
+    first: [u8; NAMES],
 }
 
 fn span_of(buf: &[u8], part: &[u8]) -> Span {
@@ -77,9 +233,67 @@ fn span_of(buf: &[u8], part: &[u8]) -> Span {
     (start as u32, (start + part.len()) as u32)
 }
 
+/// The path and query spans of a request target at `at` in a buffer: origin form
+/// `/path?query`; the absolute form `http://host/path?query` is reduced to its path and
+/// query (`/` when it has none).
+fn target_spans(target: &[u8], at: u32) -> (Span, Option<Span>) {
+    let end = at + target.len() as u32;
+    let mut start = 0usize;
+    for scheme in [&b"http://"[..], b"https://"] {
+        if target.len() >= scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            let rest = &target[scheme.len()..];
+            start = match memchr::memchr2(b'/', b'?', rest) {
+                Some(i) if rest[i] == b'/' => scheme.len() + i,
+                // No path: `/` (the empty span marks it).
+                _ => return ((end, end), None),
+            };
+            break;
+        }
+    }
+    let t = &target[start..];
+    let p0 = at + start as u32;
+    match memchr::memchr(b'?', t) {
+        Some(i) => ((p0, p0 + i as u32), Some((p0 + i as u32 + 1, end))),
+        None => ((p0, end), None),
+    }
+}
+
 impl Head {
     fn slice(&self, s: Span) -> &[u8] {
         &self.buf[s.0 as usize..s.1 as usize]
+    }
+
+    fn new(
+        buf: Bytes,
+        method: Span,
+        target: Span,
+        status: u16,
+        minor: u8,
+        fields: Vec<Field>,
+    ) -> Head {
+        let (path, query) = if status == 0 {
+            target_spans(&buf[target.0 as usize..target.1 as usize], target.0)
+        } else {
+            ((0, 0), None)
+        };
+        let mut first = [0u8; NAMES];
+        for (i, f) in fields.iter().enumerate() {
+            let slot = &mut first[f.kind as usize];
+            if *slot == 0 && f.kind != Name::Other {
+                // At most MAX_HEADERS (128) fields.
+                *slot = (i + 1) as u8;
+            }
+        }
+        Head {
+            buf,
+            method,
+            path,
+            query,
+            status,
+            minor,
+            fields,
+            first,
+        }
     }
 
     /// A request head from parts (HTTP/2 requests, tests).
@@ -94,22 +308,19 @@ impl Head {
         let t0 = raw.len() as u32;
         raw.extend_from_slice(target.as_bytes());
         let target_span = (t0, raw.len() as u32);
-        let mut spans = Vec::new();
-        for (n, v) in headers {
+        let mut fields = Vec::new();
+        for (n, v) in headers.into_iter().take(MAX_HEADERS) {
             let n0 = raw.len() as u32;
             raw.extend_from_slice(n.as_bytes());
             let n1 = raw.len() as u32;
             raw.extend_from_slice(v);
-            spans.push(((n0, n1), (n1, raw.len() as u32)));
+            fields.push(Field {
+                name: (n0, n1),
+                value: (n1, raw.len() as u32),
+                kind: Name::of(n.as_bytes()),
+            });
         }
-        Head {
-            buf: Bytes::from(raw),
-            method: method_span,
-            target: target_span,
-            status: 0,
-            minor: 1,
-            headers: spans,
-        }
+        Head::new(Bytes::from(raw), method_span, target_span, 0, 1, fields)
     }
 
     pub fn method(&self) -> &str {
@@ -117,34 +328,55 @@ impl Head {
         std::str::from_utf8(self.slice(self.method)).unwrap_or("")
     }
 
-    /// The request target as sent (origin form `/path?query`; the absolute form
-    /// `http://host/path?query` is reduced to its path and query).
-    pub fn target(&self) -> &str {
-        let t = std::str::from_utf8(self.slice(self.target)).unwrap_or("");
-        if let Some(rest) = t
-            .strip_prefix("http://")
-            .or_else(|| t.strip_prefix("https://"))
-        {
-            return rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
-        }
-        t
-    }
-
+    /// The path of the request target (absolute form reduced to it).
     pub fn path(&self) -> &str {
-        let t = self.target();
-        t.split_once('?').map(|(p, _)| p).unwrap_or(t)
+        if self.path.0 == self.path.1 {
+            return "/";
+        }
+        std::str::from_utf8(self.slice(self.path)).unwrap_or("")
     }
 
     pub fn query(&self) -> Option<&str> {
-        self.target().split_once('?').map(|(_, q)| q)
+        self.query
+            .map(|q| std::str::from_utf8(self.slice(q)).unwrap_or(""))
+    }
+
+    /// The method, sharing the head's buffer.
+    pub fn method_text(&self) -> Text {
+        Text(
+            self.buf
+                .slice(self.method.0 as usize..self.method.1 as usize),
+        )
+    }
+
+    /// The path (without the query), sharing the head's buffer.
+    pub fn path_text(&self) -> Text {
+        if self.path.0 == self.path.1 {
+            return Text(Bytes::from_static(b"/"));
+        }
+        Text(self.buf.slice(self.path.0 as usize..self.path.1 as usize))
+    }
+
+    /// A header value that is valid UTF-8, sharing the head's buffer.
+    pub fn get_text(&self, name: &str) -> Option<Text> {
+        let v = self.get(name)?;
+        std::str::from_utf8(v).ok()?;
+        Some(Text(self.buf.slice_ref(v)))
     }
 
     /// The first header of this name (case-insensitive).
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| self.slice(*n).eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| self.slice(*v))
+        match Name::of(name.as_bytes()) {
+            Name::Other | Name::RateLimit => self
+                .fields
+                .iter()
+                .find(|f| self.slice(f.name).eq_ignore_ascii_case(name.as_bytes()))
+                .map(|f| self.slice(f.value)),
+            known => match self.first[known as usize] {
+                0 => None,
+                i => Some(self.slice(self.fields[i as usize - 1].value)),
+            },
+        }
     }
 
     pub fn get_str(&self, name: &str) -> Option<&str> {
@@ -155,21 +387,28 @@ impl Head {
         self.get(name).is_some()
     }
 
-    /// Every header in order, names as sent.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.headers
+    /// Every header in order with the [`Name`] it was recognized as.
+    pub fn fields(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> {
+        self.fields
             .iter()
-            .map(|(n, v)| (self.slice(*n), self.slice(*v)))
+            .map(|f| (f.kind, self.slice(f.name), self.slice(f.value)))
+    }
+
+    /// The values of every header recognized as `kind`.
+    fn values(&self, kind: Name) -> impl Iterator<Item = &[u8]> {
+        let from = (self.first[kind as usize] as usize).saturating_sub(1);
+        let present = self.first[kind as usize] != 0;
+        self.fields[from..]
+            .iter()
+            .filter(move |f| present && f.kind == kind)
+            .map(|f| self.slice(f.value))
     }
 
     /// Whether a `Connection` header lists this option.
     fn connection_has(&self, option: &str) -> bool {
-        self.headers.iter().any(|(n, v)| {
-            self.slice(*n).eq_ignore_ascii_case(b"connection")
-                && self
-                    .slice(*v)
-                    .split(|&b| b == b',')
-                    .any(|o| o.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
+        self.values(Name::Connection).any(|v| {
+            v.split(|&b| b == b',')
+                .any(|o| o.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
         })
     }
 
@@ -212,18 +451,16 @@ impl Head {
 
     fn transfer_encoding(&self) -> Result<Option<()>, H1Error> {
         let mut seen = false;
-        for (n, v) in self.iter() {
-            if n.eq_ignore_ascii_case(b"transfer-encoding") {
-                for coding in v.split(|&b| b == b',') {
-                    let coding = coding.trim_ascii();
-                    if coding.is_empty() {
-                        continue;
-                    }
-                    if !coding.eq_ignore_ascii_case(b"chunked") || seen {
-                        return Err(H1Error::Malformed("unsupported Transfer-Encoding"));
-                    }
-                    seen = true;
+        for v in self.values(Name::TransferEncoding) {
+            for coding in v.split(|&b| b == b',') {
+                let coding = coding.trim_ascii();
+                if coding.is_empty() {
+                    continue;
                 }
+                if !coding.eq_ignore_ascii_case(b"chunked") || seen {
+                    return Err(H1Error::Malformed("unsupported Transfer-Encoding"));
+                }
+                seen = true;
             }
         }
         Ok(seen.then_some(()))
@@ -231,22 +468,17 @@ impl Head {
 
     fn content_length(&self) -> Result<Option<u64>, H1Error> {
         let mut len: Option<u64> = None;
-        for (n, v) in self.iter() {
-            if n.eq_ignore_ascii_case(b"content-length") {
-                for part in v.split(|&b| b == b',') {
-                    let part = part.trim_ascii();
-                    if part.is_empty() || part.len() > 18 || !part.iter().all(u8::is_ascii_digit) {
-                        return Err(H1Error::Malformed("bad Content-Length"));
-                    }
-                    let n: u64 = std::str::from_utf8(part)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or(H1Error::Malformed("bad Content-Length"))?;
-                    if len.is_some_and(|l| l != n) {
-                        return Err(H1Error::Malformed("conflicting Content-Length"));
-                    }
-                    len = Some(n);
+        for v in self.values(Name::ContentLength) {
+            for part in v.split(|&b| b == b',') {
+                let part = part.trim_ascii();
+                if part.is_empty() || part.len() > 18 || !part.iter().all(u8::is_ascii_digit) {
+                    return Err(H1Error::Malformed("bad Content-Length"));
                 }
+                let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                if len.is_some_and(|l| l != n) {
+                    return Err(H1Error::Malformed("conflicting Content-Length"));
+                }
+                len = Some(n);
             }
         }
         Ok(len)
@@ -484,11 +716,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     fn try_parse(&mut self, response: bool) -> Result<Option<Head>, H1Error> {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        // Left uninitialized: httparse writes only the slots it fills.
+        let mut headers =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let config = httparse::ParserConfig::default();
         let (used, method, target, status, minor, spans);
         if response {
-            let mut r = httparse::Response::new(&mut headers);
-            match r.parse(&self.rbuf) {
+            let mut r = httparse::Response::new(&mut []);
+            match config.parse_response_with_uninit_headers(&mut r, &self.rbuf, &mut headers) {
                 Ok(httparse::Status::Complete(n)) => {
                     used = n;
                     method = (0, 0);
@@ -502,8 +737,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 Err(_) => return Err(H1Error::Malformed("bad response head")),
             }
         } else {
-            let mut r = httparse::Request::new(&mut headers);
-            match r.parse(&self.rbuf) {
+            let mut r = httparse::Request::new(&mut []);
+            match config.parse_request_with_uninit_headers(&mut r, &self.rbuf, &mut headers) {
                 Ok(httparse::Status::Complete(n)) => {
                     used = n;
                     method = span_of(&self.rbuf, r.method.unwrap_or("").as_bytes());
@@ -521,14 +756,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             return Err(H1Error::HeadTooLarge);
         }
         let buf = self.rbuf.split_to(used).freeze();
-        Ok(Some(Head {
-            buf,
-            method,
-            target,
-            status,
-            minor,
-            headers: spans,
-        }))
+        Ok(Some(Head::new(buf, method, target, status, minor, spans)))
     }
 
     /// Writes all of `bytes` and flushes.
@@ -538,10 +766,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-fn collect(buf: &[u8], headers: &[httparse::Header<'_>]) -> Vec<(Span, Span)> {
+fn collect(buf: &[u8], headers: &[httparse::Header<'_>]) -> Vec<Field> {
     headers
         .iter()
-        .map(|h| (span_of(buf, h.name.as_bytes()), span_of(buf, h.value)))
+        .map(|h| Field {
+            name: span_of(buf, h.name.as_bytes()),
+            value: span_of(buf, h.value),
+            kind: Name::of(h.name.as_bytes()),
+        })
         .collect()
 }
 
@@ -566,9 +798,17 @@ impl RespHead {
     }
 
     pub fn add_raw(&mut self, name: &[u8], value: &[u8]) {
-        if value.iter().any(|&b| b == b'\r' || b == b'\n') {
+        if memchr::memchr2(b'\r', b'\n', value).is_some() {
             return;
         }
+        self.lines.extend_from_slice(name);
+        self.lines.extend_from_slice(b": ");
+        self.lines.extend_from_slice(value);
+        self.lines.extend_from_slice(b"\r\n");
+    }
+
+    /// Adds a header line from a parsed head (httparse refuses CR and LF in values).
+    pub fn add_parsed(&mut self, name: &[u8], value: &[u8]) {
         self.lines.extend_from_slice(name);
         self.lines.extend_from_slice(b": ");
         self.lines.extend_from_slice(value);
@@ -694,6 +934,108 @@ mod tests {
         let h2 = c.read_head(false).await.unwrap().unwrap();
         assert_eq!((h2.method(), h2.path()), ("GET", "/healthz"));
         assert!(c.read_head(false).await.unwrap().is_none(), "clean close");
+    }
+
+    #[test]
+    fn header_names_are_recognized_in_any_case_and_only_exactly() {
+        let known = [
+            ("te", Name::Te),
+            ("host", Name::Host),
+            ("cookie", Name::Cookie),
+            ("expect", Name::Expect),
+            ("api-key", Name::ApiKey),
+            ("trailer", Name::Trailer),
+            ("upgrade", Name::Upgrade),
+            ("connection", Name::Connection),
+            ("keep-alive", Name::KeepAlive),
+            ("set-cookie", Name::SetCookie),
+            ("retry-after", Name::RetryAfter),
+            ("content-type", Name::ContentType),
+            ("x-request-id", Name::XRequestId),
+            ("x-azure-fdid", Name::XAzureFdid),
+            ("authorization", Name::Authorization),
+            ("content-length", Name::ContentLength),
+            ("retry-after-ms", Name::RetryAfterMs),
+            ("apim-request-id", Name::ApimRequestId),
+            ("accept-encoding", Name::AcceptEncoding),
+            ("x-forwarded-for", Name::XForwardedFor),
+            ("proxy-connection", Name::ProxyConnection),
+            ("x-azure-clientip", Name::XAzureClientIp),
+            ("transfer-encoding", Name::TransferEncoding),
+            ("proxy-authorization", Name::ProxyAuthorization),
+            ("x-ratelimit-remaining-tokens", Name::RateLimit),
+        ];
+        for (lit, name) in known {
+            assert_eq!(Name::of(lit.as_bytes()), name, "{lit}");
+            assert_eq!(Name::of(lit.to_uppercase().as_bytes()), name, "{lit}");
+            // One character off, or one longer: not that header.
+            let mut off = lit.as_bytes().to_vec();
+            off[0] = b'q';
+            assert_eq!(Name::of(&off), Name::Other, "{lit}");
+            if name != Name::RateLimit {
+                assert_eq!(
+                    Name::of(format!("{lit}x").as_bytes()),
+                    Name::Other,
+                    "{lit}x"
+                );
+            }
+        }
+        for other in [
+            "x-ratelimit-",
+            "content_length",
+            "api_key",
+            "hostx",
+            "",
+            "x",
+        ] {
+            assert_eq!(Name::of(other.as_bytes()), Name::Other, "{other}");
+        }
+        assert!(Name::ApiKey.never_upstream() && !Name::ApiKey.never_downstream());
+        assert!(Name::SetCookie.never_downstream() && !Name::SetCookie.never_upstream());
+        assert!(Name::Connection.never_upstream() && Name::Connection.never_downstream());
+        assert!(!Name::ContentType.never_upstream() && !Name::Other.never_downstream());
+    }
+
+    #[test]
+    fn request_targets_split_into_path_and_query() {
+        for (target, path, query) in [
+            ("/a/b?x=1&y", "/a/b", Some("x=1&y")),
+            ("/a/b", "/a/b", None),
+            ("/a?", "/a", Some("")),
+            ("http://host/a/b?x=1", "/a/b", Some("x=1")),
+            ("HTTPS://host:443/a", "/a", None),
+            ("http://host", "/", None),
+            ("http://host?x=1", "/", None),
+            ("*", "*", None),
+        ] {
+            let h = Head::request("GET", target, []);
+            assert_eq!(h.path(), path, "{target}");
+            assert_eq!(h.path_text().as_str(), path, "{target}");
+            assert_eq!(h.query(), query, "{target}");
+        }
+    }
+
+    #[test]
+    fn lookups_find_the_first_of_repeated_headers_and_framing_sees_all() {
+        let h = Head::request(
+            "POST",
+            "/",
+            [
+                ("X-Custom", &b"1"[..]),
+                ("Content-Length", b"5"),
+                ("content-length", b"6"),
+                ("x-custom", b"2"),
+            ],
+        );
+        assert_eq!(h.get("content-length"), Some(&b"5"[..]));
+        assert_eq!(h.get("x-custom"), Some(&b"1"[..]));
+        assert!(h.get("api-key").is_none());
+        assert!(matches!(
+            h.request_framing(),
+            Err(H1Error::Malformed("conflicting Content-Length"))
+        ));
+        let t = h.get_text("content-length").unwrap();
+        assert_eq!(t.as_str(), "5");
     }
 
     #[tokio::test]

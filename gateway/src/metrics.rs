@@ -3,12 +3,13 @@
 //! tokens, paths or other user input. Unlisted OIDC applications are bounded to 1,000
 //! distinct `client` values, then `unlisted:other`.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, RwLock};
 
 use prometheus::{
-    exponential_buckets, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry,
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// At most this many distinct unlisted-application labels.
@@ -31,6 +32,73 @@ pub struct Metrics {
     pub limit_store_errors: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
     unlisted: Mutex<HashSet<Arc<str>>>,
+    request_series: SeriesCache<RequestSeries>,
+    attempt_series: SeriesCache<AttemptSeries>,
+    token_series: SeriesCache<TokenSeries>,
+}
+
+/// Where one request's outcome is counted: `requests_total` and `request_duration_seconds`
+/// of its (client, deployment, operation[, code]).
+#[derive(Clone)]
+pub struct RequestSeries {
+    pub requests: IntCounter,
+    pub duration: Histogram,
+}
+
+/// Where one answered attempt is counted: `upstream_attempts_total` of its (backend,
+/// deployment, code) and `time_to_first_byte_seconds` of its (deployment, backend).
+#[derive(Clone)]
+pub struct AttemptSeries {
+    pub attempts: IntCounter,
+    pub ttfb: Histogram,
+}
+
+/// `tokens_total` of a (client, deployment, backend), prompt and completion.
+#[derive(Clone)]
+pub struct TokenSeries {
+    pub prompt: IntCounter,
+    pub completion: IntCounter,
+}
+
+/// The series of a metric family found once per label values. `with_label_values` hashes
+/// every label string and takes a lock per call, six times a request; this takes one lookup
+/// per group of series, keyed by a fast hash of the label values (kept and compared, so a
+/// hash collision only costs the slow path).
+struct SeriesCache<V> {
+    map: RwLock<HashMap<u64, Cached<V>, foldhash::fast::FixedState>>,
+}
+
+/// The label values a cached entry was made for, and its series.
+type Cached<V> = (Vec<Box<str>>, V);
+
+/// Distinct label combinations cached per group; the cache starts over beyond it (label
+/// values come from configuration, so this is only reached across many reloads).
+const MAX_CACHED_SERIES: usize = 16_384;
+
+impl<V: Clone> SeriesCache<V> {
+    fn new() -> Self {
+        SeriesCache {
+            map: RwLock::new(HashMap::default()),
+        }
+    }
+
+    fn get(&self, labels: &[&str], make: impl FnOnce() -> V) -> V {
+        let hash = foldhash::fast::FixedState::default().hash_one(labels);
+        let same = |kept: &[Box<str>]| kept.iter().map(|k| &**k).eq(labels.iter().copied());
+        if let Some((kept, v)) = self.map.read().expect("not poisoned").get(&hash) {
+            if same(kept) {
+                return v.clone();
+            }
+        }
+        let v = make();
+        let mut map = self.map.write().expect("not poisoned");
+        if map.len() >= MAX_CACHED_SERIES {
+            map.clear();
+        }
+        map.entry(hash)
+            .or_insert_with(|| (labels.iter().map(|l| Box::from(*l)).collect(), v.clone()));
+        v
+    }
 }
 
 impl Metrics {
@@ -189,7 +257,58 @@ impl Metrics {
             limit_store_errors,
             tls_handshake_failures,
             unlisted: Mutex::new(HashSet::new()),
+            request_series: SeriesCache::new(),
+            attempt_series: SeriesCache::new(),
+            token_series: SeriesCache::new(),
         })
+    }
+
+    /// `requests_total{client,deployment,operation,code}` and
+    /// `request_duration_seconds{client,deployment,operation}`.
+    pub fn request_series(
+        &self,
+        client: &str,
+        deployment: &str,
+        operation: &str,
+        code: &str,
+    ) -> RequestSeries {
+        self.request_series
+            .get(&[client, deployment, operation, code], || RequestSeries {
+                requests: self
+                    .requests
+                    .with_label_values(&[client, deployment, operation, code]),
+                duration: self
+                    .duration
+                    .with_label_values(&[client, deployment, operation]),
+            })
+    }
+
+    /// `upstream_attempts_total{backend,deployment,code}` and
+    /// `time_to_first_byte_seconds{deployment,backend}`.
+    pub fn attempt_series(&self, backend: &str, deployment: &str, code: &str) -> AttemptSeries {
+        self.attempt_series
+            .get(&[backend, deployment, code], || AttemptSeries {
+                attempts: self
+                    .upstream_attempts
+                    .with_label_values(&[backend, deployment, code]),
+                ttfb: self.ttfb.with_label_values(&[deployment, backend]),
+            })
+    }
+
+    /// `tokens_total{client,deployment,backend,type}` for both types.
+    pub fn token_series(&self, client: &str, deployment: &str, backend: &str) -> TokenSeries {
+        self.token_series
+            .get(&[client, deployment, backend], || TokenSeries {
+                prompt: self
+                    .tokens
+                    .with_label_values(&[client, deployment, backend, "prompt"]),
+                completion: self.tokens.with_label_values(&[
+                    client,
+                    deployment,
+                    backend,
+                    "completion",
+                ]),
+            })
     }
 
     /// The `client` label for a client id: configured ids as they are; unlisted
@@ -235,6 +354,48 @@ mod tests {
         assert_eq!(m.client_label(&seen), seen);
         let listed: Arc<str> = Arc::from("support-bot");
         assert_eq!(m.client_label(&listed), listed);
+    }
+
+    #[test]
+    fn cached_series_are_the_labelled_series() {
+        let m = Metrics::new();
+        for _ in 0..3 {
+            let s = m.request_series("c", "d", "chat.completions", "200");
+            s.requests.inc();
+            s.duration.observe(0.01);
+        }
+        m.request_series("c", "d", "chat.completions", "429")
+            .requests
+            .inc();
+        let a = m.attempt_series("b", "d", "200");
+        a.attempts.inc();
+        a.ttfb.observe(0.02);
+        let t = m.token_series("c", "d", "b");
+        t.prompt.inc_by(12);
+        t.completion.inc_by(4);
+        m.token_series("c", "d", "b").prompt.inc_by(1);
+        let text = String::from_utf8(m.render()).unwrap();
+        for line in [
+            r#"aoai_gateway_requests_total{client="c",code="200",deployment="d",operation="chat.completions"} 3"#,
+            r#"aoai_gateway_requests_total{client="c",code="429",deployment="d",operation="chat.completions"} 1"#,
+            r#"aoai_gateway_request_duration_seconds_count{client="c",deployment="d",operation="chat.completions"} 3"#,
+            r#"aoai_gateway_upstream_attempts_total{backend="b",code="200",deployment="d"} 1"#,
+            r#"aoai_gateway_time_to_first_byte_seconds_count{backend="b",deployment="d"} 1"#,
+            r#"aoai_gateway_tokens_total{backend="b",client="c",deployment="d",type="prompt"} 13"#,
+            r#"aoai_gateway_tokens_total{backend="b",client="c",deployment="d",type="completion"} 4"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_cache_keeps_label_values_apart() {
+        let c: SeriesCache<u32> = SeriesCache::new();
+        assert_eq!(c.get(&["a", "bc"], || 1), 1);
+        // Same bytes, other split: another series.
+        assert_eq!(c.get(&["ab", "c"], || 2), 2);
+        assert_eq!(c.get(&["a", "bc"], || 99), 1);
+        assert_eq!(c.get(&["ab", "c"], || 99), 2);
     }
 
     #[test]

@@ -9,8 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::runtime::{Config, RetrySettings};
 
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    unix_ms(SystemTime::now())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
@@ -161,7 +165,7 @@ impl PoolState {
 }
 
 /// What the chooser knows of one member.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Candidate {
     pub priority: u32,
     pub weight: u32,

@@ -9,10 +9,12 @@
 //! go through Pingora's HTTP/2 session and `ProxyHttp::request_filter`. Both reach the same
 //! `Gateway::serve`, generic over the [`Downstream`] they answer on.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::Poll;
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -25,7 +27,7 @@ use pingora::apps::ServerApp;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::{HttpProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
-use pingora::time::fast_timeout::fast_timeout;
+use pingora::time::fast_timeout::{fast_sleep, fast_timeout};
 use pingora::upstreams::peer::HttpPeer;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -35,54 +37,44 @@ use crate::body::RequestBody;
 use crate::config::runtime::{Credential, Deployment};
 use crate::downstream::{Downstream, ReadError, Session2, H1};
 use crate::errors::{ErrorCode, GatewayError};
-use crate::h1::{BodyReader, Collected, Conn, Framing, H1Error, Head, RespHead};
+use crate::h1::{BodyReader, Collected, Conn, Framing, H1Error, Head, Name, RespHead, Text};
 use crate::metrics::Metrics;
-use crate::pool::{cooldown_for, now_ms, pick, Candidate, Pick};
+use crate::pool::{cooldown_for, now_ms, pick, unix_ms, Candidate, Pick};
 use crate::route::{classify, Route};
 use crate::state::Snapshot;
 use crate::upstream::{Upstream, Upstreams};
 use crate::upstream_token::UpstreamToken;
 
+/// The deadline passed before the awaited step finished.
+struct TimedOut;
+
 /// `tokio::time::timeout_at` on Pingora's shared 10 ms timer wheel. A tokio timer armed per
 /// request wakes the runtime's driver through its eventfd (a `write` and an extra
-/// `epoll_wait` per request, measured); these timers cost a map insert.
-fn timeout_at<F: std::future::Future>(
+/// `epoll_wait` per request, measured); these timers cost a map insert. The clock is read
+/// and the timer armed only when `fut` does not finish at its first poll: a body or an
+/// answer already in the read buffer costs neither.
+async fn timeout_at<F: std::future::Future>(
     deadline: Instant,
     fut: F,
-) -> pingora::time::Timeout<F, pingora::time::fast_timeout::FastOrTokioTimeout> {
-    fast_timeout(deadline.saturating_duration_since(Instant::now()), fut)
+) -> Result<F::Output, TimedOut> {
+    let mut fut = std::pin::pin!(fut);
+    let mut timer = None;
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        let timer = timer.get_or_insert_with(|| {
+            Box::pin(fast_sleep(
+                deadline.saturating_duration_since(Instant::now()),
+            ))
+        });
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Err(TimedOut)),
+        }
+    })
+    .await
 }
-
-/// Headers that never go upstream: hop-by-hop, and the client's credentials (lower case).
-const STRIP_UPSTREAM: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-    "accept-encoding",
-    "api-key",
-    "authorization",
-    "cookie",
-    "expect",
-];
-
-/// Hop-by-hop response headers the gateway sets itself.
-const STRIP_DOWNSTREAM: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "set-cookie",
-];
 
 /// A failed answer kept to be returned when every attempt failed is read up to this size.
 /// Bodies up to this size are copied behind the request header and sent with it.
@@ -115,6 +107,8 @@ impl Drop for InFlight {
 pub struct Ctx {
     _in_flight: InFlight,
     start: Instant,
+    /// The wall clock at `start` (read once: key expiry, cooldowns, the audit timestamp).
+    started: SystemTime,
     /// Set when the response is done.
     elapsed: std::time::Duration,
     request_id: String,
@@ -143,6 +137,23 @@ impl From<GatewayError> for Failure {
     }
 }
 
+/// Where a backend connection goes back to once its answer is read: its pool, and since
+/// when it has been quiet (the answer's head; earlier than the end, so never too late).
+#[derive(Clone, Copy)]
+struct Release {
+    key: u64,
+    since: Instant,
+}
+
+/// The path of the upstream request.
+#[derive(Clone, Copy)]
+enum UpstreamPath<'a> {
+    /// The client's path (`/openai/v1/...`: the deployment is in the body).
+    AsSent(&'a str),
+    /// `/openai/deployments/{name}{rest}`, with the member's own deployment name.
+    Deployment { name: &'a str, rest: &'a str },
+}
+
 /// What became of one attempt before a response header arrived.
 enum AttemptError {
     Timeout,
@@ -153,14 +164,17 @@ enum AttemptError {
 fn new_request_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let v: u128 = rand::random();
-    let mut out = String::with_capacity(36);
+    let mut out = [0u8; 36];
+    let mut j = 0;
     for i in 0..32 {
         if matches!(i, 8 | 12 | 16 | 20) {
-            out.push('-');
+            out[j] = b'-';
+            j += 1;
         }
-        out.push(HEX[((v >> (124 - 4 * i)) & 0xf) as usize] as char);
+        out[j] = HEX[((v >> (124 - 4 * i)) & 0xf) as usize];
+        j += 1;
     }
-    out
+    String::from_utf8(out.to_vec()).unwrap_or_default()
 }
 
 /// The `client` of requests whose credential failed or was not needed, shared.
@@ -170,10 +184,9 @@ fn anonymous() -> Arc<str> {
 }
 
 /// The backend's own request id (`apim-request-id`, else `x-request-id`).
-fn upstream_request_id(resp: &Head) -> Option<String> {
-    resp.get_str("apim-request-id")
-        .or_else(|| resp.get_str("x-request-id"))
-        .map(str::to_string)
+fn upstream_request_id(resp: &Head) -> Option<Text> {
+    resp.get_text("apim-request-id")
+        .or_else(|| resp.get_text("x-request-id"))
 }
 
 /// The head of an answer the gateway writes itself.
@@ -288,12 +301,11 @@ impl Gateway {
         ctx: &mut Ctx,
         snap: &Arc<Snapshot>,
     ) -> Result<(), Failure> {
-        let req = d.head();
-        let method = req.method().to_string();
-        let path = req.path().to_string();
-        let query = req.query().map(str::to_string);
-        ctx.rec.method = method.clone();
-        ctx.rec.path = path.clone();
+        // A copy of the head (its buffer is shared) to borrow from while `d` is in use.
+        let head = d.head().clone();
+        let (method, path, query) = (head.method(), head.path(), head.query());
+        ctx.rec.method = head.method_text();
+        ctx.rec.path = head.path_text();
 
         if path == "/healthz" && (method == "GET" || method == "HEAD") {
             let (status, body) = Self::health_answer(snap);
@@ -315,8 +327,7 @@ impl Gateway {
 
         let fdids = &snap.cfg.server.front_door_ids;
         if !fdids.is_empty() {
-            let ok = d
-                .head()
+            let ok = head
                 .get_str("x-azure-fdid")
                 .is_some_and(|v| fdids.iter().any(|id| id.eq_ignore_ascii_case(v.trim())));
             if !ok {
@@ -324,7 +335,7 @@ impl Gateway {
             }
         }
 
-        let route = classify(&method, &path);
+        let route = classify(method, path);
         let (operation, path_deployment, rest) = match route {
             Route::NotSupported => {
                 return Err(GatewayError::new(ErrorCode::OperationNotSupported).into())
@@ -335,13 +346,9 @@ impl Gateway {
                 operation,
                 deployment,
                 rest,
-            } => (operation, Some(deployment.to_string()), rest),
+            } => (operation, Some(deployment), rest),
         };
-        let rest = rest.to_string();
-        if let Some(d) = path_deployment
-            .as_deref()
-            .and_then(|d| snap.cfg.deployments.get(d))
-        {
+        if let Some(d) = path_deployment.and_then(|d| snap.cfg.deployments.get(d)) {
             // Known before identity, so refusals are counted against it (configured names only).
             ctx.deployment = Some(d.name.clone());
             ctx.rec.deployment = Some(d.name.clone());
@@ -350,15 +357,14 @@ impl Gateway {
         ctx.rec.operation = Some(operation.as_str());
 
         // Identity, before any body byte is read.
-        let req = d.head();
-        let presented = Presented::from_headers(req.get("api-key"), req.get("authorization"));
+        let presented = Presented::from_headers(head.get("api-key"), head.get("authorization"));
         let presented = match presented {
             Ok(mut p) => {
                 p.certificate = d.certificate();
                 p
             }
             Err(e) => {
-                ctx.rec.auth = if req.contains("authorization") {
+                ctx.rec.auth = if head.contains("authorization") {
                     "oidc"
                 } else {
                     "api_key"
@@ -366,7 +372,7 @@ impl Gateway {
                 return Err(GatewayError::from(e).into());
             }
         };
-        let mut fcx = FilterContext::new(presented, operation);
+        let mut fcx = FilterContext::at(presented, operation, ctx.started);
         ctx.rec.auth = fcx.presented.method().as_str();
         if let Outcome::Reject(e) = snap.chain.run(Phase::Headers, &mut fcx).await {
             return Err(GatewayError::from(e).into());
@@ -397,28 +403,24 @@ impl Gateway {
         let mut body = if operation == Operation::ModelsRead {
             None
         } else {
-            let ct = d.head().get_str("content-type").unwrap_or("");
-            Some(RequestBody::inspect(raw, operation, &rest, ct)?)
-        };
-
-        let deployment_name: String = match (&path_deployment, &body) {
-            (Some(d), _) => d.clone(),
-            (None, Some(b)) => b
-                .model()
-                .ok_or_else(|| {
-                    GatewayError::with_message(
-                        ErrorCode::InvalidRequestBody,
-                        "The request body must name the deployment in `model`.",
-                    )
-                })?
-                .to_string(),
-            (None, None) => String::new(),
+            let ct = head.get_str("content-type").unwrap_or("");
+            Some(RequestBody::inspect(raw, operation, rest, ct)?)
         };
 
         let deployment: Option<Arc<Deployment>> = if operation == Operation::ModelsRead {
             None
         } else {
-            match snap.cfg.deployments.get(&deployment_name) {
+            let name = match (path_deployment, &body) {
+                (Some(d), _) => d,
+                (None, Some(b)) => b.model().ok_or_else(|| {
+                    GatewayError::with_message(
+                        ErrorCode::InvalidRequestBody,
+                        "The request body must name the deployment in `model`.",
+                    )
+                })?,
+                (None, None) => "",
+            };
+            match snap.cfg.deployments.get(name) {
                 Some(d) => Some(d.clone()),
                 None => return Err(GatewayError::new(ErrorCode::DeploymentNotFound).into()),
             }
@@ -470,9 +472,9 @@ impl Gateway {
             snap,
             &deployment,
             body,
-            &rest,
-            query.as_deref(),
-            &path,
+            rest,
+            query,
+            path,
             identity.jwt_authenticated,
             strip_usage,
         )
@@ -505,7 +507,7 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     fn upstream_request(
         head: &Head,
-        path: &str,
+        path: UpstreamPath<'_>,
         query: Option<&str>,
         host: &str,
         body: &[u8],
@@ -517,7 +519,14 @@ impl Gateway {
         let mut out = Vec::with_capacity(1024 + if with_body { body.len() } else { 0 });
         out.extend_from_slice(head.method().as_bytes());
         out.push(b' ');
-        out.extend_from_slice(path.as_bytes());
+        match path {
+            UpstreamPath::AsSent(p) => out.extend_from_slice(p.as_bytes()),
+            UpstreamPath::Deployment { name, rest } => {
+                out.extend_from_slice(b"/openai/deployments/");
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(rest.as_bytes());
+            }
+        }
         if let Some(q) = query {
             out.push(b'?');
             out.extend_from_slice(q.as_bytes());
@@ -529,14 +538,10 @@ impl Gateway {
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         };
-        for (name, value) in head.iter() {
-            if STRIP_UPSTREAM
-                .iter()
-                .any(|s| name.eq_ignore_ascii_case(s.as_bytes()))
-            {
-                continue;
+        for (kind, name, value) in head.fields() {
+            if !kind.never_upstream() {
+                line(name, value);
             }
-            line(name, value);
         }
         line(b"host", host.as_bytes());
         line(
@@ -572,10 +577,11 @@ impl Gateway {
         key: u64,
         wire: &[u8],
         body: &[u8],
+        started: Instant,
         deadline: Instant,
     ) -> Result<(Upstream, Head), AttemptError> {
         let body_apart = body.len() > ONE_WRITE_MAX_BODY;
-        let mut pooled = self.upstreams.take(key);
+        let mut pooled = self.upstreams.take(key, started);
         for _ in 0..2 {
             let reused = pooled.is_some();
             let mut conn = match pooled.take() {
@@ -633,7 +639,17 @@ impl Gateway {
         let retries = &snap.cfg.retries;
         let cools = &snap.pool.cooldowns[&*deployment.name];
         let members = &deployment.members;
-        let mut tried = vec![false; members.len()];
+        // The chooser's view of every member, on the stack for the usual few members;
+        // `tried` carries over from one attempt to the next.
+        const INLINE: usize = 8;
+        let mut inline = [Candidate::default(); INLINE];
+        let mut spilled = Vec::new();
+        let cands: &mut [Candidate] = if members.len() <= INLINE {
+            &mut inline[..members.len()]
+        } else {
+            spilled.resize(members.len(), Candidate::default());
+            &mut spilled
+        };
         let mut last_answer: Option<(Head, Bytes)> = None;
         let caller_jwt = if jwt_authenticated {
             d.head()
@@ -644,23 +660,25 @@ impl Gateway {
         };
 
         for attempt in 0..retries.max_attempts {
-            let cands: Vec<Candidate> = members
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    let forward_unusable = snap.cfg.backends[m.backend].credential
-                        == Credential::Forward
-                        && caller_jwt.is_none();
-                    Candidate {
-                        priority: m.priority,
-                        weight: m.weight,
-                        healthy: snap.pool.health[m.backend].is_healthy(),
-                        cooling_until_ms: cools[i].until_ms(),
-                        tried: tried[i] || forward_unusable,
-                    }
-                })
-                .collect();
-            let i = match pick(&cands, now_ms(), rand::random()) {
+            for (i, (m, c)) in members.iter().zip(cands.iter_mut()).enumerate() {
+                let forward_unusable = snap.cfg.backends[m.backend].credential
+                    == Credential::Forward
+                    && caller_jwt.is_none();
+                *c = Candidate {
+                    priority: m.priority,
+                    weight: m.weight,
+                    healthy: snap.pool.health[m.backend].is_healthy(),
+                    cooling_until_ms: cools[i].until_ms(),
+                    tried: c.tried || forward_unusable,
+                };
+            }
+            // The first attempt goes out at the request's start, as far as cooldowns (ms) go.
+            let now = if attempt == 0 {
+                unix_ms(ctx.started)
+            } else {
+                now_ms()
+            };
+            let i = match pick(cands, now, rand::random()) {
                 Pick::Member(i) => i,
                 Pick::AllCooling { retry_after_ms } if attempt == 0 => {
                     return Err(GatewayError::new(ErrorCode::BackendThrottled)
@@ -680,7 +698,7 @@ impl Gateway {
                 }
                 _ => break,
             };
-            tried[i] = true;
+            cands[i].tried = true;
             let member = &members[i];
             let backend = &snap.cfg.backends[member.backend];
             let peer = snap.peers[member.backend].load_full();
@@ -705,14 +723,17 @@ impl Gateway {
                 _ => None,
             };
             let upstream_path = if client_path.starts_with("/openai/deployments/") {
-                format!("/openai/deployments/{}{rest}", member.upstream_deployment)
+                UpstreamPath::Deployment {
+                    name: &member.upstream_deployment,
+                    rest,
+                }
             } else {
-                client_path.to_string()
+                UpstreamPath::AsSent(client_path)
             };
             let payload = body.for_upstream(&deployment.name, &member.upstream_deployment);
             let wire = Self::upstream_request(
                 d.head(),
-                &upstream_path,
+                upstream_path,
                 query,
                 &backend.host_header,
                 &payload,
@@ -721,7 +742,10 @@ impl Gateway {
                 caller_jwt.as_deref(),
             );
             let attempt_start = Instant::now();
-            let (mut up, head) = match self.exchange(peer, key, &wire, &payload, deadline).await {
+            let (mut up, head) = match self
+                .exchange(peer, key, &wire, &payload, attempt_start, deadline)
+                .await
+            {
                 Ok(x) => x,
                 Err(AttemptError::Timeout) => {
                     self.metrics
@@ -745,15 +769,16 @@ impl Gateway {
             };
             let head_at = Instant::now();
             let ttfb = head_at - attempt_start;
+            let back = Release {
+                key,
+                since: head_at,
+            };
             let status = head.status;
-            self.metrics
-                .upstream_attempts
-                .with_label_values(&[&backend.name, &deployment.name, status_label(status)])
-                .inc();
-            self.metrics
-                .ttfb
-                .with_label_values(&[&deployment.name, &backend.name])
-                .observe(ttfb.as_secs_f64());
+            let series =
+                self.metrics
+                    .attempt_series(&backend.name, &deployment.name, status_label(status));
+            series.attempts.inc();
+            series.ttfb.observe(ttfb.as_secs_f64());
 
             if retries.on_status.contains(&status) {
                 if status == 429 || status == 503 {
@@ -772,7 +797,7 @@ impl Gateway {
                     {
                         Ok(Ok((b, complete))) => {
                             if complete {
-                                self.release(key, up, &head, framing);
+                                self.release(back, up, &head, framing);
                             }
                             b
                         }
@@ -787,7 +812,7 @@ impl Gateway {
             ctx.rec.ttfb_ms = Some((head_at - ctx.start).as_millis() as u64);
             ctx.rec.upstream_request_id = upstream_request_id(&head);
             return self
-                .stream_response(d, ctx, up, head, key, deadline, strip_usage)
+                .stream_response(d, ctx, up, head, back, deadline, strip_usage)
                 .await;
         }
 
@@ -809,7 +834,7 @@ impl Gateway {
     ) -> Result<(), Failure> {
         let out = self.downstream_header(&resp, ctx);
         ctx.rec.status = resp.status;
-        ctx.rec.upstream_request_id = resp.get_str("apim-request-id").map(str::to_string);
+        ctx.rec.upstream_request_id = resp.get_text("apim-request-id");
         d.send_full(&out, &body).await.map_err(abort)
     }
 
@@ -821,19 +846,11 @@ impl Gateway {
         // Where the gateway limits this client, its x-ratelimit-* replace the backend's
         // (a backend's fleet-wide numbers beside per-client ones would mislead).
         let own_limits = ctx.admission.is_some();
-        for (name, value) in resp.iter() {
-            if STRIP_DOWNSTREAM
-                .iter()
-                .any(|s| name.eq_ignore_ascii_case(s.as_bytes()))
-                || name.eq_ignore_ascii_case(b"content-length")
-                || name.eq_ignore_ascii_case(b"x-request-id")
-                || (own_limits
-                    && name.len() > 12
-                    && name[..12].eq_ignore_ascii_case(b"x-ratelimit-"))
-            {
+        for (kind, name, value) in resp.fields() {
+            if kind.never_downstream() || (own_limits && kind == Name::RateLimit) {
                 continue;
             }
-            out.add_raw(name, value);
+            out.add_parsed(name, value);
         }
         if let Some(a) = &ctx.admission {
             let h = &a.headers;
@@ -859,7 +876,7 @@ impl Gateway {
         ctx: &mut Ctx,
         mut up: Upstream,
         resp: Head,
-        key: u64,
+        back: Release,
         deadline: Instant,
         strip_usage: bool,
     ) -> Result<(), Failure> {
@@ -896,7 +913,7 @@ impl Gateway {
                 if status < 300 {
                     ctx.usage = filters::tokens::usage_in_json(&body);
                 }
-                self.release(key, up, &resp, framing);
+                self.release(back, up, &resp, framing);
                 return d.send_full(&out, &body).await.map_err(abort);
             }
         }
@@ -952,15 +969,15 @@ impl Gateway {
             _ => None,
         };
         d.send_end(last).await.map_err(abort)?;
-        self.release(key, up, &resp, framing);
+        self.release(back, up, &resp, framing);
         Ok(())
     }
 
     /// Pools a backend connection whose response was read to its end, unless the backend
     /// closes it (`Connection: close`, HTTP/1.0, a body delimited by the close).
-    fn release(&self, key: u64, up: Upstream, resp: &Head, framing: Framing) {
+    fn release(&self, back: Release, up: Upstream, resp: &Head, framing: Framing) {
         if framing != Framing::Close && resp.keep_alive() {
-            self.upstreams.put(key, up);
+            self.upstreams.put(back.key, up, back.since);
         }
     }
 
@@ -970,14 +987,11 @@ impl Gateway {
         let op_label = ctx.operation.map(|o| o.as_str()).unwrap_or("");
         let client = ctx.client_label.clone();
         let status = ctx.rec.status;
-        self.metrics
-            .requests
-            .with_label_values(&[&client, dep_label, op_label, status_label(status)])
-            .inc();
-        self.metrics
-            .duration
-            .with_label_values(&[&client, dep_label, op_label])
-            .observe(ctx.elapsed.as_secs_f64());
+        let series =
+            self.metrics
+                .request_series(&client, dep_label, op_label, status_label(status));
+        series.requests.inc();
+        series.duration.observe(ctx.elapsed.as_secs_f64());
         if let Some(e) = &ctx.rejected {
             if let Some(reason) = e.rejection_reason() {
                 self.metrics
@@ -1000,14 +1014,9 @@ impl Gateway {
             _ => (None, "none"),
         };
         if let (Some(u), Some(backend)) = (usage, &ctx.rec.backend) {
-            self.metrics
-                .tokens
-                .with_label_values(&[&client, dep_label, backend, "prompt"])
-                .inc_by(u.prompt);
-            self.metrics
-                .tokens
-                .with_label_values(&[&client, dep_label, backend, "completion"])
-                .inc_by(u.completion);
+            let series = self.metrics.token_series(&client, dep_label, backend);
+            series.prompt.inc_by(u.prompt);
+            series.completion.inc_by(u.completion);
         }
         ctx.rec.prompt_tokens = usage.map(|u| u.prompt);
         ctx.rec.completion_tokens = usage.map(|u| u.completion);
@@ -1055,6 +1064,7 @@ impl Gateway {
         Ctx {
             _in_flight: InFlight(self.in_flight.clone()),
             start: Instant::now(),
+            started: SystemTime::now(),
             elapsed: std::time::Duration::ZERO,
             request_id: new_request_id(),
             snap: None,
@@ -1100,7 +1110,7 @@ impl Gateway {
     /// After the response: metrics, limit reconciliation, the audit line.
     async fn finish(&self, ctx: &mut Ctx) {
         // Front Door's /healthz probes are neither traffic nor audit events.
-        if ctx.snap.is_none() || ctx.rec.path == "/healthz" {
+        if ctx.snap.is_none() || ctx.rec.path.as_bytes() == b"/healthz" {
             return;
         }
         ctx.elapsed = ctx.start.elapsed();
@@ -1113,7 +1123,8 @@ impl Gateway {
             snap.limiter.reconcile(&a, actual).await;
         }
         let mut rec = std::mem::take(&mut ctx.rec);
-        rec.ended = Some(time::OffsetDateTime::now_utc());
+        // The wall clock at the end, from the start and the monotonic duration.
+        rec.ended = Some(time::OffsetDateTime::from(ctx.started + ctx.elapsed));
         rec.request_id = std::mem::take(&mut ctx.request_id);
         rec.duration_ms = ctx.elapsed.as_millis() as u64;
         self.audit.log(rec);

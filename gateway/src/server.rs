@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::connectors::http::v1::Connector;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -214,7 +215,12 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
     let mut proxy = Service::new("aoai-gateway".to_string(), front);
     for l in &server_cfg.listeners {
         match &l.tls {
-            None => proxy.add_tcp(&l.address),
+            // Plain listeners are read by the gateway's own HTTP/1 codec, which keeps its own
+            // read buffer and writes whole responses: Pingora's 64 KiB read buffer in front of
+            // it would only add a copy per read.
+            None => proxy.add_listener(
+                ListenerConfig::tcp(l.address.as_str()).l4_buffer(L4BufferSettings::unbuffered()),
+            ),
             Some(tls) => {
                 crate::tls::add_tls_listener(&mut proxy, &l.address, tls, &metrics, &state)?
             }

@@ -55,9 +55,8 @@ impl Upstreams {
         peer.reuse_hash()
     }
 
-    /// An idle connection to this peer, if one is usable.
-    pub fn take(&self, key: u64) -> Option<Upstream> {
-        let now = Instant::now();
+    /// An idle connection to this peer, if one is usable (`now`: the caller's clock).
+    pub fn take(&self, key: u64, now: Instant) -> Option<Upstream> {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
             let list = idle.get_mut(&key)?;
@@ -81,8 +80,8 @@ impl Upstreams {
         Ok(Conn::new(self.connector.new_stream(peer).await?))
     }
 
-    /// Returns a connection whose last response was read to its end.
-    pub fn put(&self, key: u64, conn: Upstream) {
+    /// Returns a connection whose last response was read to its end, quiet since `since`.
+    pub fn put(&self, key: u64, conn: Upstream, since: Instant) {
         if conn.has_buffered() {
             return;
         }
@@ -92,10 +91,7 @@ impl Upstreams {
             if list.len() >= MAX_IDLE {
                 list.remove(0);
             }
-            list.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            list.push(Idle { conn, since });
         });
     }
 }

@@ -564,7 +564,7 @@ pub fn validate(f: FileConfig, mut errs: Errors) -> Result<Config, Vec<ConfigErr
                 KeyRecord {
                     client: ci,
                     expires_at,
-                    key_id,
+                    key_id: key_id.as_str().into(),
                 },
             ) {
                 errs.at(format!("{kp}.sha256"), "this key hash is listed twice");
