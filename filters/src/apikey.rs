@@ -35,7 +35,8 @@ pub struct KeyRecord {
 /// All configured keys, looked up by the SHA-256 of the presented key.
 #[derive(Debug, Default, Clone)]
 pub struct KeyStore {
-    by_hash: HashMap<[u8; 32], KeyRecord>,
+    /// The keys are SHA-256 digests of configured keys: a fast hash suffices.
+    by_hash: HashMap<[u8; 32], KeyRecord, foldhash::fast::RandomState>,
 }
 
 impl KeyStore {

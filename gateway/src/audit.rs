@@ -278,7 +278,8 @@ impl Json for String {
 
 impl Json for Text {
     fn encode(&self, out: &mut Vec<u8>) {
-        write_str(self.as_str(), out);
+        // A `Text` is made from a `&str`: no need to validate it again.
+        write_bytes(self.as_bytes(), out);
     }
 }
 
@@ -324,8 +325,23 @@ json_integer!(u16, u32, u64);
 /// serde writes an address as a string of its `Display` form (which needs no escaping).
 impl Json for std::net::IpAddr {
     fn encode(&self, out: &mut Vec<u8>) {
-        // Writing to a `Vec` cannot fail.
-        let _ = write!(out, "\"{self}\"");
+        match self {
+            // The usual case, without the formatting machinery.
+            std::net::IpAddr::V4(v4) => {
+                out.push(b'"');
+                for (i, octet) in v4.octets().iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'.');
+                    }
+                    out.extend_from_slice(itoa::Buffer::new().format(*octet).as_bytes());
+                }
+                out.push(b'"');
+            }
+            // Writing to a `Vec` cannot fail.
+            v6 => {
+                let _ = write!(out, "\"{v6}\"");
+            }
+        }
     }
 }
 
@@ -333,15 +349,27 @@ impl Json for std::net::IpAddr {
 /// below 0x20 are escaped (`\b \t \n \f \r` by name, the rest as `\u00xx`); everything else,
 /// including `/`, DEL and non-ASCII UTF-8, is copied as is, a clean run at a time.
 fn write_str(s: &str, out: &mut Vec<u8>) {
+    write_bytes(s.as_bytes(), out);
+}
+
+/// Whether any byte needs an escape, 16 at a time without a branch per byte (vectorized).
+fn needs_escape(bytes: &[u8]) -> bool {
+    let bad = |b: u8| u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\');
+    let mut chunks = bytes.chunks_exact(16);
+    for chunk in &mut chunks {
+        if chunk.iter().fold(0u8, |acc, &b| acc | bad(b)) != 0 {
+            return true;
+        }
+    }
+    chunks.remainder().iter().any(|&b| bad(b) != 0)
+}
+
+/// [`write_str`] of bytes that are UTF-8.
+fn write_bytes(bytes: &[u8], out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
-    // Most values need no escape: checked without branching per byte (vectorized).
-    let plain = bytes
-        .iter()
-        .fold(true, |ok, &b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
-    if plain {
+    if !needs_escape(bytes) {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;

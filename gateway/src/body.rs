@@ -91,9 +91,16 @@ impl RequestBody {
                 },
             );
         }
+        body.is_json = true;
+        if let Some(p) = crate::peek::top_level(&body.raw) {
+            body.model = p.model.filter(|m| !m.is_empty()).map(str::to_string);
+            body.stream = p.stream.unwrap_or(false);
+            body.include_usage = p.include_usage.unwrap_or(false);
+            return Ok(body);
+        }
+        // Outside the fast reader's subset: serde decides (and refuses what is not JSON).
         let peek: Peek = serde_json::from_slice(&body.raw)
             .map_err(|_| invalid("The request body is not valid JSON."))?;
-        body.is_json = true;
         body.model = peek.model.and_then(|m| match m {
             Value::String(s) if !s.is_empty() => Some(s),
             _ => None,

@@ -108,7 +108,7 @@ pub struct PoolState {
     /// By backend index of the current configuration.
     pub health: Vec<Arc<BackendHealth>>,
     /// By deployment name, one per member (same order as the deployment's members).
-    pub cooldowns: HashMap<String, Vec<Arc<Cooldown>>>,
+    pub cooldowns: HashMap<String, Vec<Arc<Cooldown>>, foldhash::fast::RandomState>,
 }
 
 impl PoolState {

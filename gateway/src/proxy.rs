@@ -9,11 +9,9 @@
 //! go through Pingora's HTTP/2 session and `ProxyHttp::request_filter`. Both reach the same
 //! `Gateway::serve`, generic over the [`Downstream`] they answer on.
 
-use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -27,7 +25,7 @@ use pingora::apps::ServerApp;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::{HttpProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
-use pingora::time::fast_timeout::{fast_sleep, fast_timeout};
+use pingora::time::fast_timeout::fast_timeout;
 use pingora::upstreams::peer::HttpPeer;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -35,6 +33,7 @@ use tokio::io::AsyncWriteExt;
 use crate::audit::{AuditLog, AuditRecord};
 use crate::body::RequestBody;
 use crate::config::runtime::{Credential, Deployment};
+use crate::deadline::timeout_at;
 use crate::downstream::{Downstream, ReadError, Session2, H1};
 use crate::errors::{ErrorCode, GatewayError};
 use crate::h1::{BodyReader, Collected, Conn, Framing, H1Error, Head, Name, RespHead, Text};
@@ -44,37 +43,6 @@ use crate::route::{classify, Route};
 use crate::state::Snapshot;
 use crate::upstream::{Upstream, Upstreams};
 use crate::upstream_token::UpstreamToken;
-
-/// The deadline passed before the awaited step finished.
-struct TimedOut;
-
-/// `tokio::time::timeout_at` on Pingora's shared 10 ms timer wheel. A tokio timer armed per
-/// request wakes the runtime's driver through its eventfd (a `write` and an extra
-/// `epoll_wait` per request, measured); these timers cost a map insert. The clock is read
-/// and the timer armed only when `fut` does not finish at its first poll: a body or an
-/// answer already in the read buffer costs neither.
-async fn timeout_at<F: std::future::Future>(
-    deadline: Instant,
-    fut: F,
-) -> Result<F::Output, TimedOut> {
-    let mut fut = std::pin::pin!(fut);
-    let mut timer = None;
-    std::future::poll_fn(move |cx| {
-        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Ok(v));
-        }
-        let timer = timer.get_or_insert_with(|| {
-            Box::pin(fast_sleep(
-                deadline.saturating_duration_since(Instant::now()),
-            ))
-        });
-        match timer.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(()) => Poll::Ready(Err(TimedOut)),
-        }
-    })
-    .await
-}
 
 /// A failed answer kept to be returned when every attempt failed is read up to this size.
 /// Bodies up to this size are copied behind the request header and sent with it.
@@ -163,18 +131,16 @@ enum AttemptError {
 /// A random UUID-shaped id, written without the formatting machinery (it is per request).
 fn new_request_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let v: u128 = rand::random();
-    let mut out = [0u8; 36];
-    let mut j = 0;
-    for i in 0..32 {
-        if matches!(i, 8 | 12 | 16 | 20) {
-            out[j] = b'-';
-            j += 1;
+    let random: [u8; 16] = rand::random();
+    let mut out = Vec::with_capacity(36);
+    for (i, b) in random.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push(b'-');
         }
-        out[j] = HEX[((v >> (124 - 4 * i)) & 0xf) as usize];
-        j += 1;
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 0xf)]);
     }
-    String::from_utf8(out.to_vec()).unwrap_or_default()
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// The `client` of requests whose credential failed or was not needed, shared.
@@ -1301,6 +1267,11 @@ mod tests {
     fn request_ids_are_uuid_shaped_and_distinct() {
         let a = new_request_id();
         assert_eq!(a.len(), 36);
+        let groups: Vec<usize> = a.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{a}");
+        assert!(a
+            .bytes()
+            .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
         assert_ne!(a, new_request_id());
     }
 }

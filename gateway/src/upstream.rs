@@ -34,7 +34,8 @@ struct Idle {
 }
 
 thread_local! {
-    static IDLE: RefCell<HashMap<u64, Vec<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<HashMap<u64, Vec<Idle>, foldhash::fast::FixedState>> =
+        RefCell::new(HashMap::default());
 }
 
 pub struct Upstreams {

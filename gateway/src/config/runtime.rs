@@ -141,7 +141,8 @@ pub struct Config {
     pub certs: CertMap,
     pub tokens: TokenMap,
     pub oidc: Vec<OidcProviderConfig>,
-    pub deployments: HashMap<String, Arc<Deployment>>,
+    /// Looked up per request: a fast hash (the names come from the file).
+    pub deployments: HashMap<String, Arc<Deployment>, foldhash::fast::RandomState>,
     /// Deployment names in file order (for `models.read` and `/healthz`).
     pub deployment_names: Vec<Arc<str>>,
     pub backends: Vec<Backend>,
@@ -429,7 +430,7 @@ pub fn validate(f: FileConfig, mut errs: Errors) -> Result<Config, Vec<ConfigErr
     }
 
     // deployments
-    let mut deployments = HashMap::new();
+    let mut deployments = HashMap::default();
     let mut deployment_names = Vec::new();
     if f.deployments.is_empty() {
         errs.at("deployments", "at least one deployment is needed");
