@@ -27,11 +27,10 @@ const MAX_DIGITS: usize = 15;
 
 /// Reads `body`; `None`: not sure, ask serde.
 pub fn top_level(body: &[u8]) -> Option<Peeked<'_>> {
-    // Non-ASCII bytes may then only appear inside strings, where the grammar below puts them.
-    let text = std::str::from_utf8(body).ok()?;
     let mut r = Reader {
-        b: text.as_bytes(),
+        b: body,
         i: 0,
+        non_ascii: false,
     };
     r.ws();
     if r.next()? != b'{' {
@@ -91,12 +90,34 @@ pub fn top_level(body: &[u8]) -> Option<Peeked<'_>> {
         }
     }
     r.ws();
-    (r.i == r.b.len()).then_some(out)
+    if r.i != r.b.len() {
+        return None;
+    }
+    // Bytes above ASCII only ever sit inside strings (the grammar has no other place for
+    // them); when there were any, the whole body must be UTF-8.
+    if r.non_ascii && std::str::from_utf8(body).is_err() {
+        return None;
+    }
+    Some(out)
 }
+
+/// Bytes that end a run of plain string characters: `"`, `\`, control characters, and
+/// (to note them) bytes above ASCII.
+const STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = i < 0x20 || i == b'"' as usize || i == b'\\' as usize || i >= 0x80;
+        i += 1;
+    }
+    t
+};
 
 struct Reader<'a> {
     b: &'a [u8],
     i: usize,
+    /// A byte above ASCII was seen (inside a string).
+    non_ascii: bool,
 }
 
 impl<'a> Reader<'a> {
@@ -125,19 +146,32 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Reads a string's characters up to the first `"`, `\\` or control character (the
+    /// opening quote already read); returns that byte.
+    fn run(&mut self) -> Option<u8> {
+        loop {
+            let c = *self.b.get(self.i)?;
+            self.i += 1;
+            if STOP[usize::from(c)] {
+                if c >= 0x80 {
+                    self.non_ascii = true;
+                    continue;
+                }
+                return Some(c);
+            }
+        }
+    }
+
     /// A string without escapes or control characters; its contents.
     fn plain_string(&mut self) -> Option<&'a [u8]> {
         if self.next()? != b'"' {
             return None;
         }
         let start = self.i;
-        let len = memchr::memchr2(b'"', b'\\', &self.b[start..])?;
-        let s = &self.b[start..start + len];
-        if self.b[start + len] != b'"' || s.iter().any(|&c| c < 0x20) {
-            return None;
+        match self.run()? {
+            b'"' => Some(&self.b[start..self.i - 1]),
+            _ => None,
         }
-        self.i = start + len + 1;
-        Some(s)
     }
 
     /// Any string: escapes are checked (`\u` of a surrogate is left to serde).
@@ -146,26 +180,26 @@ impl<'a> Reader<'a> {
             return None;
         }
         loop {
-            let at = self.i;
-            let len = memchr::memchr2(b'"', b'\\', &self.b[at..])?;
-            if self.b[at..at + len].iter().any(|&c| c < 0x20) {
-                return None;
-            }
-            self.i = at + len + 1;
-            if self.b[at + len] == b'"' {
-                return Some(());
-            }
-            match self.next()? {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
-                b'u' => {
-                    let hex = self.b.get(self.i..self.i + 4)?;
-                    let hex = std::str::from_utf8(hex).ok()?;
-                    let unit = u16::from_str_radix(hex, 16).ok()?;
-                    if hex.starts_with('+') || (0xd800..=0xdfff).contains(&unit) {
-                        return None;
+            match self.run()? {
+                b'"' => return Some(()),
+                b'\\' => match self.next()? {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                    b'u' => {
+                        let hex = self.b.get(self.i..self.i + 4)?;
+                        if !hex.iter().all(u8::is_ascii_hexdigit) {
+                            return None;
+                        }
+                        let unit = hex
+                            .iter()
+                            .fold(0u32, |n, &h| n * 16 + (h as char).to_digit(16).unwrap_or(0));
+                        if (0xd800..=0xdfff).contains(&unit) {
+                            return None;
+                        }
+                        self.i += 4;
                     }
-                    self.i += 4;
-                }
+                    _ => return None,
+                },
+                // A control character.
                 _ => return None,
             }
         }
