@@ -352,16 +352,24 @@ fn write_str(s: &str, out: &mut Vec<u8>) {
     write_bytes(s.as_bytes(), out);
 }
 
-/// Whether any byte needs an escape, 16 at a time without a branch per byte (vectorized).
+/// Whether any byte needs an escape (`"`, `\\`, below 0x20), eight bytes at a time.
 fn needs_escape(bytes: &[u8]) -> bool {
-    let bad = |b: u8| u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\');
-    let mut chunks = bytes.chunks_exact(16);
-    for chunk in &mut chunks {
-        if chunk.iter().fold(0u8, |acc, &b| acc | bad(b)) != 0 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Exact "some byte of `w` is below `n`" for n <= 128 (bytes >= 0x80 never count).
+    let below = |w: u64, n: u64| w.wrapping_sub(ONES * n) & !w & HIGH != 0;
+    let bad = |w: u64| below(w, 0x20) || below(w ^ (ONES * 0x22), 1) || below(w ^ (ONES * 0x5c), 1);
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let w = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        if bad(w) {
             return true;
         }
     }
-    chunks.remainder().iter().any(|&b| bad(b) != 0)
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// [`write_str`] of bytes that are UTF-8.
@@ -671,6 +679,24 @@ mod tests {
         for (i, rec) in cases().iter().enumerate() {
             let parsed: serde_json::Value = serde_json::from_slice(&hand_written(rec)).unwrap();
             assert_eq!(parsed, serde_json::to_value(rec).unwrap(), "case {i}");
+        }
+    }
+
+    #[test]
+    fn the_word_at_a_time_check_finds_every_byte_that_needs_an_escape() {
+        let naive = |b: &[u8]| b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+        // Every byte value at every position of strings of 1..=24 bytes, in a background of
+        // plain ASCII or of bytes above 0x7f (which never need an escape).
+        for background in [b'a', 0x80, 0xff, b'!', b'#', b'[', b']', b' '] {
+            for len in 1..=24 {
+                for pos in 0..len {
+                    for c in 0..=255u8 {
+                        let mut v = vec![background; len];
+                        v[pos] = c;
+                        assert_eq!(needs_escape(&v), naive(&v), "{v:?}");
+                    }
+                }
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::Stream;
 
 use crate::h1::{
-    encode_chunk, BodyReader, Collected, Conn, Framing, H1Error, Head, OutFraming, RespHead,
+    encode_chunk, BodyReader, Collected, Conn, Framing, H1Error, Head, Name, OutFraming, RespHead,
 };
 
 pub enum ReadError {
@@ -134,7 +134,7 @@ impl Downstream for H1<'_> {
         }
         let expects_continue = self
             .head
-            .get("expect")
+            .get(Name::Expect)
             .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
         if expects_continue && self.head.minor == 1 && !self.conn.has_buffered() {
             self.conn
@@ -276,7 +276,7 @@ impl Downstream for Session2<'_> {
     async fn read_body(&mut self, max: usize) -> Result<Bytes, ReadError> {
         let declared = self
             .head
-            .get_str("content-length")
+            .get_str(Name::ContentLength)
             .and_then(|v| v.trim().parse::<usize>().ok());
         if declared.is_some_and(|n| n > max) {
             return Err(ReadError::TooLarge);

@@ -93,16 +93,37 @@ pub enum Name {
     RateLimit,
 }
 
+/// `name` equals the lower-case literal `lit` of the same length, ignoring case, eight
+/// bytes at a time. The literals are lower case letters and `-`; for token characters (all a
+/// header name may hold) `b | 0x20` equals one of them only for that letter in either case,
+/// or `-` itself.
+fn eq_lower(name: &[u8], lit: &[u8]) -> bool {
+    const LOWER: u64 = 0x2020_2020_2020_2020;
+    let n = name.len();
+    if n != lit.len() {
+        return false;
+    }
+    if n < 8 {
+        return name.iter().zip(lit).all(|(&a, &b)| a | 0x20 == b);
+    }
+    let word = |s: &[u8], i: usize| u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"));
+    let mut i = 0;
+    while i + 8 < n {
+        if word(name, i) | LOWER != word(lit, i) {
+            return false;
+        }
+        i += 8;
+    }
+    word(name, n - 8) | LOWER == word(lit, n - 8)
+}
+
 /// How many [`Name`]s there are.
 const NAMES: usize = Name::RateLimit as usize + 1;
 
 impl Name {
     /// The name of a header as sent (any case).
     pub fn of(name: &[u8]) -> Name {
-        // The literals are lower case letters and `-`; for token characters (all a header
-        // name may hold) `b | 0x20` equals one of them only for that letter in either case,
-        // or `-` itself.
-        let is = |s: &str| name.iter().zip(s.as_bytes()).all(|(&a, &b)| a | 0x20 == b);
+        let is = |s: &str| eq_lower(name, s.as_bytes());
         match name.len() {
             2 if is("te") => Name::Te,
             4 if is("host") => Name::Host,
@@ -172,6 +193,31 @@ impl Name {
                 self,
                 Name::SetCookie | Name::ContentLength | Name::XRequestId
             )
+    }
+}
+
+/// What a header is looked up by: a [`Name`] (no name comparison at all) or any name.
+pub trait HeaderKey: Copy {
+    fn known(self) -> Name;
+    /// The name, for names that are not a known [`Name`].
+    fn text(self) -> &'static str;
+}
+
+impl HeaderKey for Name {
+    fn known(self) -> Name {
+        self
+    }
+    fn text(self) -> &'static str {
+        ""
+    }
+}
+
+impl HeaderKey for &'static str {
+    fn known(self) -> Name {
+        Name::of(self.as_bytes())
+    }
+    fn text(self) -> &'static str {
+        self
     }
 }
 
@@ -358,20 +404,22 @@ impl Head {
     }
 
     /// A header value that is valid UTF-8, sharing the head's buffer.
-    pub fn get_text(&self, name: &str) -> Option<Text> {
+    pub fn get_text(&self, name: impl HeaderKey) -> Option<Text> {
         let v = self.get(name)?;
         std::str::from_utf8(v).ok()?;
         Some(Text(self.buf.slice_ref(v)))
     }
 
-    /// The first header of this name (case-insensitive).
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        match Name::of(name.as_bytes()) {
-            Name::Other | Name::RateLimit => self
-                .fields
-                .iter()
-                .find(|f| self.slice(f.name).eq_ignore_ascii_case(name.as_bytes()))
-                .map(|f| self.slice(f.value)),
+    /// The first header of this name (a [`Name`], or any name, case-insensitive).
+    pub fn get(&self, name: impl HeaderKey) -> Option<&[u8]> {
+        match name.known() {
+            Name::Other | Name::RateLimit => {
+                let name = name.text();
+                self.fields
+                    .iter()
+                    .find(|f| self.slice(f.name).eq_ignore_ascii_case(name.as_bytes()))
+                    .map(|f| self.slice(f.value))
+            }
             known => match self.first[known as usize] {
                 0 => None,
                 i => Some(self.slice(self.fields[i as usize - 1].value)),
@@ -379,11 +427,11 @@ impl Head {
         }
     }
 
-    pub fn get_str(&self, name: &str) -> Option<&str> {
+    pub fn get_str(&self, name: impl HeaderKey) -> Option<&str> {
         self.get(name).and_then(|v| std::str::from_utf8(v).ok())
     }
 
-    pub fn contains(&self, name: &str) -> bool {
+    pub fn contains(&self, name: impl HeaderKey) -> bool {
         self.get(name).is_some()
     }
 
@@ -969,9 +1017,14 @@ mod tests {
             assert_eq!(Name::of(lit.as_bytes()), name, "{lit}");
             assert_eq!(Name::of(lit.to_uppercase().as_bytes()), name, "{lit}");
             // One character off, or one longer: not that header.
-            let mut off = lit.as_bytes().to_vec();
-            off[0] = b'q';
-            assert_eq!(Name::of(&off), Name::Other, "{lit}");
+            for at in [0, lit.len() / 2, lit.len() - 1] {
+                if name == Name::RateLimit && at >= 12 {
+                    continue;
+                }
+                let mut off = lit.as_bytes().to_vec();
+                off[at] = b'!';
+                assert_eq!(Name::of(&off), Name::Other, "{lit} changed at {at}");
+            }
             if name != Name::RateLimit {
                 assert_eq!(
                     Name::of(format!("{lit}x").as_bytes()),

@@ -151,8 +151,8 @@ fn anonymous() -> Arc<str> {
 
 /// The backend's own request id (`apim-request-id`, else `x-request-id`).
 fn upstream_request_id(resp: &Head) -> Option<Text> {
-    resp.get_text("apim-request-id")
-        .or_else(|| resp.get_text("x-request-id"))
+    resp.get_text(Name::ApimRequestId)
+        .or_else(|| resp.get_text(Name::XRequestId))
 }
 
 /// The head of an answer the gateway writes itself.
@@ -187,12 +187,12 @@ impl Gateway {
         if trusted {
             let req = d.head();
             if let Some(ip) = req
-                .get_str("x-azure-clientip")
+                .get_str(Name::XAzureClientIp)
                 .and_then(|v| v.trim().parse().ok())
             {
                 return Some(ip);
             }
-            if let Some(xff) = req.get_str("x-forwarded-for") {
+            if let Some(xff) = req.get_str(Name::XForwardedFor) {
                 // The right-most address not belonging to a trusted proxy.
                 for part in xff.rsplit(',') {
                     if let Ok(ip) = part.trim().parse::<IpAddr>() {
@@ -294,7 +294,7 @@ impl Gateway {
         let fdids = &snap.cfg.server.front_door_ids;
         if !fdids.is_empty() {
             let ok = head
-                .get_str("x-azure-fdid")
+                .get_str(Name::XAzureFdid)
                 .is_some_and(|v| fdids.iter().any(|id| id.eq_ignore_ascii_case(v.trim())));
             if !ok {
                 return Err(GatewayError::new(ErrorCode::ForbiddenOrigin).into());
@@ -323,14 +323,15 @@ impl Gateway {
         ctx.rec.operation = Some(operation.as_str());
 
         // Identity, before any body byte is read.
-        let presented = Presented::from_headers(head.get("api-key"), head.get("authorization"));
+        let presented =
+            Presented::from_headers(head.get(Name::ApiKey), head.get(Name::Authorization));
         let presented = match presented {
             Ok(mut p) => {
                 p.certificate = d.certificate();
                 p
             }
             Err(e) => {
-                ctx.rec.auth = if head.contains("authorization") {
+                ctx.rec.auth = if head.contains(Name::Authorization) {
                     "oidc"
                 } else {
                     "api_key"
@@ -369,7 +370,7 @@ impl Gateway {
         let mut body = if operation == Operation::ModelsRead {
             None
         } else {
-            let ct = head.get_str("content-type").unwrap_or("");
+            let ct = head.get_str(Name::ContentType).unwrap_or("");
             Some(RequestBody::inspect(raw, operation, rest, ct)?)
         };
 
@@ -619,7 +620,7 @@ impl Gateway {
         let mut last_answer: Option<(Head, Bytes)> = None;
         let caller_jwt = if jwt_authenticated {
             d.head()
-                .get_str("authorization")
+                .get_str(Name::Authorization)
                 .and_then(|v| v.split_once(' ').map(|(_, t)| t.trim().to_string()))
         } else {
             None
@@ -748,8 +749,11 @@ impl Gateway {
 
             if retries.on_status.contains(&status) {
                 if status == 429 || status == 503 {
-                    let cool =
-                        cooldown_for(head.get("retry-after-ms"), head.get("retry-after"), retries);
+                    let cool = cooldown_for(
+                        head.get(Name::RetryAfterMs),
+                        head.get(Name::RetryAfter),
+                        retries,
+                    );
                     cools[i].cool_until(now_ms() + cool.as_millis() as u64);
                 }
                 // Keep this answer in case it is the last.
@@ -800,7 +804,7 @@ impl Gateway {
     ) -> Result<(), Failure> {
         let out = self.downstream_header(&resp, ctx);
         ctx.rec.status = resp.status;
-        ctx.rec.upstream_request_id = resp.get_text("apim-request-id");
+        ctx.rec.upstream_request_id = resp.get_text(Name::ApimRequestId);
         d.send_full(&out, &body).await.map_err(abort)
     }
 
@@ -855,7 +859,7 @@ impl Gateway {
             }
         };
         let is_sse = resp
-            .get("content-type")
+            .get(Name::ContentType)
             .is_some_and(|v| v.starts_with(b"text/event-stream"));
         let out = self.downstream_header(&resp, ctx);
         ctx.rec.status = status;
