@@ -12,18 +12,8 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-"1 10 64"}
 BARE=${BARE:-0}
-DIR=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$DIR"; }
-trap cleanup EXIT INT TERM
-
 command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs nginx and wrk (make deps)" >&2; exit 1; }
-mkdir -p "$DIR"/{body,proxy,fcgi,uwsgi,scgi,pbody,pproxy,pfcgi,puwsgi,pscgi}
-sed "s#__DIR__#$DIR#g" load-tests/nginx-mock.conf >"$DIR/mock.conf"
-sed "s#__DIR__#$DIR#g" load-tests/nginx-proxy.conf >"$DIR/proxy.conf"
-KEY=agw_bench-key-000000000000000000000000000000000
-SHA=$(printf '%s' "$KEY" | sha256sum | cut -d' ' -f1)
-sed -e "s#__DIR__#$DIR#g" -e "s#__KEY_SHA256__#$SHA#" load-tests/gateway.yaml >"$DIR/gateway.yaml"
+. load-tests/common.sh
 
 nginx -c "$DIR/mock.conf" -p "$DIR" & pids+=($!)
 nginx -c "$DIR/proxy.conf" -p "$DIR" & pids+=($!)

@@ -8,17 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release}
 DURATION=${DURATION:-8}
-DIR=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$DIR"; }
-trap cleanup EXIT INT TERM
-command -v valgrind >/dev/null && command -v callgrind_control >/dev/null || { echo "needs valgrind" >&2; exit 1; }
-
-mkdir -p "$DIR"/{body,proxy,fcgi,uwsgi,scgi}
-sed "s#__DIR__#$DIR#g" load-tests/nginx-mock.conf >"$DIR/mock.conf"
-KEY=agw_bench-key-000000000000000000000000000000000
-SHA=$(printf '%s' "$KEY" | sha256sum | cut -d' ' -f1)
-sed -e "s#__DIR__#$DIR#g" -e "s#__KEY_SHA256__#$SHA#" load-tests/gateway.yaml >"$DIR/gateway.yaml"
+command -v valgrind >/dev/null && command -v nginx >/dev/null && command -v wrk >/dev/null ||
+  { echo "needs valgrind, nginx and wrk" >&2; exit 1; }
+. load-tests/common.sh
 nginx -c "$DIR/mock.conf" -p "$DIR" & pids+=($!)
 valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes \
   --callgrind-out-file="$DIR/cg.out" "$BIN/aoai-gateway" run -c "$DIR/gateway.yaml" 2>"$DIR/vg.err" &
@@ -26,10 +18,10 @@ vg=$!; pids+=($vg)
 for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/18091) 2>/dev/null && break; sleep 0.2; done
 URL="http://127.0.0.1:18091/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 wrk -t1 -c10 -d3s -s load-tests/post.lua "$URL" >/dev/null
-callgrind_control -i on "$vg" >/dev/null
+callgrind_control -i on "$vg" >/dev/null 2>&1
 out=$(wrk -t1 -c10 -d"${DURATION}s" -s load-tests/post.lua "$URL")
-callgrind_control -i off "$vg" >/dev/null
-callgrind_control -d "$vg" >/dev/null
+callgrind_control -i off "$vg" >/dev/null 2>&1
+callgrind_control -d "$vg" >/dev/null 2>&1
 sleep 1
 n=$(echo "$out" | awk '/requests in/ {print $1}')
 echo "requests: $n"

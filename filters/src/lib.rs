@@ -12,6 +12,7 @@ pub mod authz;
 pub mod cert;
 pub mod estimate;
 pub mod identity;
+pub mod json;
 pub mod limits;
 pub mod limits_filter;
 pub mod oidc;

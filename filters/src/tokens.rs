@@ -62,14 +62,12 @@ pub fn usage_in_json(buf: &[u8]) -> Option<Usage> {
                 i += 1;
             }
             if buf.get(i) == Some(&b'{') {
-                let raw = match read_usage(&buf[i..]) {
-                    Fast::Read(raw) => Some(raw),
-                    Fast::Invalid => None,
-                    Fast::Unsure => serde_json::Deserializer::from_slice(&buf[i..])
+                let raw = read_usage(&buf[i..]).or_else(|| {
+                    serde_json::Deserializer::from_slice(&buf[i..])
                         .into_iter::<RawUsage>()
                         .next()
-                        .and_then(Result::ok),
-                };
+                        .and_then(Result::ok)
+                });
                 if let Some(raw) = raw {
                     return raw.normalize();
                 }
@@ -80,157 +78,29 @@ pub fn usage_in_json(buf: &[u8]) -> Option<Usage> {
     None
 }
 
-/// What [`read_usage`] made of a usage object.
-#[derive(Debug, PartialEq, Eq)]
-enum Fast {
-    Read(RawUsage),
-    /// Not a usage object serde would accept either.
-    Invalid,
-    /// Something this reader does not handle: ask serde.
-    Unsure,
-}
-
-fn is_ws(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
-}
-
 /// Reads a usage object (`buf` starts at its `{`) the way `RawUsage`'s serde derive does,
-/// without serde's generic key handling (it is read from every response, and serde spent
-/// more on three keys than the rest of the response took). The known keys take an
-/// unsigned integer or `null`; other members (the `*_details` objects) are skipped, not
-/// validated. Anything unusual — escapes in keys, other number forms, a repeated key — is
-/// left to serde.
-fn read_usage(buf: &[u8]) -> Fast {
-    let mut i = 1;
-    let ws = |i: &mut usize| {
-        while *i < buf.len() && is_ws(buf[*i]) {
-            *i += 1;
-        }
-    };
+/// with the small reader of [`crate::json`] (it is read from every response, and serde
+/// spent more on three keys than on the rest of the response). The known keys take an
+/// unsigned integer or `null`; `None` leaves anything else (other number forms, a repeated
+/// key, text above ASCII) to serde.
+fn read_usage(buf: &[u8]) -> Option<RawUsage> {
+    let mut r = crate::json::Reader::new(buf);
     let mut raw = RawUsage::default();
     let mut seen = [false; 5];
-    ws(&mut i);
-    if buf.get(i) == Some(&b'}') {
-        return Fast::Read(raw);
-    }
-    loop {
-        if buf.get(i) != Some(&b'"') {
-            return Fast::Unsure;
-        }
-        let Some(len) = memchr::memchr2(b'"', b'\\', &buf[i + 1..]) else {
-            return Fast::Unsure;
+    r.members(|r, key| {
+        let (i, field) = match key {
+            b"prompt_tokens" => (0, &mut raw.prompt_tokens),
+            b"completion_tokens" => (1, &mut raw.completion_tokens),
+            b"input_tokens" => (2, &mut raw.input_tokens),
+            b"output_tokens" => (3, &mut raw.output_tokens),
+            b"total_tokens" => (4, &mut raw.total_tokens),
+            _ => return r.value(1).map(drop),
         };
-        if buf[i + 1 + len] != b'"' {
-            return Fast::Unsure;
-        }
-        let key = &buf[i + 1..i + 1 + len];
-        i += len + 2;
-        ws(&mut i);
-        if buf.get(i) != Some(&b':') {
-            return Fast::Unsure;
-        }
-        i += 1;
-        ws(&mut i);
-        let field = match key {
-            b"prompt_tokens" => Some(0),
-            b"completion_tokens" => Some(1),
-            b"input_tokens" => Some(2),
-            b"output_tokens" => Some(3),
-            b"total_tokens" => Some(4),
-            _ => None,
-        };
-        match field {
-            Some(f) => {
-                if std::mem::replace(&mut seen[f], true) {
-                    return Fast::Unsure;
-                }
-                let value = match buf.get(i) {
-                    Some(b'n') if buf[i..].starts_with(b"null") => {
-                        i += 4;
-                        None
-                    }
-                    Some(b'0'..=b'9') => {
-                        let digits = buf[i..].iter().take_while(|b| b.is_ascii_digit()).count();
-                        let after = buf.get(i + digits).copied();
-                        if digits > 19
-                            || (digits > 1 && buf[i] == b'0')
-                            || matches!(after, Some(b'.' | b'e' | b'E'))
-                        {
-                            return Fast::Unsure;
-                        }
-                        let n = buf[i..i + digits]
-                            .iter()
-                            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-                        i += digits;
-                        Some(n)
-                    }
-                    _ => return Fast::Unsure,
-                };
-                *match f {
-                    0 => &mut raw.prompt_tokens,
-                    1 => &mut raw.completion_tokens,
-                    2 => &mut raw.input_tokens,
-                    3 => &mut raw.output_tokens,
-                    _ => &mut raw.total_tokens,
-                } = value;
-            }
-            None => match skip_value(buf, i) {
-                Some(end) => i = end,
-                None => return Fast::Unsure,
-            },
-        }
-        ws(&mut i);
-        match buf.get(i) {
-            Some(b',') => {
-                i += 1;
-                ws(&mut i);
-            }
-            Some(b'}') => return Fast::Read(raw),
-            None => return Fast::Invalid,
-            _ => return Fast::Unsure,
-        }
-    }
-}
-
-/// The end of the JSON value at `i` (strings, numbers, literals, nested objects and
-/// arrays, skipped by their brackets and quotes).
-fn skip_value(buf: &[u8], mut i: usize) -> Option<usize> {
-    let mut depth = 0usize;
-    loop {
-        match *buf.get(i)? {
-            b'"' => {
-                i += 1;
-                loop {
-                    let j = memchr::memchr2(b'"', b'\\', &buf[i..])?;
-                    if buf[i + j] == b'\\' {
-                        i += j + 2;
-                    } else {
-                        i += j + 1;
-                        break;
-                    }
-                }
-            }
-            b'{' | b'[' => {
-                depth += 1;
-                i += 1;
-            }
-            b'}' | b']' => {
-                depth = depth.checked_sub(1)?;
-                i += 1;
-            }
-            b if b == b'-' || b.is_ascii_alphanumeric() => {
-                i += buf[i..]
-                    .iter()
-                    .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.'))
-                    .count();
-            }
-            b if depth > 0 && (b == b',' || b == b':' || is_ws(b)) => i += 1,
-            _ => return None,
-        }
-        if depth == 0 {
-            return Some(i);
-        }
-    }
+        crate::json::first_time(&mut seen[i])?;
+        *field = r.uint_or_null()?;
+        Some(())
+    })?;
+    (!r.saw_non_ascii()).then_some(raw)
 }
 
 fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -441,6 +311,7 @@ mod tests {
             r#"{}"#,
             r#"{ }"#,
             r#"{"note":"a \"quoted\" } value","x":[1,{"y":"]"}],"prompt_tokens":7}"#,
+            r#"{"a":true,"b":false,"c":null,"d":-1.5,"prompt_tokens":1}"#,
             r#"{"a":true,"b":false,"c":null,"d":-1.5e3,"prompt_tokens":1}"#,
             r#"{"prompt_tokens":18446744073709551615}"#,
             r#"{"prompt_tokens":18446744073709551616}"#,
@@ -463,15 +334,13 @@ mod tests {
                 .into_iter::<RawUsage>()
                 .next()
                 .and_then(Result::ok);
-            match read_usage(s.as_bytes()) {
-                Fast::Read(raw) => assert_eq!(Some(raw), serde, "{s}"),
-                Fast::Invalid => assert_eq!(serde, None, "{s}"),
-                Fast::Unsure => {}
+            if let Some(raw) = read_usage(s.as_bytes()) {
+                assert_eq!(Some(raw), serde, "{s}");
             }
         }
         // The usual shapes are read without serde.
         for s in &samples[..11] {
-            assert!(matches!(read_usage(s.as_bytes()), Fast::Read(_)), "{s}");
+            assert!(read_usage(s.as_bytes()).is_some(), "{s}");
         }
     }
 

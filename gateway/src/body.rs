@@ -2,6 +2,7 @@
 //! the token reservation), and rewritten only where the upstream request must differ (the
 //! backend's deployment name in `model`, `stream_options.include_usage` for streamed usage).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,18 +23,6 @@ fn is_json(operation: Operation, rest: &str) -> bool {
         Operation::Audio => rest == "/audio/speech",
         Operation::ModelsRead => false,
     }
-}
-
-/// The few fields the gateway routes on, read without building the whole document (the
-/// rest of the body is only validated): a 200 KiB chat body costs a scan, not a tree.
-#[derive(serde::Deserialize)]
-struct Peek {
-    #[serde(default)]
-    model: Option<Value>,
-    #[serde(default)]
-    stream: Option<Value>,
-    #[serde(default)]
-    stream_options: Option<Value>,
 }
 
 #[derive(Debug)]
@@ -91,27 +80,12 @@ impl RequestBody {
                 },
             );
         }
+        let p = crate::peek::read(&body.raw)
+            .ok_or_else(|| invalid("The request body is not valid JSON."))?;
         body.is_json = true;
-        if let Some(p) = crate::peek::top_level(&body.raw) {
-            body.model = p.model.filter(|m| !m.is_empty()).map(str::to_string);
-            body.stream = p.stream.unwrap_or(false);
-            body.include_usage = p.include_usage.unwrap_or(false);
-            return Ok(body);
-        }
-        // Outside the fast reader's subset: serde decides (and refuses what is not JSON).
-        let peek: Peek = serde_json::from_slice(&body.raw)
-            .map_err(|_| invalid("The request body is not valid JSON."))?;
-        body.model = peek.model.and_then(|m| match m {
-            Value::String(s) if !s.is_empty() => Some(s),
-            _ => None,
-        });
-        body.stream = peek.stream.and_then(|v| v.as_bool()).unwrap_or(false);
-        body.include_usage = peek
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        body.model = p.model.filter(|m| !m.is_empty()).map(Cow::into_owned);
+        body.stream = p.stream.unwrap_or(false);
+        body.include_usage = p.include_usage.unwrap_or(false);
         Ok(body)
     }
 

@@ -198,26 +198,22 @@ impl Name {
 
 /// What a header is looked up by: a [`Name`] (no name comparison at all) or any name.
 pub trait HeaderKey: Copy {
-    fn known(self) -> Name;
-    /// The name, for names that are not a known [`Name`].
-    fn text(self) -> &'static str;
+    /// The known [`Name`], or the name as written when it is not one.
+    fn key(self) -> Result<Name, &'static str>;
 }
 
 impl HeaderKey for Name {
-    fn known(self) -> Name {
-        self
-    }
-    fn text(self) -> &'static str {
-        ""
+    fn key(self) -> Result<Name, &'static str> {
+        Ok(self)
     }
 }
 
 impl HeaderKey for &'static str {
-    fn known(self) -> Name {
-        Name::of(self.as_bytes())
-    }
-    fn text(self) -> &'static str {
-        self
+    fn key(self) -> Result<Name, &'static str> {
+        match Name::of(self.as_bytes()) {
+            Name::Other | Name::RateLimit => Err(self),
+            known => Ok(known),
+        }
     }
 }
 
@@ -245,6 +241,7 @@ impl Text {
     }
 }
 
+#[cfg(test)]
 impl From<String> for Text {
     fn from(s: String) -> Text {
         Text(Bytes::from(s))
@@ -412,18 +409,16 @@ impl Head {
 
     /// The first header of this name (a [`Name`], or any name, case-insensitive).
     pub fn get(&self, name: impl HeaderKey) -> Option<&[u8]> {
-        match name.known() {
-            Name::Other | Name::RateLimit => {
-                let name = name.text();
-                self.fields
-                    .iter()
-                    .find(|f| self.slice(f.name).eq_ignore_ascii_case(name.as_bytes()))
-                    .map(|f| self.slice(f.value))
-            }
-            known => match self.first[known as usize] {
+        match name.key() {
+            Ok(known) => match self.first[known as usize] {
                 0 => None,
                 i => Some(self.slice(self.fields[i as usize - 1].value)),
             },
+            Err(name) => self
+                .fields
+                .iter()
+                .find(|f| self.slice(f.name).eq_ignore_ascii_case(name.as_bytes()))
+                .map(|f| self.slice(f.value)),
         }
     }
 

@@ -248,6 +248,12 @@ def assert_chat_ok(r: Resp) -> dict:
     return body
 
 
+def assert_connection_still_serves(c: "Conn") -> None:
+    """The connection stays open and answers the next request."""
+    c.send(chat())
+    assert_chat_ok(c.read_response())
+
+
 def assert_spec_error(r: Resp, status: int, code: str) -> dict:
     """SPEC §8: status, `{"error":{"code","message"}}`, x-request-id, no key in it."""
     return assert_error(r, status, code)
@@ -268,8 +274,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(fresh):
             ids.append(r.headers.get("x-request-id"))
         c.expect_open()
         # and still usable after a pause
-        c.send(chat())
-        assert_chat_ok(c.read_response())
+        assert_connection_still_serves(c)
     assert len(set(ids)) == 3, ids
     assert len(m.data_requests()) == 4
 
@@ -277,8 +282,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(fresh):
 def test_connection_close_from_the_client_closes(fresh):
     gw, m = fresh
     with Conn(gw) as c:
-        c.send(chat())
-        assert_chat_ok(c.read_response())
+        assert_connection_still_serves(c)
         c.send(chat(headers=[("Connection", "close")]))
         r = c.read_response()
         assert_chat_ok(r)
@@ -304,8 +308,7 @@ def test_request_on_an_idle_connection_as_shutdown_begins_is_answered(cluster):
     m = cluster.mock("eastus-a")
     gw = cluster.gateway(agw.single(m))
     with Conn(gw) as c:
-        c.send(chat())
-        assert_chat_ok(c.read_response())
+        assert_connection_still_serves(c)
         gw.process.send_signal(signal.SIGTERM)
         cluster.gateways.remove(gw)
         time.sleep(0.1)  # the connection is idle when the shutdown begins
@@ -377,9 +380,7 @@ def test_chunked_body_with_extensions_and_trailer_reaches_the_backend_whole(fres
         r = c.read_response()
         assert_chat_ok(r)
         assert not r.closes(), r
-        # the connection is still usable
-        c.send(chat())
-        assert_chat_ok(c.read_response())
+        assert_connection_still_serves(c)
     seen = m.data_requests()
     assert len(seen) == 2, seen
     q = seen[0]
@@ -424,9 +425,7 @@ def test_expect_100_continue(fresh):
         r = c.read_response()
         assert_chat_ok(r)
         assert not r.closes(), r
-        # the connection is still usable
-        c.send(chat())
-        assert_chat_ok(c.read_response())
+        assert_connection_still_serves(c)
     q = m.data_requests()[0]
     assert q["body_sha256"] == hashlib.sha256(body).hexdigest()
     assert "expect" not in q["headers"], q["headers"]
@@ -588,8 +587,7 @@ def test_bad_heads_get_400_json_and_close_and_the_gateway_keeps_serving(fresh, c
             _assert_malformed_head_answer(r)
         c.expect_closed()
     with Conn(gw) as c:
-        c.send(chat())
-        assert_chat_ok(c.read_response())
+        assert_connection_still_serves(c)
     assert len(m.data_requests()) == 1
 
 
@@ -694,27 +692,23 @@ def test_unread_body_of_a_refused_request_closes_the_connection(fresh, framing):
     assert m.data_requests() == []
 
 
-def test_refused_request_without_body_keeps_the_connection(fresh):
+@pytest.mark.parametrize(
+    "make_request, status, code",
+    [
+        (lambda: request(CHAT, None, key=OTHER_KEY), 401, "InvalidCredential"),
+        # A 400 for a body that was read whole (not JSON) leaves the connection usable.
+        (lambda: chat(b"this is { not json"), 400, "InvalidRequestBody"),
+    ],
+    ids=["refused-before-the-body", "refused-after-reading-the-body"],
+)
+def test_refused_request_keeps_the_connection(fresh, make_request, status, code):
     gw, _ = fresh
     with Conn(gw) as c:
-        c.send(request(CHAT, None, key=OTHER_KEY))
+        c.send(make_request())
         r = c.read_response()
-        assert_spec_error(r, 401, "InvalidCredential")
+        assert_spec_error(r, status, code)
         assert not r.closes(), r
-        c.send(chat())
-        assert_chat_ok(c.read_response())
-
-
-def test_refused_request_after_reading_the_body_keeps_the_connection(fresh):
-    """A 400 for a body that was read whole (not JSON) leaves the connection usable."""
-    gw, _ = fresh
-    with Conn(gw) as c:
-        c.send(chat(b"this is { not json"))
-        r = c.read_response()
-        assert_spec_error(r, 400, "InvalidRequestBody")
-        assert not r.closes(), r
-        c.send(chat())
-        assert_chat_ok(c.read_response())
+        assert_connection_still_serves(c)
 
 
 # -- 10. response framing ----------------------------------------------------------------
@@ -764,8 +758,7 @@ def test_streamed_response_is_chunked_and_ends_with_done(fresh):
         assert content == REPLY
         assert not r.closes(), r
         # the chunked body ended exactly: the next answer starts right after it
-        c.send(chat())
-        assert_chat_ok(c.read_response())
+        assert_connection_still_serves(c)
 
 
 def test_head_of_healthz_has_no_body(fresh):
@@ -775,5 +768,4 @@ def test_head_of_healthz_has_no_body(fresh):
         r = c.read_response(head_request=True)
         assert r.status_code in (200, 503), r
         # no body bytes follow the head: the next answer starts right after it
-        c.send(chat())
-        assert_chat_ok(c.read_response())
+        assert_connection_still_serves(c)
