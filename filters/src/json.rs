@@ -25,6 +25,17 @@ const STOP: [bool; 256] = {
     t
 };
 
+/// The bytes of `w` (little-endian) that are in [`STOP`] — below 0x20, `"`, `\\`, above
+/// ASCII — as their high bits. Bits above the first stop byte may be set wrongly; the lowest
+/// set bit is always the first stop byte ("some byte is below `n`" is exact up to the first
+/// one that is, for `n` <= 0x80).
+fn stop_bits(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below = |w: u64, n: u64| w.wrapping_sub(ONES * n) & !w & HIGH;
+    w & HIGH | below(w, 0x20) | below(w ^ (ONES * 0x22), 1) | below(w ^ (ONES * 0x5c), 1)
+}
+
 /// A position in a JSON text. Every method answers `None` for "not sure".
 pub struct Reader<'a> {
     b: &'a [u8],
@@ -83,9 +94,18 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a string's characters up to the first `"`, `\` or control character (the
-    /// opening quote already read); returns that byte.
+    /// opening quote already read); returns that byte. Plain ASCII is skipped eight bytes at
+    /// a time, up to the first byte of a word that may stop the run.
     fn run(&mut self) -> Option<u8> {
         loop {
+            while let Some(word) = self.b.get(self.i..self.i + 8) {
+                let stops = stop_bits(u64::from_le_bytes(word.try_into().expect("eight bytes")));
+                if stops != 0 {
+                    self.i += stops.trailing_zeros() as usize / 8;
+                    break;
+                }
+                self.i += 8;
+            }
             let c = *self.b.get(self.i)?;
             self.i += 1;
             if STOP[usize::from(c)] {
@@ -278,6 +298,56 @@ pub fn first_time(seen: &mut bool) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_word_at_a_time_check_finds_the_first_stop_byte() {
+        let first = |word: [u8; 8]| match stop_bits(u64::from_le_bytes(word)) {
+            0 => None,
+            bits => Some(bits.trailing_zeros() as usize / 8),
+        };
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                let mut word = *b"abcdefgh";
+                word[at] = b;
+                let want = STOP[usize::from(b)].then_some(at);
+                assert_eq!(first(word), want, "byte {b:#04x} at {at}");
+                // Whatever follows it, the first stop byte is where it is.
+                for later in 0..=255u8 {
+                    for after in at + 1..8 {
+                        let mut w = word;
+                        w[after] = later;
+                        let want = want.or(STOP[usize::from(later)].then_some(after));
+                        assert_eq!(first(w), want, "{b:#04x} at {at}, {later:#04x} at {after}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strings_end_where_their_first_stop_byte_is_at_any_position() {
+        for len in 0..40 {
+            let text = "x".repeat(len);
+            // The closing quote after `len` plain bytes, and more text after it.
+            let s = format!("\"{text}\"rest");
+            let mut r = Reader::new(s.as_bytes());
+            assert_eq!(r.plain_string(), Some(text.as_bytes()), "len {len}");
+            assert_eq!(r.peek(), Some(b'r'));
+            // A control character or a backslash there ends a plain string.
+            for stop in ["\n", "\u{1}", "\\n"] {
+                let s = format!("\"{text}{stop}\"");
+                assert_eq!(Reader::new(s.as_bytes()).plain_string(), None, "{s:?}");
+            }
+            // A byte above ASCII there is part of the string, and noted.
+            let s = format!("\"{text}é{text}\"");
+            let mut r = Reader::new(s.as_bytes());
+            assert_eq!(r.plain_string(), Some(format!("{text}é{text}").as_bytes()));
+            assert!(r.saw_non_ascii());
+            // Unterminated: not sure.
+            let s = format!("\"{text}");
+            assert_eq!(Reader::new(s.as_bytes()).plain_string(), None);
+        }
+    }
 
     fn value(s: &str) -> Option<Option<bool>> {
         let mut r = Reader::new(s.as_bytes());

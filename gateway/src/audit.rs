@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::h1::Text;
+use crate::request_id::RequestId;
 
 /// One request, as logged. `None` is written as `null`.
 #[derive(Debug, Serialize, Default, Clone)]
@@ -18,7 +19,7 @@ pub struct AuditRecord {
     pub ts: String,
     #[serde(skip)]
     pub ended: Option<time::OffsetDateTime>,
-    pub request_id: String,
+    pub request_id: RequestId,
     pub client: Arc<str>,
     pub auth: &'static str,
     pub key_id: Option<Arc<str>>,
@@ -283,6 +284,15 @@ impl Json for Text {
     }
 }
 
+impl Json for RequestId {
+    fn encode(&self, out: &mut Vec<u8>) {
+        // Hex digits and dashes: nothing to escape.
+        out.push(b'"');
+        out.extend_from_slice(&self.text());
+        out.push(b'"');
+    }
+}
+
 impl<T: Json + ?Sized> Json for &T {
     fn encode(&self, out: &mut Vec<u8>) {
         (**self).encode(out);
@@ -516,7 +526,7 @@ mod tests {
         AuditRecord {
             ts: "2026-09-22T10:00:00.123Z".into(),
             ended: Some(time::OffsetDateTime::UNIX_EPOCH),
-            request_id: "req-1".into(),
+            request_id: RequestId::default(),
             client: Arc::from("team-a"),
             auth: "api_key",
             key_id: Some(Arc::from("k1")),
@@ -550,7 +560,7 @@ mod tests {
         let st = leak(n.clone());
         AuditRecord {
             ts: n.clone(),
-            request_id: n.clone(),
+            request_id: RequestId::default(),
             client: Arc::from(n.as_str()),
             auth: st,
             key_id: Some(Arc::from(n.as_str())),

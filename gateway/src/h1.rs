@@ -14,6 +14,7 @@
 use std::io;
 
 use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The largest request or response head accepted.
@@ -228,23 +229,22 @@ struct Field {
 /// UTF-8 text that shares the buffer of the head it was read from: the audit record keeps
 /// the method, path and backend request id without copying them per request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Text(Bytes);
+pub struct Text(ByteString);
 
 impl Text {
     pub fn as_str(&self) -> &str {
-        // Only built from `&str`s, so this always succeeds.
-        std::str::from_utf8(&self.0).unwrap_or("")
+        &self.0
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        self.0.as_bytes()
     }
 }
 
 #[cfg(test)]
 impl From<String> for Text {
     fn from(s: String) -> Text {
-        Text(Bytes::from(s))
+        Text(ByteString::from(s))
     }
 }
 
@@ -257,7 +257,7 @@ impl serde::Serialize for Text {
 /// A parsed request or response head: the raw bytes and where each part sits in them.
 #[derive(Debug, Clone)]
 pub struct Head {
-    buf: Bytes,
+    raw: Raw,
     method: Span,
     /// The path of the request target (the absolute form reduced to it) and its query.
     path: Span,
@@ -269,6 +269,25 @@ pub struct Head {
     fields: Vec<Field>,
     /// Per [`Name`], 1 + the index of its first field (0: absent).
     first: [u8; NAMES],
+}
+
+/// A head's bytes. A request head that is all UTF-8 (checked once when it is made) is kept as
+/// text: its method, path, query and header values are then borrowed as `str` without
+/// checking each again. Response heads are not checked as a whole: their few text parts
+/// are checked one by one.
+#[derive(Debug, Clone)]
+enum Raw {
+    Text(ByteString),
+    Bytes(Bytes),
+}
+
+impl Raw {
+    fn bytes(&self) -> &Bytes {
+        match self {
+            Raw::Text(t) => t.as_bytes(),
+            Raw::Bytes(b) => b,
+        }
+    }
 }
 
 fn span_of(buf: &[u8], part: &[u8]) -> Span {
@@ -303,7 +322,25 @@ fn target_spans(target: &[u8], at: u32) -> (Span, Option<Span>) {
 
 impl Head {
     fn slice(&self, s: Span) -> &[u8] {
-        &self.buf[s.0 as usize..s.1 as usize]
+        &self.raw.bytes()[s.0 as usize..s.1 as usize]
+    }
+
+    /// A part of the head as `str`, if it is UTF-8.
+    fn str_at(&self, s: Span) -> Option<&str> {
+        let range = s.0 as usize..s.1 as usize;
+        match &self.raw {
+            Raw::Text(t) => t.get(range),
+            Raw::Bytes(b) => std::str::from_utf8(&b[range]).ok(),
+        }
+    }
+
+    /// A part of the head as [`Text`] sharing its buffer, if it is UTF-8.
+    fn text_at(&self, s: Span) -> Option<Text> {
+        let range = s.0 as usize..s.1 as usize;
+        match &self.raw {
+            Raw::Text(t) => Some(Text(t.slice_ref(t.get(range)?))),
+            Raw::Bytes(b) => ByteString::try_from(b.slice(range)).ok().map(Text),
+        }
     }
 
     fn new(
@@ -327,8 +364,14 @@ impl Head {
                 *slot = (i + 1) as u8;
             }
         }
+        // (`try_from` would drop the bytes of a head that is not UTF-8: checked first.)
+        let raw = if status == 0 && (buf.is_ascii() || std::str::from_utf8(&buf).is_ok()) {
+            ByteString::try_from(buf).map_or_else(|_| unreachable!("checked"), Raw::Text)
+        } else {
+            Raw::Bytes(buf)
+        };
         Head {
-            buf,
+            raw,
             method,
             path,
             query,
@@ -368,7 +411,7 @@ impl Head {
 
     pub fn method(&self) -> &str {
         // httparse only accepts token characters in a method.
-        std::str::from_utf8(self.slice(self.method)).unwrap_or("")
+        self.str_at(self.method).unwrap_or("")
     }
 
     /// The path of the request target (absolute form reduced to it).
@@ -376,54 +419,53 @@ impl Head {
         if self.path.0 == self.path.1 {
             return "/";
         }
-        std::str::from_utf8(self.slice(self.path)).unwrap_or("")
+        self.str_at(self.path).unwrap_or("")
     }
 
     pub fn query(&self) -> Option<&str> {
-        self.query
-            .map(|q| std::str::from_utf8(self.slice(q)).unwrap_or(""))
+        self.query.map(|q| self.str_at(q).unwrap_or(""))
     }
 
     /// The method, sharing the head's buffer.
     pub fn method_text(&self) -> Text {
-        Text(
-            self.buf
-                .slice(self.method.0 as usize..self.method.1 as usize),
-        )
+        self.text_at(self.method).unwrap_or_default()
     }
 
-    /// The path (without the query), sharing the head's buffer.
+    /// The path (without the query), sharing the head's buffer; empty if it is not UTF-8.
     pub fn path_text(&self) -> Text {
         if self.path.0 == self.path.1 {
-            return Text(Bytes::from_static(b"/"));
+            return Text(ByteString::from_static("/"));
         }
-        Text(self.buf.slice(self.path.0 as usize..self.path.1 as usize))
+        self.text_at(self.path).unwrap_or_default()
     }
 
     /// A header value that is valid UTF-8, sharing the head's buffer.
     pub fn get_text(&self, name: impl HeaderKey) -> Option<Text> {
-        let v = self.get(name)?;
-        std::str::from_utf8(v).ok()?;
-        Some(Text(self.buf.slice_ref(v)))
+        self.text_at(self.value_span(name)?)
     }
 
-    /// The first header of this name (a [`Name`], or any name, case-insensitive).
-    pub fn get(&self, name: impl HeaderKey) -> Option<&[u8]> {
+    /// Where the value of the first header of this name is.
+    fn value_span(&self, name: impl HeaderKey) -> Option<Span> {
         match name.key() {
             Ok(known) => match self.first[known as usize] {
                 0 => None,
-                i => Some(self.slice(self.fields[i as usize - 1].value)),
+                i => Some(self.fields[i as usize - 1].value),
             },
             Err(name) => self
                 .fields
                 .iter()
                 .find(|f| self.slice(f.name).eq_ignore_ascii_case(name.as_bytes()))
-                .map(|f| self.slice(f.value)),
+                .map(|f| f.value),
         }
     }
 
+    /// The first header of this name (a [`Name`], or any name, case-insensitive).
+    pub fn get(&self, name: impl HeaderKey) -> Option<&[u8]> {
+        self.value_span(name).map(|v| self.slice(v))
+    }
+
     pub fn get_str(&self, name: impl HeaderKey) -> Option<&str> {
-        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+        self.str_at(self.value_span(name)?)
     }
 
     pub fn contains(&self, name: impl HeaderKey) -> bool {
@@ -1084,6 +1126,47 @@ mod tests {
         ));
         let t = h.get_text("content-length").unwrap();
         assert_eq!(t.as_str(), "5");
+    }
+
+    #[test]
+    fn text_parts_of_heads_with_and_without_bytes_above_ascii() {
+        // A UTF-8 head: its parts are borrowed from the one check of the whole head.
+        let h = Head::request(
+            "POST",
+            "/caf\u{e9}?q=\u{e9}",
+            [("x-name", "J\u{f6}rg".as_bytes()), ("api-key", b"k")],
+        );
+        assert!(matches!(h.raw, Raw::Text(_)));
+        assert_eq!(
+            (h.method(), h.path(), h.query()),
+            ("POST", "/caf\u{e9}", Some("q=\u{e9}"))
+        );
+        assert_eq!(h.method_text().as_str(), "POST");
+        assert_eq!(h.path_text().as_str(), "/caf\u{e9}");
+        assert_eq!(h.get_str("x-name"), Some("J\u{f6}rg"));
+        assert_eq!(h.get_text("x-name").unwrap().as_str(), "J\u{f6}rg");
+        // One header value that is not UTF-8 (obs-text): only that one has no text.
+        let h = Head::request(
+            "GET",
+            "/p",
+            [("x-latin1", &b"J\xf6rg"[..]), ("api-key", b"k")],
+        );
+        assert!(matches!(h.raw, Raw::Bytes(_)));
+        assert_eq!((h.method(), h.path()), ("GET", "/p"));
+        assert_eq!(h.path_text().as_str(), "/p");
+        assert_eq!(h.get_str("x-latin1"), None);
+        assert!(h.get_text("x-latin1").is_none());
+        assert_eq!(h.get("x-latin1"), Some(&b"J\xf6rg"[..]));
+        assert_eq!(h.get_str(Name::ApiKey), Some("k"));
+    }
+
+    #[tokio::test]
+    async fn response_heads_give_their_header_values_as_text() {
+        let mut c =
+            conn_with(b"HTTP/1.1 200 OK\r\napim-request-id: abc-1\r\nx-bad: \xff\r\n\r\n").await;
+        let h = c.read_head(true).await.unwrap().unwrap();
+        assert_eq!(h.get_text(Name::ApimRequestId).unwrap().as_str(), "abc-1");
+        assert!(h.get_text("x-bad").is_none());
     }
 
     #[tokio::test]

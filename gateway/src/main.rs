@@ -21,6 +21,7 @@ mod metrics;
 mod peek;
 mod pool;
 mod proxy;
+mod request_id;
 mod route;
 mod server;
 mod state;

@@ -4,7 +4,6 @@
 //! distinct `client` values, then `unlisted:other`.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, RwLock};
 
 use prometheus::{
@@ -32,9 +31,9 @@ pub struct Metrics {
     pub limit_store_errors: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
     unlisted: Mutex<HashSet<Arc<str>>>,
-    request_series: SeriesCache<RequestSeries>,
-    attempt_series: SeriesCache<AttemptSeries>,
-    token_series: SeriesCache<TokenSeries>,
+    request_series: SeriesCache<RequestSeries, 4>,
+    attempt_series: SeriesCache<AttemptSeries, 3>,
+    token_series: SeriesCache<TokenSeries, 3>,
 }
 
 /// Where one request's outcome is counted: `requests_total` and `request_duration_seconds`
@@ -60,43 +59,73 @@ pub struct TokenSeries {
     pub completion: IntCounter,
 }
 
-/// The series of a metric family found once per label values. `with_label_values` hashes
-/// every label string and takes a lock per call, six times a request; this takes one lookup
-/// per group of series, keyed by a fast hash of the label values (kept and compared, so a
-/// hash collision only costs the slow path).
-struct SeriesCache<V> {
-    map: RwLock<HashMap<u64, Cached<V>, foldhash::fast::FixedState>>,
+/// A label value as the series caches see it: text from configuration (shared) or a static
+/// string. Its address and length identify it, so a lookup hashes two words per label
+/// instead of the text. That is sound because a cache entry keeps the `Config` texts it was
+/// made for alive: no other text can be at that address while the entry exists. Two
+/// entries for equal texts at different addresses (a reload makes new ones) get the same
+/// series: the series themselves are found by value, by the metric family.
+#[derive(Clone, Copy)]
+pub enum Label<'a> {
+    Config(&'a Arc<str>),
+    Static(&'static str),
 }
 
-/// The label values a cached entry was made for, and its series.
-type Cached<V> = (Vec<Box<str>>, V);
+impl<'a> Label<'a> {
+    fn as_str(self) -> &'a str {
+        match self {
+            Label::Config(s) => s,
+            Label::Static(s) => s,
+        }
+    }
+
+    fn id(self) -> (usize, usize) {
+        let s = self.as_str();
+        (s.as_ptr() as usize, s.len())
+    }
+}
+
+/// The series of a metric family found once per combination of label values:
+/// `with_label_values` hashes every label string and takes a lock, per call and series.
+struct SeriesCache<V, const N: usize> {
+    map: RwLock<HashMap<Key<N>, Cached<V>, foldhash::fast::FixedState>>,
+}
+
+/// The [`Label::id`]s of an entry's label values.
+type Key<const N: usize> = [(usize, usize); N];
+
+/// The configuration texts an entry was made for (kept alive, see [`Label`]), its series.
+type Cached<V> = (Vec<Arc<str>>, V);
 
 /// Distinct label combinations cached per group; the cache starts over beyond it (label
 /// values come from configuration, so this is only reached across many reloads).
 const MAX_CACHED_SERIES: usize = 16_384;
 
-impl<V: Clone> SeriesCache<V> {
+impl<V: Clone, const N: usize> SeriesCache<V, N> {
     fn new() -> Self {
         SeriesCache {
             map: RwLock::new(HashMap::default()),
         }
     }
 
-    fn get(&self, labels: &[&str], make: impl FnOnce() -> V) -> V {
-        let hash = foldhash::fast::FixedState::default().hash_one(labels);
-        let same = |kept: &[Box<str>]| kept.iter().map(|k| &**k).eq(labels.iter().copied());
-        if let Some((kept, v)) = self.map.read().expect("not poisoned").get(&hash) {
-            if same(kept) {
-                return v.clone();
-            }
+    fn get<'l>(&self, labels: [Label<'l>; N], make: impl FnOnce([&'l str; N]) -> V) -> V {
+        let key = labels.map(|l| l.id());
+        if let Some((_, v)) = self.map.read().expect("not poisoned").get(&key) {
+            return v.clone();
         }
-        let v = make();
+        let v = make(labels.map(|l| l.as_str()));
+        let keep = labels
+            .iter()
+            .filter_map(|l| match l {
+                Label::Config(s) => Some(Arc::clone(s)),
+                Label::Static(_) => None,
+            })
+            .collect();
         let mut map = self.map.write().expect("not poisoned");
         if map.len() >= MAX_CACHED_SERIES {
             map.clear();
         }
-        map.entry(hash)
-            .or_insert_with(|| (labels.iter().map(|l| Box::from(*l)).collect(), v.clone()));
+        map.entry(key).or_insert_with(|| (keep, v.clone()));
         v
     }
 }
@@ -267,27 +296,45 @@ impl Metrics {
     /// `request_duration_seconds{client,deployment,operation}`.
     pub fn request_series(
         &self,
-        client: &str,
-        deployment: &str,
-        operation: &str,
-        code: &str,
+        client: Label<'_>,
+        deployment: Label<'_>,
+        operation: &'static str,
+        code: &'static str,
     ) -> RequestSeries {
+        let labels = [
+            client,
+            deployment,
+            Label::Static(operation),
+            Label::Static(code),
+        ];
         self.request_series
-            .get(&[client, deployment, operation, code], || RequestSeries {
-                requests: self
-                    .requests
-                    .with_label_values(&[client, deployment, operation, code]),
-                duration: self
-                    .duration
-                    .with_label_values(&[client, deployment, operation]),
+            .get(labels, |[client, deployment, operation, code]| {
+                RequestSeries {
+                    requests: self
+                        .requests
+                        .with_label_values(&[client, deployment, operation, code]),
+                    duration: self
+                        .duration
+                        .with_label_values(&[client, deployment, operation]),
+                }
             })
     }
 
     /// `upstream_attempts_total{backend,deployment,code}` and
     /// `time_to_first_byte_seconds{deployment,backend}`.
-    pub fn attempt_series(&self, backend: &str, deployment: &str, code: &str) -> AttemptSeries {
+    pub fn attempt_series(
+        &self,
+        backend: &Arc<str>,
+        deployment: &Arc<str>,
+        code: &'static str,
+    ) -> AttemptSeries {
+        let labels = [
+            Label::Config(backend),
+            Label::Config(deployment),
+            Label::Static(code),
+        ];
         self.attempt_series
-            .get(&[backend, deployment, code], || AttemptSeries {
+            .get(labels, |[backend, deployment, code]| AttemptSeries {
                 attempts: self
                     .upstream_attempts
                     .with_label_values(&[backend, deployment, code]),
@@ -296,9 +343,15 @@ impl Metrics {
     }
 
     /// `tokens_total{client,deployment,backend,type}` for both types.
-    pub fn token_series(&self, client: &str, deployment: &str, backend: &str) -> TokenSeries {
+    pub fn token_series(
+        &self,
+        client: Label<'_>,
+        deployment: Label<'_>,
+        backend: &Arc<str>,
+    ) -> TokenSeries {
+        let labels = [client, deployment, Label::Config(backend)];
         self.token_series
-            .get(&[client, deployment, backend], || TokenSeries {
+            .get(labels, |[client, deployment, backend]| TokenSeries {
                 prompt: self
                     .tokens
                     .with_label_values(&[client, deployment, backend, "prompt"]),
@@ -359,25 +412,32 @@ mod tests {
     #[test]
     fn cached_series_are_the_labelled_series() {
         let m = Metrics::new();
+        let (c, d, b): (Arc<str>, Arc<str>, Arc<str>) = ("c".into(), "d".into(), "b".into());
+        let (client, dep) = (Label::Config(&c), Label::Config(&d));
         for _ in 0..3 {
-            let s = m.request_series("c", "d", "chat.completions", "200");
+            let s = m.request_series(client, dep, "chat.completions", "200");
             s.requests.inc();
             s.duration.observe(0.01);
         }
-        m.request_series("c", "d", "chat.completions", "429")
+        m.request_series(client, dep, "chat.completions", "429")
             .requests
             .inc();
-        let a = m.attempt_series("b", "d", "200");
+        // No deployment (refused before one was known): the empty label.
+        m.request_series(client, Label::Static(""), "chat.completions", "401")
+            .requests
+            .inc();
+        let a = m.attempt_series(&b, &d, "200");
         a.attempts.inc();
         a.ttfb.observe(0.02);
-        let t = m.token_series("c", "d", "b");
+        let t = m.token_series(client, dep, &b);
         t.prompt.inc_by(12);
         t.completion.inc_by(4);
-        m.token_series("c", "d", "b").prompt.inc_by(1);
+        m.token_series(client, dep, &b).prompt.inc_by(1);
         let text = String::from_utf8(m.render()).unwrap();
         for line in [
             r#"aoai_gateway_requests_total{client="c",code="200",deployment="d",operation="chat.completions"} 3"#,
             r#"aoai_gateway_requests_total{client="c",code="429",deployment="d",operation="chat.completions"} 1"#,
+            r#"aoai_gateway_requests_total{client="c",code="401",deployment="",operation="chat.completions"} 1"#,
             r#"aoai_gateway_request_duration_seconds_count{client="c",deployment="d",operation="chat.completions"} 3"#,
             r#"aoai_gateway_upstream_attempts_total{backend="b",code="200",deployment="d"} 1"#,
             r#"aoai_gateway_time_to_first_byte_seconds_count{backend="b",deployment="d"} 1"#,
@@ -389,13 +449,49 @@ mod tests {
     }
 
     #[test]
-    fn a_cache_keeps_label_values_apart() {
-        let c: SeriesCache<u32> = SeriesCache::new();
-        assert_eq!(c.get(&["a", "bc"], || 1), 1);
-        // Same bytes, other split: another series.
-        assert_eq!(c.get(&["ab", "c"], || 2), 2);
-        assert_eq!(c.get(&["a", "bc"], || 99), 1);
-        assert_eq!(c.get(&["ab", "c"], || 99), 2);
+    fn equal_texts_from_two_configurations_count_in_one_series() {
+        let m = Metrics::new();
+        // A reload makes new texts with the same values.
+        let before: Arc<str> = "team-a".into();
+        let after: Arc<str> = "team-a".into();
+        assert!(!Arc::ptr_eq(&before, &after));
+        for client in [&before, &after, &before] {
+            m.request_series(
+                Label::Config(client),
+                Label::Static(""),
+                "models.read",
+                "200",
+            )
+            .requests
+            .inc();
+        }
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(
+            r#"aoai_gateway_requests_total{client="team-a",code="200",deployment="",operation="models.read"} 3"#
+        ), "{text}");
+    }
+
+    #[test]
+    fn a_cache_tells_labels_apart_and_keeps_their_texts_alive() {
+        let c: SeriesCache<u32, 2> = SeriesCache::new();
+        let (a, bc, ab, cc): (Arc<str>, Arc<str>, Arc<str>, Arc<str>) =
+            ("a".into(), "bc".into(), "ab".into(), "c".into());
+        assert_eq!(c.get([Label::Config(&a), Label::Config(&bc)], |_| 1), 1);
+        // Same bytes, other split: another entry.
+        assert_eq!(c.get([Label::Config(&ab), Label::Config(&cc)], |_| 2), 2);
+        assert_eq!(c.get([Label::Config(&a), Label::Config(&bc)], |_| 99), 1);
+        assert_eq!(c.get([Label::Config(&ab), Label::Config(&cc)], |_| 99), 2);
+        // The series are made from the texts, in order.
+        assert_eq!(
+            c.get([Label::Static("x"), Label::Config(&a)], |[x, a]| {
+                assert_eq!((x, a), ("x", "a"));
+                3
+            }),
+            3
+        );
+        // Each entry holds its texts, so their addresses stay theirs (`a` is in two).
+        assert_eq!(Arc::strong_count(&a), 3);
+        assert_eq!(Arc::strong_count(&cc), 2);
     }
 
     #[test]

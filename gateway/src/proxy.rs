@@ -37,8 +37,9 @@ use crate::deadline::timeout_at;
 use crate::downstream::{Downstream, ReadError, Session2, H1};
 use crate::errors::{ErrorCode, GatewayError};
 use crate::h1::{BodyReader, Collected, Conn, Framing, H1Error, Head, Name, RespHead, Text};
-use crate::metrics::Metrics;
+use crate::metrics::{Label, Metrics};
 use crate::pool::{cooldown_for, now_ms, pick, unix_ms, Candidate, Pick};
+use crate::request_id::RequestId;
 use crate::route::{classify, Route};
 use crate::state::Snapshot;
 use crate::upstream::{Upstream, Upstreams};
@@ -79,7 +80,7 @@ pub struct Ctx {
     started: SystemTime,
     /// Set when the response is done.
     elapsed: std::time::Duration,
-    request_id: String,
+    request_id: RequestId,
     snap: Option<Arc<Snapshot>>,
     rec: AuditRecord,
     client_label: Arc<str>,
@@ -128,21 +129,6 @@ enum AttemptError {
     Failed(String),
 }
 
-/// A random UUID-shaped id, written without the formatting machinery (it is per request).
-fn new_request_id() -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let random: [u8; 16] = rand::random();
-    let mut out = Vec::with_capacity(36);
-    for (i, b) in random.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out.push(b'-');
-        }
-        out.push(HEX[usize::from(b >> 4)]);
-        out.push(HEX[usize::from(b & 0xf)]);
-    }
-    String::from_utf8(out).unwrap_or_default()
-}
-
 /// The `client` of requests whose credential failed or was not needed, shared.
 fn anonymous() -> Arc<str> {
     static ANON: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
@@ -156,10 +142,10 @@ fn upstream_request_id(resp: &Head) -> Option<Text> {
 }
 
 /// The head of an answer the gateway writes itself.
-fn json_head(status: u16, request_id: &str) -> RespHead {
+fn json_head(status: u16, request_id: RequestId) -> RespHead {
     let mut resp = RespHead::new(status);
     resp.add("content-type", "application/json");
-    resp.add("x-request-id", request_id);
+    resp.add("x-request-id", request_id.text());
     resp
 }
 
@@ -244,7 +230,7 @@ impl Gateway {
         body: Bytes,
         extra: &[(&str, String)],
     ) -> std::io::Result<()> {
-        let mut resp = json_head(status, &ctx.request_id);
+        let mut resp = json_head(status, ctx.request_id);
         for (k, v) in extra {
             resp.add(k, v.as_str());
         }
@@ -835,7 +821,7 @@ impl Gateway {
                 }
             }
         }
-        out.add("x-request-id", ctx.request_id.as_str());
+        out.add("x-request-id", ctx.request_id.text());
         out
     }
 
@@ -952,21 +938,23 @@ impl Gateway {
     }
 
     fn finish_record(&self, ctx: &mut Ctx) {
-        let deployment = ctx.deployment.clone();
-        let dep_label = deployment.as_deref().unwrap_or("");
+        let dep_label = ctx
+            .deployment
+            .as_ref()
+            .map_or(Label::Static(""), Label::Config);
         let op_label = ctx.operation.map(|o| o.as_str()).unwrap_or("");
-        let client = ctx.client_label.clone();
+        let client = Label::Config(&ctx.client_label);
         let status = ctx.rec.status;
-        let series =
-            self.metrics
-                .request_series(&client, dep_label, op_label, status_label(status));
+        let series = self
+            .metrics
+            .request_series(client, dep_label, op_label, status_label(status));
         series.requests.inc();
         series.duration.observe(ctx.elapsed.as_secs_f64());
         if let Some(e) = &ctx.rejected {
             if let Some(reason) = e.rejection_reason() {
                 self.metrics
                     .rejections
-                    .with_label_values(&[&client, reason])
+                    .with_label_values(&[&ctx.client_label, reason])
                     .inc();
             }
         }
@@ -984,7 +972,7 @@ impl Gateway {
             _ => (None, "none"),
         };
         if let (Some(u), Some(backend)) = (usage, &ctx.rec.backend) {
-            let series = self.metrics.token_series(&client, dep_label, backend);
+            let series = self.metrics.token_series(client, dep_label, backend);
             series.prompt.inc_by(u.prompt);
             series.completion.inc_by(u.completion);
         }
@@ -1036,7 +1024,7 @@ impl Gateway {
             start: Instant::now(),
             started: SystemTime::now(),
             elapsed: std::time::Duration::ZERO,
-            request_id: new_request_id(),
+            request_id: RequestId::new(),
             snap: None,
             rec: AuditRecord {
                 client: anonymous(),
@@ -1095,7 +1083,7 @@ impl Gateway {
         let mut rec = std::mem::take(&mut ctx.rec);
         // The wall clock at the end, from the start and the monotonic duration.
         rec.ended = Some(time::OffsetDateTime::from(ctx.started + ctx.elapsed));
-        rec.request_id = std::mem::take(&mut ctx.request_id);
+        rec.request_id = ctx.request_id;
         rec.duration_ms = ctx.elapsed.as_millis() as u64;
         self.audit.log(rec);
     }
@@ -1159,7 +1147,7 @@ impl Gateway {
                             _ => "The request is not valid HTTP/1.1.",
                         },
                     );
-                    let resp = json_head(e.status(), &new_request_id());
+                    let resp = json_head(e.status(), RequestId::new());
                     let body = e.body();
                     out.clear();
                     resp.encode(&mut out, crate::h1::OutFraming::Length(body.len()), true);
@@ -1265,17 +1253,5 @@ mod tests {
         assert_eq!(status_label(599), "599");
         assert_eq!(status_label(0), "error");
         assert_eq!(status_label(700), "error");
-    }
-
-    #[test]
-    fn request_ids_are_uuid_shaped_and_distinct() {
-        let a = new_request_id();
-        assert_eq!(a.len(), 36);
-        let groups: Vec<usize> = a.split('-').map(str::len).collect();
-        assert_eq!(groups, [8, 4, 4, 4, 12], "{a}");
-        assert!(a
-            .bytes()
-            .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
-        assert_ne!(a, new_request_id());
     }
 }
