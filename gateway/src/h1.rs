@@ -472,6 +472,11 @@ impl Head {
         self.get(name).is_some()
     }
 
+    /// The size of the head as received (request line or status line, and headers).
+    pub fn wire_len(&self) -> usize {
+        self.raw.bytes().len()
+    }
+
     /// Every header in order with the [`Name`] it was recognized as.
     pub fn fields(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> {
         self.fields
@@ -555,11 +560,8 @@ impl Head {
         let mut len: Option<u64> = None;
         for v in self.values(Name::ContentLength) {
             for part in v.split(|&b| b == b',') {
-                let part = part.trim_ascii();
-                if part.is_empty() || part.len() > 18 || !part.iter().all(u8::is_ascii_digit) {
-                    return Err(H1Error::Malformed("bad Content-Length"));
-                }
-                let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                let n =
+                    decimal(part.trim_ascii()).ok_or(H1Error::Malformed("bad Content-Length"))?;
                 if len.is_some_and(|l| l != n) {
                     return Err(H1Error::Malformed("conflicting Content-Length"));
                 }
@@ -568,6 +570,21 @@ impl Head {
         }
         Ok(len)
     }
+}
+
+/// One to 18 decimal digits (no sign, no spaces) as a number.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut n = 0u64;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + u64::from(d - b'0');
+    }
+    Some(n)
 }
 
 /// How a message body is delimited.

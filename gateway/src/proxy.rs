@@ -469,7 +469,22 @@ impl Gateway {
         caller_jwt: Option<&str>,
     ) -> Vec<u8> {
         let with_body = body.len() <= ONE_WRITE_MAX_BODY;
-        let mut out = Vec::with_capacity(1024 + if with_body { body.len() } else { 0 });
+        // Room for what is forwarded of the client's head (at most all of it) and what is
+        // added, so that it is allocated once and no larger than needed (small allocations
+        // take the allocator's fast path).
+        let added = match path {
+            UpstreamPath::Deployment { name, .. } => name.len(),
+            UpstreamPath::AsSent(_) => 0,
+        } + host.len()
+            + token.map_or(0, str::len)
+            + caller_jwt.map_or(0, str::len)
+            + match credential {
+                Credential::ApiKey(k) => k.len(),
+                _ => 0,
+            };
+        let mut out = Vec::with_capacity(
+            head.wire_len() + added + 128 + if with_body { body.len() } else { 0 },
+        );
         out.extend_from_slice(head.method().as_bytes());
         out.push(b' ');
         match path {
