@@ -364,11 +364,11 @@ impl Head {
                 *slot = (i + 1) as u8;
             }
         }
-        // (`try_from` would drop the bytes of a head that is not UTF-8: checked first.)
-        let raw = if status == 0 && (buf.is_ascii() || std::str::from_utf8(&buf).is_ok()) {
-            ByteString::try_from(buf).map_or_else(|_| unreachable!("checked"), Raw::Text)
-        } else {
-            Raw::Bytes(buf)
+        // (`try_from` drops the bytes of a head that is not UTF-8: it gets a second handle
+        // of the shared buffer, which costs less than checking the bytes twice.)
+        let raw = match status {
+            0 => ByteString::try_from(buf.clone()).map_or(Raw::Bytes(buf), Raw::Text),
+            _ => Raw::Bytes(buf),
         };
         Head {
             raw,

@@ -1,5 +1,8 @@
-//! Connections to backends. Pingora's `TransportConnector` makes them (TCP, TLS with SNI,
-//! a private CA, connect timeouts); idle ones wait in a pool per worker thread. A request
+//! Connections to backends. Pingora's `TransportConnector` makes the TLS ones (SNI, a
+//! private CA, connect timeouts); plain TCP ones are tokio sockets with `TCP_NODELAY`, read
+//! and written without Pingora's stream layers (they read the clock around every read that
+//! waits, and add two layers of calls per read and write). Idle ones wait in a pool per
+//! worker thread. A request
 //! runs on one thread from start to end (per-thread runtimes, no work stealing), so taking
 //! and returning a connection is a `Vec` push and pop: no lock, no watcher task per
 //! connection, no `getpeername` per reuse, which is what a shared pool costs per request.
@@ -11,13 +14,18 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use pingora::connectors::TransportConnector;
+use pingora::protocols::l4::socket::SocketAddr;
 use pingora::protocols::Stream;
 use pingora::upstreams::peer::{HttpPeer, Peer};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::h1::Conn;
 
@@ -26,7 +34,72 @@ const MAX_IDLE: usize = 256;
 /// Idle longer than this, a connection is checked for a close or stray bytes before reuse.
 const CHECK_AFTER: Duration = Duration::from_secs(1);
 
-pub type Upstream = Conn<Stream>;
+pub type Upstream = Conn<Io>;
+
+/// A backend connection's transport.
+pub enum Io {
+    Tcp(TcpStream),
+    /// TLS (and anything else Pingora's connector makes).
+    Pingora(Stream),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Pingora(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Pingora(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Pingora(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Tcp(s) => s.is_write_vectored(),
+            Io::Pingora(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Io::Pingora(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Pingora(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 struct Idle {
     conn: Upstream,
@@ -76,9 +149,25 @@ impl Upstreams {
         })
     }
 
-    /// A new connection.
-    pub async fn connect(&self, peer: &HttpPeer) -> pingora::Result<Upstream> {
-        Ok(Conn::new(self.connector.new_stream(peer).await?))
+    /// A new connection (the caller bounds the wait by the request's deadline).
+    pub async fn connect(&self, peer: &HttpPeer) -> io::Result<Upstream> {
+        if let (false, SocketAddr::Inet(addr)) = (peer.is_tls(), peer.address()) {
+            let connecting = TcpStream::connect(*addr);
+            let tcp = match peer.connection_timeout() {
+                Some(limit) => tokio::time::timeout(limit, connecting)
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??,
+                None => connecting.await?,
+            };
+            tcp.set_nodelay(true)?;
+            return Ok(Conn::new(Io::Tcp(tcp)));
+        }
+        let stream = self
+            .connector
+            .new_stream(peer)
+            .await
+            .map_err(io::Error::other)?;
+        Ok(Conn::new(Io::Pingora(stream)))
     }
 
     /// Returns a connection whose last response was read to its end, quiet since `since`.
