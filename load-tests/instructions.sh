@@ -3,6 +3,8 @@
 # to about 1 % on this machine, where wall-clock RPS moves ±20 % between runs of the same binary.
 # Instrumentation is on only while wrk runs (after a warm-up), so start-up is not counted.
 # Usage: load-tests/instructions.sh [BIN_DIR]   (default target/release)   env: DURATION=8
+#        NGINX=1 load-tests/instructions.sh   counts the bare nginx proxy instead (its one
+#        worker, run in the foreground with `master_process off`), the yardstick's figure.
 # Needs valgrind (callgrind_control), nginx and wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,11 +14,17 @@ command -v valgrind >/dev/null && command -v nginx >/dev/null && command -v wrk 
   { echo "needs valgrind, nginx and wrk" >&2; exit 1; }
 . load-tests/common.sh
 nginx -c "$DIR/mock.conf" -p "$DIR" & pids+=($!)
+if [ "${NGINX:-0}" = 1 ]; then
+  sed -i 's/^worker_processes 1;/worker_processes 1;\nmaster_process off;/' "$DIR/proxy.conf"
+  set -- nginx -c "$DIR/proxy.conf" -p "$DIR"; PORT=18090
+else
+  set -- "$BIN/aoai-gateway" run -c "$DIR/gateway.yaml"; PORT=18091
+fi
 valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes \
-  --callgrind-out-file="$DIR/cg.out" "$BIN/aoai-gateway" run -c "$DIR/gateway.yaml" 2>"$DIR/vg.err" &
+  --callgrind-out-file="$DIR/cg.out" "$@" 2>"$DIR/vg.err" &
 vg=$!; pids+=($vg)
-for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/18091) 2>/dev/null && break; sleep 0.2; done
-URL="http://127.0.0.1:18091/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.2; done
+URL="http://127.0.0.1:$PORT/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 wrk -t1 -c10 -d3s -s load-tests/post.lua "$URL" >/dev/null
 callgrind_control -i on "$vg" >/dev/null 2>&1
 out=$(wrk -t1 -c10 -d"${DURATION}s" -s load-tests/post.lua "$URL")
@@ -30,6 +38,7 @@ for f in "$DIR"/cg.out.*-*; do
   [ "$ir" -gt $((n * 100)) ] || continue   # threads that did not work per request
   echo "thread $(awk '/^thread:/ {print $2; exit}' "$f"): $((ir / n)) instructions per request"
 done
+[ "${NGINX:-0}" = 1 ] && exit 0
 echo "(the larger figure is the worker thread, the smaller the audit-log writer. callgrind"
 echo " runs SHA-256 without the CPU's SHA extensions: ~3,500 of the worker's instructions per"
 echo " request are the API-key hash, ~300 natively.)"
