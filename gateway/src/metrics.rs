@@ -365,20 +365,23 @@ impl Metrics {
     }
 
     /// The `client` label for a client id: configured ids as they are; unlisted
-    /// applications bounded to [`MAX_UNLISTED_LABELS`] distinct values.
+    /// applications bounded to [`MAX_UNLISTED_LABELS`] distinct values. An unlisted id's
+    /// label is the one text kept for it (the id itself is made per request), so that the
+    /// series caches, which go by a label text's address, find it again.
     pub fn client_label(&self, client_id: &Arc<str>) -> Arc<str> {
+        static OTHER: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
         if !client_id.starts_with("unlisted:") {
             return client_id.clone();
         }
         let mut seen = self.unlisted.lock().expect("not poisoned");
-        if seen.contains(client_id) {
-            return client_id.clone();
+        if let Some(kept) = seen.get(client_id) {
+            return kept.clone();
         }
         if seen.len() < MAX_UNLISTED_LABELS {
             seen.insert(client_id.clone());
             return client_id.clone();
         }
-        Arc::from("unlisted:other")
+        OTHER.get_or_init(|| Arc::from("unlisted:other")).clone()
     }
 
     /// The text exposition format.
@@ -405,6 +408,15 @@ mod tests {
         assert_eq!(&*m.client_label(&extra), "unlisted:other");
         let seen: Arc<str> = Arc::from("unlisted:p:7");
         assert_eq!(m.client_label(&seen), seen);
+        // The same text each time (the series caches go by its address).
+        assert!(Arc::ptr_eq(
+            &m.client_label(&seen),
+            &m.client_label(&Arc::from("unlisted:p:7"))
+        ));
+        assert!(Arc::ptr_eq(
+            &m.client_label(&extra),
+            &m.client_label(&Arc::from("unlisted:x"))
+        ));
         let listed: Arc<str> = Arc::from("support-bot");
         assert_eq!(m.client_label(&listed), listed);
     }
