@@ -127,6 +127,14 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 # Processes
 
 
+# Children get the default action for the signals the tests send, however the suite was
+# started: under `nohup` SIGHUP is ignored, that is inherited, and a shell script cannot
+# trap a signal ignored at its start (the supervisor script's SIGHUP forward would be lost).
+for _sig in (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGQUIT):
+    if signal.getsignal(_sig) == signal.SIG_IGN:
+        signal.signal(_sig, signal.SIG_DFL)
+
+
 class Proc:
     """A child process with stdout/stderr in files (shown when a test fails)."""
 
