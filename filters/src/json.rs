@@ -25,15 +25,36 @@ const STOP: [bool; 256] = {
     t
 };
 
-/// The bytes of `w` (little-endian) that are in [`STOP`] — below 0x20, `"`, `\\`, above
-/// ASCII — as their high bits. Bits above the first stop byte may be set wrongly; the lowest
-/// set bit is always the first stop byte ("some byte is below `n`" is exact up to the first
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// The bytes of `w` (little-endian) that JSON requires escaped in a string — below 0x20,
+/// `"`, `\` — as their high bits. Bits above the first such byte may be set wrongly; the
+/// lowest set bit is always the first one ("some byte is below `n`" is exact up to the first
 /// one that is, for `n` <= 0x80).
-fn stop_bits(w: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
+fn escape_bits(w: u64) -> u64 {
     let below = |w: u64, n: u64| w.wrapping_sub(ONES * n) & !w & HIGH;
-    w & HIGH | below(w, 0x20) | below(w ^ (ONES * 0x22), 1) | below(w ^ (ONES * 0x5c), 1)
+    below(w, 0x20) | below(w ^ (ONES * 0x22), 1) | below(w ^ (ONES * 0x5c), 1)
+}
+
+/// [`escape_bits`] and the bytes above ASCII: the bytes of `w` that are in [`STOP`].
+fn stop_bits(w: u64) -> u64 {
+    w & HIGH | escape_bits(w)
+}
+
+/// Whether any byte of a string needs an escape in JSON (`"`, `\`, below 0x20), eight
+/// bytes at a time.
+pub fn needs_escape(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        if escape_bits(u64::from_le_bytes(word.try_into().expect("eight bytes"))) != 0 {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// A position in a JSON text. Every method answers `None` for "not sure".
@@ -318,6 +339,24 @@ mod tests {
                         w[after] = later;
                         let want = want.or(STOP[usize::from(later)].then_some(after));
                         assert_eq!(first(w), want, "{b:#04x} at {at}, {later:#04x} at {after}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_word_at_a_time_check_finds_every_byte_that_needs_an_escape() {
+        let naive = |b: &[u8]| b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+        // Every byte value at every position of strings of 1..=24 bytes, in a background of
+        // plain ASCII or of bytes above 0x7f (which never need an escape).
+        for background in [b'a', 0x80, 0xff, b'!', b'#', b'[', b']', b' '] {
+            for len in 1..=24 {
+                for pos in 0..len {
+                    for c in 0..=255u8 {
+                        let mut v = vec![background; len];
+                        v[pos] = c;
+                        assert_eq!(needs_escape(&v), naive(&v), "{v:?}");
                     }
                 }
             }

@@ -62,12 +62,7 @@ pub fn usage_in_json(buf: &[u8]) -> Option<Usage> {
                 i += 1;
             }
             if buf.get(i) == Some(&b'{') {
-                let raw = read_usage(&buf[i..]).or_else(|| {
-                    serde_json::Deserializer::from_slice(&buf[i..])
-                        .into_iter::<RawUsage>()
-                        .next()
-                        .and_then(Result::ok)
-                });
+                let raw = read_usage(&buf[i..]).or_else(|| usage_by_serde(&buf[i..]));
                 if let Some(raw) = raw {
                     return raw.normalize();
                 }
@@ -101,6 +96,14 @@ fn read_usage(buf: &[u8]) -> Option<RawUsage> {
         Some(())
     })?;
     (!r.saw_non_ascii()).then_some(raw)
+}
+
+/// The usage object at the start of `buf` by serde (anything after it is ignored).
+fn usage_by_serde(buf: &[u8]) -> Option<RawUsage> {
+    serde_json::Deserializer::from_slice(buf)
+        .into_iter::<RawUsage>()
+        .next()
+        .and_then(Result::ok)
 }
 
 fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -298,6 +301,8 @@ fn last_event_end(buf: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_fast_usage_reader_agrees_with_serde() {
         let samples: &[&str] = &[
@@ -330,12 +335,8 @@ mod tests {
             r#"{"prompt_tokens":1}trailing"#,
         ];
         for s in samples {
-            let serde = serde_json::Deserializer::from_slice(s.as_bytes())
-                .into_iter::<RawUsage>()
-                .next()
-                .and_then(Result::ok);
             if let Some(raw) = read_usage(s.as_bytes()) {
-                assert_eq!(Some(raw), serde, "{s}");
+                assert_eq!(Some(raw), usage_by_serde(s.as_bytes()), "{s}");
             }
         }
         // The usual shapes are read without serde.
@@ -343,8 +344,6 @@ mod tests {
             assert!(read_usage(s.as_bytes()).is_some(), "{s}");
         }
     }
-
-    use super::*;
 
     #[test]
     fn usage_of_chat_embeddings_and_responses() {

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use filters::estimate::{requested_output_tokens, PromptEstimator};
 use filters::Operation;
 use serde_json::Value;
@@ -29,7 +30,8 @@ fn is_json(operation: Operation, rest: &str) -> bool {
 pub struct RequestBody {
     raw: Bytes,
     is_json: bool,
-    model: Option<String>,
+    /// Shares `raw` when the name is written without escapes (no copy per request).
+    model: Option<ByteString>,
     include_usage: bool,
     /// The whole document, parsed only when needed (rewrite, token estimate).
     json: std::sync::OnceLock<Arc<Value>>,
@@ -83,7 +85,13 @@ impl RequestBody {
         let p = crate::peek::read(&body.raw)
             .ok_or_else(|| invalid("The request body is not valid JSON."))?;
         body.is_json = true;
-        body.model = p.model.filter(|m| !m.is_empty()).map(Cow::into_owned);
+        body.model = match p.model {
+            Some(Cow::Borrowed(m)) if !m.is_empty() => {
+                ByteString::try_from(body.raw.slice_ref(m.as_bytes())).ok()
+            }
+            Some(Cow::Owned(m)) if !m.is_empty() => Some(m.into()),
+            _ => None,
+        };
         body.stream = p.stream.unwrap_or(false);
         body.include_usage = p.include_usage.unwrap_or(false);
         Ok(body)
@@ -210,6 +218,20 @@ mod tests {
         let e = RequestBody::inspect(Bytes::from("{}"), Operation::Embeddings, "", "text/plain")
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidRequestBody);
+    }
+
+    #[test]
+    fn model_is_read_plain_or_escaped_and_empty_is_none() {
+        assert_eq!(chat(r#"{"model":"gpt-4o"}"#).model(), Some("gpt-4o"));
+        // Escaped: read by serde, the same name.
+        assert_eq!(chat(r#"{"model":"gpt\u002d4o"}"#).model(), Some("gpt-4o"));
+        assert_eq!(
+            chat(r#"{"model":"d\u00e9ploiement"}"#).model(),
+            Some("d\u{e9}ploiement")
+        );
+        for no_name in [r#"{"model":""}"#, r#"{"model":5}"#, r#"{"messages":[]}"#] {
+            assert_eq!(chat(no_name).model(), None, "{no_name}");
+        }
     }
 
     #[test]

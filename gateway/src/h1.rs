@@ -484,13 +484,15 @@ impl Head {
             .map(|f| (f.kind, self.slice(f.name), self.slice(f.value)))
     }
 
-    /// The values of every header recognized as `kind`.
+    /// The values of every header recognized as `kind` (a known name), from its first.
     fn values(&self, kind: Name) -> impl Iterator<Item = &[u8]> {
-        let from = (self.first[kind as usize] as usize).saturating_sub(1);
-        let present = self.first[kind as usize] != 0;
+        let from = match self.first[kind as usize] {
+            0 => self.fields.len(),
+            i => i as usize - 1,
+        };
         self.fields[from..]
             .iter()
-            .filter(move |f| present && f.kind == kind)
+            .filter(move |f| f.kind == kind)
             .map(|f| self.slice(f.value))
     }
 
@@ -900,13 +902,9 @@ impl RespHead {
     }
 
     pub fn add_raw(&mut self, name: &[u8], value: &[u8]) {
-        if memchr::memchr2(b'\r', b'\n', value).is_some() {
-            return;
+        if memchr::memchr2(b'\r', b'\n', value).is_none() {
+            self.add_parsed(name, value);
         }
-        self.lines.extend_from_slice(name);
-        self.lines.extend_from_slice(b": ");
-        self.lines.extend_from_slice(value);
-        self.lines.extend_from_slice(b"\r\n");
     }
 
     /// Adds a header line from a parsed head (httparse refuses CR and LF in values).

@@ -80,12 +80,10 @@ pub struct Ctx {
     started: SystemTime,
     /// Set when the response is done.
     elapsed: std::time::Duration,
-    request_id: RequestId,
     snap: Option<Arc<Snapshot>>,
     rec: AuditRecord,
     client_label: Arc<str>,
     operation: Option<Operation>,
-    deployment: Option<Arc<str>>,
     admission: Option<filters::limits::Admission>,
     reserved: u64,
     usage: Option<Usage>,
@@ -230,7 +228,7 @@ impl Gateway {
         body: Bytes,
         extra: &[(&str, String)],
     ) -> std::io::Result<()> {
-        let mut resp = json_head(status, ctx.request_id);
+        let mut resp = json_head(status, ctx.rec.request_id);
         for (k, v) in extra {
             resp.add(k, v.as_str());
         }
@@ -302,7 +300,6 @@ impl Gateway {
         };
         if let Some(d) = path_deployment.and_then(|d| snap.cfg.deployments.get(d)) {
             // Known before identity, so refusals are counted against it (configured names only).
-            ctx.deployment = Some(d.name.clone());
             ctx.rec.deployment = Some(d.name.clone());
         }
         ctx.operation = Some(operation);
@@ -380,7 +377,6 @@ impl Gateway {
         };
         if let Some(d) = &deployment {
             fcx.deployment = Some(d.name.clone());
-            ctx.deployment = Some(d.name.clone());
             ctx.rec.deployment = Some(d.name.clone());
         }
 
@@ -725,7 +721,7 @@ impl Gateway {
                 Err(AttemptError::Failed(why)) => {
                     log::warn!(
                         "request {}: backend {} failed: {why}",
-                        ctx.request_id,
+                        ctx.rec.request_id,
                         backend.name
                     );
                     self.metrics
@@ -836,7 +832,7 @@ impl Gateway {
                 }
             }
         }
-        out.add("x-request-id", ctx.request_id.text());
+        out.add("x-request-id", ctx.rec.request_id.text());
         out
     }
 
@@ -855,7 +851,10 @@ impl Gateway {
         let framing = match resp.response_framing(false) {
             Ok(f) => f,
             Err(e) => {
-                log::warn!("request {}: backend answer unusable: {e}", ctx.request_id);
+                log::warn!(
+                    "request {}: backend answer unusable: {e}",
+                    ctx.rec.request_id
+                );
                 return Err(GatewayError::new(ErrorCode::BadGateway).into());
             }
         };
@@ -875,7 +874,7 @@ impl Gateway {
                         Ok(Err(e)) => {
                             log::warn!(
                                 "request {}: backend failed mid-response: {e}",
-                                ctx.request_id
+                                ctx.rec.request_id
                             );
                             return Err(GatewayError::new(ErrorCode::BadGateway).into());
                         }
@@ -899,14 +898,14 @@ impl Gateway {
                 Err(_) => {
                     log::warn!(
                         "request {}: whole-request timeout while streaming",
-                        ctx.request_id
+                        ctx.rec.request_id
                     );
                     return Err(abort("request timeout while streaming"));
                 }
                 Ok(Err(e)) => {
                     log::warn!(
                         "request {}: backend failed mid-response: {e}",
-                        ctx.request_id
+                        ctx.rec.request_id
                     );
                     return Err(abort(e));
                 }
@@ -926,7 +925,7 @@ impl Gateway {
                     // The client went away: the upstream connection is dropped, not pooled.
                     log::info!(
                         "request {}: client disconnected mid-response",
-                        ctx.request_id
+                        ctx.rec.request_id
                     );
                     ctx.usage = sse.as_ref().and_then(|s| s.usage());
                     return Err(abort(e));
@@ -954,6 +953,7 @@ impl Gateway {
 
     fn finish_record(&self, ctx: &mut Ctx) {
         let dep_label = ctx
+            .rec
             .deployment
             .as_ref()
             .map_or(Label::Static(""), Label::Config);
@@ -1039,9 +1039,9 @@ impl Gateway {
             start: Instant::now(),
             started: SystemTime::now(),
             elapsed: std::time::Duration::ZERO,
-            request_id: RequestId::new(),
             snap: None,
             rec: AuditRecord {
+                request_id: RequestId::new(),
                 client: anonymous(),
                 auth: "none",
                 usage_source: "none",
@@ -1049,7 +1049,6 @@ impl Gateway {
             },
             client_label: anonymous(),
             operation: None,
-            deployment: None,
             admission: None,
             reserved: 0,
             usage: None,
@@ -1071,7 +1070,7 @@ impl Gateway {
                 true
             }
             Err(Failure::Abort(why)) => {
-                log::debug!("request {}: connection closed: {why}", ctx.request_id);
+                log::debug!("request {}: connection closed: {why}", ctx.rec.request_id);
                 if ctx.rec.status == 0 {
                     ctx.rec.status = 502;
                 }
@@ -1098,7 +1097,6 @@ impl Gateway {
         let mut rec = std::mem::take(&mut ctx.rec);
         // The wall clock at the end, from the start and the monotonic duration.
         rec.ended = Some(time::OffsetDateTime::from(ctx.started + ctx.elapsed));
-        rec.request_id = ctx.request_id;
         rec.duration_ms = ctx.elapsed.as_millis() as u64;
         self.audit.log(rec);
     }

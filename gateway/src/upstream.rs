@@ -15,8 +15,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -24,8 +22,9 @@ use pingora::connectors::TransportConnector;
 use pingora::protocols::l4::socket::SocketAddr;
 use pingora::protocols::Stream;
 use pingora::upstreams::peer::{HttpPeer, Peer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 use crate::h1::Conn;
 
@@ -36,70 +35,9 @@ const CHECK_AFTER: Duration = Duration::from_secs(1);
 
 pub type Upstream = Conn<Io>;
 
-/// A backend connection's transport.
-pub enum Io {
-    Tcp(TcpStream),
-    /// TLS (and anything else Pingora's connector makes).
-    Pingora(Stream),
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Pingora(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Pingora(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Pingora(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Io::Tcp(s) => s.is_write_vectored(),
-            Io::Pingora(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Io::Pingora(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Pingora(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+/// A backend connection's transport: a plain tokio socket, or Pingora's stream for TLS (and
+/// anything else its connector makes).
+pub type Io = Either<TcpStream, Stream>;
 
 struct Idle {
     conn: Upstream,
@@ -160,14 +98,14 @@ impl Upstreams {
                 None => connecting.await?,
             };
             tcp.set_nodelay(true)?;
-            return Ok(Conn::new(Io::Tcp(tcp)));
+            return Ok(Conn::new(Either::Left(tcp)));
         }
         let stream = self
             .connector
             .new_stream(peer)
             .await
             .map_err(io::Error::other)?;
-        Ok(Conn::new(Io::Pingora(stream)))
+        Ok(Conn::new(Either::Right(stream)))
     }
 
     /// Returns a connection whose last response was read to its end, quiet since `since`.
@@ -190,4 +128,25 @@ impl Upstreams {
 fn still_open(conn: &mut Upstream) -> bool {
     let mut byte = [0u8; 1];
     conn.io.read(&mut byte).now_or_never().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn plain_backends_get_tokio_sockets_without_nagle() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstreams = Upstreams::new(Duration::from_secs(60));
+        let peer = HttpPeer::new(addr, false, "backend".to_string());
+        let conn = upstreams.connect(&peer).await.unwrap();
+        // Without TCP_NODELAY a keep-alive request waits ~40 ms for the delayed ACK.
+        let Either::Left(tcp) = &conn.io else {
+            panic!("a plain backend went through Pingora's connector");
+        };
+        assert!(tcp.nodelay().unwrap());
+        let (_accepted, from) = listener.accept().await.unwrap();
+        assert_eq!(from, tcp.local_addr().unwrap());
+    }
 }
