@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use filters::json::needs_escape;
 
-use crate::h1::Text;
+use crate::http1::Text;
 use crate::request_id::RequestId;
 
 /// One request, as logged. `None` is written as `null`.

@@ -12,7 +12,7 @@ use filters::cert::PeerCert;
 use pingora::http::ResponseHeader;
 use pingora::protocols::Stream;
 
-use crate::h1::{
+use crate::http1::{
     encode_chunk, BodyReader, Collected, Conn, Framing, H1Error, Head, Name, OutFraming, RespHead,
 };
 

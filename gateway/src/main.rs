@@ -7,27 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod admin;
-mod audit;
-mod body;
-mod config;
-mod deadline;
-mod downstream;
-mod errors;
-mod h1;
-mod health;
-mod keys;
-mod metrics;
-mod peek;
-mod pool;
-mod proxy;
-mod request_id;
-mod route;
-mod server;
-mod state;
-mod tls;
-mod upstream;
-mod upstream_token;
+use gateway::{config, keys, server};
 
 /// mimalloc: fewer cycles per request than glibc malloc on this allocation-heavy path, and
 /// less fragmentation under TLS + h2 load (see ../shared/notes/pingora-0.9.md).

@@ -36,7 +36,7 @@ use crate::config::runtime::{Credential, Deployment};
 use crate::deadline::timeout_at;
 use crate::downstream::{Downstream, ReadError, Session2, H1};
 use crate::errors::{ErrorCode, GatewayError};
-use crate::h1::{BodyReader, Collected, Conn, Framing, H1Error, Head, Name, RespHead, Text};
+use crate::http1::{BodyReader, Collected, Conn, Framing, H1Error, Head, Name, RespHead, Text};
 use crate::metrics::{Label, Metrics};
 use crate::pool::{cooldown_for, now_ms, pick, unix_ms, Candidate, Pick};
 use crate::request_id::RequestId;
@@ -1163,7 +1163,7 @@ impl Gateway {
                     let resp = json_head(e.status(), RequestId::new());
                     let body = e.body();
                     out.clear();
-                    resp.encode(&mut out, crate::h1::OutFraming::Length(body.len()), true);
+                    resp.encode(&mut out, crate::http1::OutFraming::Length(body.len()), true);
                     out.extend_from_slice(&body);
                     let _ = conn.send(&out).await;
                     break;

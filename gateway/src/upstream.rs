@@ -26,7 +26,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
-use crate::h1::Conn;
+use crate::http1::Conn;
 
 /// Idle connections kept per backend address and thread.
 const MAX_IDLE: usize = 256;

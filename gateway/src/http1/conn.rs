@@ -1,0 +1,153 @@
+//! One HTTP/1.x connection: its stream, its read buffer, and the head-read timeout.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::head::{span_of, Field, Head, Name};
+use super::{H1Error, MAX_HEAD, MAX_HEADERS, READ_CHUNK};
+use crate::deadline::timeout_at;
+
+/// One HTTP/1.x connection: the stream and its read buffer (bytes read past the current
+/// message stay for the next one: pipelined requests).
+pub struct Conn<S> {
+    pub io: S,
+    pub(super) rbuf: BytesMut,
+    /// How long a request head may take from its first byte to its end.
+    head_timeout: Option<Duration>,
+    /// When the first byte of the head being read arrived (set only once it has to wait).
+    head_started: Option<Instant>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    pub fn new(io: S) -> Self {
+        Conn {
+            io,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            head_timeout: None,
+            head_started: None,
+        }
+    }
+
+    /// Bounds the time from a request head's first byte to its end (a client that trickles
+    /// its head gets [`H1Error::HeadTimeout`]). Without it, only the caller bounds the wait.
+    pub fn set_head_timeout(&mut self, limit: Duration) {
+        self.head_timeout = Some(limit);
+    }
+
+    /// Whether bytes past the last message are waiting.
+    pub fn has_buffered(&self) -> bool {
+        !self.rbuf.is_empty()
+    }
+
+    pub(super) async fn fill(&mut self) -> Result<usize, H1Error> {
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        Ok(self.io.read_buf(&mut self.rbuf).await?)
+    }
+
+    /// Reads a request head (`response: false`) or a response head. `Ok(None)`: the peer
+    /// closed the connection before sending a byte of it.
+    pub async fn read_head(&mut self, response: bool) -> Result<Option<Head>, H1Error> {
+        loop {
+            // Tolerate empty lines before a request (RFC 9112 §2.2).
+            if !response {
+                while self.rbuf.starts_with(b"\r\n") {
+                    let _ = self.rbuf.split_to(2);
+                }
+            }
+            if !self.rbuf.is_empty() {
+                if let Some(head) = self.try_parse(response)? {
+                    self.head_started = None;
+                    return Ok(Some(head));
+                }
+                if self.rbuf.len() >= MAX_HEAD {
+                    return Err(H1Error::HeadTooLarge);
+                }
+            }
+            let was_empty = self.rbuf.is_empty();
+            let read = match (was_empty, self.head_timeout) {
+                // A head has begun: the rest of it must come before the head timeout, however
+                // it trickles in (one clock read, and only for heads that arrive in pieces).
+                (false, Some(limit)) => {
+                    let started = *self.head_started.get_or_insert_with(Instant::now);
+                    timeout_at(started + limit, self.fill())
+                        .await
+                        .map_err(|_| H1Error::HeadTimeout)??
+                }
+                _ => self.fill().await?,
+            };
+            if read == 0 {
+                return if was_empty {
+                    Ok(None)
+                } else {
+                    Err(H1Error::Closed)
+                };
+            }
+        }
+    }
+
+    fn try_parse(&mut self, response: bool) -> Result<Option<Head>, H1Error> {
+        // Left uninitialized: httparse writes only the slots it fills.
+        let mut headers =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let config = httparse::ParserConfig::default();
+        let (used, method, target, status, minor, spans);
+        if response {
+            let mut r = httparse::Response::new(&mut []);
+            match config.parse_response_with_uninit_headers(&mut r, &self.rbuf, &mut headers) {
+                Ok(httparse::Status::Complete(n)) => {
+                    used = n;
+                    method = (0, 0);
+                    target = (0, 0);
+                    status = r.code.unwrap_or(0);
+                    minor = r.version.unwrap_or(1);
+                    spans = collect(&self.rbuf, r.headers);
+                }
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
+                Err(_) => return Err(H1Error::Malformed("bad response head")),
+            }
+        } else {
+            let mut r = httparse::Request::new(&mut []);
+            match config.parse_request_with_uninit_headers(&mut r, &self.rbuf, &mut headers) {
+                Ok(httparse::Status::Complete(n)) => {
+                    used = n;
+                    method = span_of(&self.rbuf, r.method.unwrap_or("").as_bytes());
+                    target = span_of(&self.rbuf, r.path.unwrap_or("").as_bytes());
+                    status = 0;
+                    minor = r.version.unwrap_or(1);
+                    spans = collect(&self.rbuf, r.headers);
+                }
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
+                Err(_) => return Err(H1Error::Malformed("bad request head")),
+            }
+        }
+        if used > MAX_HEAD {
+            return Err(H1Error::HeadTooLarge);
+        }
+        let buf = self.rbuf.split_to(used).freeze();
+        Ok(Some(Head::new(buf, method, target, status, minor, spans)))
+    }
+
+    /// Writes all of `bytes` and flushes.
+    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.io.write_all(bytes).await?;
+        self.io.flush().await
+    }
+}
+
+fn collect(buf: &[u8], headers: &[httparse::Header<'_>]) -> Vec<Field> {
+    headers
+        .iter()
+        .map(|h| Field {
+            name: span_of(buf, h.name.as_bytes()),
+            value: span_of(buf, h.value),
+            kind: Name::of(h.name.as_bytes()),
+        })
+        .collect()
+}

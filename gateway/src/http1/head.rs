@@ -1,0 +1,514 @@
+//! A parsed request or response head: one buffer, the spans of its parts, and its header
+//! names recognized once ([`Name`]).
+
+use bytes::Bytes;
+use bytestring::ByteString;
+
+use super::framing::{self, Framing};
+use super::{H1Error, MAX_HEADERS};
+
+pub(super) type Span = (u32, u32);
+
+/// The header names the gateway acts on, recognized once when a head is parsed, so that
+/// lookups and the forwarding filters compare a byte rather than names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Name {
+    Other = 0,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    ProxyConnection,
+    Te,
+    Trailer,
+    Upgrade,
+    ProxyAuthorization,
+    Host,
+    AcceptEncoding,
+    ApiKey,
+    Authorization,
+    Cookie,
+    Expect,
+    SetCookie,
+    ContentType,
+    XRequestId,
+    ApimRequestId,
+    RetryAfter,
+    RetryAfterMs,
+    XAzureFdid,
+    XAzureClientIp,
+    XForwardedFor,
+    Http2Settings,
+    /// `sec-websocket-*`
+    SecWebSocket,
+    /// `x-ratelimit-*`
+    RateLimit,
+}
+
+/// `name` equals the lower-case literal `lit` of the same length, ignoring case, eight
+/// bytes at a time. The literals are lower case letters and `-`; for token characters (all a
+/// header name may hold) `b | 0x20` equals one of them only for that letter in either case,
+/// or `-` itself.
+fn eq_lower(name: &[u8], lit: &[u8]) -> bool {
+    const LOWER: u64 = 0x2020_2020_2020_2020;
+    let n = name.len();
+    if n != lit.len() {
+        return false;
+    }
+    if n < 8 {
+        return name.iter().zip(lit).all(|(&a, &b)| a | 0x20 == b);
+    }
+    let word = |s: &[u8], i: usize| u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"));
+    let mut i = 0;
+    while i + 8 < n {
+        if word(name, i) | LOWER != word(lit, i) {
+            return false;
+        }
+        i += 8;
+    }
+    word(name, n - 8) | LOWER == word(lit, n - 8)
+}
+
+/// How many [`Name`]s there are.
+const NAMES: usize = Name::RateLimit as usize + 1;
+
+impl Name {
+    /// The name of a header as sent (any case).
+    pub fn of(name: &[u8]) -> Name {
+        let is = |s: &str| eq_lower(name, s.as_bytes());
+        match name.len() {
+            2 if is("te") => Name::Te,
+            4 if is("host") => Name::Host,
+            6 if is("cookie") => Name::Cookie,
+            6 if is("expect") => Name::Expect,
+            7 if is("api-key") => Name::ApiKey,
+            7 if is("trailer") => Name::Trailer,
+            7 if is("upgrade") => Name::Upgrade,
+            10 if is("connection") => Name::Connection,
+            10 if is("keep-alive") => Name::KeepAlive,
+            10 if is("set-cookie") => Name::SetCookie,
+            11 if is("retry-after") => Name::RetryAfter,
+            12 if is("content-type") => Name::ContentType,
+            12 if is("x-request-id") => Name::XRequestId,
+            12 if is("x-azure-fdid") => Name::XAzureFdid,
+            13 if is("authorization") => Name::Authorization,
+            14 if is("content-length") => Name::ContentLength,
+            14 if is("retry-after-ms") => Name::RetryAfterMs,
+            15 if is("apim-request-id") => Name::ApimRequestId,
+            15 if is("accept-encoding") => Name::AcceptEncoding,
+            15 if is("x-forwarded-for") => Name::XForwardedFor,
+            16 if is("proxy-connection") => Name::ProxyConnection,
+            16 if is("x-azure-clientip") => Name::XAzureClientIp,
+            17 if is("transfer-encoding") => Name::TransferEncoding,
+            19 if is("proxy-authorization") => Name::ProxyAuthorization,
+            14 if is("http2-settings") => Name::Http2Settings,
+            n if n > 12 && name[..12].eq_ignore_ascii_case(b"x-ratelimit-") => Name::RateLimit,
+            n if n > 14 && name[..14].eq_ignore_ascii_case(b"sec-websocket-") => Name::SecWebSocket,
+            _ => Name::Other,
+        }
+    }
+
+    /// Hop-by-hop: about one connection, never forwarded either way.
+    pub fn hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Name::Connection
+                | Name::KeepAlive
+                | Name::ProxyConnection
+                | Name::Te
+                | Name::Trailer
+                | Name::TransferEncoding
+                | Name::Upgrade
+                | Name::Http2Settings
+        )
+    }
+
+    /// Never sent to a backend: hop-by-hop, the client's credentials, and what the gateway
+    /// sets itself (host, length; no compression, so the gateway can read usage).
+    pub fn never_upstream(self) -> bool {
+        self.hop_by_hop()
+            || matches!(
+                self,
+                Name::ProxyAuthorization
+                    | Name::Host
+                    | Name::ContentLength
+                    | Name::AcceptEncoding
+                    | Name::ApiKey
+                    | Name::Authorization
+                    | Name::Cookie
+                    | Name::Expect
+                    | Name::SecWebSocket
+            )
+    }
+
+    /// Never passed from a backend's answer to the client: hop-by-hop, cookies, and what
+    /// the gateway sets itself (length, `x-request-id`).
+    pub fn never_downstream(self) -> bool {
+        self.hop_by_hop()
+            || matches!(
+                self,
+                Name::SetCookie | Name::ContentLength | Name::XRequestId | Name::SecWebSocket
+            )
+    }
+}
+
+/// What a header is looked up by: a [`Name`] (no name comparison at all) or any name.
+pub trait HeaderKey: Copy {
+    /// The known [`Name`], or the name as written when it is not one.
+    fn key(self) -> Result<Name, &'static str>;
+}
+
+impl HeaderKey for Name {
+    fn key(self) -> Result<Name, &'static str> {
+        Ok(self)
+    }
+}
+
+impl HeaderKey for &'static str {
+    fn key(self) -> Result<Name, &'static str> {
+        match Name::of(self.as_bytes()) {
+            Name::Other | Name::RateLimit | Name::SecWebSocket => Err(self),
+            known => Ok(known),
+        }
+    }
+}
+
+/// One header: where its name and value sit in the head's buffer, and which it is.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Field {
+    pub(super) name: Span,
+    pub(super) value: Span,
+    pub(super) kind: Name,
+}
+
+/// UTF-8 text that shares the buffer of the head it was read from: the audit record keeps
+/// the method, path and backend request id without copying them per request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Text(ByteString);
+
+impl Text {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+#[cfg(test)]
+impl From<String> for Text {
+    fn from(s: String) -> Text {
+        Text(ByteString::from(s))
+    }
+}
+
+impl serde::Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A parsed request or response head: the raw bytes and where each part sits in them.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub(super) raw: Raw,
+    method: Span,
+    /// The path of the request target (the absolute form reduced to it) and its query.
+    path: Span,
+    query: Option<Span>,
+    /// 0 for requests.
+    pub status: u16,
+    /// HTTP/1.`minor`.
+    pub minor: u8,
+    fields: Vec<Field>,
+    /// Per [`Name`], 1 + the index of its first field (0: absent).
+    first: [u8; NAMES],
+}
+
+/// A head's bytes. A request head that is all UTF-8 (checked once when it is made) is kept as
+/// text: its method, path, query and header values are then borrowed as `str` without
+/// checking each again. Response heads are not checked as a whole: their few text parts
+/// are checked one by one.
+#[derive(Debug, Clone)]
+pub(super) enum Raw {
+    Text(ByteString),
+    Bytes(Bytes),
+}
+
+impl Raw {
+    fn bytes(&self) -> &Bytes {
+        match self {
+            Raw::Text(t) => t.as_bytes(),
+            Raw::Bytes(b) => b,
+        }
+    }
+}
+
+pub(super) fn span_of(buf: &[u8], part: &[u8]) -> Span {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    (start as u32, (start + part.len()) as u32)
+}
+
+/// The path and query spans of a request target at `at` in a buffer: origin form
+/// `/path?query`; the absolute form `http://host/path?query` is reduced to its path and
+/// query (`/` when it has none).
+fn target_spans(target: &[u8], at: u32) -> (Span, Option<Span>) {
+    let end = at + target.len() as u32;
+    let mut start = 0usize;
+    for scheme in [&b"http://"[..], b"https://"] {
+        if target.len() >= scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            let rest = &target[scheme.len()..];
+            start = match memchr::memchr2(b'/', b'?', rest) {
+                Some(i) if rest[i] == b'/' => scheme.len() + i,
+                // No path: `/` (the empty span marks it).
+                _ => return ((end, end), None),
+            };
+            break;
+        }
+    }
+    let t = &target[start..];
+    let p0 = at + start as u32;
+    match memchr::memchr(b'?', t) {
+        Some(i) => ((p0, p0 + i as u32), Some((p0 + i as u32 + 1, end))),
+        None => ((p0, end), None),
+    }
+}
+
+impl Head {
+    fn slice(&self, s: Span) -> &[u8] {
+        &self.raw.bytes()[s.0 as usize..s.1 as usize]
+    }
+
+    /// A part of the head as `str`, if it is UTF-8.
+    fn str_at(&self, s: Span) -> Option<&str> {
+        let range = s.0 as usize..s.1 as usize;
+        match &self.raw {
+            Raw::Text(t) => t.get(range),
+            Raw::Bytes(b) => std::str::from_utf8(&b[range]).ok(),
+        }
+    }
+
+    /// A part of the head as [`Text`] sharing its buffer, if it is UTF-8.
+    fn text_at(&self, s: Span) -> Option<Text> {
+        let range = s.0 as usize..s.1 as usize;
+        match &self.raw {
+            Raw::Text(t) => Some(Text(t.slice_ref(t.get(range)?))),
+            Raw::Bytes(b) => ByteString::try_from(b.slice(range)).ok().map(Text),
+        }
+    }
+
+    pub(super) fn new(
+        buf: Bytes,
+        method: Span,
+        target: Span,
+        status: u16,
+        minor: u8,
+        fields: Vec<Field>,
+    ) -> Head {
+        let (path, query) = if status == 0 {
+            target_spans(&buf[target.0 as usize..target.1 as usize], target.0)
+        } else {
+            ((0, 0), None)
+        };
+        let mut first = [0u8; NAMES];
+        for (i, f) in fields.iter().enumerate() {
+            let slot = &mut first[f.kind as usize];
+            if *slot == 0 && f.kind != Name::Other {
+                // At most MAX_HEADERS (128) fields.
+                *slot = (i + 1) as u8;
+            }
+        }
+        // (`try_from` drops the bytes of a head that is not UTF-8: it gets a second handle
+        // of the shared buffer, which costs less than checking the bytes twice.)
+        let raw = match status {
+            0 => ByteString::try_from(buf.clone()).map_or(Raw::Bytes(buf), Raw::Text),
+            _ => Raw::Bytes(buf),
+        };
+        Head {
+            raw,
+            method,
+            path,
+            query,
+            status,
+            minor,
+            fields,
+            first,
+        }
+    }
+
+    /// A request head from parts (HTTP/2 requests, tests).
+    pub fn request<'a>(
+        method: &str,
+        target: &str,
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Head {
+        let mut raw = Vec::with_capacity(256);
+        raw.extend_from_slice(method.as_bytes());
+        let method_span = (0, raw.len() as u32);
+        let t0 = raw.len() as u32;
+        raw.extend_from_slice(target.as_bytes());
+        let target_span = (t0, raw.len() as u32);
+        let mut fields = Vec::new();
+        for (n, v) in headers.into_iter().take(MAX_HEADERS) {
+            let n0 = raw.len() as u32;
+            raw.extend_from_slice(n.as_bytes());
+            let n1 = raw.len() as u32;
+            raw.extend_from_slice(v);
+            fields.push(Field {
+                name: (n0, n1),
+                value: (n1, raw.len() as u32),
+                kind: Name::of(n.as_bytes()),
+            });
+        }
+        Head::new(Bytes::from(raw), method_span, target_span, 0, 1, fields)
+    }
+
+    pub fn method(&self) -> &str {
+        // httparse only accepts token characters in a method.
+        self.str_at(self.method).unwrap_or("")
+    }
+
+    /// The path of the request target (absolute form reduced to it).
+    pub fn path(&self) -> &str {
+        if self.path.0 == self.path.1 {
+            return "/";
+        }
+        self.str_at(self.path).unwrap_or("")
+    }
+
+    pub fn query(&self) -> Option<&str> {
+        self.query.map(|q| self.str_at(q).unwrap_or(""))
+    }
+
+    /// The method, sharing the head's buffer.
+    pub fn method_text(&self) -> Text {
+        self.text_at(self.method).unwrap_or_default()
+    }
+
+    /// The path (without the query), sharing the head's buffer; empty if it is not UTF-8.
+    pub fn path_text(&self) -> Text {
+        if self.path.0 == self.path.1 {
+            return Text(ByteString::from_static("/"));
+        }
+        self.text_at(self.path).unwrap_or_default()
+    }
+
+    /// A header value that is valid UTF-8, sharing the head's buffer.
+    pub fn get_text(&self, name: impl HeaderKey) -> Option<Text> {
+        self.text_at(self.value_span(name)?)
+    }
+
+    /// Where the value of the first header of this name is.
+    fn value_span(&self, name: impl HeaderKey) -> Option<Span> {
+        match name.key() {
+            Ok(known) => match self.first[known as usize] {
+                0 => None,
+                i => Some(self.fields[i as usize - 1].value),
+            },
+            Err(name) => self
+                .fields
+                .iter()
+                .find(|f| self.slice(f.name).eq_ignore_ascii_case(name.as_bytes()))
+                .map(|f| f.value),
+        }
+    }
+
+    /// The first header of this name (a [`Name`], or any name, case-insensitive).
+    pub fn get(&self, name: impl HeaderKey) -> Option<&[u8]> {
+        self.value_span(name).map(|v| self.slice(v))
+    }
+
+    pub fn get_str(&self, name: impl HeaderKey) -> Option<&str> {
+        self.str_at(self.value_span(name)?)
+    }
+
+    pub fn contains(&self, name: impl HeaderKey) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// The size of the head as received (request line or status line, and headers).
+    pub fn wire_len(&self) -> usize {
+        self.raw.bytes().len()
+    }
+
+    /// Every header in order with the [`Name`] it was recognized as.
+    pub fn fields(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> {
+        self.fields
+            .iter()
+            .map(|f| (f.kind, self.slice(f.name), self.slice(f.value)))
+    }
+
+    /// The values of every header recognized as `kind` (a known name), from its first.
+    fn values(&self, kind: Name) -> impl Iterator<Item = &[u8]> {
+        let from = match self.first[kind as usize] {
+            0 => self.fields.len(),
+            i => i as usize - 1,
+        };
+        self.fields[from..]
+            .iter()
+            .filter(move |f| f.kind == kind)
+            .map(|f| self.slice(f.value))
+    }
+
+    /// Whether a `Connection` header lists this option.
+    fn connection_has(&self, option: &str) -> bool {
+        self.values(Name::Connection).any(|v| {
+            v.split(|&b| b == b',')
+                .any(|o| o.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
+        })
+    }
+
+    /// Whether the connection may carry another message after this one.
+    pub fn keep_alive(&self) -> bool {
+        if self.minor == 0 {
+            self.connection_has("keep-alive")
+        } else {
+            !self.connection_has("close")
+        }
+    }
+
+    /// How the body of this request is delimited ([`framing::request_framing`]).
+    pub fn request_framing(&self) -> Result<Framing, H1Error> {
+        framing::request_framing(
+            self.minor,
+            self.values(Name::TransferEncoding),
+            self.values(Name::ContentLength),
+        )
+        .map_err(H1Error::Malformed)
+    }
+
+    /// How the body of this response is delimited (`head_request`: it answers a HEAD;
+    /// [`framing::response_framing`]).
+    pub fn response_framing(&self, head_request: bool) -> Result<Framing, H1Error> {
+        framing::response_framing(
+            self.status,
+            self.minor,
+            head_request,
+            self.values(Name::TransferEncoding),
+            self.values(Name::ContentLength),
+        )
+        .map_err(H1Error::Malformed)
+    }
+
+    /// The fields that may cross this hop: those `keep` accepts, less any that the message's
+    /// `Connection` field nominates (RFC 9110 §7.6.1).
+    pub fn end_to_end_fields<'a>(
+        &'a self,
+        keep: impl Fn(Name, &[u8]) -> bool + 'a,
+    ) -> impl Iterator<Item = (Name, &'a [u8], &'a [u8])> + 'a {
+        let has_connection = self.first[Name::Connection as usize] != 0;
+        self.fields().filter(move |&(kind, name, _)| {
+            keep(kind, name)
+                && !(has_connection && framing::nominated(name, self.values(Name::Connection)))
+        })
+    }
+
+    /// Every value of a header recognized as `kind`, in order, as text (values that are not
+    /// UTF-8 are skipped).
+    pub fn all_str(&self, kind: Name) -> impl Iterator<Item = &str> {
+        self.values(kind)
+            .filter_map(|v| std::str::from_utf8(v).ok())
+    }
+}

@@ -1,0 +1,339 @@
+use bytes::Bytes;
+
+use super::head::Raw;
+use super::*;
+use tokio::io::duplex;
+use tokio::io::AsyncWriteExt;
+
+async fn conn_with(input: &'static [u8]) -> Conn<tokio::io::DuplexStream> {
+    let (a, mut b) = duplex(1 << 20);
+    b.write_all(input).await.unwrap();
+    drop(b);
+    Conn::new(a)
+}
+
+async fn body_of(c: &mut Conn<tokio::io::DuplexStream>, f: Framing) -> Result<Vec<u8>, H1Error> {
+    let mut r = BodyReader::new(f);
+    let mut out = Vec::new();
+    while let Some(b) = r.next(c).await? {
+        out.extend_from_slice(&b);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn parses_a_request_and_keeps_the_pipelined_rest() {
+    let mut c = conn_with(
+        b"POST /openai/deployments/x/chat/completions?api-version=1 HTTP/1.1\r\nHost: a\r\nAPI-Key: k\r\nContent-Length: 2\r\n\r\n{}GET /healthz HTTP/1.1\r\n\r\n",
+    )
+    .await;
+    let h = c.read_head(false).await.unwrap().unwrap();
+    assert_eq!(h.method(), "POST");
+    assert_eq!(h.path(), "/openai/deployments/x/chat/completions");
+    assert_eq!(h.query(), Some("api-version=1"));
+    assert_eq!(h.get("api-key"), Some(&b"k"[..]));
+    assert_eq!(h.get_str("HOST"), Some("a"));
+    assert!(h.keep_alive());
+    assert_eq!(h.request_framing().unwrap(), Framing::Length(2));
+    assert_eq!(body_of(&mut c, Framing::Length(2)).await.unwrap(), b"{}");
+    let h2 = c.read_head(false).await.unwrap().unwrap();
+    assert_eq!((h2.method(), h2.path()), ("GET", "/healthz"));
+    assert!(c.read_head(false).await.unwrap().is_none(), "clean close");
+}
+
+#[test]
+fn header_names_are_recognized_in_any_case_and_only_exactly() {
+    let known = [
+        ("te", Name::Te),
+        ("host", Name::Host),
+        ("cookie", Name::Cookie),
+        ("expect", Name::Expect),
+        ("api-key", Name::ApiKey),
+        ("trailer", Name::Trailer),
+        ("upgrade", Name::Upgrade),
+        ("connection", Name::Connection),
+        ("keep-alive", Name::KeepAlive),
+        ("set-cookie", Name::SetCookie),
+        ("retry-after", Name::RetryAfter),
+        ("content-type", Name::ContentType),
+        ("x-request-id", Name::XRequestId),
+        ("x-azure-fdid", Name::XAzureFdid),
+        ("authorization", Name::Authorization),
+        ("content-length", Name::ContentLength),
+        ("retry-after-ms", Name::RetryAfterMs),
+        ("apim-request-id", Name::ApimRequestId),
+        ("accept-encoding", Name::AcceptEncoding),
+        ("x-forwarded-for", Name::XForwardedFor),
+        ("proxy-connection", Name::ProxyConnection),
+        ("x-azure-clientip", Name::XAzureClientIp),
+        ("transfer-encoding", Name::TransferEncoding),
+        ("proxy-authorization", Name::ProxyAuthorization),
+        ("x-ratelimit-remaining-tokens", Name::RateLimit),
+    ];
+    for (lit, name) in known {
+        assert_eq!(Name::of(lit.as_bytes()), name, "{lit}");
+        assert_eq!(Name::of(lit.to_uppercase().as_bytes()), name, "{lit}");
+        // One character off, or one longer: not that header.
+        for at in [0, lit.len() / 2, lit.len() - 1] {
+            if name == Name::RateLimit && at >= 12 {
+                continue;
+            }
+            let mut off = lit.as_bytes().to_vec();
+            off[at] = b'!';
+            assert_eq!(Name::of(&off), Name::Other, "{lit} changed at {at}");
+        }
+        if name != Name::RateLimit {
+            assert_eq!(
+                Name::of(format!("{lit}x").as_bytes()),
+                Name::Other,
+                "{lit}x"
+            );
+        }
+    }
+    for other in [
+        "x-ratelimit-",
+        "content_length",
+        "api_key",
+        "hostx",
+        "",
+        "x",
+    ] {
+        assert_eq!(Name::of(other.as_bytes()), Name::Other, "{other}");
+    }
+    assert!(Name::ApiKey.never_upstream() && !Name::ApiKey.never_downstream());
+    assert!(Name::SetCookie.never_downstream() && !Name::SetCookie.never_upstream());
+    assert!(Name::Connection.never_upstream() && Name::Connection.never_downstream());
+    assert!(!Name::ContentType.never_upstream() && !Name::Other.never_downstream());
+}
+
+#[test]
+fn request_targets_split_into_path_and_query() {
+    for (target, path, query) in [
+        ("/a/b?x=1&y", "/a/b", Some("x=1&y")),
+        ("/a/b", "/a/b", None),
+        ("/a?", "/a", Some("")),
+        ("http://host/a/b?x=1", "/a/b", Some("x=1")),
+        ("HTTPS://host:443/a", "/a", None),
+        ("http://host", "/", None),
+        ("http://host?x=1", "/", None),
+        ("*", "*", None),
+    ] {
+        let h = Head::request("GET", target, []);
+        assert_eq!(h.path(), path, "{target}");
+        assert_eq!(h.path_text().as_str(), path, "{target}");
+        assert_eq!(h.query(), query, "{target}");
+    }
+}
+
+#[test]
+fn lookups_find_the_first_of_repeated_headers_and_framing_sees_all() {
+    let h = Head::request(
+        "POST",
+        "/",
+        [
+            ("X-Custom", &b"1"[..]),
+            ("Content-Length", b"5"),
+            ("content-length", b"6"),
+            ("x-custom", b"2"),
+        ],
+    );
+    assert_eq!(h.get("content-length"), Some(&b"5"[..]));
+    assert_eq!(h.get("x-custom"), Some(&b"1"[..]));
+    assert!(h.get("api-key").is_none());
+    assert!(matches!(
+        h.request_framing(),
+        Err(H1Error::Malformed("conflicting Content-Length"))
+    ));
+    let t = h.get_text("content-length").unwrap();
+    assert_eq!(t.as_str(), "5");
+}
+
+#[test]
+fn text_parts_of_heads_with_and_without_bytes_above_ascii() {
+    // A UTF-8 head: its parts are borrowed from the one check of the whole head.
+    let h = Head::request(
+        "POST",
+        "/caf\u{e9}?q=\u{e9}",
+        [("x-name", "J\u{f6}rg".as_bytes()), ("api-key", b"k")],
+    );
+    assert!(matches!(h.raw, Raw::Text(_)));
+    assert_eq!(
+        (h.method(), h.path(), h.query()),
+        ("POST", "/caf\u{e9}", Some("q=\u{e9}"))
+    );
+    assert_eq!(h.method_text().as_str(), "POST");
+    assert_eq!(h.path_text().as_str(), "/caf\u{e9}");
+    assert_eq!(h.get_str("x-name"), Some("J\u{f6}rg"));
+    assert_eq!(h.get_text("x-name").unwrap().as_str(), "J\u{f6}rg");
+    // One header value that is not UTF-8 (obs-text): only that one has no text.
+    let h = Head::request(
+        "GET",
+        "/p",
+        [("x-latin1", &b"J\xf6rg"[..]), ("api-key", b"k")],
+    );
+    assert!(matches!(h.raw, Raw::Bytes(_)));
+    assert_eq!((h.method(), h.path()), ("GET", "/p"));
+    assert_eq!(h.path_text().as_str(), "/p");
+    assert_eq!(h.get_str("x-latin1"), None);
+    assert!(h.get_text("x-latin1").is_none());
+    assert_eq!(h.get("x-latin1"), Some(&b"J\xf6rg"[..]));
+    assert_eq!(h.get_str(Name::ApiKey), Some("k"));
+}
+
+#[tokio::test]
+async fn response_heads_give_their_header_values_as_text() {
+    let mut c =
+        conn_with(b"HTTP/1.1 200 OK\r\napim-request-id: abc-1\r\nx-bad: \xff\r\n\r\n").await;
+    let h = c.read_head(true).await.unwrap().unwrap();
+    assert_eq!(h.get_text(Name::ApimRequestId).unwrap().as_str(), "abc-1");
+    assert!(h.get_text("x-bad").is_none());
+}
+
+#[tokio::test]
+async fn decodes_chunked_bodies_with_extensions_and_trailers() {
+    let mut c = conn_with(b"4;ext=1\r\nWiki\r\n5\r\npedia\r\n0\r\nx-t: 1\r\n\r\nNEXT").await;
+    assert_eq!(
+        body_of(&mut c, Framing::Chunked).await.unwrap(),
+        b"Wikipedia"
+    );
+    assert_eq!(&c.rbuf[..], b"NEXT");
+}
+
+#[tokio::test]
+async fn truncated_bodies_are_errors_not_short_bodies() {
+    let mut c = conn_with(b"abc").await;
+    assert!(matches!(
+        body_of(&mut c, Framing::Length(5)).await,
+        Err(H1Error::Closed)
+    ));
+    let mut c = conn_with(b"5\r\nab").await;
+    assert!(matches!(
+        body_of(&mut c, Framing::Chunked).await,
+        Err(H1Error::Closed)
+    ));
+    let mut c = conn_with(b"2\r\nabXY0\r\n\r\n").await;
+    assert!(matches!(
+        body_of(&mut c, Framing::Chunked).await,
+        Err(H1Error::Malformed(_))
+    ));
+    let mut c = conn_with(b"zz\r\n").await;
+    assert!(matches!(
+        body_of(&mut c, Framing::Chunked).await,
+        Err(H1Error::Malformed(_))
+    ));
+}
+
+#[test]
+fn collected_keeps_one_piece_and_joins_several() {
+    let one = Bytes::from_static(b"whole");
+    let mut c = Collected::default();
+    c.push(one.clone(), 5);
+    assert_eq!(c.len(), 5);
+    let got = c.freeze();
+    assert_eq!(got, one);
+    assert_eq!(got.as_ptr(), one.as_ptr(), "a single piece is not copied");
+    let mut c = Collected::default();
+    for p in [&b"ab"[..], b"", b"cd", b"e"] {
+        c.push(Bytes::copy_from_slice(p), 0);
+    }
+    assert_eq!((c.len(), &c.freeze()[..]), (5, &b"abcde"[..]));
+    assert_eq!(Collected::default().freeze().len(), 0);
+}
+
+#[tokio::test]
+async fn close_delimited_bodies_end_at_eof() {
+    let mut c = conn_with(b"data: 1\n\ndata: 2\n\n").await;
+    assert_eq!(
+        body_of(&mut c, Framing::Close).await.unwrap(),
+        b"data: 1\n\ndata: 2\n\n"
+    );
+}
+
+#[tokio::test]
+async fn smuggling_shapes_are_refused() {
+    for raw in [
+        &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+    ] {
+        let raw: &'static [u8] = Box::leak(raw.to_vec().into_boxed_slice());
+        let mut c = conn_with(raw).await;
+        let h = c.read_head(false).await.unwrap().unwrap();
+        assert!(
+            matches!(h.request_framing(), Err(H1Error::Malformed(_))),
+            "{}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    // The same length twice is one length.
+    let mut c =
+        conn_with(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n").await;
+    let h = c.read_head(false).await.unwrap().unwrap();
+    assert_eq!(h.request_framing().unwrap(), Framing::Length(3));
+}
+
+#[tokio::test]
+async fn garbage_oversized_and_truncated_heads() {
+    let mut c = conn_with(b"\x16\x03\x01 not http\r\n\r\n").await;
+    assert!(matches!(
+        c.read_head(false).await,
+        Err(H1Error::Malformed(_))
+    ));
+    let big: &'static [u8] = Box::leak(
+        format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(MAX_HEAD))
+            .into_bytes()
+            .into_boxed_slice(),
+    );
+    let mut c = conn_with(big).await;
+    assert!(matches!(
+        c.read_head(false).await,
+        Err(H1Error::HeadTooLarge)
+    ));
+    let mut c = conn_with(b"GET / HTTP/1.1\r\nHost: a\r\n").await;
+    assert!(matches!(c.read_head(false).await, Err(H1Error::Closed)));
+}
+
+#[tokio::test]
+async fn response_framing_and_keep_alive() {
+    let mut c = conn_with(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n").await;
+    let h = c.read_head(true).await.unwrap().unwrap();
+    assert_eq!(h.status, 200);
+    assert_eq!(h.response_framing(false).unwrap(), Framing::Close);
+    let mut c = conn_with(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").await;
+    let h = c.read_head(true).await.unwrap().unwrap();
+    assert_eq!(h.response_framing(false).unwrap(), Framing::Length(0));
+    let mut c = conn_with(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n").await;
+    let h = c.read_head(true).await.unwrap().unwrap();
+    assert!(!h.keep_alive());
+    let mut c = conn_with(b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, Close\r\n\r\n").await;
+    assert!(!c.read_head(true).await.unwrap().unwrap().keep_alive());
+    let h = Head::request("GET", "http://gw.example/healthz?x=1", []);
+    assert_eq!((h.path(), h.query()), ("/healthz", Some("x=1")));
+}
+
+#[test]
+fn response_heads_encode_and_refuse_header_injection() {
+    let mut r = RespHead::new(429);
+    r.add("retry-after", "3");
+    r.add("x-evil", "a\r\nset-cookie: b");
+    r.add_u64("x-n", 42);
+    let mut out = Vec::new();
+    r.encode(&mut out, OutFraming::Length(2), true);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "HTTP/1.1 429 Too Many Requests\r\nretry-after: 3\r\nx-n: 42\r\ncontent-length: 2\r\nconnection: close\r\n\r\n"
+    );
+    let pairs: Vec<_> = r.iter().collect();
+    assert_eq!(
+        pairs,
+        vec![(&b"retry-after"[..], &b"3"[..]), (&b"x-n"[..], &b"42"[..])]
+    );
+    let mut out = Vec::new();
+    encode_chunk(&mut out, &[b'x'; 26]);
+    assert!(out.starts_with(b"1a\r\nxxx"));
+    assert!(out.ends_with(b"x\r\n"));
+}
