@@ -18,6 +18,8 @@ pub enum ErrorCode {
     OperationNotSupported,
     RequestTooLarge,
     InvalidRequestBody,
+    /// A request head that did not arrive within `server.header_timeout_seconds` (extension).
+    RequestTimeout,
     RateLimitExceeded,
     QuotaExceeded,
     BackendThrottled,
@@ -40,6 +42,7 @@ impl ErrorCode {
             ErrorCode::OperationNotSupported => "OperationNotSupported",
             ErrorCode::RequestTooLarge => "RequestTooLarge",
             ErrorCode::InvalidRequestBody => "InvalidRequestBody",
+            ErrorCode::RequestTimeout => "RequestTimeout",
             ErrorCode::RateLimitExceeded => "RateLimitExceeded",
             ErrorCode::QuotaExceeded => "QuotaExceeded",
             ErrorCode::BackendThrottled => "BackendThrottled",
@@ -60,6 +63,7 @@ impl ErrorCode {
             ErrorCode::DeploymentNotFound | ErrorCode::OperationNotSupported => 404,
             ErrorCode::RequestTooLarge => 413,
             ErrorCode::InvalidRequestBody => 400,
+            ErrorCode::RequestTimeout => 408,
             ErrorCode::RateLimitExceeded
             | ErrorCode::QuotaExceeded
             | ErrorCode::BackendThrottled => 429,
@@ -81,6 +85,7 @@ impl ErrorCode {
             ErrorCode::OperationNotSupported => "This operation is not supported by the gateway.",
             ErrorCode::RequestTooLarge => "The request body is too large.",
             ErrorCode::InvalidRequestBody => "The request body is not valid JSON for this operation.",
+            ErrorCode::RequestTimeout => "The request head was not received in time.",
             ErrorCode::RateLimitExceeded => "Rate limit exceeded: retry after the time in the Retry-After header.",
             ErrorCode::QuotaExceeded => "Daily token quota exceeded: retry after the time in the Retry-After header.",
             ErrorCode::BackendThrottled => "Every backend of this deployment is throttled: retry after the time in the Retry-After header.",

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub limit_store_errors: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
+    pub downstream_errors: IntCounterVec,
     unlisted: Mutex<HashSet<Arc<str>>>,
     request_series: SeriesCache<RequestSeries, 4>,
     attempt_series: SeriesCache<AttemptSeries, 3>,
@@ -246,6 +247,14 @@ impl Metrics {
             &["reason"],
         )
         .unwrap();
+        let downstream_errors = IntCounterVec::new(
+            Opts::new(
+                "aoai_gateway_downstream_errors_total",
+                "Client connections that ended in an error of the client's making.",
+            ),
+            &["kind"],
+        )
+        .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -261,6 +270,7 @@ impl Metrics {
             Box::new(config_reloads.clone()),
             Box::new(limit_store_errors.clone()),
             Box::new(tls_handshake_failures.clone()),
+            Box::new(downstream_errors.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -268,6 +278,9 @@ impl Metrics {
         for r in ["success", "failure"] {
             token_refreshes.with_label_values(&[r]).inc_by(0);
             config_reloads.with_label_values(&[r]).inc_by(0);
+        }
+        for kind in ["timeout", "malformed"] {
+            downstream_errors.with_label_values(&[kind]).inc_by(0);
         }
         Arc::new(Metrics {
             registry,
@@ -285,6 +298,7 @@ impl Metrics {
             config_reloads,
             limit_store_errors,
             tls_handshake_failures,
+            downstream_errors,
             unlisted: Mutex::new(HashSet::new()),
             request_series: SeriesCache::new(),
             attempt_series: SeriesCache::new(),

@@ -36,6 +36,7 @@ use crate::config::runtime::{Credential, Deployment};
 use crate::deadline::timeout_at;
 use crate::downstream::{Downstream, ReadError, Session2, H1};
 use crate::errors::{ErrorCode, GatewayError};
+use crate::http1::framing::{forward_downstream, forward_upstream, MAX_INTERIM};
 use crate::http1::{BodyReader, Collected, Conn, Framing, H1Error, Head, Name, RespHead, Text};
 use crate::metrics::{Label, Metrics};
 use crate::pool::{cooldown_for, now_ms, pick, unix_ms, Candidate, Pick};
@@ -155,45 +156,20 @@ fn abort(e: impl std::fmt::Display) -> Failure {
 /// supervisor waits longer than this before it checks that nothing is in flight).
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 
-/// The idle clock of a client connection: one that completes no request between two ticks
-/// is closed, so an idle connection lives 60–120 s.
-const CLIENT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
-
 impl Gateway {
     fn client_ip<D: Downstream>(&self, d: &D, snap: &Snapshot) -> Option<IpAddr> {
         let peer = d.client_addr()?;
-        let trusted = snap
-            .cfg
-            .server
-            .trusted_proxies
-            .iter()
-            .any(|n| n.contains(&peer));
-        if trusted {
-            let req = d.head();
-            if let Some(ip) = req
-                .get_str(Name::XAzureClientIp)
-                .and_then(|v| v.trim().parse().ok())
-            {
-                return Some(ip);
-            }
-            if let Some(xff) = req.get_str(Name::XForwardedFor) {
-                // The right-most address not belonging to a trusted proxy.
-                for part in xff.rsplit(',') {
-                    if let Ok(ip) = part.trim().parse::<IpAddr>() {
-                        if !snap
-                            .cfg
-                            .server
-                            .trusted_proxies
-                            .iter()
-                            .any(|n| n.contains(&ip))
-                        {
-                            return Some(ip);
-                        }
-                    }
-                }
-            }
+        let trusted = &snap.cfg.server.trusted_proxies;
+        if trusted.is_empty() {
+            return Some(peer);
         }
-        Some(peer)
+        let head = d.head();
+        Some(crate::pipeline::admit::client_ip(
+            peer,
+            trusted,
+            head.all_str(Name::XAzureClientIp),
+            head.all_str(Name::XForwardedFor),
+        ))
     }
 
     /// `/healthz`: 200 when every configured deployment has an available member.
@@ -502,10 +478,8 @@ impl Gateway {
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         };
-        for (kind, name, value) in head.fields() {
-            if !kind.never_upstream() {
-                line(name, value);
-            }
+        for (_, name, value) in head.end_to_end_fields(forward_upstream) {
+            line(name, value);
         }
         line(b"host", host.as_bytes());
         line(
@@ -532,9 +506,11 @@ impl Gateway {
         out
     }
 
-    /// Sends the request on a pooled (or new) connection and reads the response head. A
-    /// reused connection that fails before any response is retried once on a new one (the
-    /// backend may have closed it while it was idle).
+    /// Sends the request once — on a pooled connection that passed its reuse check, or a new
+    /// one — and reads the final response head and its framing. Whatever fails after this,
+    /// the caller never writes the request to this member again (the backend may have run
+    /// it): the failure is this attempt's error.
+    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &self,
         peer: &HttpPeer,
@@ -543,46 +519,31 @@ impl Gateway {
         body: &[u8],
         started: Instant,
         deadline: Instant,
-    ) -> Result<(Upstream, Head), AttemptError> {
+        max_idle: std::time::Duration,
+    ) -> Result<(Upstream, Head, Framing), AttemptError> {
         let body_apart = body.len() > ONE_WRITE_MAX_BODY;
-        let mut pooled = self.upstreams.take(key, started);
-        for _ in 0..2 {
-            let reused = pooled.is_some();
-            let mut conn = match pooled.take() {
-                Some(c) => c,
-                None => match timeout_at(deadline, self.upstreams.connect(peer)).await {
-                    Err(_) => return Err(AttemptError::Timeout),
-                    Ok(Err(e)) => return Err(AttemptError::Failed(format!("connect: {e}"))),
-                    Ok(Ok(c)) => c,
-                },
-            };
-            let sent = timeout_at(deadline, async {
-                conn.io.write_all(wire).await?;
-                if body_apart {
-                    conn.io.write_all(body).await?;
-                }
-                conn.io.flush().await?;
-                loop {
-                    match conn.read_head(true).await? {
-                        None => return Err(H1Error::Closed),
-                        // Interim answers (100 Continue): the final one follows.
-                        Some(h) if h.status < 200 => continue,
-                        Some(h) => return Ok(h),
-                    }
-                }
-            })
-            .await;
-            match sent {
+        let mut conn = match self.upstreams.take(key, started, max_idle) {
+            Some(c) => c,
+            None => match timeout_at(deadline, self.upstreams.connect(peer)).await {
                 Err(_) => return Err(AttemptError::Timeout),
-                Ok(Ok(head)) => return Ok((conn, head)),
-                Ok(Err(e @ (H1Error::Closed | H1Error::Io(_)))) if reused => {
-                    log::debug!("pooled connection failed ({e}); retrying on a new one");
-                    continue;
-                }
-                Ok(Err(e)) => return Err(AttemptError::Failed(e.to_string())),
+                Ok(Err(e)) => return Err(AttemptError::Failed(format!("connect: {e}"))),
+                Ok(Ok(c)) => c,
+            },
+        };
+        let sent = timeout_at(deadline, async {
+            conn.io.write_all(wire).await?;
+            if body_apart {
+                conn.io.write_all(body).await?;
             }
+            conn.io.flush().await?;
+            final_head(&mut conn).await
+        })
+        .await;
+        match sent {
+            Err(_) => Err(AttemptError::Timeout),
+            Ok(Ok((head, framing))) => Ok((conn, head, framing)),
+            Ok(Err(e)) => Err(AttemptError::Failed(e.to_string())),
         }
-        Err(AttemptError::Failed("connection closed".into()))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -706,8 +667,16 @@ impl Gateway {
                 caller_jwt.as_deref(),
             );
             let attempt_start = Instant::now();
-            let (mut up, head) = match self
-                .exchange(peer, key, &wire, &payload, attempt_start, deadline)
+            let (mut up, head, framing) = match self
+                .exchange(
+                    peer,
+                    key,
+                    &wire,
+                    &payload,
+                    attempt_start,
+                    deadline,
+                    snap.cfg.server.backend_idle,
+                )
                 .await
             {
                 Ok(x) => x,
@@ -754,13 +723,9 @@ impl Gateway {
                     cools[i].cool_until(now_ms() + cool.as_millis() as u64);
                 }
                 // Keep this answer in case it is the last.
-                let framing = head.response_framing(false);
-                let kept = match framing {
-                    Ok(framing) => match timeout_at(
-                        deadline,
-                        read_capped(&mut up, framing, MAX_KEPT_ERROR_BODY),
-                    )
-                    .await
+                let kept =
+                    match timeout_at(deadline, read_capped(&mut up, framing, MAX_KEPT_ERROR_BODY))
+                        .await
                     {
                         Ok(Ok((b, complete))) => {
                             if complete {
@@ -769,9 +734,7 @@ impl Gateway {
                             b
                         }
                         _ => Bytes::new(),
-                    },
-                    Err(_) => Bytes::new(),
-                };
+                    };
                 last_answer = Some((head, kept));
                 continue;
             }
@@ -779,7 +742,7 @@ impl Gateway {
             ctx.rec.ttfb_ms = Some((head_at - ctx.start).as_millis() as u64);
             ctx.rec.upstream_request_id = upstream_request_id(&head);
             return self
-                .stream_response(d, ctx, up, head, back, deadline, strip_usage)
+                .stream_response(d, ctx, up, head, framing, back, deadline, strip_usage)
                 .await;
         }
 
@@ -813,10 +776,10 @@ impl Gateway {
         // Where the gateway limits this client, its x-ratelimit-* replace the backend's
         // (a backend's fleet-wide numbers beside per-client ones would mislead).
         let own_limits = ctx.admission.is_some();
-        for (kind, name, value) in resp.fields() {
-            if kind.never_downstream() || (own_limits && kind == Name::RateLimit) {
-                continue;
-            }
+        let keep = |kind: Name, _: &[u8]| {
+            forward_downstream(kind) && !(own_limits && kind == Name::RateLimit)
+        };
+        for (_, name, value) in resp.end_to_end_fields(keep) {
             out.add_parsed(name, value);
         }
         if let Some(a) = &ctx.admission {
@@ -843,21 +806,12 @@ impl Gateway {
         ctx: &mut Ctx,
         mut up: Upstream,
         resp: Head,
+        framing: Framing,
         back: Release,
         deadline: Instant,
         strip_usage: bool,
     ) -> Result<(), Failure> {
         let status = resp.status;
-        let framing = match resp.response_framing(false) {
-            Ok(f) => f,
-            Err(e) => {
-                log::warn!(
-                    "request {}: backend answer unusable: {e}",
-                    ctx.rec.request_id
-                );
-                return Err(GatewayError::new(ErrorCode::BadGateway).into());
-            }
-        };
         let is_sse = resp
             .get(Name::ContentType)
             .is_some_and(|v| v.starts_with(b"text/event-stream"));
@@ -1031,6 +985,29 @@ async fn read_capped(
     Ok((body.freeze(), true))
 }
 
+/// The backend's final answer head and its framing, past at most [`MAX_INTERIM`] interim
+/// (1xx) answers. A `101` to a request that asked for no upgrade, or framing that cannot be
+/// trusted, is a bad answer: the attempt fails and the connection is dropped.
+async fn final_head(up: &mut Upstream) -> Result<(Head, Framing), H1Error> {
+    for _ in 0..=MAX_INTERIM {
+        match up.read_head(true).await? {
+            None => return Err(H1Error::Closed),
+            Some(h) if h.status == 101 => {
+                return Err(H1Error::Malformed(
+                    "101 Switching Protocols to a request that asked for no upgrade",
+                ))
+            }
+            // Interim answers (100 Continue, 103 Early Hints): the final one follows.
+            Some(h) if h.status < 200 => continue,
+            Some(h) => {
+                let framing = h.response_framing(false)?;
+                return Ok((h, framing));
+            }
+        }
+    }
+    Err(H1Error::Malformed("too many interim answers"))
+}
+
 impl Gateway {
     fn new_ctx(&self) -> Ctx {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -1102,8 +1079,10 @@ impl Gateway {
     }
 
     /// Serves the requests of one HTTP/1.x connection, one after the other (pipelined ones
-    /// included), until the client closes, asks to close, stays idle for [`CLIENT_IDLE`],
-    /// sends something that is not HTTP/1.x, or the server shuts down.
+    /// included), until the client closes, asks to close, stays idle for
+    /// `server.idle_timeout_seconds` (N to 2N), takes longer than
+    /// `server.header_timeout_seconds` to send a head (408), sends something that is not
+    /// HTTP/1.x (400), or the server shuts down.
     async fn serve_h1(&self, stream: Stream, shutdown: &ShutdownWatch) {
         let client = stream
             .get_socket_digest()
@@ -1111,13 +1090,19 @@ impl Gateway {
         let cert: Option<PeerCert> = stream
             .get_ssl_digest()
             .and_then(|d| d.extension.get::<PeerCert>().cloned());
+        let (header_timeout, idle) = {
+            let snap = self.state.load();
+            (snap.cfg.server.header_timeout, snap.cfg.server.idle_timeout)
+        };
         let mut conn = Conn::new(stream);
+        conn.set_head_timeout(header_timeout);
         let mut out = Vec::with_capacity(4096);
         let mut shutdown = shutdown.clone();
         // One idle clock per connection rather than a timer per request: a connection on
-        // which no request completed between two ticks is closed (idle 60-120 s).
-        let mut idle_tick =
-            tokio::time::interval_at(tokio::time::Instant::now() + CLIENT_IDLE, CLIENT_IDLE);
+        // which no request completed between two ticks is closed (idle N to 2N). After a
+        // request that outlasted several ticks, one late tick fires, not a burst of them.
+        let mut idle_tick = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
+        idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut served = false;
         'conn: loop {
             let head = if *shutdown.borrow() {
@@ -1151,15 +1136,31 @@ impl Gateway {
             };
             let head = match head {
                 Ok(Some(h)) => h,
-                Err(e @ (H1Error::Malformed(_) | H1Error::HeadTooLarge)) => {
+                Err(e @ (H1Error::Malformed(_) | H1Error::HeadTooLarge | H1Error::HeadTimeout)) => {
                     log::debug!("client {client:?}: {e}");
-                    let e = GatewayError::with_message(
-                        ErrorCode::InvalidRequestBody,
-                        match e {
-                            H1Error::HeadTooLarge => "The request head is too large.",
-                            _ => "The request is not valid HTTP/1.1.",
-                        },
-                    );
+                    let (kind, e) = match e {
+                        H1Error::HeadTimeout => {
+                            ("timeout", GatewayError::new(ErrorCode::RequestTimeout))
+                        }
+                        H1Error::HeadTooLarge => (
+                            "malformed",
+                            GatewayError::with_message(
+                                ErrorCode::InvalidRequestBody,
+                                "The request head is too large.",
+                            ),
+                        ),
+                        _ => (
+                            "malformed",
+                            GatewayError::with_message(
+                                ErrorCode::InvalidRequestBody,
+                                "The request is not valid HTTP/1.1.",
+                            ),
+                        ),
+                    };
+                    self.metrics
+                        .downstream_errors
+                        .with_label_values(&[kind])
+                        .inc();
                     let resp = json_head(e.status(), RequestId::new());
                     let body = e.body();
                     out.clear();

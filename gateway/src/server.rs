@@ -205,8 +205,8 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
     let gateway = Gateway {
         in_flight: in_flight.clone(),
         state: state.clone(),
-        // Backends close idle connections after minutes; ours go well before.
-        upstreams: Upstreams::new(std::time::Duration::from_secs(55)),
+        // Idle backend connections close after server.backend_idle_seconds.
+        upstreams: Upstreams::new(),
         token: token.clone(),
         metrics: metrics.clone(),
         audit: audit.clone(),

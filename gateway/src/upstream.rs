@@ -7,10 +7,13 @@
 //! and returning a connection is a `Vec` push and pop: no lock, no watcher task per
 //! connection, no `getpeername` per reuse, which is what a shared pool costs per request.
 //!
-//! A connection idle for more than [`CHECK_AFTER`] is probed (a non-blocking read must find
-//! nothing) before it is reused; one idle for longer than the idle timeout is closed. A
-//! reused connection that fails before any response byte is retried on a new one by the
-//! caller (the backend may have closed it in the meantime).
+//! A connection goes back to the pool only when its response ended exactly at its framed end
+//! with nothing read past it ([`Upstreams::put`]). Before every reuse, whatever its idle time,
+//! it is probed: a non-blocking read must find nothing — bytes a backend sent unasked (a
+//! stray response that would become the next client's answer) or its close mean the
+//! connection is dropped. One idle for `server.backend_idle_seconds` or longer is closed. A
+//! request written to a connection is never written again to the same backend: a failure
+//! after writing is that attempt's error (the caller fails over to another member).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -30,8 +33,6 @@ use crate::http1::Conn;
 
 /// Idle connections kept per backend address and thread.
 const MAX_IDLE: usize = 256;
-/// Idle longer than this, a connection is checked for a close or stray bytes before reuse.
-const CHECK_AFTER: Duration = Duration::from_secs(1);
 
 pub type Upstream = Conn<Io>;
 
@@ -51,14 +52,18 @@ thread_local! {
 
 pub struct Upstreams {
     connector: TransportConnector,
-    idle_timeout: Duration,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Upstreams::new()
+    }
 }
 
 impl Upstreams {
-    pub fn new(idle_timeout: Duration) -> Self {
+    pub fn new() -> Self {
         Upstreams {
             connector: TransportConnector::new(None),
-            idle_timeout,
         }
     }
 
@@ -67,19 +72,19 @@ impl Upstreams {
         peer.reuse_hash()
     }
 
-    /// An idle connection to this peer, if one is usable (`now`: the caller's clock).
-    pub fn take(&self, key: u64, now: Instant) -> Option<Upstream> {
+    /// An idle connection to this peer that is safe to reuse: quiet for less than
+    /// `max_idle` (`now`: the caller's clock) and with nothing to read.
+    pub fn take(&self, key: u64, now: Instant, max_idle: Duration) -> Option<Upstream> {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
             let list = idle.get_mut(&key)?;
             while let Some(mut c) = list.pop() {
-                let quiet = now.saturating_duration_since(c.since);
-                if quiet > self.idle_timeout {
+                if !reusable(now.saturating_duration_since(c.since), max_idle) {
                     // Everything below it is older still.
                     list.clear();
                     return None;
                 }
-                if quiet <= CHECK_AFTER || still_open(&mut c.conn) {
+                if still_open(&mut c.conn) {
                     return Some(c.conn);
                 }
             }
@@ -124,7 +129,13 @@ impl Upstreams {
     }
 }
 
-/// An idle connection is usable when a read would block: no close, no unexpected bytes.
+/// Whether a connection quiet for `quiet` may still be used.
+fn reusable(quiet: Duration, max_idle: Duration) -> bool {
+    quiet < max_idle
+}
+
+/// An idle connection is usable when a read would block: no close, no unexpected bytes
+/// (a byte read here is lost, but the connection is dropped with it).
 fn still_open(conn: &mut Upstream) -> bool {
     let mut byte = [0u8; 1];
     conn.io.read(&mut byte).now_or_never().is_none()
@@ -138,7 +149,7 @@ mod tests {
     async fn plain_backends_get_tokio_sockets_without_nagle() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let upstreams = Upstreams::new(Duration::from_secs(60));
+        let upstreams = Upstreams::new();
         let peer = HttpPeer::new(addr, false, "backend".to_string());
         let conn = upstreams.connect(&peer).await.unwrap();
         // Without TCP_NODELAY a keep-alive request waits ~40 ms for the delayed ACK.
@@ -148,5 +159,69 @@ mod tests {
         assert!(tcp.nodelay().unwrap());
         let (_accepted, from) = listener.accept().await.unwrap();
         assert_eq!(from, tcp.local_addr().unwrap());
+    }
+
+    /// A pooled connection to a loopback listener, and the backend's end of it.
+    async fn pooled(upstreams: &Upstreams, key: u64) -> tokio::net::TcpStream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = HttpPeer::new(listener.local_addr().unwrap(), false, "b".to_string());
+        let conn = upstreams.connect(&peer).await.unwrap();
+        let (backend, _) = listener.accept().await.unwrap();
+        upstreams.put(key, conn, Instant::now());
+        backend
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_is_reused_within_the_idle_limit_only() {
+        let upstreams = Upstreams::new();
+        let limit = Duration::from_secs(55);
+        let _backend = pooled(&upstreams, 1).await;
+        let now = Instant::now();
+        let c = upstreams
+            .take(1, now, limit)
+            .expect("a quiet connection is reused");
+        upstreams.put(1, c, now);
+        assert!(
+            upstreams.take(1, now + limit, limit).is_none(),
+            "idle for the limit: closed, not reused"
+        );
+        assert!(
+            upstreams.take(1, now, limit).is_none(),
+            "and gone from the pool"
+        );
+    }
+
+    #[tokio::test]
+    async fn stray_bytes_or_a_close_keep_a_connection_out_of_reuse_whatever_its_idle_time() {
+        use tokio::io::AsyncWriteExt;
+        let limit = Duration::from_secs(55);
+        for stray in [true, false] {
+            let upstreams = Upstreams::new();
+            let mut backend = pooled(&upstreams, 2).await;
+            if stray {
+                // A second, unasked-for response: it must never become the next answer.
+                backend
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")
+                    .await
+                    .unwrap();
+            } else {
+                drop(backend);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Taken right away (idle for ~50 ms): checked all the same.
+            assert!(
+                upstreams.take(2, Instant::now(), limit).is_none(),
+                "stray bytes: {stray}"
+            );
+        }
+    }
+
+    #[test]
+    fn reuse_verdicts() {
+        let limit = Duration::from_secs(55);
+        assert!(reusable(Duration::ZERO, limit));
+        assert!(reusable(Duration::from_secs(54), limit));
+        assert!(!reusable(limit, limit));
+        assert!(!reusable(Duration::from_secs(600), limit));
     }
 }

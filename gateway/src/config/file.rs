@@ -17,6 +17,16 @@ pub struct ServerFile {
     pub max_request_body_bytes: usize,
     #[serde(default = "default_request_timeout")]
     pub request_timeout_seconds: u64,
+    /// From a request head's first byte to its end (slow heads get 408 and a close).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_seconds: u64,
+    /// A keep-alive client connection with no request for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_seconds: u64,
+    /// A pooled backend connection idle for this long is closed, never reused (below the
+    /// idle timeout of Azure's front ends, so the gateway closes first).
+    #[serde(default = "default_backend_idle")]
+    pub backend_idle_seconds: u64,
     #[serde(default)]
     pub front_door_ids: Vec<String>,
     #[serde(default)]
@@ -28,6 +38,15 @@ fn default_max_body() -> usize {
 }
 fn default_request_timeout() -> u64 {
     600
+}
+fn default_header_timeout() -> u64 {
+    10
+}
+fn default_idle_timeout() -> u64 {
+    60
+}
+fn default_backend_idle() -> u64 {
+    55
 }
 
 #[derive(Debug, Deserialize)]

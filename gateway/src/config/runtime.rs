@@ -45,6 +45,9 @@ pub struct Server {
     pub threads: usize,
     pub max_request_body_bytes: usize,
     pub request_timeout: Duration,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub backend_idle: Duration,
     pub front_door_ids: Vec<String>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
@@ -361,8 +364,15 @@ pub fn validate(f: FileConfig, mut errs: Errors) -> Result<Config, Vec<ConfigErr
             ),
         }
     }
-    if f.server.request_timeout_seconds == 0 {
-        errs.at("server.request_timeout_seconds", "must be at least 1");
+    for (key, value) in [
+        ("request_timeout_seconds", f.server.request_timeout_seconds),
+        ("header_timeout_seconds", f.server.header_timeout_seconds),
+        ("idle_timeout_seconds", f.server.idle_timeout_seconds),
+        ("backend_idle_seconds", f.server.backend_idle_seconds),
+    ] {
+        if value == 0 {
+            errs.at(format!("server.{key}"), "must be at least 1");
+        }
     }
     if f.server.threads == Some(0) {
         errs.at("server.threads", "must be at least 1");
@@ -709,6 +719,9 @@ pub fn validate(f: FileConfig, mut errs: Errors) -> Result<Config, Vec<ConfigErr
             }),
             max_request_body_bytes: f.server.max_request_body_bytes,
             request_timeout: Duration::from_secs(f.server.request_timeout_seconds),
+            header_timeout: Duration::from_secs(f.server.header_timeout_seconds),
+            idle_timeout: Duration::from_secs(f.server.idle_timeout_seconds),
+            backend_idle: Duration::from_secs(f.server.backend_idle_seconds),
             front_door_ids: f.server.front_door_ids.clone(),
             trusted_proxies,
         },

@@ -181,6 +181,10 @@ impl Collected {
         self.first.as_ref().map_or(0, Bytes::len) + self.more.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Adds a piece; `hint` is the expected total, reserved at the first copy.
     pub fn push(&mut self, piece: Bytes, hint: usize) {
         match self.first.take() {

@@ -325,7 +325,8 @@ pub fn trailer_line(buf: &[u8]) -> Result<Option<TrailerLine>, Refusal> {
 /// with an underscore (`Transfer_Encoding`, `Api_Key`: servers that map names to variables
 /// would read them as the real ones; dropped as nginx does by default).
 pub fn forward_upstream(kind: Name, name: &[u8]) -> bool {
-    !kind.never_upstream() && !(kind == Name::Other && memchr::memchr(b'_', name).is_some())
+    let underscored = kind == Name::Other && memchr::memchr(b'_', name).is_some();
+    !(kind.never_upstream() || underscored)
 }
 
 /// Whether a backend's response field may cross to the client.
@@ -443,7 +444,8 @@ mod tests {
                 extensions,
             }))
         }
-        let cases: &[(&[u8], Result<Option<ChunkLine>, ()>)] = &[
+        type Want = Result<Option<ChunkLine>, ()>;
+        let cases: &[(&[u8], Want)] = &[
             (b"5\r\nhello", line(3, 5, 0)),
             (b"A\r\n", line(3, 10, 0)),
             (b"ffffffffffffffff\r\n", line(18, u64::MAX, 0)),
@@ -491,7 +493,8 @@ mod tests {
     #[test]
     fn trailer_lines_table() {
         use TrailerLine::*;
-        let cases: &[(&[u8], Result<Option<TrailerLine>, ()>)] = &[
+        type Want = Result<Option<TrailerLine>, ()>;
+        let cases: &[(&[u8], Want)] = &[
             (b"\r\n", Ok(Some(End))),
             (b"\r\nGET / HTTP/1.1", Ok(Some(End))),
             (b"x-t: 1\r\n", Ok(Some(Field(8)))),

@@ -441,7 +441,7 @@ impl Head {
     }
 
     /// The values of every header recognized as `kind` (a known name), from its first.
-    fn values(&self, kind: Name) -> impl Iterator<Item = &[u8]> {
+    fn values(&self, kind: Name) -> impl DoubleEndedIterator<Item = &[u8]> {
         let from = match self.first[kind as usize] {
             0 => self.fields.len(),
             i => i as usize - 1,
@@ -507,7 +507,7 @@ impl Head {
 
     /// Every value of a header recognized as `kind`, in order, as text (values that are not
     /// UTF-8 are skipped).
-    pub fn all_str(&self, kind: Name) -> impl Iterator<Item = &str> {
+    pub fn all_str(&self, kind: Name) -> impl DoubleEndedIterator<Item = &str> {
         self.values(kind)
             .filter_map(|v| std::str::from_utf8(v).ok())
     }

@@ -337,3 +337,122 @@ fn response_heads_encode_and_refuse_header_injection() {
     assert!(out.starts_with(b"1a\r\nxxx"));
     assert!(out.ends_with(b"x\r\n"));
 }
+
+#[tokio::test]
+async fn strict_chunk_lines_and_trailers_refuse_what_could_be_read_two_ways() {
+    for raw in [
+        // A bare LF in a chunk extension ("TERM.EXT"): the rest must not become a request.
+        &b"2;\nxx\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n"[..],
+        b"\r\n2\r\nxx\r\n0\r\n\r\n",
+        b"2\r\nxx\r\n0\r\nno colon here\r\n\r\n",
+        b"2\r\nxx\r\n0\r\nx-t : 1\r\n\r\n",
+        b"2\r\nxx\r\n0\r\nx-t: 1\nGET / HTTP/1.1\r\n\r\n",
+        b"2\r\nxx\r\n0\n\r\n",
+    ] {
+        let raw: &'static [u8] = Box::leak(raw.to_vec().into_boxed_slice());
+        let mut c = conn_with(raw).await;
+        assert!(
+            matches!(
+                body_of(&mut c, Framing::Chunked).await,
+                Err(H1Error::Malformed(_))
+            ),
+            "{}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+}
+
+#[tokio::test]
+async fn chunk_extension_and_trailer_budgets_are_per_message() {
+    use super::framing::{MAX_CHUNK_EXTENSIONS, MAX_TRAILER_LINES};
+    // Many small chunks, each with an extension well under the line limit: the message's
+    // total is what is bounded.
+    let ext = "a".repeat(1000);
+    let n = MAX_CHUNK_EXTENSIONS / 1000 + 1;
+    let mut raw = String::new();
+    for _ in 0..n {
+        raw.push_str(&format!("1;{ext}\r\nx\r\n"));
+    }
+    raw.push_str("0\r\n\r\n");
+    let raw: &'static [u8] = Box::leak(raw.into_bytes().into_boxed_slice());
+    let mut c = conn_with(raw).await;
+    assert!(matches!(
+        body_of(&mut c, Framing::Chunked).await,
+        Err(H1Error::Malformed("too many chunk extension bytes"))
+    ));
+    let mut raw = String::from("0\r\n");
+    for i in 0..=MAX_TRAILER_LINES {
+        raw.push_str(&format!("x-t{i}: 1\r\n"));
+    }
+    raw.push_str("\r\n");
+    let raw: &'static [u8] = Box::leak(raw.into_bytes().into_boxed_slice());
+    let mut c = conn_with(raw).await;
+    assert!(matches!(
+        body_of(&mut c, Framing::Chunked).await,
+        Err(H1Error::Malformed("trailer section too large"))
+    ));
+    // Within the budgets: read, trailers dropped, the next message left in place.
+    let mut c = conn_with(b"4;a=1;b=\"x y\"\r\nWiki\r\n0\r\nx-a: 1\r\nx-b: 2\r\n\r\nNEXT").await;
+    assert_eq!(body_of(&mut c, Framing::Chunked).await.unwrap(), b"Wiki");
+    assert_eq!(&c.rbuf[..], b"NEXT");
+}
+
+#[tokio::test]
+async fn a_head_that_trickles_in_times_out_from_its_first_byte() {
+    let (a, mut b) = duplex(1 << 16);
+    let mut c = Conn::new(a);
+    c.set_head_timeout(std::time::Duration::from_millis(200));
+    let writer = tokio::spawn(async move {
+        for &byte in b"GET / HTTP/1.1\r\nHost: a\r\n" {
+            b.write_all(&[byte]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+        b
+    });
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        c.read_head(false).await,
+        Err(H1Error::HeadTimeout)
+    ));
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    drop(writer);
+    // A head that arrives whole is not timed at all, however long the connection was idle.
+    let (a, mut b) = duplex(1 << 16);
+    let mut c = Conn::new(a);
+    c.set_head_timeout(std::time::Duration::from_millis(100));
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    b.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    assert!(c.read_head(false).await.unwrap().is_some());
+}
+
+#[test]
+fn http10_requests_with_a_transfer_encoding_are_refused() {
+    let h = Head::request("POST", "/", [("transfer-encoding", &b"chunked"[..])]);
+    assert_eq!(h.request_framing().unwrap(), Framing::Chunked);
+    let mut h = h;
+    h.minor = 0;
+    assert!(matches!(h.request_framing(), Err(H1Error::Malformed(_))));
+}
+
+#[test]
+fn connection_nominated_fields_do_not_cross() {
+    let h = Head::request(
+        "POST",
+        "/",
+        [
+            ("Connection", &b"keep-alive, X-Hop"[..]),
+            ("X-Hop", b"secret"),
+            ("x-custom", b"1"),
+            ("Transfer_Encoding", b"chunked"),
+            ("HTTP2-Settings", b"AAAA"),
+            ("Sec-WebSocket-Key", b"k"),
+            ("content-type", b"application/json"),
+        ],
+    );
+    let names: Vec<_> = h
+        .end_to_end_fields(super::framing::forward_upstream)
+        .map(|(_, n, _)| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    assert_eq!(names, ["x-custom", "content-type"]);
+}
