@@ -9,8 +9,8 @@ use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
-use crate::metrics::Metrics;
-use crate::pool::now_ms;
+use crate::observe::metrics::Metrics;
+use crate::upstream::select::now_ms;
 use crate::proxy::Gateway;
 use crate::state::Snapshot;
 

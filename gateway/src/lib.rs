@@ -3,24 +3,19 @@
 #![forbid(unsafe_code)]
 
 mod admin;
-mod audit;
 pub mod body;
 pub mod config;
 mod deadline;
-mod downstream;
 mod errors;
-mod health;
+mod front;
 pub mod http1;
 pub mod keys;
-mod metrics;
+mod observe;
 pub mod peek;
 pub mod pipeline;
-mod pool;
 mod proxy;
-mod request_id;
 mod route;
 pub mod server;
 mod state;
 mod tls;
 mod upstream;
-mod upstream_token;

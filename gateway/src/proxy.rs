@@ -30,21 +30,21 @@ use pingora::upstreams::peer::HttpPeer;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use crate::audit::{AuditLog, AuditRecord};
+use crate::observe::audit::{AuditLog, AuditRecord};
 use crate::body::RequestBody;
 use crate::config::runtime::{Credential, Deployment};
 use crate::deadline::timeout_at;
-use crate::downstream::{Downstream, ReadError, Session2, H1};
+use crate::front::downstream::{Downstream, ReadError, Session2, H1};
 use crate::errors::{ErrorCode, GatewayError};
 use crate::http1::framing::{forward_downstream, forward_upstream, MAX_INTERIM};
 use crate::http1::{BodyReader, Collected, Conn, Framing, H1Error, Head, Name, RespHead, Text};
-use crate::metrics::{Label, Metrics};
-use crate::pool::{cooldown_for, now_ms, pick, unix_ms, Candidate, Pick};
-use crate::request_id::RequestId;
+use crate::observe::metrics::{Label, Metrics};
+use crate::upstream::select::{cooldown_for, now_ms, pick, unix_ms, Candidate, Pick};
+use crate::observe::request_id::RequestId;
 use crate::route::{classify, Route};
 use crate::state::Snapshot;
-use crate::upstream::{Upstream, Upstreams};
-use crate::upstream_token::UpstreamToken;
+use crate::upstream::pool::{Upstream, Upstreams};
+use crate::upstream::token::UpstreamToken;
 
 /// A failed answer kept to be returned when every attempt failed is read up to this size.
 /// Bodies up to this size are copied behind the request header and sent with it.

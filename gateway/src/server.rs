@@ -14,14 +14,14 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
-use crate::audit::AuditLog;
+use crate::observe::audit::AuditLog;
 use crate::config;
-use crate::health::HealthChecker;
-use crate::metrics::Metrics;
+use crate::upstream::health::HealthChecker;
+use crate::observe::metrics::Metrics;
 use crate::proxy::{Front, Gateway};
 use crate::state::Snapshot;
-use crate::upstream::Upstreams;
-use crate::upstream_token::UpstreamToken;
+use crate::upstream::pool::Upstreams;
+use crate::upstream::token::UpstreamToken;
 
 /// Re-reads the configuration on SIGHUP; keeps the upstream token fresh; starts OIDC key
 /// refresh for each loaded configuration.

@@ -17,8 +17,8 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::file::{OnStoreFailureFile, PromptEstimateFile, StoreKindFile};
 use crate::config::runtime::{Backend, Config, LimitSettings};
-use crate::metrics::Metrics;
-use crate::pool::PoolState;
+use crate::observe::metrics::Metrics;
+use crate::upstream::select::PoolState;
 
 pub struct Snapshot {
     pub cfg: Config,

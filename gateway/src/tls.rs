@@ -54,7 +54,7 @@ use pingora::services::listening::Service;
 use pingora::tls::ssl_sys;
 
 use crate::config::runtime::{ClientCertSettings, ListenerTls};
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use crate::proxy::Front;
 use crate::state::Snapshot;
 

@@ -14,10 +14,10 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::config::runtime::Credential;
-use crate::metrics::Metrics;
-use crate::pool::now_ms;
+use crate::observe::metrics::Metrics;
+use crate::upstream::select::now_ms;
 use crate::state::Snapshot;
-use crate::upstream_token::UpstreamToken;
+use crate::upstream::token::UpstreamToken;
 
 pub struct HealthChecker {
     pub state: Arc<ArcSwap<Snapshot>>,

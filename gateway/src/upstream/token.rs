@@ -17,7 +17,7 @@ use azure_identity::{
 
 use crate::config::file::IdentitySource;
 use crate::config::runtime::UpstreamIdentity;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 /// A token and when it expires (unix seconds).
 #[derive(Debug)]

@@ -12,7 +12,7 @@ use serde::Serialize;
 use filters::json::needs_escape;
 
 use crate::http1::Text;
-use crate::request_id::RequestId;
+use crate::observe::request_id::RequestId;
 
 /// One request, as logged. `None` is written as `null`.
 #[derive(Debug, Serialize, Default, Clone)]
