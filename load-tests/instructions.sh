@@ -2,7 +2,8 @@
 # Instructions per request of the gateway, per thread, under callgrind: a measure that repeats
 # to about 1 % on this machine, where wall-clock RPS moves ±20 % between runs of the same binary.
 # Instrumentation is on only while wrk runs (after a warm-up), so start-up is not counted.
-# Usage: load-tests/instructions.sh [BIN_DIR]   (default target/release)   env: DURATION=8
+# Usage: load-tests/instructions.sh [BIN_DIR]   (default target/release)   env: DURATION=8,
+#        CG_OUT=dir to keep the callgrind output
 #        NGINX=1 load-tests/instructions.sh   counts the bare nginx proxy instead (its one
 #        worker, run in the foreground with `master_process off`), the yardstick's figure.
 # Needs valgrind (callgrind_control), nginx and wrk.
@@ -38,6 +39,8 @@ for f in "$DIR"/cg.out.*-*; do
   [ "$ir" -gt $((n * 100)) ] || continue   # threads that did not work per request
   echo "thread $(awk '/^thread:/ {print $2; exit}' "$f"): $((ir / n)) instructions per request"
 done
+# CG_OUT=dir keeps the callgrind files (for callgrind_annotate, e.g. to compare two builds).
+[ -n "${CG_OUT:-}" ] && mkdir -p "$CG_OUT" && cp "$DIR"/cg.out.* "$CG_OUT"/
 [ "${NGINX:-0}" = 1 ] && exit 0
 echo "(the larger figure is the worker thread, the smaller the audit-log writer. callgrind"
 echo " runs SHA-256 without the CPU's SHA extensions: ~3,500 of the worker's instructions per"

@@ -56,20 +56,11 @@ pub struct AuthzFilter {
     pub policies: std::sync::Arc<Vec<Policy>>,
 }
 
-#[async_trait::async_trait]
-impl crate::RequestFilter for AuthzFilter {
-    fn phase(&self) -> crate::Phase {
-        crate::Phase::Body
-    }
+impl<'a> crate::RequestFilter<crate::Planned<'a>> for AuthzFilter {
+    type Pass = ();
 
-    async fn apply(&self, cx: &mut crate::FilterContext) -> crate::Outcome {
-        let Some(id) = &cx.identity else {
-            return crate::Outcome::Reject(FilterError::MissingCredential);
-        };
-        match self.policies[id.client].check(cx.operation, cx.deployment.as_deref()) {
-            Ok(()) => crate::Outcome::Continue,
-            Err(e) => crate::Outcome::Reject(e),
-        }
+    async fn apply(&self, p: &crate::Planned<'a>) -> Result<(), FilterError> {
+        self.policies[p.identity.client].check(p.operation, p.deployment)
     }
 }
 

@@ -212,25 +212,16 @@ impl IdentityResolver {
     }
 }
 
-/// The identity filter: sets `cx.identity` or rejects.
+/// The identity filter: the caller's [`Identity`], or why the credentials fail.
 pub struct IdentityFilter {
     pub resolver: IdentityResolver,
 }
 
-#[async_trait]
-impl crate::RequestFilter for IdentityFilter {
-    fn phase(&self) -> crate::Phase {
-        crate::Phase::Headers
-    }
+impl<'a> crate::RequestFilter<crate::Credentials<'a>> for IdentityFilter {
+    type Pass = Identity;
 
-    async fn apply(&self, cx: &mut crate::FilterContext) -> crate::Outcome {
-        match self.resolver.resolve(&cx.presented, cx.now_unix()).await {
-            Ok(id) => {
-                cx.identity = Some(id);
-                crate::Outcome::Continue
-            }
-            Err(e) => crate::Outcome::Reject(e),
-        }
+    async fn apply(&self, c: &crate::Credentials<'a>) -> Result<Identity, FilterError> {
+        self.resolver.resolve(c.presented, c.now_unix()).await
     }
 }
 

@@ -450,6 +450,88 @@ mod tests {
         assert_eq!(value(&fine), Some(None));
     }
 
+    /// Whether the reader accepts a whole document; whatever it accepts, serde accepts (as a
+    /// `Value`: every string's UTF-8 checked, unlike serde's `IgnoredAny`).
+    fn reader_accepts(b: &[u8]) -> bool {
+        let mut r = Reader::new(b);
+        r.ws();
+        let ours = r.value(1).is_some() && r.end().is_some();
+        if ours {
+            assert!(
+                serde_json::from_slice::<serde_json::Value>(b).is_ok(),
+                "accepted what serde refuses: {}",
+                String::from_utf8_lossy(b)
+            );
+        }
+        ours
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_refused_wherever_it_is() {
+        let bad: [&[u8]; 9] = [
+            b"\xff",
+            b"\xfe\xff",
+            b"\x80",
+            b"\xc3",
+            b"\xe6\x97",
+            b"\xed\xa0\x80",
+            b"\xf4\x90\x80\x80",
+            b"\xc0\xaf",
+            b"\xf0\x9f\x99",
+        ];
+        let good = ["é", "日本", "🙂", "Grüße"];
+        // At every offset from the word-at-a-time boundaries, in a value and in a key.
+        for pad in 0..17 {
+            let p = "x".repeat(pad);
+            for (open, close) in [
+                (format!("[\"{p}"), format!("{p}\"]")),
+                (format!("{{\"k\":\"{p}"), format!("\\n{p}\"}}")),
+                (format!("{{\"{p}"), "\":[1,{}]}".to_string()),
+                (format!("\"{p}"), format!("\\u00e9{p}\"")),
+            ] {
+                for b in bad {
+                    let text = [open.as_bytes(), b, close.as_bytes()].concat();
+                    let mut r = Reader::new(&text);
+                    // The grammar is read (not sure of nothing yet) ...
+                    assert_eq!(r.value(1), Some(None), "{text:?}");
+                    assert!(r.saw_non_ascii());
+                    // ... and the end refuses it.
+                    assert_eq!(r.end(), None, "{text:?}");
+                    assert!(serde_json::from_slice::<serde_json::Value>(&text).is_err());
+                }
+                for g in good {
+                    let text = format!("{open}{g}{close}");
+                    assert_eq!(value(&text), Some(None), "{text}");
+                    assert!(reader_accepts(text.as_bytes()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_values_are_never_accepted_when_serde_refuses_them() {
+        let docs = [
+            r#"{"messages":[{"role":"user","content":"Grüße, 日本 🙂 \n\u00e9"}],"n":-1.5,"x":[true,false,null]}"#,
+            r#"["é",{"日本":"語"},"🙂",0]"#,
+        ];
+        let alphabet = b"{}[]\",:\\ -0123456789.eEtfnul\n\x01x\x80\xbf\xc3\xe6\xf0\xff";
+        let mut accepted = 0;
+        for doc in docs {
+            let doc = doc.as_bytes();
+            for i in 0..doc.len() {
+                for &c in alphabet {
+                    let mut m = doc.to_vec();
+                    m[i] = c;
+                    accepted += usize::from(reader_accepts(&m));
+                    let mut d = doc.to_vec();
+                    d.remove(i);
+                    reader_accepts(&d);
+                }
+            }
+        }
+        assert!(accepted > 100, "the mutations exercise the accepting path");
+    }
+
     #[test]
     fn unsigned_integers_fit_a_u64_or_are_left_alone() {
         let read = |s: &str| Reader::new(s.as_bytes()).uint_or_null();

@@ -19,8 +19,6 @@ pub mod oidc;
 pub mod operation;
 pub mod tokens;
 
-use std::sync::Arc;
-
 pub use operation::Operation;
 
 /// How the caller proved who it is (the audit log's `auth`).
@@ -69,79 +67,55 @@ pub enum FilterError {
     LimitStoreUnavailable,
 }
 
-/// A filter's verdict.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Continue,
-    Reject(FilterError),
-}
-
-/// When a filter can decide: identity before the body is read (an unauthenticated caller
-/// never gets to upload a body), authorization and limits once the body named the
-/// deployment and the token estimate is known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Headers,
-    Body,
-}
-
-/// The plain facts about one request that filters decide on, and what they found.
-#[derive(Debug)]
-pub struct FilterContext {
-    pub presented: identity::Presented,
+/// What the identity filter decides on: the credentials a request presented, and when.
+#[derive(Debug, Clone, Copy)]
+pub struct Credentials<'a> {
+    pub presented: &'a identity::Presented,
     pub now: std::time::SystemTime,
+}
+
+impl Credentials<'_> {
+    pub fn now_unix(&self) -> i64 {
+        unix_seconds(self.now)
+    }
+}
+
+/// What authorization and limits decide on, once identity is known and the body has named
+/// the deployment: who, what, where, and how many tokens to reserve.
+#[derive(Debug, Clone, Copy)]
+pub struct Planned<'a> {
+    pub identity: &'a identity::Identity,
     pub operation: Operation,
     /// Client-facing deployment name (`None` for `models.read`).
-    pub deployment: Option<Arc<str>>,
+    pub deployment: Option<&'a str>,
     /// Tokens to reserve: estimated prompt plus requested output.
     pub reserve_tokens: u64,
-    /// Set by the identity filter.
-    pub identity: Option<identity::Identity>,
-    /// Set by the limits filter.
-    pub admission: Option<limits::Admission>,
+    pub now: std::time::SystemTime,
 }
 
-impl FilterContext {
-    pub fn new(presented: identity::Presented, operation: Operation) -> Self {
-        Self::at(presented, operation, std::time::SystemTime::now())
-    }
-
-    /// With the clock already read (the request's start).
-    pub fn at(
-        presented: identity::Presented,
-        operation: Operation,
-        now: std::time::SystemTime,
-    ) -> Self {
-        FilterContext {
-            presented,
-            now,
-            operation,
-            deployment: None,
-            reserve_tokens: 0,
-            identity: None,
-            admission: None,
-        }
-    }
-
-    pub fn now_unix(&self) -> i64 {
-        self.now
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0)
-    }
+fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
-/// One request filter.
-#[async_trait::async_trait]
-pub trait RequestFilter: Send + Sync {
-    fn phase(&self) -> Phase;
-    async fn apply(&self, cx: &mut FilterContext) -> Outcome;
+/// One request filter: a decision over plain inputs with an explicit outcome — what it
+/// found (`Pass`), or why the request is refused. Each filter is its own type; the chain
+/// calls them in a fixed order with typed inputs, so nothing is "filled in" for a later one.
+pub trait RequestFilter<In>: Send + Sync {
+    type Pass;
+    fn apply(
+        &self,
+        input: &In,
+    ) -> impl std::future::Future<Output = Result<Self::Pass, FilterError>> + Send;
 }
 
 /// The filters in their fixed order: identity → authorization → limits. A request refused
 /// by one filter never reaches the next, so it consumes nothing there.
 pub struct FilterChain {
-    filters: Vec<Box<dyn RequestFilter>>,
+    identity: identity::IdentityFilter,
+    authz: authz::AuthzFilter,
+    limits: limits_filter::LimitsFilter,
 }
 
 impl FilterChain {
@@ -151,17 +125,27 @@ impl FilterChain {
         limits: limits_filter::LimitsFilter,
     ) -> Self {
         FilterChain {
-            filters: vec![Box::new(identity), Box::new(authz), Box::new(limits)],
+            identity,
+            authz,
+            limits,
         }
     }
 
-    /// Runs, in order, the filters that decide in `phase`.
-    pub async fn run(&self, phase: Phase, cx: &mut FilterContext) -> Outcome {
-        for f in self.filters.iter().filter(|f| f.phase() == phase) {
-            if let Outcome::Reject(e) = f.apply(cx).await {
-                return Outcome::Reject(e);
-            }
-        }
-        Outcome::Continue
+    /// Identity: who presented these credentials (before any body byte is read).
+    pub async fn authenticate(
+        &self,
+        credentials: &Credentials<'_>,
+    ) -> Result<identity::Identity, FilterError> {
+        self.identity.apply(credentials).await
+    }
+
+    /// Authorization, then limits: the admission (`None` where no limit applies), or why
+    /// not. A request that authorization refuses consumes nothing of its limits.
+    pub async fn admit(
+        &self,
+        planned: &Planned<'_>,
+    ) -> Result<Option<limits::Admission>, FilterError> {
+        self.authz.apply(planned).await?;
+        self.limits.apply(planned).await
     }
 }

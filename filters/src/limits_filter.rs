@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use crate::limits::{ClientLimits, LimitSpec, Limiter};
-use crate::{FilterContext, Outcome, Phase, RequestFilter};
+use crate::limits::{Admission, ClientLimits, LimitSpec, Limiter};
+use crate::{FilterError, Planned, RequestFilter};
 
 /// Whether any limit applies to this client and deployment.
 pub fn has_limits(l: &ClientLimits, deployment: &str) -> bool {
@@ -27,32 +27,23 @@ pub struct LimitsFilter {
     pub limits: Arc<Vec<ClientLimits>>,
 }
 
-#[async_trait::async_trait]
-impl RequestFilter for LimitsFilter {
-    fn phase(&self) -> Phase {
-        Phase::Body
-    }
+impl<'a> RequestFilter<Planned<'a>> for LimitsFilter {
+    /// `None`: no limit applies (or `models.read`, which the gateway answers itself).
+    type Pass = Option<Admission>;
 
-    async fn apply(&self, cx: &mut FilterContext) -> Outcome {
-        let (Some(id), Some(deployment)) = (&cx.identity, &cx.deployment) else {
-            // `models.read` is answered by the gateway and costs nothing.
-            return Outcome::Continue;
+    async fn apply(&self, p: &Planned<'a>) -> Result<Option<Admission>, FilterError> {
+        let Some(deployment) = p.deployment else {
+            return Ok(None);
         };
+        let id = p.identity;
         let limits = &self.limits[id.client];
         if !has_limits(limits, deployment) {
-            return Outcome::Continue;
+            return Ok(None);
         }
-        match self
-            .limiter
-            .admit(&id.client_id, deployment, limits, cx.reserve_tokens, cx.now)
+        self.limiter
+            .admit(&id.client_id, deployment, limits, p.reserve_tokens, p.now)
             .await
-        {
-            Ok(a) => {
-                cx.admission = Some(a);
-                Outcome::Continue
-            }
-            Err(e) => Outcome::Reject(e),
-        }
+            .map(Some)
     }
 }
 

@@ -10,9 +10,9 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::observe::metrics::Metrics;
-use crate::upstream::select::now_ms;
-use crate::proxy::Gateway;
+use crate::pipeline::health_answer;
 use crate::state::Snapshot;
+use crate::upstream::select::now_ms;
 
 pub struct Admin {
     pub state: Arc<ArcSwap<Snapshot>>,
@@ -89,7 +89,7 @@ impl ServeHttp for Admin {
         match path.as_str() {
             "/metrics" => reply(200, "text/plain; version=0.0.4", self.metrics.render()),
             "/healthz" => {
-                let (status, body) = Gateway::health_answer(&snap);
+                let (status, body) = health_answer(&snap);
                 reply(status, "application/json", body.to_vec())
             }
             "/status" => reply(

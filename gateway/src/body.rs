@@ -74,16 +74,29 @@ impl RequestBody {
         }
         let first = body.raw.iter().find(|b| !b.is_ascii_whitespace());
         if first != Some(&b'{') {
-            return Err(
-                if serde_json::from_slice::<serde::de::IgnoredAny>(&body.raw).is_ok() {
-                    invalid("The request body must be a JSON object.")
-                } else {
-                    invalid("The request body is not valid JSON.")
-                },
-            );
+            // (serde skips ignored strings without checking their UTF-8: checked first.)
+            let is_json = std::str::from_utf8(&body.raw)
+                .is_ok_and(|t| serde_json::from_str::<serde::de::IgnoredAny>(t).is_ok());
+            return Err(if is_json {
+                invalid("The request body must be a JSON object.")
+            } else {
+                invalid("The request body is not valid JSON.")
+            });
         }
-        let p = crate::peek::read(&body.raw)
-            .ok_or_else(|| invalid("The request body is not valid JSON."))?;
+        let not_json = || invalid("The request body is not valid JSON.");
+        let p = match crate::peek::top_level(&body.raw) {
+            Some(p) => p,
+            None => {
+                let p = crate::peek::by_serde(&body.raw).ok_or_else(not_json)?;
+                // Outside the fast reader's subset serde ignored most of the document (a
+                // number out of `f64` range in an ignored field, say): it is parsed whole
+                // now, so that what is accepted is what the rewrite and the token estimate
+                // parse later (kept for them).
+                let v: Value = serde_json::from_slice(&body.raw).map_err(|_| not_json())?;
+                let _ = body.json.set(Arc::new(v));
+                p
+            }
+        };
         body.is_json = true;
         body.model = match p.model {
             Some(Cow::Borrowed(m)) if !m.is_empty() => {
@@ -218,6 +231,69 @@ mod tests {
         let e = RequestBody::inspect(Bytes::from("{}"), Operation::Embeddings, "", "text/plain")
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidRequestBody);
+    }
+
+    fn inspect(body: &[u8], operation: Operation, rest: &str) -> Result<RequestBody, GatewayError> {
+        RequestBody::inspect(
+            Bytes::copy_from_slice(body),
+            operation,
+            rest,
+            "application/json",
+        )
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_string_is_not_json_for_every_json_operation() {
+        let ops = [
+            (Operation::ChatCompletions, "/chat/completions"),
+            (Operation::Completions, "/completions"),
+            (Operation::Embeddings, "/embeddings"),
+            (Operation::Responses, ""),
+            (Operation::Images, "/images/generations"),
+            (Operation::Audio, "/audio/speech"),
+        ];
+        for (op, rest) in ops {
+            for body in [
+                &b"{\"model\":\"gpt-4o\",\"messages\":\"\xff\xfe\"}"[..],
+                b"{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\"}]}",
+                b"{\"model\":\"gpt-4o\",\"input\":[\"\xc3\",1e5]}",
+                b"{\"mod\\u0065l\":\"gpt-4o\",\"input\":\"\xed\xa0\x80\"}",
+                b"{\"model\":\"gpt\xff\"}",
+                b"[\"\xff\"]",
+            ] {
+                let e = inspect(body, op, rest).unwrap_err();
+                assert_eq!(e.code, ErrorCode::InvalidRequestBody, "{body:?}");
+            }
+            // Characters above ASCII are fine, and go upstream byte for byte.
+            let fine = "{\"model\":\"gpt-4o\",\"input\":\"Grüße, 日本\",\"n\":1e5}";
+            let b = inspect(fine.as_bytes(), op, rest).unwrap();
+            assert_eq!(b.for_upstream("gpt-4o", "gpt-4o"), Bytes::from(fine));
+        }
+    }
+
+    #[test]
+    fn what_is_accepted_can_be_parsed_whole_later() {
+        // Outside the fast reader's subset, serde skips ignored values unchecked: a number
+        // out of range there was accepted, then the rename or the token estimate (which
+        // parse the whole document) panicked.
+        for body in [
+            r#"{"model":"gpt-4o","n":1e400}"#,
+            r#"{"model":"gpt-4o","n":[-1e999]}"#,
+        ] {
+            let e = inspect(body.as_bytes(), Operation::ChatCompletions, "").unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequestBody, "{body}");
+        }
+        // Within range, the document parsed on that path is the one used later.
+        let b = inspect(
+            br#"{"model":"gpt-4o","n":1e5,"stream":true}"#,
+            Operation::ChatCompletions,
+            "",
+        )
+        .unwrap();
+        assert!(b.stream);
+        let v: Value = serde_json::from_slice(&b.for_upstream("gpt-4o", "ptu")).unwrap();
+        assert_eq!(v["model"], "ptu");
+        assert_eq!(v["n"], 1e5);
     }
 
     #[test]

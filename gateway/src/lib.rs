@@ -13,8 +13,6 @@ pub mod keys;
 mod observe;
 pub mod peek;
 pub mod pipeline;
-mod proxy;
-mod route;
 pub mod server;
 mod state;
 mod tls;

@@ -5,6 +5,11 @@
 //! [`filters::json`], which accepts a strict subset of JSON and answers "not sure" for the
 //! rest; here also for a key written with escapes, a repeated routing field and an escaped
 //! `model`. [`by_serde`] reads everything else — and refuses what is not JSON.
+//!
+//! Both refuse text that is not UTF-8 (RFC 8259 §8.1), also inside strings that nothing
+//! reads: the fast reader checks it when it saw a byte above ASCII, and [`by_serde`] before
+//! serde sees the text, because serde skips the strings of fields it ignores
+//! (`IgnoredAny`) without checking them.
 
 use std::borrow::Cow;
 
@@ -88,7 +93,10 @@ pub fn by_serde(body: &[u8]) -> Option<Peeked<'static>> {
         #[serde(default)]
         stream_options: Option<Value>,
     }
-    let f: Fields = serde_json::from_slice(body).ok()?;
+    // serde_json checks UTF-8 only in the strings it reads, not in those of ignored fields:
+    // the whole text is checked first (ASCII at word speed; this is the rare path anyway).
+    let text = std::str::from_utf8(body).ok()?;
+    let f: Fields = serde_json::from_str(text).ok()?;
     Some(Peeked {
         model: f.model.and_then(|m| match m {
             Value::String(s) => Some(Cow::Owned(s)),
@@ -118,6 +126,17 @@ mod tests {
             "{}",
             String::from_utf8_lossy(body)
         );
+        true
+    }
+
+    /// A text that is not UTF-8 is not JSON: neither reader accepts it.
+    fn utf8_or_refused(body: &[u8]) -> bool {
+        if std::str::from_utf8(body).is_ok() {
+            return true;
+        }
+        assert_eq!(top_level(body), None, "{}", String::from_utf8_lossy(body));
+        assert_eq!(by_serde(body), None, "{}", String::from_utf8_lossy(body));
+        assert_eq!(read(body), None);
         true
     }
 
@@ -193,10 +212,53 @@ mod tests {
     }
 
     #[test]
+    fn invalid_utf8_in_any_string_is_refused_by_both_readers() {
+        // Where nothing reads the string (serde ignores the field), where the fast reader is
+        // sure and where it leaves the body to serde (an exponent, an escaped key elsewhere).
+        for (before, after) in [
+            (r#"{"model":"gpt-4o","messages":""#, r#""}"#),
+            (r#"{"messages":[{"role":"user","content":""#, r#""}]}"#),
+            (r#"{"model":"gpt-4o","input":[""#, r#"",1e5]}"#),
+            (r#"{"mod\u0065l":"m","messages":[{"content":""#, r#""}]}"#),
+            (r#"{"model":""#, r#""}"#),
+            (r#"{"stream_options":{"x":""#, r#""},"stream":true}"#),
+            (r#"{""#, r#"":1}"#),
+            (r#"{"a":"\u00e9"#, r#"\n"}"#),
+        ] {
+            for bad in [
+                &b"\xff\xfe"[..],
+                b"\xff",
+                b"\x80",
+                b"\xc3",
+                b"\xc3(",
+                b"\xe6\x97",
+                b"\xed\xa0\x80",
+                b"\xf4\x90\x80\x80",
+                b"\xc0\xaf",
+                b"ok \xf0\x9f\x99 ok",
+            ] {
+                let body = [before.as_bytes(), bad, after.as_bytes()].concat();
+                assert!(utf8_or_refused(&body));
+            }
+            // The same bodies with valid characters above ASCII are read, the same by both.
+            let body = [
+                before.as_bytes(),
+                "Grüße, 日本 🙂".as_bytes(),
+                after.as_bytes(),
+            ]
+            .concat();
+            assert!(read(&body).is_some(), "{}", String::from_utf8_lossy(&body));
+            assert!(agrees(&body));
+        }
+    }
+
+    #[test]
     fn mutated_bodies_are_never_accepted_when_serde_refuses_them() {
         // Every single-byte change of the usual bodies (to a set of JSON-significant bytes):
         // what the reader accepts, serde accepts with the same fields.
-        let alphabet = b"{}[]\",:\\ -0123456789.eE+tfnul\n\x01x";
+        // Bytes above ASCII too: a lead byte without its continuation, a stray continuation,
+        // a byte never in UTF-8 (and any change inside a multi-byte character of the bodies).
+        let alphabet = b"{}[]\",:\\ -0123456789.eE+tfnul\n\x01x\xc3\x80\xff";
         let mut accepted = 0;
         for body in READ {
             let body = body.as_bytes();
@@ -208,10 +270,12 @@ mod tests {
                         accepted += 1;
                     }
                     assert!(agrees(&m));
+                    assert!(utf8_or_refused(&m));
                     // And with the byte removed.
                     let mut d = body.to_vec();
                     d.remove(i);
                     assert!(agrees(&d));
+                    assert!(utf8_or_refused(&d));
                 }
             }
         }

@@ -14,12 +14,13 @@ use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
-use crate::observe::audit::AuditLog;
 use crate::config;
-use crate::upstream::health::HealthChecker;
+use crate::front::Front;
+use crate::observe::audit::AuditLog;
 use crate::observe::metrics::Metrics;
-use crate::proxy::{Front, Gateway};
+use crate::pipeline::Gateway;
 use crate::state::Snapshot;
+use crate::upstream::health::HealthChecker;
 use crate::upstream::pool::Upstreams;
 use crate::upstream::token::UpstreamToken;
 
@@ -77,11 +78,9 @@ impl Supervisor {
                 if let Some(o) = &snap.oidc {
                     o.start().await;
                 }
-                // Series of keys, backends and pairs the new file dropped disappear; the
-                // current ones are set again (health and cooldowns by the next check round).
+                // Series of keys the new file dropped disappear; the current ones are set
+                // again. (Health and cooldowns are read from the current pool when scraped.)
                 self.metrics.key_expiry.reset();
-                self.metrics.backend_healthy.reset();
-                self.metrics.backend_cooldown.reset();
                 snap.set_key_expiry_gauges(&self.metrics);
                 self.state.store(Arc::new(snap));
                 self.metrics
@@ -112,14 +111,12 @@ impl BackgroundService for Supervisor {
                 return;
             }
         };
+        // The token first: requests wait for its first fetch (and only for that one).
+        if let Some(t) = &self.token {
+            tokio::spawn(t.clone().refresh_loop());
+        }
         if let Some(o) = &self.state.load().oidc {
             o.start().await;
-        }
-        if let Some(t) = &self.token {
-            if let Err(e) = t.get().await {
-                log::error!("{e}");
-            }
-            tokio::spawn(t.clone().refresh_loop());
         }
         loop {
             tokio::select! {
@@ -132,8 +129,10 @@ impl BackgroundService for Supervisor {
         // period) — then exit at once instead of sleeping out the whole grace period.
         // Idle client connections still take a request for `SHUTDOWN_GRACE`: wait past it,
         // so that such a request is counted in flight before the check.
-        tokio::time::sleep(crate::proxy::SHUTDOWN_GRACE + std::time::Duration::from_millis(200))
-            .await;
+        tokio::time::sleep(
+            crate::front::h1::SHUTDOWN_GRACE + std::time::Duration::from_millis(200),
+        )
+        .await;
         while self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
@@ -169,6 +168,14 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
     let server_cfg = cfg.server.clone();
     let snap = Snapshot::build(cfg, None, &metrics)?;
     let state = Arc::new(ArcSwap::from_pointee(snap));
+    metrics.read_pool_with({
+        let state = state.clone();
+        move || {
+            let snap = state.load();
+            snap.pool
+                .reading(&snap.cfg, crate::upstream::select::now_ms())
+        }
+    });
 
     let mut conf = ServerConf {
         threads: server_cfg.threads,
@@ -244,7 +251,6 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
         HealthChecker {
             state: state.clone(),
             token: token.clone(),
-            metrics: metrics.clone(),
             connector: Connector::new(None),
         },
     ));

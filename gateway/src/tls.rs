@@ -54,8 +54,8 @@ use pingora::services::listening::Service;
 use pingora::tls::ssl_sys;
 
 use crate::config::runtime::{ClientCertSettings, ListenerTls};
+use crate::front::Front;
 use crate::observe::metrics::Metrics;
-use crate::proxy::Front;
 use crate::state::Snapshot;
 
 pub fn add_tls_listener(

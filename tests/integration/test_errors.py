@@ -199,6 +199,41 @@ def test_unsupported_operations_are_404_and_reach_no_backend(env, method, target
     assert m.data_requests() == [], "an unsupported operation reached the backend"
 
 
+def test_unsupported_path_of_an_identified_client_is_attributed_to_it(env):
+    """Identity comes first for every request but /healthz: a refused request of an
+    identified client is counted and audited against that client, not `anonymous`."""
+    from opsutil import metric_value, scrape
+
+    gw, m = env
+    m.clear()
+
+    def not_found() -> float:
+        return metric_value(scrape(gw), "aoai_gateway_rejections_total",
+                            client="all", reason="not_found") or 0.0
+
+    before = not_found()
+    r = agw.raw_request(gw.url, "GET", f"/openai/files?api-version={API_VERSION}",
+                        headers={"api-key": ALL_KEY})
+    errors(r, 404, "OperationNotSupported")
+    line = gw.audit_for(r.headers["x-request-id"])
+    assert (line["client"], line["auth"], line["status"], line["error_code"]) == (
+        "all", "api_key", 404, "OperationNotSupported"), line
+    assert line["path"] == "/openai/files"
+    agw.wait_until(lambda: not_found() == before + 1, 5, "rejections_total{reason=not_found} +1")
+    assert metric_value(scrape(gw), "aoai_gateway_requests_total", client="all", code="404")
+    assert m.data_requests() == []
+
+
+def test_unsupported_path_without_a_credential_is_401(env):
+    gw, m = env
+    r = agw.raw_request(gw.url, "GET", "/openai/files", headers={})
+    errors(r, 401, "MissingCredential")
+    line = gw.audit_for(r.headers["x-request-id"])
+    assert (line["client"], line["status"]) == ("anonymous", 401)
+    r = agw.raw_request(gw.url, "GET", "/openai/files", headers={"api-key": OTHER_KEY})
+    errors(r, 401, "InvalidCredential")
+
+
 def test_body_over_limit_is_413(env):
     gw, m = env
     m.clear()
@@ -240,6 +275,92 @@ def test_v1_without_model_is_400(env):
     r = post(gw, "/openai/v1/chat/completions", headers={"api-key": ALL_KEY},
              json={"messages": [{"role": "user", "content": "hi"}]})
     errors(r, 400, "InvalidRequestBody")
+    assert m.data_requests() == []
+
+
+# -- bodies that are not JSON because they are not UTF-8 (RFC 8259 §8.1) ----------------
+
+LIMITED_KEY = agw.make_key("utf8 limited")  # a client with token limits (the reservation path)
+
+
+@pytest.fixture(scope="module")
+def utf8_env(module_cluster):
+    m = module_cluster.mock("utf8-east")
+    cfg = agw.make_config(
+        deployments={"gpt-4o": [agw.member("east")], "text-embedding-3-large": [agw.member("east")]},
+        backends=[agw.backend("east", m)],
+        clients=[
+            agw.client("plain"),
+            agw.client("limited", keys=[agw.sha256_hex(LIMITED_KEY)],
+                       limits={"tokens_per_minute": 1000000}),
+        ],
+    )
+    return module_cluster.gateway(cfg), m
+
+
+UTF8_PATHS = [
+    agw.chat_path("gpt-4o"),
+    "/openai/v1/chat/completions",
+    f"/openai/deployments/text-embedding-3-large/embeddings?api-version={API_VERSION}",
+    "/openai/v1/embeddings",
+]
+
+
+def _utf8_body(path: str, text: bytes, extra: bytes = b"") -> bytes:
+    """A body for `path` whose prompt text is `text` (raw bytes); `model` where the path
+    has no deployment."""
+    model = b""
+    if path.startswith("/openai/v1/"):
+        model = b'"model":"text-embedding-3-large",' if "embeddings" in path else b'"model":"gpt-4o",'
+    if "embeddings" in path:
+        return b"{" + model + extra + b'"input":"' + text + b'"}'
+    return b"{" + model + extra + b'"messages":[{"role":"user","content":"' + text + b'"}]}'
+
+
+@pytest.mark.parametrize("key", [KEY, LIMITED_KEY], ids=["no-limits", "token-limits"])
+@pytest.mark.parametrize("path", UTF8_PATHS, ids=["deployment-chat", "v1-chat", "deployment-embeddings", "v1-embeddings"])
+def test_invalid_utf8_in_a_string_is_400_and_reaches_no_backend(utf8_env, path, key):
+    gw, m = utf8_env
+    m.clear()
+    hdrs = {"api-key": key, "Content-Type": "application/json"}
+    bodies = [
+        _utf8_body(path, b"\xff\xfe"),                             # never UTF-8
+        _utf8_body(path, b"caf\xc3"),                               # a cut character
+        _utf8_body(path, b"\xed\xa0\x80"),                          # an encoded surrogate
+        _utf8_body(path, b"\xc0\xaf"),                               # overlong
+        _utf8_body(path, b"\xff", extra=b'"temperature":1e0,'),      # read by serde
+        _utf8_body(path, b"\xff", extra=b'"us\\u0065r":"u",'),      # an escaped key: serde
+    ]
+    if not path.startswith("/openai/v1/"):
+        bodies.append(b'{"model":"gpt-4o","messages":"\xff\xfe"}')  # a field nobody reads
+    for body in bodies:
+        r = post(gw, path, headers=hdrs, content=body)
+        errors(r, 400, "InvalidRequestBody")
+    assert m.data_requests() == [], "a body that is not UTF-8 reached the backend"
+
+
+@pytest.mark.parametrize("path", UTF8_PATHS, ids=["deployment-chat", "v1-chat", "deployment-embeddings", "v1-embeddings"])
+def test_valid_utf8_above_ascii_passes_byte_for_byte(utf8_env, path):
+    gw, m = utf8_env
+    for key in (KEY, LIMITED_KEY):
+        for extra in (b"", b'"temperature":1e0,'):
+            m.clear()
+            body = _utf8_body(path, "Grüße, 日本 🙂".encode(), extra=extra)
+            r = post(gw, path, headers={"api-key": key, "Content-Type": "application/json"}, content=body)
+            assert r.status_code == 200, r.text
+            [q] = m.data_requests()
+            assert q["body_len"] == len(body) and q["body_sha256"] == agw.sha256_hex(body), q
+
+
+def test_a_number_serde_cannot_hold_is_400_not_a_dropped_connection(utf8_env):
+    """Outside the fast reader's subset, serde skipped ignored values unchecked: a number out
+    of range passed, and the token reservation's parse of the whole body then panicked."""
+    gw, m = utf8_env
+    m.clear()
+    for key in (KEY, LIMITED_KEY):
+        r = post(gw, agw.chat_path("gpt-4o"), headers={"api-key": key, "Content-Type": "application/json"},
+                 content=b'{"messages":[{"role":"user","content":"hi"}],"temperature":1e400}')
+        errors(r, 400, "InvalidRequestBody")
     assert m.data_requests() == []
 
 

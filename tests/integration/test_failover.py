@@ -204,3 +204,44 @@ def test_weights_share_traffic_within_a_tier(mock, gateway):
     assert na + nb == n
     # weight 3:1 → 90 vs 30 expected; the bounds are far outside any fair random deviation
     assert 70 <= na <= 108, f"weight 3 got {na}/{n}, weight 1 got {nb}/{n}"
+
+
+def _cooldown_gauge(gw: agw.Gateway, backend: str, deployment: str) -> float | None:
+    from opsutil import metric_value, scrape
+
+    return metric_value(scrape(gw), "aoai_gateway_backend_cooldown_seconds",
+                        backend=backend, deployment=deployment)
+
+
+def test_cooldown_gauge_shows_a_429_at_once_and_counts_down(mock, gateway):
+    """aoai_gateway_backend_cooldown_seconds is the remaining cooldown when /metrics is
+    scraped — not the value of the last health-check round (one every 60 s here)."""
+    a = mock("eastus-a")
+    b = mock("sweden-b")
+    gw = gateway(two_regions(a, b, health_checks={"interval_seconds": 60}))
+    # the first health round has run (it used to set the gauges); no pair is cooling
+    agw.wait_until(lambda: a.stats()["health_requests"] > 0, 10, "a health check")
+    assert _cooldown_gauge(gw, "east", "gpt-4o") == 0
+    assert _cooldown_gauge(gw, "sweden", "gpt-4o") == 0
+
+    a.faults(fail_429_count=1, retry_after_ms=8000)
+    with agw.http_client() as h:
+        r = h.post(gw.url + agw.chat_path("gpt-4o"), headers={"api-key": KEY}, json=agw.chat_body())
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello from sweden-b.", r.text
+    cooled_at = time.monotonic()
+
+    first = _cooldown_gauge(gw, "east", "gpt-4o")
+    scraped_after = time.monotonic() - cooled_at
+    assert first is not None and 8 - scraped_after - 1 <= first <= 8, \
+        f"cooldown gauge {first} right after a 429 with retry-after-ms 8000"
+    assert _cooldown_gauge(gw, "sweden", "gpt-4o") == 0
+
+    time.sleep(1.5)
+    later = _cooldown_gauge(gw, "east", "gpt-4o")
+    elapsed = time.monotonic() - cooled_at
+    assert later is not None and later < first - 1, f"the gauge did not count down: {first} then {later}"
+    assert 8 - elapsed - 1 <= later <= 8 - elapsed + 0.1, f"{later} s left after {elapsed:.1f} s of 8"
+
+    # after its end: 0, with no health round in between
+    agw.wait_until(lambda: _cooldown_gauge(gw, "east", "gpt-4o") == 0, 15, "the cooldown to end")
+    assert time.monotonic() - cooled_at >= 7, "the cooldown ended early"

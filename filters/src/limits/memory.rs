@@ -91,7 +91,7 @@ impl MemoryStore {
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn admit(
+    pub(crate) fn admit_now(
         &self,
         subject: &str,
         deployment: &str,
@@ -143,7 +143,7 @@ impl MemoryStore {
         Ok(after)
     }
 
-    pub(crate) fn reconcile(
+    pub(crate) fn reconcile_now(
         &self,
         subject: &str,
         deployment: &str,

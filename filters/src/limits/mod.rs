@@ -408,6 +408,81 @@ pub(crate) fn micros(t: SystemTime) -> i64 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The stores.
+
+/// Where the counters live: this process's memory ([`MemoryStore`]) or Redis shared by every
+/// gateway ([`RedisStore`]). Both answer the same two questions for a [`Plan`]: admit (all
+/// checks or none: the windows' values after admission, or the refusal) and reconcile (apply
+/// the corrections of a finished request). `None` / `false`: the store could not answer
+/// (Redis away), and the limiter applies `on_store_failure`.
+pub(crate) trait LimitStore: Send + Sync {
+    fn admit(
+        &self,
+        subject: &str,
+        deployment: &str,
+        plan: &Plan,
+        now: i64,
+    ) -> impl std::future::Future<Output = Option<Result<[i64; MAX_CHECKS], FilterError>>> + Send;
+
+    fn reconcile(
+        &self,
+        subject: &str,
+        deployment: &str,
+        day: i64,
+        corrections: &[Correction],
+        now: i64,
+    ) -> impl std::future::Future<Output = bool> + Send;
+}
+
+impl LimitStore for MemoryStore {
+    async fn admit(
+        &self,
+        subject: &str,
+        deployment: &str,
+        plan: &Plan,
+        now: i64,
+    ) -> Option<Result<[i64; MAX_CHECKS], FilterError>> {
+        Some(self.admit_now(subject, deployment, plan, now))
+    }
+
+    async fn reconcile(
+        &self,
+        subject: &str,
+        deployment: &str,
+        day: i64,
+        corrections: &[Correction],
+        now: i64,
+    ) -> bool {
+        self.reconcile_now(subject, deployment, day, corrections, now);
+        true
+    }
+}
+
+impl LimitStore for RedisStore {
+    async fn admit(
+        &self,
+        subject: &str,
+        deployment: &str,
+        plan: &Plan,
+        now: i64,
+    ) -> Option<Result<[i64; MAX_CHECKS], FilterError>> {
+        self.admit_shared(subject, deployment, plan, now).await
+    }
+
+    async fn reconcile(
+        &self,
+        subject: &str,
+        deployment: &str,
+        day: i64,
+        corrections: &[Correction],
+        now: i64,
+    ) -> bool {
+        self.reconcile_shared(subject, deployment, day, corrections, now)
+            .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The limiter.
 
 /// Admits requests against their client's limits. Cheap to share (`Arc<Limiter>`).
@@ -492,7 +567,9 @@ impl Limiter {
         let decider = match &self.redis {
             None => Decider::Memory,
             Some(redis) => {
-                if let Some(result) = redis.admit(subject, deployment, &plan, now).await {
+                if let Some(result) =
+                    LimitStore::admit(redis, subject, deployment, &plan, now).await
+                {
                     let after = result?;
                     return Ok(self.admission(
                         subject,
@@ -510,7 +587,7 @@ impl Limiter {
                 }
             }
         };
-        let after = self.local.admit(subject, deployment, &plan, now)?;
+        let after = self.local.admit_now(subject, deployment, &plan, now)?;
         Ok(self.admission(subject, deployment, plan, after, now, decider))
     }
 
@@ -586,20 +663,20 @@ impl Limiter {
         let corrections = &corrections[..n];
         match (ticket.decider, &self.redis) {
             (Decider::Redis, Some(redis)) => {
-                let ok = redis
-                    .reconcile(
-                        &ticket.subject,
-                        &ticket.deployment,
-                        ticket.day,
-                        corrections,
-                        now,
-                    )
-                    .await;
+                let ok = LimitStore::reconcile(
+                    redis,
+                    &ticket.subject,
+                    &ticket.deployment,
+                    ticket.day,
+                    corrections,
+                    now,
+                )
+                .await;
                 if !ok {
                     (self.on_store_error)();
                 }
             }
-            _ => self.local.reconcile(
+            _ => self.local.reconcile_now(
                 &ticket.subject,
                 &ticket.deployment,
                 ticket.day,

@@ -225,7 +225,7 @@ impl RedisStore {
 
     /// `None`: Redis could not decide (skipped, error or timeout). `Some(Ok(new values))`:
     /// admitted and counted. `Some(Err(e))`: refused, nothing counted.
-    pub(crate) async fn admit(
+    pub(crate) async fn admit_shared(
         &self,
         subject: &str,
         deployment: &str,
@@ -291,7 +291,7 @@ impl RedisStore {
     }
 
     /// Applies the corrections; `false` when Redis could not (they are dropped).
-    pub(crate) async fn reconcile(
+    pub(crate) async fn reconcile_shared(
         &self,
         subject: &str,
         deployment: &str,

@@ -1,5 +1,5 @@
 //! The configuration file as written (SPEC §3). Every struct refuses unknown keys; defaults
-//! are those of the SPEC. [`super::runtime`] turns these into validated runtime types.
+//! are those of the SPEC. `config/validate/` turns these into the types of [`super::runtime`].
 
 use std::collections::BTreeMap;
 

@@ -357,7 +357,7 @@ fn opt_section<T: DeserializeOwned + Default>(
     }
 }
 
-/// Line lookups for the semantic checks of [`super::runtime`].
+/// Line lookups for the semantic checks of `config/validate/`.
 pub fn errors_for(text: &str) -> Errors {
     let (text, _) = substitute_env(text, |n| std::env::var(n).ok());
     Errors {

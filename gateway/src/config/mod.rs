@@ -3,6 +3,7 @@
 pub mod file;
 pub mod load;
 pub mod runtime;
+mod validate;
 
 pub use load::ConfigError;
 pub use runtime::Config;
@@ -22,7 +23,7 @@ pub fn load_file(path: &std::path::Path) -> Result<Config, Vec<ConfigError>> {
 /// As [`load_file`], from text.
 pub fn load_str(text: &str) -> Result<Config, Vec<ConfigError>> {
     let file = load::parse(text)?;
-    runtime::validate(file, load::errors_for(text))
+    validate::validate(file, load::errors_for(text))
 }
 
 #[cfg(test)]

@@ -1,4 +1,48 @@
-//! How requests arrive: ALPN dispatch, the HTTP/1 connection loop, the HTTP/2 adapter, and
-//! the [`downstream::Downstream`] trait both answer through.
+//! How requests arrive: ALPN dispatch ([`Front`]), the HTTP/1 connection loop ([`h1`]), the
+//! HTTP/2 adapter ([`h2`]), and the [`downstream::Downstream`] trait both answer through.
 
 pub mod downstream;
+pub mod h1;
+pub mod h2;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::{Stream, ALPN};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+
+use crate::pipeline::Gateway;
+use h2::H2Gateway;
+
+/// The listeners' application: HTTP/1.x on the gateway's codec, HTTP/2 through Pingora.
+pub struct Front {
+    gateway: Arc<Gateway>,
+    h2: Arc<HttpProxy<H2Gateway>>,
+}
+
+impl Front {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        conf: &Arc<pingora::server::configuration::ServerConf>,
+    ) -> Self {
+        let h2 = Arc::new(pingora::proxy::http_proxy(conf, H2Gateway(gateway.clone())));
+        Front { gateway, h2 }
+    }
+}
+
+#[async_trait]
+impl ServerApp for Front {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            return self.h2.process_new(stream, shutdown).await;
+        }
+        h1::serve_connection(&self.gateway, stream, shutdown).await;
+        None
+    }
+}

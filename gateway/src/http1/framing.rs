@@ -334,6 +334,16 @@ pub fn forward_downstream(kind: Name) -> bool {
     !kind.never_downstream()
 }
 
+/// Whether a message's `Connection` field lines name any field that is not dropped anyway:
+/// an option other than `close` or the name of a hop-by-hop field (`keep-alive`, `upgrade`…).
+/// Almost every message says only `keep-alive` or `close`, and then no field needs checking.
+pub fn nominates_fields<'a>(connection: impl Iterator<Item = &'a [u8]>) -> bool {
+    connection
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(trim_ows)
+        .any(|o| !o.is_empty() && !o.eq_ignore_ascii_case(b"close") && !Name::of(o).hop_by_hop())
+}
+
 /// Whether `name` is one of the connection options listed in a message's `Connection`
 /// field lines (RFC 9110 §7.6.1: a proxy removes the fields they name).
 pub fn nominated<'a>(name: &[u8], mut connection: impl Iterator<Item = &'a [u8]>) -> bool {
@@ -551,5 +561,14 @@ mod tests {
         assert!(nominated(b"OTHER", conn.iter().copied()));
         assert!(!nominated(b"x-hop2", conn.iter().copied()));
         assert!(!nominated(b"x-hop", std::iter::empty()));
+        for (values, want) in [
+            (&[&b"keep-alive"[..]][..], false),
+            (&[b"Keep-Alive, close", b" upgrade , TE"], false),
+            (&[b"", b","], false),
+            (&[b"keep-alive, X-Hop"], true),
+            (&[b"close", b"x-secret"], true),
+        ] {
+            assert_eq!(nominates_fields(values.iter().copied()), want, "{values:?}");
+        }
     }
 }

@@ -498,10 +498,10 @@ impl Head {
         &'a self,
         keep: impl Fn(Name, &[u8]) -> bool + 'a,
     ) -> impl Iterator<Item = (Name, &'a [u8], &'a [u8])> + 'a {
-        let has_connection = self.first[Name::Connection as usize] != 0;
+        let check = self.first[Name::Connection as usize] != 0
+            && framing::nominates_fields(self.values(Name::Connection));
         self.fields().filter(move |&(kind, name, _)| {
-            keep(kind, name)
-                && !(has_connection && framing::nominated(name, self.values(Name::Connection)))
+            keep(kind, name) && !(check && framing::nominated(name, self.values(Name::Connection)))
         })
     }
 

@@ -29,7 +29,7 @@ mod tests;
 
 pub use body::{BodyReader, Collected};
 pub use conn::Conn;
-pub use encode::{encode_chunk, reason, OutFraming, RespHead};
+pub use encode::{encode_chunk, encode_head, reason, OutFraming};
 pub use framing::Framing;
 pub use head::{Head, HeaderKey, Name, Text};
 

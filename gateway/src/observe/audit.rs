@@ -10,9 +10,11 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use filters::json::needs_escape;
+use filters::tokens::Usage;
 
 use crate::http1::Text;
 use crate::observe::request_id::RequestId;
+use crate::pipeline::outcome::{Outcome, UsageSource};
 
 /// One request, as logged. `None` is written as `null`.
 #[derive(Debug, Serialize, Default, Clone)]
@@ -46,6 +48,49 @@ pub struct AuditRecord {
     pub duration_ms: u64,
     pub ttfb_ms: Option<u64>,
     pub upstream_request_id: Option<Text>,
+}
+
+/// The audit record of a finished request, from its outcome and the usage charged.
+pub fn record_of(
+    o: Outcome,
+    usage: Option<Usage>,
+    source: UsageSource,
+    elapsed: std::time::Duration,
+    ended: time::OffsetDateTime,
+) -> AuditRecord {
+    let status = o.status();
+    let (backend, region) = match o.tried {
+        Some(t) => (Some(t.backend), t.region),
+        None => (None, None),
+    };
+    AuditRecord {
+        ts: String::new(),
+        ended: Some(ended),
+        request_id: o.request_id,
+        client: o.caller.client,
+        auth: o.caller.auth.as_str(),
+        key_id: o.caller.key_id,
+        user: o.caller.user,
+        provider: o.caller.provider,
+        client_ip: o.client_ip,
+        method: o.method,
+        path: o.path,
+        operation: o.operation.map(|op| op.as_str()),
+        deployment: o.deployment,
+        backend,
+        region,
+        attempts: o.attempts,
+        status,
+        error_code: o.error.as_ref().map(|e| e.code.as_str()),
+        stream: o.stream,
+        prompt_tokens: usage.map(|u| u.prompt),
+        completion_tokens: usage.map(|u| u.completion),
+        total_tokens: usage.map(|u| u.total),
+        usage_source: source.as_str(),
+        duration_ms: elapsed.as_millis() as u64,
+        ttfb_ms: o.ttfb.map(|t| t.as_millis() as u64),
+        upstream_request_id: o.upstream_request_id,
+    }
 }
 
 enum Msg {

@@ -2,13 +2,20 @@
 //! configuration (client ids, deployment and backend names) or from fixed sets — never from
 //! tokens, paths or other user input. Unlisted OIDC applications are bounded to 1,000
 //! distinct `client` values, then `unlisted:other`.
+//!
+//! Gauges of state (`backend_healthy`, `backend_cooldown_seconds`) are read from the pool
+//! when `/metrics` is scraped ([`PoolReading`]): a cooldown shows as soon as a 429 starts
+//! it and counts down between scrapes, and the series of a backend or pair that a reload
+//! removed are gone with it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
+use prometheus::core::{Collector, Desc, Describer};
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGaugeVec, Opts, Registry,
+    exponential_buckets, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 /// At most this many distinct unlisted-application labels.
@@ -22,8 +29,8 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     pub rejections: IntCounterVec,
     pub upstream_attempts: IntCounterVec,
-    pub backend_healthy: IntGaugeVec,
-    pub backend_cooldown: prometheus::GaugeVec,
+    /// Where `backend_healthy` and `backend_cooldown_seconds` are read from.
+    pool_reader: Arc<RwLock<Option<PoolReader>>>,
     pub cert_expiry: IntGaugeVec,
     pub key_expiry: IntGaugeVec,
     pub token_refreshes: IntCounterVec,
@@ -35,6 +42,92 @@ pub struct Metrics {
     request_series: SeriesCache<RequestSeries, 4>,
     attempt_series: SeriesCache<AttemptSeries, 3>,
     token_series: SeriesCache<TokenSeries, 3>,
+}
+
+/// The pool's state at one instant: what `backend_healthy` and
+/// `backend_cooldown_seconds` show.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PoolReading {
+    /// (backend, region, healthy) of every backend.
+    pub healthy: Vec<(Arc<str>, Arc<str>, bool)>,
+    /// (backend, client-facing deployment, remaining cooldown in seconds) of every member.
+    pub cooldowns: Vec<(Arc<str>, Arc<str>, f64)>,
+}
+
+type PoolReader = Box<dyn Fn() -> PoolReading + Send + Sync>;
+
+/// The collector of the pool's gauges: asks the reader at every gather, so the values are
+/// those of the scrape's instant (nothing on the request path or in the health checker
+/// has to keep them current).
+struct PoolGauges {
+    healthy_opts: Opts,
+    cooldown_opts: Opts,
+    descs: Vec<Desc>,
+    reader: Arc<RwLock<Option<PoolReader>>>,
+}
+
+const HEALTHY_LABELS: [&str; 2] = ["backend", "region"];
+const COOLDOWN_LABELS: [&str; 2] = ["backend", "deployment"];
+
+impl PoolGauges {
+    fn new(reader: Arc<RwLock<Option<PoolReader>>>) -> PoolGauges {
+        let healthy_opts = Opts::new(
+            "aoai_gateway_backend_healthy",
+            "1 when the backend passes its health checks.",
+        );
+        let cooldown_opts = Opts::new(
+            "aoai_gateway_backend_cooldown_seconds",
+            "Remaining cooldown of a (backend, deployment) pair.",
+        );
+        let descs = [
+            (&healthy_opts, &HEALTHY_LABELS),
+            (&cooldown_opts, &COOLDOWN_LABELS),
+        ]
+        .into_iter()
+        .map(|(o, labels)| {
+            o.clone()
+                .variable_labels(labels.iter().map(|l| l.to_string()).collect())
+                .describe()
+                .expect("valid metric description")
+        })
+        .collect();
+        PoolGauges {
+            healthy_opts,
+            cooldown_opts,
+            descs,
+            reader,
+        }
+    }
+}
+
+impl Collector for PoolGauges {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let reading = match &*self.reader.read().expect("not poisoned") {
+            Some(read) => read(),
+            None => return Vec::new(),
+        };
+        let healthy =
+            IntGaugeVec::new(self.healthy_opts.clone(), &HEALTHY_LABELS).expect("valid gauge");
+        for (backend, region, up) in &reading.healthy {
+            healthy
+                .with_label_values(&[&**backend, &**region])
+                .set(i64::from(*up));
+        }
+        let cooldown =
+            GaugeVec::new(self.cooldown_opts.clone(), &COOLDOWN_LABELS).expect("valid gauge");
+        for (backend, deployment, seconds) in &reading.cooldowns {
+            // Two members of a deployment on one backend share a series: the longer wait.
+            let g = cooldown.with_label_values(&[&**backend, &**deployment]);
+            g.set(g.get().max(*seconds));
+        }
+        let mut families = healthy.collect();
+        families.extend(cooldown.collect());
+        families
+    }
 }
 
 /// Where one request's outcome is counted: `requests_total` and `request_duration_seconds`
@@ -186,22 +279,7 @@ impl Metrics {
             &["backend", "deployment", "code"],
         )
         .unwrap();
-        let backend_healthy = IntGaugeVec::new(
-            Opts::new(
-                "aoai_gateway_backend_healthy",
-                "1 when the backend passes its health checks.",
-            ),
-            &["backend", "region"],
-        )
-        .unwrap();
-        let backend_cooldown = prometheus::GaugeVec::new(
-            Opts::new(
-                "aoai_gateway_backend_cooldown_seconds",
-                "Remaining cooldown of a (backend, deployment) pair.",
-            ),
-            &["backend", "deployment"],
-        )
-        .unwrap();
+        let pool_reader = Arc::new(RwLock::new(None));
         let cert_expiry = IntGaugeVec::new(
             Opts::new(
                 "aoai_gateway_client_certificate_expiry_timestamp_seconds",
@@ -262,8 +340,7 @@ impl Metrics {
             Box::new(tokens.clone()),
             Box::new(rejections.clone()),
             Box::new(upstream_attempts.clone()),
-            Box::new(backend_healthy.clone()),
-            Box::new(backend_cooldown.clone()),
+            Box::new(PoolGauges::new(pool_reader.clone())),
             Box::new(cert_expiry.clone()),
             Box::new(key_expiry.clone()),
             Box::new(token_refreshes.clone()),
@@ -290,8 +367,7 @@ impl Metrics {
             tokens,
             rejections,
             upstream_attempts,
-            backend_healthy,
-            backend_cooldown,
+            pool_reader,
             cert_expiry,
             key_expiry,
             token_refreshes,
@@ -398,6 +474,12 @@ impl Metrics {
         OTHER.get_or_init(|| Arc::from("unlisted:other")).clone()
     }
 
+    /// Reads `backend_healthy` and `backend_cooldown_seconds` with `read` whenever the
+    /// metrics are gathered (replacing any earlier reader).
+    pub fn read_pool_with(&self, read: impl Fn() -> PoolReading + Send + Sync + 'static) {
+        *self.pool_reader.write().expect("not poisoned") = Some(Box::new(read));
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
         use prometheus::Encoder;
@@ -407,9 +489,34 @@ impl Metrics {
     }
 }
 
+/// The status as a label: static strings, built once, so no allocation per request and no
+/// unbounded label values.
+pub fn status_label(status: u16) -> &'static str {
+    static CODES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    let codes = CODES.get_or_init(|| {
+        (100..600u16)
+            .map(|c| &*Box::leak(c.to_string().into_boxed_str()))
+            .collect()
+    });
+    if (100..600).contains(&status) {
+        codes[(status - 100) as usize]
+    } else {
+        "error"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_labels_are_static_and_bounded() {
+        assert_eq!(status_label(200), "200");
+        assert_eq!(status_label(429), "429");
+        assert_eq!(status_label(599), "599");
+        assert_eq!(status_label(0), "error");
+        assert_eq!(status_label(700), "error");
+    }
 
     #[test]
     fn unlisted_labels_are_bounded() {
@@ -518,6 +625,57 @@ mod tests {
         // Each entry holds its texts, so their addresses stay theirs (`a` is in two).
         assert_eq!(Arc::strong_count(&a), 3);
         assert_eq!(Arc::strong_count(&cc), 2);
+    }
+
+    #[test]
+    fn pool_gauges_are_read_when_gathered() {
+        let m = Metrics::new();
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            !text.contains("aoai_gateway_backend_"),
+            "no reader, no series:\n{text}"
+        );
+        // A reader whose values change between scrapes, as the pool's do.
+        let left = Arc::new(std::sync::atomic::AtomicU64::new(8_000));
+        let l = left.clone();
+        m.read_pool_with(move || {
+            let ms = l.load(std::sync::atomic::Ordering::Relaxed);
+            PoolReading {
+                healthy: vec![
+                    ("b".into(), "eastus".into(), true),
+                    ("c".into(), "".into(), false),
+                ],
+                cooldowns: vec![
+                    ("b".into(), "d".into(), ms as f64 / 1000.0),
+                    ("c".into(), "d".into(), 0.0),
+                    // Two members of `d` on backend `c`: the longer wait.
+                    ("c".into(), "d".into(), 2.5),
+                ],
+            }
+        });
+        let text = String::from_utf8(m.render()).unwrap();
+        for line in [
+            "# TYPE aoai_gateway_backend_healthy gauge",
+            "# TYPE aoai_gateway_backend_cooldown_seconds gauge",
+            r#"aoai_gateway_backend_healthy{backend="b",region="eastus"} 1"#,
+            r#"aoai_gateway_backend_healthy{backend="c",region=""} 0"#,
+            r#"aoai_gateway_backend_cooldown_seconds{backend="b",deployment="d"} 8"#,
+            r#"aoai_gateway_backend_cooldown_seconds{backend="c",deployment="d"} 2.5"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        left.store(6_500, std::sync::atomic::Ordering::Relaxed);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains(
+                r#"aoai_gateway_backend_cooldown_seconds{backend="b",deployment="d"} 6.5"#
+            ),
+            "{text}"
+        );
+        // What the reader no longer reports (a reload removed it) is gone.
+        m.read_pool_with(PoolReading::default);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(!text.contains("aoai_gateway_backend_"), "{text}");
     }
 
     #[test]

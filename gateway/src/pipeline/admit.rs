@@ -1,9 +1,55 @@
-//! Admission decisions made from a request's head before anything else: who the client is at
-//! the network level.
+//! Admission decisions made from a request's head before anything else: whether it is a
+//! health probe, whether its framing and origin can be trusted, where it is routed, and who
+//! the client is at the network level.
 
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
+
+use crate::errors::{ErrorCode, GatewayError};
+use crate::pipeline::route::{classify, Route};
+
+/// What a request is, before anyone is identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry<'a> {
+    /// `GET`/`HEAD /healthz`: answered at once, no credential, no Front Door check.
+    Health,
+    /// Everything else, routed (an unsupported route is refused after identity).
+    Request(Route<'a>),
+}
+
+/// The first decision on every request: a health probe; else framing that cannot be trusted
+/// (request-smuggling shapes, refused before anything else is looked at); else a request that
+/// did not come through one of the configured Front Doors (`front_door_ids`, compared with
+/// `X-Azure-FDID` ignoring case); else its route.
+pub fn admit<'a>(
+    method: &str,
+    path: &'a str,
+    framing_error: Option<&str>,
+    fdid: Option<&str>,
+    front_door_ids: &[String],
+) -> Result<Entry<'a>, GatewayError> {
+    if path == "/healthz" && (method == "GET" || method == "HEAD") {
+        return Ok(Entry::Health);
+    }
+    if let Some(why) = framing_error {
+        return Err(GatewayError::with_message(
+            ErrorCode::InvalidRequestBody,
+            format!("The request's framing is invalid: {why}."),
+        ));
+    }
+    if !front_door_ids.is_empty() {
+        let ok = fdid.is_some_and(|v| {
+            front_door_ids
+                .iter()
+                .any(|id| id.eq_ignore_ascii_case(v.trim()))
+        });
+        if !ok {
+            return Err(GatewayError::new(ErrorCode::ForbiddenOrigin));
+        }
+    }
+    Ok(Entry::Request(classify(method, path)))
+}
 
 /// The client's address for the audit log. The peer itself unless it is a trusted proxy; then
 /// `X-Azure-ClientIP` (Front Door sets it; of several field lines the last, which the nearest
@@ -48,6 +94,48 @@ fn address(entry: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn code(r: Result<Entry<'_>, GatewayError>) -> Result<Entry<'_>, ErrorCode> {
+        r.map_err(|e| e.code)
+    }
+
+    #[test]
+    fn admit_table() {
+        let fd = ["AFD-1".to_string()];
+        let chat = "/openai/deployments/d/chat/completions";
+        assert_eq!(
+            code(admit("GET", "/healthz", None, None, &fd)),
+            Ok(Entry::Health)
+        );
+        assert_eq!(
+            code(admit("HEAD", "/healthz", Some("bad"), None, &fd)),
+            Ok(Entry::Health)
+        );
+        assert!(matches!(
+            code(admit("POST", "/healthz", None, Some("afd-1"), &fd)),
+            Ok(Entry::Request(Route::NotSupported))
+        ));
+        assert_eq!(
+            code(admit("POST", chat, Some("both"), Some("afd-1"), &fd)),
+            Err(ErrorCode::InvalidRequestBody)
+        );
+        assert_eq!(
+            code(admit("POST", chat, None, None, &fd)),
+            Err(ErrorCode::ForbiddenOrigin)
+        );
+        assert_eq!(
+            code(admit("POST", chat, None, Some("AFD-2"), &fd)),
+            Err(ErrorCode::ForbiddenOrigin)
+        );
+        assert!(matches!(
+            code(admit("POST", chat, None, Some(" afd-1 "), &fd)),
+            Ok(Entry::Request(Route::InPath { .. }))
+        ));
+        assert!(matches!(
+            code(admit("POST", chat, None, None, &[])),
+            Ok(Entry::Request(Route::InPath { .. }))
+        ));
+    }
 
     #[test]
     fn client_ip_table() {

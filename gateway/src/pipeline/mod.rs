@@ -1,4 +1,376 @@
-//! The stages of a request, as pure decisions over plain data (the I/O that feeds them stays
-//! in `proxy.rs` and the codec).
+//! The request path as typed stages. Each stage takes the previous one's result:
+//!
+//! ```text
+//! admit ──► authenticate ──► operation ──► read body ──► plan ──► reserve + admit limits
+//!   │ Entry        │ Identity      │ Operation   │ RequestBody  │ Plan     │ Admission
+//!   ▼                                                                      ▼
+//! /healthz                                      models list ◄── Plan::Models / Plan::Forward ──► forward
+//!                                                                     (failover, exchange, respond, stream)
+//! finish: metrics, limit reconciliation and the audit line, all from the Outcome
+//! ```
+//!
+//! The decisions are pure functions with table tests beside them ([`admit`], [`plan`],
+//! [`failover`], [`respond`], [`outcome`]); this module and [`forward`] do the I/O between
+//! them. Both HTTP/1.x connections and HTTP/2 streams (`crate::front`) arrive at
+//! [`Gateway::serve`] through the [`Downstream`] trait.
 
 pub mod admit;
+pub mod failover;
+mod finish;
+pub use finish::health_answer;
+mod forward;
+pub mod outcome;
+pub mod plan;
+pub mod respond;
+pub mod route;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use filters::identity::{Identity, Presented};
+use filters::{Credentials, Operation, Planned};
+
+use crate::body::RequestBody;
+use crate::deadline::timeout_at;
+use crate::errors::{ErrorCode, GatewayError};
+use crate::front::downstream::{Downstream, ReadError};
+use crate::http1::{Head, Name};
+use crate::observe::audit::AuditLog;
+use crate::observe::metrics::Metrics;
+use crate::observe::request_id::RequestId;
+use crate::state::Snapshot;
+use crate::upstream::pool::Upstreams;
+use crate::upstream::token::UpstreamToken;
+use admit::Entry;
+use outcome::{Caller, Ending, Outcome};
+use plan::Plan;
+use respond::json_head;
+
+/// The gateway: what every request needs, built once.
+pub struct Gateway {
+    /// Requests in flight, for draining on shutdown and upgrade.
+    pub in_flight: Arc<AtomicUsize>,
+    pub state: Arc<ArcSwap<Snapshot>>,
+    pub upstreams: Upstreams,
+    pub token: Option<Arc<UpstreamToken>>,
+    pub metrics: Arc<Metrics>,
+    pub audit: AuditLog,
+}
+
+/// Counts a request in flight for as long as its context lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One request's context: its clocks, the in-flight guard, and its [`Outcome`].
+pub struct Ctx {
+    _in_flight: InFlight,
+    start: Instant,
+    /// The wall clock at `start` (read once: key expiry, cooldowns, the audit timestamp).
+    started: SystemTime,
+    outcome: Outcome,
+    /// The configuration the request was served under (metrics, limiter, audit).
+    snap: Option<Arc<Snapshot>>,
+}
+
+impl Ctx {
+    /// When the whole request must be done.
+    fn deadline(&self, snap: &Snapshot) -> Instant {
+        self.start + snap.cfg.server.request_timeout
+    }
+}
+
+/// How handling ended when it did not end well.
+enum Failure {
+    /// Nothing was sent yet: answer this error.
+    Answer(GatewayError),
+    /// The response was under way, or the client is gone: the connection must be closed.
+    Abort(String),
+}
+
+impl From<GatewayError> for Failure {
+    fn from(e: GatewayError) -> Self {
+        Failure::Answer(e)
+    }
+}
+
+impl From<filters::FilterError> for Failure {
+    fn from(e: filters::FilterError) -> Self {
+        Failure::Answer(e.into())
+    }
+}
+
+fn abort(e: impl std::fmt::Display) -> Failure {
+    Failure::Abort(e.to_string())
+}
+
+impl Gateway {
+    pub fn new_ctx(&self) -> Ctx {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Ctx {
+            _in_flight: InFlight(self.in_flight.clone()),
+            start: Instant::now(),
+            started: SystemTime::now(),
+            outcome: Outcome::new(RequestId::new()),
+            snap: None,
+        }
+    }
+
+    /// Handles one request. `false`: the response broke off and the connection must close.
+    pub async fn serve<D: Downstream>(&self, d: &mut D, ctx: &mut Ctx) -> bool {
+        let snap = self.state.load_full();
+        ctx.outcome.client_ip = admit_client_ip(d, &snap);
+        let result = self.stages(d, ctx, &snap).await;
+        ctx.snap = Some(snap);
+        match result {
+            Ok(()) => true,
+            Err(Failure::Answer(e)) => {
+                self.answer_error(d, &mut ctx.outcome, e).await;
+                true
+            }
+            Err(Failure::Abort(why)) => {
+                let o = &mut ctx.outcome;
+                log::debug!("request {}: connection closed: {why}", o.request_id);
+                if o.ending == Ending::Open {
+                    o.ending = Ending::Aborted(502);
+                }
+                false
+            }
+        }
+    }
+
+    /// admit → authenticate → operation → read body → plan → admit limits → answer.
+    async fn stages<D: Downstream>(
+        &self,
+        d: &mut D,
+        ctx: &mut Ctx,
+        snap: &Arc<Snapshot>,
+    ) -> Result<(), Failure> {
+        // A copy of the head (its buffer is shared) to borrow from while `d` is in use.
+        let head = d.head().clone();
+        let (method, path) = (head.method(), head.path());
+        ctx.outcome.method = head.method_text();
+        ctx.outcome.path = head.path_text();
+        let lookup = |name: &str| snap.cfg.deployments.get(name).cloned();
+        let fdid = head.get_str(Name::XAzureFdid);
+        let route = match admit::admit(
+            method,
+            path,
+            d.framing_error(),
+            fdid,
+            &snap.cfg.server.front_door_ids,
+        )? {
+            Entry::Health => return self.answer_health(d, &mut ctx.outcome, snap).await,
+            Entry::Request(route) => route,
+        };
+        ctx.outcome.deployment = plan::named_deployment(&route, lookup);
+        ctx.outcome.operation = plan::operation(&route).ok().map(|(op, _)| op);
+        let identity = self.authenticate(d, &head, ctx, snap).await?;
+        let (operation, rest) = plan::operation(&route)?;
+        let body = self.read_body(d, &head, ctx, snap, operation, rest).await?;
+        let plan = plan::plan(&route, path, body.as_ref().and_then(|b| b.model()), lookup)?;
+        match plan {
+            Plan::Models => {
+                self.admit_limits(ctx, snap, &identity, operation, None)
+                    .await?;
+                self.answer_models(d, &mut ctx.outcome, snap, identity.client)
+                    .await
+            }
+            Plan::Forward { deployment, path } => {
+                let Some(mut body) = body else {
+                    return Err(GatewayError::new(ErrorCode::InvalidRequestBody).into());
+                };
+                ctx.outcome.deployment = Some(deployment.name.clone());
+                let planned = Some((&*deployment, &body));
+                self.admit_limits(ctx, snap, &identity, operation, planned)
+                    .await?;
+                ctx.outcome.stream = body.stream;
+                let strip_usage = body.ensure_stream_usage(operation);
+                let caller_jwt = identity.jwt_authenticated.then(|| bearer(&head)).flatten();
+                let f = forward::Forward {
+                    deployment: &deployment,
+                    body: &body,
+                    path,
+                    query: head.query(),
+                    caller_jwt,
+                    strip_usage,
+                };
+                self.forward(d, ctx, snap, &f).await
+            }
+        }
+    }
+
+    /// Identity, before any body byte is read: the caller, or why its credentials fail
+    /// (logged with the method it presented).
+    async fn authenticate<D: Downstream>(
+        &self,
+        d: &D,
+        head: &Head,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+    ) -> Result<Identity, Failure> {
+        let presented =
+            Presented::from_headers(head.get(Name::ApiKey), head.get(Name::Authorization));
+        let mut presented = presented.map_err(|e| {
+            ctx.outcome.caller.auth = if head.contains(Name::Authorization) {
+                filters::AuthMethod::Oidc
+            } else {
+                filters::AuthMethod::ApiKey
+            };
+            Failure::from(e)
+        })?;
+        presented.certificate = d.certificate();
+        let auth = presented.method();
+        ctx.outcome.caller.auth = auth;
+        let credentials = Credentials {
+            presented: &presented,
+            now: ctx.started,
+        };
+        let identity = snap.chain.authenticate(&credentials).await?;
+        let label = self.metrics.client_label(&identity.client_id);
+        ctx.outcome.caller = Caller::identified(&identity, label, auth);
+        Ok(identity)
+    }
+
+    /// The body, whole and bounded (by size and by the request's deadline), inspected for
+    /// the operation (`None` for `models.read`, whose body is read and dropped).
+    async fn read_body<D: Downstream>(
+        &self,
+        d: &mut D,
+        head: &Head,
+        ctx: &Ctx,
+        snap: &Snapshot,
+        operation: Operation,
+        rest: &str,
+    ) -> Result<Option<RequestBody>, Failure> {
+        let raw = timeout_at(
+            ctx.deadline(snap),
+            d.read_body(snap.cfg.server.max_request_body_bytes),
+        )
+        .await
+        .map_err(|_| abort("request body not received within the request timeout"))?
+        .map_err(|e| match e {
+            ReadError::TooLarge => Failure::Answer(GatewayError::new(ErrorCode::RequestTooLarge)),
+            ReadError::Malformed(why) => Failure::Answer(GatewayError::with_message(
+                ErrorCode::InvalidRequestBody,
+                format!("The request body could not be read: {why}."),
+            )),
+            ReadError::Io(e) => Failure::Abort(e),
+        })?;
+        if operation == Operation::ModelsRead {
+            return Ok(None);
+        }
+        let ct = head.get_str(Name::ContentType).unwrap_or("");
+        Ok(Some(RequestBody::inspect(raw, operation, rest, ct)?))
+    }
+
+    /// Tokens to reserve (only where a token limit applies), then authorization and limits.
+    async fn admit_limits(
+        &self,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+        identity: &Identity,
+        operation: Operation,
+        planned: Option<(&crate::config::runtime::Deployment, &RequestBody)>,
+    ) -> Result<(), Failure> {
+        let mut reserve_tokens = 0;
+        if let Some((d, body)) = planned {
+            let limits = &snap.cfg.clients[identity.client].limits;
+            if filters::limits_filter::has_token_limits(limits, &d.name) {
+                let hint = d
+                    .members
+                    .first()
+                    .map_or(&*d.name, |m| &*m.upstream_deployment);
+                let default = snap.cfg.limits.default_completion_reservation;
+                reserve_tokens = body
+                    .reservation(&snap.estimator, operation, hint, default)
+                    .await;
+            }
+        }
+        ctx.outcome.reserved = reserve_tokens;
+        let planned = Planned {
+            identity,
+            operation,
+            deployment: planned.map(|(d, _)| &*d.name),
+            reserve_tokens,
+            now: ctx.started,
+        };
+        ctx.outcome.admission = snap.chain.admit(&planned).await?;
+        Ok(())
+    }
+
+    /// `/healthz`: 200 when every configured deployment has an available member.
+    async fn answer_health<D: Downstream>(
+        &self,
+        d: &mut D,
+        o: &mut Outcome,
+        snap: &Snapshot,
+    ) -> Result<(), Failure> {
+        o.probe = true;
+        let (status, body) = health_answer(snap);
+        o.ending = Ending::Answered(status);
+        let resp = json_head(status, o.request_id);
+        d.send_full(&resp, &body).await.map_err(abort)
+    }
+
+    /// `models.read`: the deployments this client may use.
+    async fn answer_models<D: Downstream>(
+        &self,
+        d: &mut D,
+        o: &mut Outcome,
+        snap: &Snapshot,
+        client: usize,
+    ) -> Result<(), Failure> {
+        let policy = &snap.cfg.clients[client].policy;
+        let names = policy.visible(snap.cfg.deployment_names.iter().map(|n| &**n));
+        let data: Vec<serde_json::Value> = names
+            .iter()
+            .map(|n| serde_json::json!({"id": n, "object": "model", "created": 0, "owned_by": "aoai-gateway", "model": n, "status": "succeeded"}))
+            .collect();
+        let body = Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string());
+        o.ending = Ending::Answered(200);
+        d.send_full(&json_head(200, o.request_id), &body)
+            .await
+            .map_err(abort)
+    }
+
+    /// The gateway's own error answer (SPEC §8).
+    async fn answer_error<D: Downstream>(&self, d: &mut D, o: &mut Outcome, e: GatewayError) {
+        let mut resp = json_head(e.status(), o.request_id);
+        for (k, v) in e.headers() {
+            resp.add(k, v.as_str());
+        }
+        o.ending = Ending::Answered(e.status());
+        let _ = d.send_full(&resp, &e.body()).await;
+        o.error = Some(e);
+    }
+}
+
+/// The client's address (see [`admit::client_ip`]).
+fn admit_client_ip<D: Downstream>(d: &D, snap: &Snapshot) -> Option<std::net::IpAddr> {
+    let peer = d.client_addr()?;
+    let trusted = &snap.cfg.server.trusted_proxies;
+    if trusted.is_empty() {
+        return Some(peer);
+    }
+    let head = d.head();
+    Some(admit::client_ip(
+        peer,
+        trusted,
+        head.all_str(Name::XAzureClientIp),
+        head.all_str(Name::XForwardedFor),
+    ))
+}
+
+/// The token of a `Bearer` authorization (the caller's JWT, for `forward` backends).
+fn bearer(head: &Head) -> Option<&str> {
+    head.get_str(Name::Authorization)
+        .and_then(|v| v.split_once(' ').map(|(_, t)| t.trim()))
+}

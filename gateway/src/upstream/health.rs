@@ -1,7 +1,8 @@
 //! Active health checks: each backend is probed on `health_checks.path` (a models list costs
 //! no tokens) with its own credential, every `interval_seconds`; it goes down after
 //! `failures_before_down` failed probes in a row and up after `successes_before_up` good ones.
-//! The same loop refreshes the health and cooldown gauges.
+//! (The health and cooldown gauges are read from the pool when scraped, see
+//! [`crate::observe::metrics::PoolReading`].)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,15 +15,12 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::config::runtime::Credential;
-use crate::observe::metrics::Metrics;
-use crate::upstream::select::now_ms;
 use crate::state::Snapshot;
 use crate::upstream::token::UpstreamToken;
 
 pub struct HealthChecker {
     pub state: Arc<ArcSwap<Snapshot>>,
     pub token: Option<Arc<UpstreamToken>>,
-    pub metrics: Arc<Metrics>,
     pub connector: Connector,
 }
 
@@ -85,6 +83,7 @@ impl HealthChecker {
             }
             Credential::ManagedIdentity => {
                 if let Some(t) = &self.token {
+                    // Waits only for the first fetch at start-up, never for a refresh.
                     match t.get().await {
                         Ok(t) => {
                             let _ = req.insert_header("authorization", t.header.as_str());
@@ -129,7 +128,7 @@ impl HealthChecker {
         let results = futures::future::join_all(probes).await;
         if !Arc::ptr_eq(&snap, &self.state.load_full()) {
             // A reload happened meanwhile: these backends may be gone; the next round
-            // probes the new configuration (its gauges were reset by the reload).
+            // probes the new configuration.
             return Duration::from_millis(100);
         }
         for (i, ok) in results {
@@ -148,26 +147,8 @@ impl HealthChecker {
                     if now { "healthy" } else { "down" }
                 );
             }
-            self.metrics
-                .backend_healthy
-                .with_label_values(&[&b.name, &b.region])
-                .set(now as i64);
         }
-        self.update_cooldown_gauges(&snap);
         snap.cfg.health.interval
-    }
-
-    pub fn update_cooldown_gauges(&self, snap: &Snapshot) {
-        let now = now_ms();
-        for (name, d) in &snap.cfg.deployments {
-            for (m, c) in d.members.iter().zip(&snap.pool.cooldowns[name]) {
-                let left = c.until_ms().saturating_sub(now) as f64 / 1000.0;
-                self.metrics
-                    .backend_cooldown
-                    .with_label_values(&[&snap.cfg.backends[m.backend].name, name.as_str()])
-                    .set(left);
-            }
-        }
     }
 }
 

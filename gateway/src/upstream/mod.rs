@@ -4,5 +4,6 @@
 
 pub mod health;
 pub mod pool;
+pub mod request;
 pub mod select;
 pub mod token;

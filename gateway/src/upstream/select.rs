@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::runtime::{Config, RetrySettings};
+use crate::observe::metrics::PoolReading;
 
 pub fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
@@ -162,6 +163,33 @@ impl PoolState {
             .collect();
         PoolState { health, cooldowns }
     }
+
+    /// Health of every backend and remaining cooldown of every member of `cfg` (the
+    /// configuration this state was built for) at `now_ms`: what the pool's gauges show.
+    pub fn reading(&self, cfg: &Config, now_ms: u64) -> PoolReading {
+        let healthy = cfg
+            .backends
+            .iter()
+            .zip(&self.health)
+            .map(|(b, h)| (b.name.clone(), b.region.clone(), h.is_healthy()))
+            .collect();
+        let mut cooldowns = Vec::new();
+        for name in &cfg.deployment_names {
+            let (Some(d), Some(cs)) = (cfg.deployments.get(&**name), self.cooldowns.get(&**name))
+            else {
+                continue;
+            };
+            for (m, c) in d.members.iter().zip(cs) {
+                let left_ms = c.until_ms().saturating_sub(now_ms);
+                cooldowns.push((
+                    cfg.backends[m.backend].name.clone(),
+                    name.clone(),
+                    left_ms as f64 / 1000.0,
+                ));
+            }
+        }
+        PoolReading { healthy, cooldowns }
+    }
 }
 
 /// What the chooser knows of one member.
@@ -307,6 +335,64 @@ mod tests {
         assert!(!h.record(false, 2, 2));
         assert!(!h.record(true, 2, 2));
         assert!(h.record(true, 2, 2));
+    }
+
+    #[test]
+    fn the_reading_is_the_state_at_that_instant() {
+        let cfg = crate::config::load_str(
+            "\
+server:
+  listeners: [{address: 127.0.0.1:8080}]
+clients: []
+deployments:
+  gpt-4o:
+    - backend: east
+    - backend: west
+      deployment: gpt-4o-ptu
+  mini:
+    - backend: west
+backends:
+  - name: east
+    url: http://127.0.0.1:1
+    region: eastus
+    credential: api_key
+    api_key: k
+  - name: west
+    url: http://127.0.0.1:2
+    credential: api_key
+    api_key: k
+",
+        )
+        .expect("valid configuration");
+        let pool = PoolState::for_config(&cfg, None, None);
+        let name = |s: &str| -> Arc<str> { s.into() };
+        let at = |now| pool.reading(&cfg, now);
+        assert_eq!(
+            at(1_000).healthy,
+            [
+                (name("east"), name("eastus"), true),
+                (name("west"), name(""), true)
+            ]
+        );
+        assert!(at(1_000).cooldowns.iter().all(|c| c.2 == 0.0));
+
+        // A 429 from west for gpt-4o-ptu at t = 1 s with retry-after-ms 8000: the reading
+        // shows it at once, and less as time passes, until it is over.
+        pool.cooldowns["gpt-4o"][1].cool_until(9_000);
+        pool.health[0].record(false, 1, 1);
+        let r = at(1_000);
+        assert!(!r.healthy[0].2);
+        assert_eq!(
+            r.cooldowns,
+            [
+                (name("east"), name("gpt-4o"), 0.0),
+                (name("west"), name("gpt-4o"), 8.0),
+                (name("west"), name("mini"), 0.0),
+            ]
+        );
+        assert_eq!(at(3_500).cooldowns[1].2, 5.5);
+        assert_eq!(at(9_000).cooldowns[1].2, 0.0);
+        assert_eq!(at(20_000).cooldowns[1].2, 0.0);
     }
 
     #[test]

@@ -659,6 +659,15 @@ fn msi_token(st: &State, req: &Request<Incoming>) -> Response<MockBody> {
     if req.method() != Method::GET {
         return st.plain(405, builders::error_body("MethodNotAllowed", "Use GET."));
     }
+    if let Some(s) = st.faults.identity_status() {
+        return st.plain(
+            s,
+            builders::error_body(
+                "IdentityEndpointFault",
+                "Token endpoint failing (aoai-mock identity_status).",
+            ),
+        );
+    }
     let secret_ok = req
         .headers()
         .get(&X_IDENTITY_HEADER)
@@ -881,6 +890,7 @@ fn run(cli: Cli) -> Result<(), String> {
         stall_count: cli.stall_count,
         stall_ms: cli.stall_ms,
         health_status: 0,
+        identity_status: 0,
     };
     let faults = Faults::new(&initial_faults)?;
     let name_hv = HeaderValue::from_str(&cli.name)
@@ -1099,6 +1109,40 @@ mod tests {
         assert!(r.contains("\"requests\":4"), "{r}");
         let statuses: Vec<u16> = st.recorder.list().iter().map(|r| r.status).collect();
         assert_eq!(statuses, vec![200]); // capacity 1 in this test state
+    }
+
+    #[tokio::test]
+    async fn identity_endpoint_issues_short_lived_tokens_and_can_fail() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut st = state(None, None);
+        st.identity_token = "mi".into();
+        st.identity_header = "secret".into();
+        st.identity_expires_in = 5;
+        let st = Arc::new(st);
+        tokio::spawn(serve(listener, st.clone()));
+        let get = "GET /msi/token?api-version=2019-08-01&resource=https://cognitiveservices.azure.com HTTP/1.1\r\nhost: x\r\nx-identity-header: secret\r\nconnection: close\r\n\r\n";
+
+        let r = raw(addr, get).await.unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let body: Value = serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["access_token"], "mi");
+        let expires: u64 = body["expires_on"].as_str().unwrap().parse().unwrap();
+        let now = now_secs();
+        assert!((now + 4..=now + 5).contains(&expires), "{expires} vs {now}");
+
+        st.faults
+            .apply(&serde_json::from_str(r#"{"identity_status":503}"#).unwrap())
+            .unwrap();
+        let r = raw(addr, get).await.unwrap();
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert!(!r.contains("\"access_token\""), "{r}");
+        st.faults
+            .apply(&serde_json::from_str(r#"{"identity_status":0}"#).unwrap())
+            .unwrap();
+        let r = raw(addr, get).await.unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert_eq!(st.stats.to_json()["token_requests"], 3);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct FaultValues {
     pub stall_count: u64,
     pub stall_ms: u64,
     pub health_status: u16,
+    /// The managed-identity endpoint answers this status instead of a token (0 = off).
+    pub identity_status: u16,
 }
 
 /// A partial update (`POST /_mock/faults`): only the fields present change.
@@ -40,6 +42,7 @@ pub struct FaultPatch {
     pub stall_count: Option<u64>,
     pub stall_ms: Option<u64>,
     pub health_status: Option<u16>,
+    pub identity_status: Option<u16>,
 }
 
 /// What an injected fault makes of a data-plane request.
@@ -77,6 +80,7 @@ pub struct Faults {
     stall_count: AtomicU64,
     stall_ms: AtomicU64,
     health_status: AtomicU64,
+    identity_status: AtomicU64,
     /// Requests that reached the 429-share check.
     share_seq: AtomicU64,
 }
@@ -119,6 +123,9 @@ impl Faults {
         if v.health_status != 0 && !(100..=599).contains(&v.health_status) {
             return Err("health_status must be 0 or an HTTP status (100..599)".into());
         }
+        if v.identity_status != 0 && !(100..=599).contains(&v.identity_status) {
+            return Err("identity_status must be 0 or an HTTP status (100..599)".into());
+        }
         Ok(())
     }
 
@@ -138,6 +145,7 @@ impl Faults {
         self.stall_count.store(v.stall_count, r);
         self.stall_ms.store(v.stall_ms, r);
         self.health_status.store(u64::from(v.health_status), r);
+        self.identity_status.store(u64::from(v.identity_status), r);
         self.share_seq.store(0, r);
         Ok(())
     }
@@ -159,7 +167,8 @@ impl Faults {
             reset_count,
             stall_count,
             stall_ms,
-            health_status
+            health_status,
+            identity_status
         );
         Self::validate(&v)?;
         let r = Ordering::Release;
@@ -181,6 +190,9 @@ impl Faults {
         }
         if p.health_status.is_some() {
             self.health_status.store(u64::from(v.health_status), r);
+        }
+        if p.identity_status.is_some() {
+            self.identity_status.store(u64::from(v.identity_status), r);
         }
         if p.fail_429_share.is_some() {
             self.share_seq.store(0, r);
@@ -204,12 +216,21 @@ impl Faults {
             stall_count: self.stall_count.load(a),
             stall_ms: self.stall_ms.load(a),
             health_status: self.health_status.load(a) as u16,
+            identity_status: self.identity_status.load(a) as u16,
         }
     }
 
     /// The status `/openai/models` answers, if set.
     pub fn health_status(&self) -> Option<u16> {
         match self.health_status.load(Ordering::Relaxed) {
+            0 => None,
+            s => Some(s as u16),
+        }
+    }
+
+    /// The status the managed-identity endpoint answers instead of a token, if set.
+    pub fn identity_status(&self) -> Option<u16> {
+        match self.identity_status.load(Ordering::Relaxed) {
             0 => None,
             s => Some(s as u16),
         }
@@ -475,6 +496,16 @@ mod tests {
         let p: FaultPatch = serde_json::from_str(r#"{"health_status":0}"#).unwrap();
         f.apply(&p).unwrap();
         assert_eq!(f.health_status(), None);
+        assert_eq!(f.identity_status(), None);
+        let p: FaultPatch = serde_json::from_str(r#"{"identity_status":503}"#).unwrap();
+        assert_eq!(f.apply(&p).unwrap().identity_status, 503);
+        assert_eq!(f.identity_status(), Some(503));
+        assert_eq!(f.snapshot().fail_status, 502, "other fields kept");
+        let p: FaultPatch = serde_json::from_str(r#"{"identity_status":0}"#).unwrap();
+        f.apply(&p).unwrap();
+        assert_eq!(f.identity_status(), None);
+        let bad: FaultPatch = serde_json::from_str(r#"{"identity_status":1000}"#).unwrap();
+        assert!(f.apply(&bad).is_err());
         assert!(serde_json::from_str::<FaultPatch>(r#"{"nope":1}"#).is_err());
         let bad: FaultPatch = serde_json::from_str(r#"{"fail_429_share":1.5}"#).unwrap();
         assert!(f.apply(&bad).is_err());

@@ -1,0 +1,220 @@
+//! `backends`: names (unique; the index map resolves deployment members), base URLs,
+//! credentials and CA files.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::file::{BackendFile, CredentialKind};
+use crate::config::load::Errors;
+use crate::config::runtime::{Backend, Credential};
+
+/// The backends in file order, and each name's index (the last one for a duplicated name).
+pub(super) fn backends(
+    file: &[BackendFile],
+    errs: &mut Errors,
+) -> (Vec<Backend>, HashMap<String, usize>) {
+    let mut backends = Vec::new();
+    let mut index = HashMap::new();
+    for (i, b) in file.iter().enumerate() {
+        let path = format!("backends[{i}]");
+        if index.insert(b.name.clone(), i).is_some() {
+            errs.at(
+                format!("{path}.name"),
+                format!("duplicate backend name `{}`", b.name),
+            );
+        }
+        backends.push(backend(b, &path, errs));
+    }
+    (backends, index)
+}
+
+fn backend(b: &BackendFile, path: &str, errs: &mut Errors) -> Backend {
+    let (tls, host, port) = match parse_backend_url(&b.url) {
+        Ok(v) => v,
+        Err(e) => {
+            errs.at(format!("{path}.url"), format!("`{}` {e}", b.url));
+            (true, String::new(), 443)
+        }
+    };
+    let credential = credential(b, path, errs);
+    if let Some(ca) = &b.ca_file {
+        if std::fs::metadata(ca).is_err() {
+            errs.at(format!("{path}.ca_file"), format!("cannot read {ca}"));
+        }
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let host_header = if port == default_port {
+        host.clone()
+    } else {
+        format!("{host}:{port}")
+    };
+    Backend {
+        name: Arc::from(b.name.as_str()),
+        tls,
+        host,
+        port,
+        host_header,
+        region: Arc::from(b.region.as_deref().unwrap_or("")),
+        credential,
+        ca_file: b.ca_file.clone(),
+    }
+}
+
+/// `api_key` is required with `credential: api_key` and refused with the others.
+fn credential(b: &BackendFile, path: &str, errs: &mut Errors) -> Credential {
+    let credential = match b.credential {
+        CredentialKind::ManagedIdentity => Credential::ManagedIdentity,
+        CredentialKind::Forward => Credential::Forward,
+        CredentialKind::ApiKey => match &b.api_key {
+            Some(k) if !k.is_empty() => Credential::ApiKey(k.clone()),
+            _ => {
+                errs.at(
+                    format!("{path}.api_key"),
+                    "credential: api_key needs api_key",
+                );
+                Credential::ApiKey(String::new())
+            }
+        },
+    };
+    if b.api_key.is_some() && b.credential != CredentialKind::ApiKey {
+        errs.at(
+            format!("{path}.api_key"),
+            "api_key is only used with credential: api_key",
+        );
+    }
+    credential
+}
+
+/// Splits `https://host[:port][/]` into (tls, host, port).
+pub fn parse_backend_url(url: &str) -> Result<(bool, String, u16), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err("must start with https:// (or http:// for a local test backend)".into());
+    };
+    let hostport = rest.trim_end_matches('/');
+    if hostport.contains('/') || hostport.contains('?') || hostport.contains('@') {
+        return Err("must be the resource's base URL, without a path".into());
+    }
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => match p.parse::<u16>() {
+            Ok(port) => (h.trim_matches(['[', ']']).to_string(), port),
+            Err(_) => return Err(format!("bad port `{p}`")),
+        },
+        _ => (hostport.to_string(), if tls { 443 } else { 80 }),
+    };
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    Ok((tls, host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::table::{assert_cases, run, READABLE};
+    use super::*;
+
+    #[test]
+    fn backend_urls() {
+        assert_eq!(
+            parse_backend_url("https://x.openai.azure.com").unwrap(),
+            (true, "x.openai.azure.com".to_string(), 443)
+        );
+        assert_eq!(
+            parse_backend_url("http://127.0.0.1:9000/").unwrap(),
+            (false, "127.0.0.1".to_string(), 9000)
+        );
+        assert!(parse_backend_url("ftp://x").is_err());
+        assert!(parse_backend_url("https://x/openai").is_err());
+        assert!(parse_backend_url("https://x:notaport").is_err());
+    }
+
+    #[test]
+    fn errors_have_their_paths() {
+        let cases: &[(&str, &[(&str, &str)])] = &[
+            (
+                "[{name: a, url: 'https://a', credential: forward}, {name: a, url: 'https://b', credential: forward}]",
+                &[("backends[1].name", "duplicate backend name `a`")],
+            ),
+            (
+                "[{name: a, url: 'ftp://a', credential: forward}]",
+                &[(
+                    "backends[0].url",
+                    "`ftp://a` must start with https:// (or http:// for a local test backend)",
+                )],
+            ),
+            (
+                "[{name: a, url: 'https://a/openai?x=1', credential: forward}]",
+                &[(
+                    "backends[0].url",
+                    "`https://a/openai?x=1` must be the resource's base URL, without a path",
+                )],
+            ),
+            (
+                "[{name: a, url: 'https://a:99999', credential: forward}, {name: b, url: 'http://:80', credential: forward}]",
+                &[
+                    ("backends[0].url", "`https://a:99999` bad port `99999`"),
+                    ("backends[1].url", "`http://:80` has no host"),
+                ],
+            ),
+            (
+                "[{name: a, url: 'https://a', credential: api_key}, {name: b, url: 'https://b', credential: api_key, api_key: ''}]",
+                &[
+                    ("backends[0].api_key", "credential: api_key needs api_key"),
+                    ("backends[1].api_key", "credential: api_key needs api_key"),
+                ],
+            ),
+            (
+                "[{name: a, url: 'https://a', credential: managed_identity, api_key: k}]",
+                &[("backends[0].api_key", "api_key is only used with credential: api_key")],
+            ),
+            (
+                "[{name: a, url: 'x', credential: forward, api_key: k, ca_file: /nonexistent/ca}]",
+                &[
+                    (
+                        "backends[0].url",
+                        "`x` must start with https:// (or http:// for a local test backend)",
+                    ),
+                    ("backends[0].api_key", "api_key is only used with credential: api_key"),
+                    ("backends[0].ca_file", "cannot read /nonexistent/ca"),
+                ],
+            ),
+        ];
+        assert_cases(cases, |b: &Vec<BackendFile>, errs: &mut Errors| {
+            backends(b, errs).0
+        });
+    }
+
+    #[test]
+    fn values_are_carried_over() {
+        let yaml = format!(
+            "- {{name: a, url: 'https://a.example', credential: managed_identity, region: r}}
+- {{name: b, url: 'http://127.0.0.1:9000/', credential: api_key, api_key: k, ca_file: {READABLE}}}
+- {{name: c, url: 'https://c:443', credential: forward}}
+- {{name: c, url: 'https://c:80', credential: forward}}
+"
+        );
+        let ((bs, index), errs) = run(&yaml, |b: &Vec<BackendFile>, errs: &mut Errors| {
+            backends(b, errs)
+        });
+        assert_eq!(
+            errs,
+            [(
+                "backends[3].name".to_string(),
+                "duplicate backend name `c`".to_string()
+            )]
+        );
+        assert_eq!(
+            bs.iter()
+                .map(|b| b.host_header.as_str())
+                .collect::<Vec<_>>(),
+            ["a.example", "127.0.0.1:9000", "c", "c:80"]
+        );
+        assert_eq!(&*bs[0].region, "r");
+        assert_eq!(bs[1].credential, Credential::ApiKey("k".into()));
+        assert!(!bs[1].tls);
+        assert_eq!(index["c"], 3, "the last of a duplicated name");
+    }
+}

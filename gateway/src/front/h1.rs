@@ -1,0 +1,344 @@
+//! HTTP/1.x clients: the connection loop (one request after the other, pipelined ones
+//! included, under the head, idle and shutdown clocks) and [`H1`], one request on it as the
+//! pipeline sees it.
+
+use std::io;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use filters::cert::PeerCert;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use pingora::time::fast_timeout::fast_timeout;
+use tokio::io::AsyncWriteExt;
+
+use super::downstream::{Downstream, ReadError};
+use crate::deadline::timeout_at;
+use crate::errors::{ErrorCode, GatewayError};
+use crate::http1::{
+    encode_chunk, encode_head, BodyReader, Collected, Conn, Framing, H1Error, Head, Name,
+    OutFraming,
+};
+use crate::observe::request_id::RequestId;
+use crate::pipeline::respond::{json_head, ResponseHead};
+use crate::pipeline::Gateway;
+
+/// After the shutdown signal, how long an idle client connection is still read from (the
+/// supervisor waits longer than this before it checks that nothing is in flight).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
+
+/// Serves the requests of one HTTP/1.x connection, one after the other (pipelined ones
+/// included), until the client closes, asks to close, stays idle for
+/// `server.idle_timeout_seconds` (N to 2N), takes longer than
+/// `server.header_timeout_seconds` to send a head (408), sends something that is not
+/// HTTP/1.x (400), or the server shuts down.
+pub async fn serve_connection(gw: &Gateway, stream: Stream, shutdown: &ShutdownWatch) {
+    let client = stream
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+    let cert: Option<PeerCert> = stream
+        .get_ssl_digest()
+        .and_then(|d| d.extension.get::<PeerCert>().cloned());
+    let (header_timeout, idle) = {
+        let snap = gw.state.load();
+        (snap.cfg.server.header_timeout, snap.cfg.server.idle_timeout)
+    };
+    let mut conn = Conn::new(stream);
+    conn.set_head_timeout(header_timeout);
+    let mut clocks = Clocks::new(shutdown, idle);
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let head = match clocks.next_head(&mut conn).await {
+            Some(Ok(Some(h))) => h,
+            Some(Err(
+                e @ (H1Error::Malformed(_) | H1Error::HeadTooLarge | H1Error::HeadTimeout),
+            )) => {
+                refuse_head(gw, &mut conn, &mut out, client, e).await;
+                break;
+            }
+            // Closed, idle too long, shut down, or a broken connection.
+            _ => break,
+        };
+        let closing = clocks.shutting_down();
+        let mut d = H1::new(&mut conn, head, client, &cert, &mut out, closing);
+        let mut ctx = gw.new_ctx();
+        let reusable = gw.serve(&mut d, &mut ctx).await && d.reusable();
+        gw.finish(&mut ctx).await;
+        clocks.served = true;
+        if !reusable {
+            break;
+        }
+    }
+    let _ = timeout_at(Instant::now() + Duration::from_secs(1), conn.io.shutdown()).await;
+}
+
+/// The clocks a connection waits under between requests: the shutdown signal and one idle
+/// clock per connection (rather than a timer per request): a connection on which no request
+/// completed between two ticks is closed (idle N to 2N). After a request that outlasted
+/// several ticks, one late tick fires, not a burst of them.
+struct Clocks {
+    shutdown: ShutdownWatch,
+    idle_tick: tokio::time::Interval,
+    served: bool,
+}
+
+impl Clocks {
+    fn new(shutdown: &ShutdownWatch, idle: Duration) -> Clocks {
+        let mut idle_tick = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
+        idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Clocks {
+            shutdown: shutdown.clone(),
+            idle_tick,
+            served: false,
+        }
+    }
+
+    fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// The next request head; `None` when the connection is to be closed without one.
+    async fn next_head(
+        &mut self,
+        conn: &mut Conn<Stream>,
+    ) -> Option<Result<Option<Head>, H1Error>> {
+        loop {
+            if self.shutting_down() {
+                // Shutting down: a request the client sent as the signal came is still
+                // answered (with `connection: close`); a connection quiet for the grace
+                // period is closed. Closing at once would cut such a request off.
+                return fast_timeout(SHUTDOWN_GRACE, conn.read_head(false))
+                    .await
+                    .ok();
+            }
+            // `read_head` keeps what it read in the connection's buffer: dropping it for a
+            // tick or the shutdown signal loses nothing.
+            tokio::select! {
+                biased;
+                r = conn.read_head(false) => return Some(r),
+                changed = self.shutdown.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                _ = self.idle_tick.tick() => {
+                    if !std::mem::replace(&mut self.served, false) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Answers a head that cannot be served (400, or 408 when it came too slowly), counts it,
+/// and leaves the connection to be closed.
+async fn refuse_head(
+    gw: &Gateway,
+    conn: &mut Conn<Stream>,
+    out: &mut Vec<u8>,
+    client: Option<IpAddr>,
+    e: H1Error,
+) {
+    log::debug!("client {client:?}: {e}");
+    let (kind, e) = match e {
+        H1Error::HeadTimeout => ("timeout", GatewayError::new(ErrorCode::RequestTimeout)),
+        H1Error::HeadTooLarge => (
+            "malformed",
+            GatewayError::with_message(
+                ErrorCode::InvalidRequestBody,
+                "The request head is too large.",
+            ),
+        ),
+        _ => (
+            "malformed",
+            GatewayError::with_message(
+                ErrorCode::InvalidRequestBody,
+                "The request is not valid HTTP/1.1.",
+            ),
+        ),
+    };
+    gw.metrics
+        .downstream_errors
+        .with_label_values(&[kind])
+        .inc();
+    let resp = json_head(e.status(), RequestId::new());
+    let body = e.body();
+    out.clear();
+    encode_head(
+        resp.status,
+        resp.fields(),
+        out,
+        OutFraming::Length(body.len()),
+        true,
+    );
+    out.extend_from_slice(&body);
+    let _ = conn.send(out).await;
+}
+
+/// One request on an HTTP/1.x connection.
+pub struct H1<'a> {
+    conn: &'a mut Conn<Stream>,
+    head: Head,
+    client: Option<IpAddr>,
+    cert: &'a Option<PeerCert>,
+    out: &'a mut Vec<u8>,
+    /// The body's framing, or why it cannot be trusted (read once from the head).
+    framing: Result<Framing, &'static str>,
+    /// The client asked to close, the server is shutting down, or the stream is
+    /// close-delimited.
+    close: bool,
+    /// A body that is not read must not be taken for the next request: close then.
+    body_read: bool,
+    streaming: OutFraming,
+}
+
+impl<'a> H1<'a> {
+    pub fn new(
+        conn: &'a mut Conn<Stream>,
+        head: Head,
+        client: Option<IpAddr>,
+        cert: &'a Option<PeerCert>,
+        out: &'a mut Vec<u8>,
+        closing: bool,
+    ) -> Self {
+        let close = closing || !head.keep_alive();
+        let framing = head.request_framing().map_err(|e| match e {
+            H1Error::Malformed(why) => why,
+            _ => "unreadable",
+        });
+        H1 {
+            conn,
+            head,
+            client,
+            cert,
+            out,
+            close,
+            body_read: framing == Ok(Framing::Length(0)),
+            framing,
+            streaming: OutFraming::None,
+        }
+    }
+
+    /// Whether the connection can carry the next request.
+    pub fn reusable(&self) -> bool {
+        !self.must_close()
+    }
+
+    fn must_close(&self) -> bool {
+        self.close || !self.body_read
+    }
+
+    fn head_only(&self) -> bool {
+        self.head.method() == "HEAD"
+    }
+}
+
+impl Downstream for H1<'_> {
+    fn head(&self) -> &Head {
+        &self.head
+    }
+
+    fn client_addr(&self) -> Option<IpAddr> {
+        self.client
+    }
+
+    fn certificate(&self) -> Option<PeerCert> {
+        self.cert.clone()
+    }
+
+    fn framing_error(&self) -> Option<&'static str> {
+        self.framing.err()
+    }
+
+    async fn read_body(&mut self, max: usize) -> Result<Bytes, ReadError> {
+        let framing = self.framing.map_err(ReadError::Malformed)?;
+        if let Framing::Length(n) = framing {
+            if n > max as u64 {
+                return Err(ReadError::TooLarge);
+            }
+            if n == 0 {
+                return Ok(Bytes::new());
+            }
+        }
+        let expects_continue = self
+            .head
+            .get(Name::Expect)
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue && self.head.minor == 1 && !self.conn.has_buffered() {
+            self.conn
+                .send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .map_err(|e| ReadError::Io(e.to_string()))?;
+        }
+        let declared = match framing {
+            Framing::Length(n) => n as usize,
+            _ => 0,
+        };
+        let mut reader = BodyReader::new(framing);
+        let mut body = Collected::default();
+        while let Some(piece) = reader.next(self.conn).await.map_err(|e| match e {
+            H1Error::Malformed(why) => ReadError::Malformed(why),
+            e => ReadError::Io(e.to_string()),
+        })? {
+            if body.len() + piece.len() > max {
+                return Err(ReadError::TooLarge);
+            }
+            body.push(piece, declared);
+        }
+        self.body_read = true;
+        Ok(body.freeze())
+    }
+
+    async fn send_full(&mut self, resp: &ResponseHead, body: &[u8]) -> io::Result<()> {
+        let close = self.must_close();
+        self.out.clear();
+        let framing = if resp.status == 204 || resp.status == 304 {
+            OutFraming::None
+        } else {
+            OutFraming::Length(body.len())
+        };
+        encode_head(resp.status, resp.fields(), self.out, framing, close);
+        if !self.head_only() && framing != OutFraming::None {
+            self.out.extend_from_slice(body);
+        }
+        self.conn.send(self.out).await
+    }
+
+    async fn send_stream_head(&mut self, resp: &ResponseHead) -> io::Result<()> {
+        self.streaming = if self.head.minor == 0 {
+            // An HTTP/1.0 client cannot read chunks: the body ends with the connection.
+            self.close = true;
+            OutFraming::Close
+        } else {
+            OutFraming::Chunked
+        };
+        let close = self.must_close();
+        self.out.clear();
+        encode_head(resp.status, resp.fields(), self.out, self.streaming, close);
+        self.conn.send(self.out).await
+    }
+
+    async fn send_chunk(&mut self, data: Bytes) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if self.streaming == OutFraming::Close {
+            return self.conn.send(&data).await;
+        }
+        self.out.clear();
+        encode_chunk(self.out, &data);
+        self.conn.send(self.out).await
+    }
+
+    async fn send_end(&mut self, last: Bytes) -> io::Result<()> {
+        if self.streaming == OutFraming::Close {
+            return self.conn.send(&last).await;
+        }
+        self.out.clear();
+        encode_chunk(self.out, &last);
+        self.out.extend_from_slice(b"0\r\n\r\n");
+        self.conn.send(self.out).await
+    }
+}

@@ -1,0 +1,459 @@
+//! The forward stage: the attempt loop over a deployment's members ([`super::failover`]
+//! decides), one send per member ([`crate::upstream::request`]), and the chosen answer
+//! delivered to the client — whole when it is a small plain answer, else streamed as it
+//! arrives, with its usage read on the way.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use filters::tokens::{JsonTail, SseTracker};
+
+use super::failover::{self, Next, Verdict};
+use super::outcome::{Ending, Tried};
+use super::plan::Path;
+use super::respond::client_head;
+use super::{abort, Ctx, Failure, Gateway};
+use crate::body::RequestBody;
+use crate::config::runtime::{Credential, Deployment, Member};
+use crate::deadline::timeout_at;
+use crate::errors::{ErrorCode, GatewayError};
+use crate::front::downstream::Downstream;
+use crate::http1::{BodyReader, Collected, Framing, H1Error, Head, Name, Text};
+use crate::observe::metrics::status_label;
+use crate::state::Snapshot;
+use crate::upstream::pool::{Upstream, Upstreams};
+use crate::upstream::request::{exchange, Auth, Request, Send, SendError, Target};
+use crate::upstream::select::{now_ms, unix_ms, Candidate};
+
+/// The kept body of a retried answer is capped at this size.
+const MAX_KEPT_ERROR_BODY: usize = 256 * 1024;
+/// A plain answer up to this size is read whole and sent in one write; the tail of a
+/// larger one is kept to read its usage.
+const USAGE_TAIL: usize = 64 * 1024;
+/// Members whose candidates live on the stack.
+const INLINE: usize = 8;
+
+/// What the forward stage needs from the earlier ones.
+pub(super) struct Forward<'a> {
+    pub deployment: &'a Deployment,
+    pub body: &'a RequestBody,
+    pub path: Path<'a>,
+    pub query: Option<&'a str>,
+    /// The caller's JWT, for `forward` backends.
+    pub caller_jwt: Option<&'a str>,
+    /// The gateway added `include_usage`: hide the usage chunk from the client.
+    pub strip_usage: bool,
+}
+
+/// An answer from one member.
+struct Answer {
+    up: Upstream,
+    head: Head,
+    framing: Framing,
+    /// Where its connection goes back to, and since when it has been quiet.
+    key: u64,
+    head_at: Instant,
+}
+
+/// What one attempt came to. (Lives on the stack for one step: boxing the answer would add
+/// an allocation per request.)
+#[allow(clippy::large_enum_variant)]
+enum Attempt {
+    Answered(Answer),
+    /// No answer (connect, write or read failed, or an answer not to trust): counted.
+    Failed,
+    /// A managed-identity member without a valid token: not tried, counted.
+    NoToken,
+}
+
+/// The backend's own request id (`apim-request-id`, else `x-request-id`).
+fn upstream_request_id(resp: &Head) -> Option<Text> {
+    resp.get_text(Name::ApimRequestId)
+        .or_else(|| resp.get_text(Name::XRequestId))
+}
+
+impl Gateway {
+    /// Tries members until one answers with something to deliver (SPEC §7); when every
+    /// attempt failed, the last backend answer (a 429 keeps its retry headers) or 502.
+    pub(super) async fn forward<D: Downstream>(
+        &self,
+        d: &mut D,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+        f: &Forward<'_>,
+    ) -> Result<(), Failure> {
+        let members = &f.deployment.members;
+        let cools = &snap.pool.cooldowns[&*f.deployment.name];
+        let mut inline = [Candidate::default(); INLINE];
+        let mut spilled = Vec::new();
+        let cands: &mut [Candidate] = if members.len() <= INLINE {
+            &mut inline[..members.len()]
+        } else {
+            spilled.resize(members.len(), Candidate::default());
+            &mut spilled
+        };
+        let mut last: Option<(Head, Bytes)> = None;
+        // A managed-identity member was skipped: the gateway has no valid token.
+        let mut no_token = false;
+        for attempt in 0..snap.cfg.retries.max_attempts {
+            self.candidates(snap, f, cands);
+            // The first attempt goes out at the request's start, as far as cooldowns go.
+            let now = if attempt == 0 {
+                unix_ms(ctx.started)
+            } else {
+                now_ms()
+            };
+            let i = match failover::next_member(attempt, cands, now, rand::random()) {
+                Next::Try(i) => i,
+                Next::Refuse(e) => return Err(e.into()),
+                Next::Stop => break,
+            };
+            cands[i].tried = true;
+            let answer = match self.attempt(d.head(), ctx, snap, f, i).await? {
+                Attempt::Answered(a) => a,
+                Attempt::Failed => continue,
+                Attempt::NoToken => {
+                    no_token = true;
+                    continue;
+                }
+            };
+            let h = &answer.head;
+            let retries = &snap.cfg.retries;
+            match failover::verdict(
+                h.status,
+                h.get(Name::RetryAfterMs),
+                h.get(Name::RetryAfter),
+                retries,
+            ) {
+                Verdict::Deliver => return self.deliver(d, ctx, snap, answer, f.strip_usage).await,
+                Verdict::Retry { cool } => {
+                    if let Some(cool) = cool {
+                        cools[i].cool_until(now_ms() + cool.as_millis() as u64);
+                    }
+                    last = Some(self.keep(answer, ctx.deadline(snap)).await);
+                }
+            }
+        }
+        match last {
+            Some((head, body)) => self.send_kept(d, ctx, head, body).await,
+            None if no_token => Err(GatewayError::with_message(
+                ErrorCode::BackendUnavailable,
+                "The gateway has no valid managed-identity token for this backend; see the gateway's log.",
+            )
+            .into()),
+            None => Err(GatewayError::new(ErrorCode::BadGateway).into()),
+        }
+    }
+
+    /// The chooser's view of every member now; `tried` carries over between attempts (and
+    /// `forward` members count as tried for a caller without a JWT).
+    fn candidates(&self, snap: &Snapshot, f: &Forward<'_>, cands: &mut [Candidate]) {
+        let cools = &snap.pool.cooldowns[&*f.deployment.name];
+        for (i, (m, c)) in f
+            .deployment
+            .members
+            .iter()
+            .zip(cands.iter_mut())
+            .enumerate()
+        {
+            let unusable = snap.cfg.backends[m.backend].credential == Credential::Forward
+                && f.caller_jwt.is_none();
+            *c = Candidate {
+                priority: m.priority,
+                weight: m.weight,
+                healthy: snap.pool.health[m.backend].is_healthy(),
+                cooling_until_ms: cools[i].until_ms(),
+                tried: c.tried || unusable,
+            };
+        }
+    }
+
+    /// One attempt on member `i`: its credential, the request encoded for it, one send.
+    /// Without an answer the loop moves on to another member; a timeout ends the request
+    /// (504): the whole-request deadline has passed.
+    async fn attempt(
+        &self,
+        client_head: &Head,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+        f: &Forward<'_>,
+        i: usize,
+    ) -> Result<Attempt, Failure> {
+        let member = &f.deployment.members[i];
+        let backend = &snap.cfg.backends[member.backend];
+        let deadline = ctx.deadline(snap);
+        let o = &mut ctx.outcome;
+        o.attempts += 1;
+        o.tried = Some(Tried {
+            backend: backend.name.clone(),
+            region: Some(backend.region.clone()).filter(|r| !r.is_empty()),
+        });
+        let error = || {
+            self.metrics
+                .upstream_attempts
+                .with_label_values(&[&backend.name, &f.deployment.name, "error"])
+                .inc()
+        };
+        let token = match (&backend.credential, &self.token) {
+            (Credential::ManagedIdentity, Some(t)) => match t.get().await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    log::error!("backend {}: {e}", backend.name);
+                    error();
+                    return Ok(Attempt::NoToken);
+                }
+            },
+            _ => None,
+        };
+        let payload = f
+            .body
+            .for_upstream(&f.deployment.name, &member.upstream_deployment);
+        let auth = match (&backend.credential, &token, f.caller_jwt) {
+            (Credential::ApiKey(k), _, _) => Auth::ApiKey(k),
+            (Credential::ManagedIdentity, Some(t), _) => Auth::Authorization(&t.header),
+            (Credential::Forward, _, Some(jwt)) => Auth::BearerJwt(jwt),
+            _ => Auth::None,
+        };
+        let wire = encode_for(client_head, f, member, &backend.host_header, &payload, auth);
+        let peer = snap.peers[member.backend].load_full();
+        let started = Instant::now();
+        let send = Send {
+            peer: &peer,
+            wire: &wire,
+            body: &payload,
+            started,
+            deadline,
+            max_idle: snap.cfg.server.backend_idle,
+        };
+        let (up, head, framing) = match exchange(&self.upstreams, &send).await {
+            Ok(x) => x,
+            Err(SendError::Timeout) => {
+                error();
+                return Err(GatewayError::new(ErrorCode::BackendTimeout).into());
+            }
+            Err(SendError::Failed(why)) => {
+                log::warn!(
+                    "request {}: backend {} failed: {why}",
+                    o.request_id,
+                    backend.name
+                );
+                error();
+                return Ok(Attempt::Failed);
+            }
+        };
+        let head_at = Instant::now();
+        let series = self.metrics.attempt_series(
+            &backend.name,
+            &f.deployment.name,
+            status_label(head.status),
+        );
+        series.attempts.inc();
+        series.ttfb.observe((head_at - started).as_secs_f64());
+        Ok(Attempt::Answered(Answer {
+            up,
+            head,
+            framing,
+            key: Upstreams::key(&peer),
+            head_at,
+        }))
+    }
+
+    /// Reads a failed answer (capped) to return it if it is the last; its connection goes
+    /// back to the pool when the answer was read to its end.
+    async fn keep(&self, a: Answer, deadline: Instant) -> (Head, Bytes) {
+        let Answer {
+            mut up,
+            head,
+            framing,
+            key,
+            head_at,
+        } = a;
+        let read = timeout_at(deadline, read_capped(&mut up, framing, MAX_KEPT_ERROR_BODY)).await;
+        let body = match read {
+            Ok(Ok((b, complete))) => {
+                if complete {
+                    self.release(key, up, head_at, &head, framing);
+                }
+                b
+            }
+            _ => Bytes::new(),
+        };
+        (head, body)
+    }
+
+    /// Returns the backend's own (failed) answer, e.g. its 429 with retry headers.
+    async fn send_kept<D: Downstream>(
+        &self,
+        d: &mut D,
+        ctx: &mut Ctx,
+        resp: Head,
+        body: Bytes,
+    ) -> Result<(), Failure> {
+        let o = &mut ctx.outcome;
+        let out = client_head(
+            &resp,
+            o.admission.as_ref().map(|a| &a.headers),
+            o.request_id,
+        );
+        o.ending = Ending::Answered(resp.status);
+        o.upstream_request_id = resp.get_text(Name::ApimRequestId);
+        d.send_full(&out, &body).await.map_err(abort)
+    }
+
+    /// The chosen answer to the client: a plain answer of known length (the usual JSON, or
+    /// none: 204, 304) in one write, anything else streamed.
+    async fn deliver<D: Downstream>(
+        &self,
+        d: &mut D,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+        mut a: Answer,
+        strip_usage: bool,
+    ) -> Result<(), Failure> {
+        let deadline = ctx.deadline(snap);
+        let o = &mut ctx.outcome;
+        o.ttfb = Some(a.head_at - ctx.start);
+        o.upstream_request_id = upstream_request_id(&a.head);
+        o.ending = Ending::Answered(a.head.status);
+        let out = client_head(
+            &a.head,
+            o.admission.as_ref().map(|a| &a.headers),
+            o.request_id,
+        );
+        let is_sse = a
+            .head
+            .get(Name::ContentType)
+            .is_some_and(|v| v.starts_with(b"text/event-stream"));
+        if let Framing::Length(n) = a.framing {
+            if (n == 0 || !is_sse) && n as usize <= USAGE_TAIL {
+                let body = match timeout_at(deadline, read_capped(&mut a.up, a.framing, n as usize))
+                    .await
+                {
+                    Err(_) => return Err(GatewayError::new(ErrorCode::BackendTimeout).into()),
+                    Ok(Err(e)) => {
+                        log::warn!("request {}: backend failed mid-response: {e}", o.request_id);
+                        return Err(GatewayError::new(ErrorCode::BadGateway).into());
+                    }
+                    Ok(Ok((body, _))) => body,
+                };
+                if a.head.status < 300 {
+                    o.usage = filters::tokens::usage_in_json(&body);
+                }
+                self.release(a.key, a.up, a.head_at, &a.head, a.framing);
+                return d.send_full(&out, &body).await.map_err(abort);
+            }
+        }
+        d.send_stream_head(&out).await.map_err(abort)?;
+        self.stream(d, ctx, a, is_sse, strip_usage, deadline).await
+    }
+
+    /// Streams the body as it arrives; SSE streams are tracked for their usage chunk
+    /// (hidden from the client when the gateway asked for it), plain ones keep their tail.
+    async fn stream<D: Downstream>(
+        &self,
+        d: &mut D,
+        ctx: &mut Ctx,
+        mut a: Answer,
+        is_sse: bool,
+        strip_usage: bool,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        let o = &mut ctx.outcome;
+        let mut reader = BodyReader::new(a.framing);
+        let mut sse = is_sse.then(|| SseTracker::new(strip_usage));
+        let mut tail = (!is_sse && a.head.status < 300).then(|| JsonTail::new(USAGE_TAIL));
+        loop {
+            let chunk = match timeout_at(deadline, reader.next(&mut a.up)).await {
+                Err(_) => {
+                    log::warn!(
+                        "request {}: whole-request timeout while streaming",
+                        o.request_id
+                    );
+                    return Err(abort("request timeout while streaming"));
+                }
+                Ok(Err(e)) => {
+                    log::warn!("request {}: backend failed mid-response: {e}", o.request_id);
+                    return Err(abort(e));
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(c))) => c,
+            };
+            let send = match (&mut sse, &mut tail) {
+                (Some(s), _) => s.push(&chunk),
+                (None, Some(t)) => {
+                    t.push(&chunk);
+                    chunk
+                }
+                (None, None) => chunk,
+            };
+            if let Err(e) = d.send_chunk(send).await {
+                // The client went away: the upstream connection is dropped, not pooled.
+                log::info!("request {}: client disconnected mid-response", o.request_id);
+                o.usage = sse.as_ref().and_then(|s| s.usage());
+                return Err(abort(e));
+            }
+        }
+        let last = sse.as_mut().map(|s| s.finish()).unwrap_or_default();
+        o.usage = match (&sse, &tail) {
+            (Some(s), _) => s.usage(),
+            (None, Some(t)) => t.usage(),
+            _ => None,
+        };
+        d.send_end(last).await.map_err(abort)?;
+        self.release(a.key, a.up, a.head_at, &a.head, a.framing);
+        Ok(())
+    }
+
+    /// Pools a backend connection whose answer was read to its end, unless the backend
+    /// closes it (`Connection: close`, HTTP/1.0, a body delimited by the close).
+    fn release(&self, key: u64, up: Upstream, since: Instant, resp: &Head, framing: Framing) {
+        if framing != Framing::Close && resp.keep_alive() {
+            self.upstreams.put(key, up, since);
+        }
+    }
+}
+
+/// The upstream request for one member: its deployment name in the path (or the client's
+/// `/openai/v1/...` path), its host and credential, and the body as it goes to it.
+fn encode_for(
+    client_head: &Head,
+    f: &Forward<'_>,
+    member: &Member,
+    host: &str,
+    body: &[u8],
+    auth: Auth<'_>,
+) -> Vec<u8> {
+    let target = match f.path {
+        Path::Deployment { rest } => Target::Deployment {
+            name: &member.upstream_deployment,
+            rest,
+        },
+        Path::AsSent(p) => Target::AsSent(p),
+    };
+    Request {
+        head: client_head,
+        target,
+        query: f.query,
+        host,
+        body,
+        auth,
+    }
+    .encode()
+}
+
+/// Reads a response body up to `cap` bytes; returns it and whether the body ended.
+async fn read_capped(
+    up: &mut Upstream,
+    framing: Framing,
+    cap: usize,
+) -> Result<(Bytes, bool), H1Error> {
+    let mut reader = BodyReader::new(framing);
+    let mut body = Collected::default();
+    while let Some(piece) = reader.next(up).await? {
+        if body.len() + piece.len() > cap {
+            return Ok((body.freeze(), false));
+        }
+        body.push(piece, 0);
+    }
+    Ok((body.freeze(), true))
+}

@@ -1,0 +1,190 @@
+//! The client's response head: protocol-neutral (a status and its fields, which the HTTP/1
+//! codec writes as text and the HTTP/2 adapter hands to Pingora as they are), and the pure
+//! decisions of what it holds.
+
+use filters::limits::RateLimitHeaders;
+
+use crate::http1::framing::forward_downstream;
+use crate::http1::{Head, Name};
+use crate::observe::request_id::RequestId;
+
+/// A response head: the status and its fields in order. Fields are kept in one buffer, each
+/// as its name and value lengths followed by the bytes (one allocation per head).
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    pub status: u16,
+    buf: Vec<u8>,
+}
+
+impl ResponseHead {
+    pub fn new(status: u16) -> Self {
+        ResponseHead {
+            status,
+            buf: Vec::with_capacity(512),
+        }
+    }
+
+    /// Adds a field. A value with CR or LF is dropped (it would split an HTTP/1 head).
+    pub fn add(&mut self, name: &str, value: impl AsRef<[u8]>) {
+        let value = value.as_ref();
+        if memchr::memchr2(b'\r', b'\n', value).is_none() {
+            self.push(name.as_bytes(), value);
+        }
+    }
+
+    pub fn add_u64(&mut self, name: &str, value: u64) {
+        self.add(name, itoa::Buffer::new().format(value));
+    }
+
+    /// Adds a field from a parsed head (whose values hold no CR or LF).
+    fn push(&mut self, name: &[u8], value: &[u8]) {
+        self.buf
+            .extend_from_slice(&(name.len() as u32).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(value.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(name);
+        self.buf.extend_from_slice(value);
+    }
+
+    /// The fields as (name, value), in the order they were added.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let mut rest = &self.buf[..];
+        std::iter::from_fn(move || {
+            let (lens, tail) = rest.split_first_chunk::<8>()?;
+            let n = u32::from_le_bytes([lens[0], lens[1], lens[2], lens[3]]) as usize;
+            let v = u32::from_le_bytes([lens[4], lens[5], lens[6], lens[7]]) as usize;
+            let (name, tail) = tail.split_at(n);
+            let (value, tail) = tail.split_at(v);
+            rest = tail;
+            Some((name, value))
+        })
+    }
+}
+
+/// The head of an answer the gateway writes itself (JSON).
+pub fn json_head(status: u16, request_id: RequestId) -> ResponseHead {
+    let mut resp = ResponseHead::new(status);
+    resp.add("content-type", "application/json");
+    resp.add("x-request-id", request_id.text());
+    resp
+}
+
+/// The client's head from a backend's answer: its end-to-end fields (no hop-by-hop ones,
+/// none that its `Connection` names, no cookies, length or request id); where the gateway
+/// limits this client (`limits`), its own `x-ratelimit-*` instead of the backend's fleet-wide
+/// ones; and the gateway's request id.
+pub fn client_head(
+    backend: &Head,
+    limits: Option<&RateLimitHeaders>,
+    request_id: RequestId,
+) -> ResponseHead {
+    let mut out = ResponseHead::new(backend.status);
+    let keep = |kind: Name, _: &[u8]| {
+        forward_downstream(kind) && !(limits.is_some() && kind == Name::RateLimit)
+    };
+    for (_, name, value) in backend.end_to_end_fields(keep) {
+        out.push(name, value);
+    }
+    if let Some(h) = limits {
+        for (k, v) in [
+            ("x-ratelimit-limit-requests", h.limit_requests),
+            ("x-ratelimit-remaining-requests", h.remaining_requests),
+            ("x-ratelimit-limit-tokens", h.limit_tokens),
+            ("x-ratelimit-remaining-tokens", h.remaining_tokens),
+        ] {
+            if let Some(v) = v {
+                out.add_u64(k, v);
+            }
+        }
+    }
+    out.add("x-request-id", request_id.text());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(h: &ResponseHead) -> Vec<(String, String)> {
+        h.fields()
+            .map(|(n, v)| {
+                (
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fields_keep_their_order_and_refuse_header_injection() {
+        let mut r = ResponseHead::new(429);
+        r.add("retry-after", "3");
+        r.add("x-evil", "a\r\nset-cookie: b");
+        r.add_u64("x-n", 42);
+        r.add("x-empty", "");
+        assert_eq!(
+            pairs(&r),
+            [("retry-after", "3"), ("x-n", "42"), ("x-empty", "")]
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        );
+    }
+
+    fn backend() -> Head {
+        Head::request(
+            "GET",
+            "/",
+            [
+                ("content-type", &b"application/json"[..]),
+                ("connection", b"keep-alive, x-back"),
+                ("x-back", b"1"),
+                ("keep-alive", b"timeout=5"),
+                ("set-cookie", b"a=b"),
+                ("content-length", b"9"),
+                ("x-request-id", b"backend-id"),
+                ("apim-request-id", b"apim-1"),
+                ("x-ratelimit-remaining-tokens", b"999"),
+                ("x-other", b"2"),
+            ],
+        )
+    }
+
+    #[test]
+    fn client_head_table() {
+        let id = RequestId::new();
+        let got = pairs(&client_head(&backend(), None, id));
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "content-type",
+                "apim-request-id",
+                "x-ratelimit-remaining-tokens",
+                "x-other",
+                "x-request-id"
+            ]
+        );
+        assert_eq!(got.last().unwrap().1.as_bytes(), &id.text()[..]);
+        // Where the gateway limits the client, its own rate-limit fields replace the backend's.
+        let own = RateLimitHeaders {
+            limit_requests: Some(10),
+            remaining_requests: Some(9),
+            limit_tokens: None,
+            remaining_tokens: Some(100),
+        };
+        let got = pairs(&client_head(&backend(), Some(&own), id));
+        let rl: Vec<_> = got
+            .iter()
+            .filter(|(n, _)| n.starts_with("x-ratelimit-"))
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            rl,
+            [
+                ("x-ratelimit-limit-requests", "10"),
+                ("x-ratelimit-remaining-requests", "9"),
+                ("x-ratelimit-remaining-tokens", "100")
+            ]
+        );
+    }
+}
