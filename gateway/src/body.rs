@@ -34,7 +34,7 @@ pub struct RequestBody {
     model: Option<ByteString>,
     include_usage: bool,
     /// The whole document, parsed only when needed (rewrite, token estimate).
-    json: std::sync::OnceLock<Arc<Value>>,
+    json: std::sync::OnceLock<Option<Arc<Value>>>,
     /// The body as it goes upstream when the gateway added `stream_options`.
     rewritten: Option<Bytes>,
     pub stream: bool,
@@ -93,7 +93,7 @@ impl RequestBody {
                 // now, so that what is accepted is what the rewrite and the token estimate
                 // parse later (kept for them).
                 let v: Value = serde_json::from_slice(&body.raw).map_err(|_| not_json())?;
-                let _ = body.json.set(Arc::new(v));
+                let _ = body.json.set(Some(Arc::new(v)));
                 p
             }
         };
@@ -115,9 +115,10 @@ impl RequestBody {
         if !self.is_json {
             return None;
         }
-        Some(self.json.get_or_init(|| {
-            Arc::new(serde_json::from_slice(&self.raw).expect("validated in inspect"))
-        }))
+        // Validated in `inspect`: a document that still does not parse is treated as none.
+        self.json
+            .get_or_init(|| serde_json::from_slice(&self.raw).ok().map(Arc::new))
+            .as_ref()
     }
 
     /// The body's `model`, if it is a non-empty string.
@@ -141,7 +142,9 @@ impl RequestBody {
             return false;
         }
         // Take the parsed document rather than copy it: it is replaced below.
-        let json = self.json.take().expect("parsed just above");
+        let Some(json) = self.json.take().flatten() else {
+            return false;
+        };
         let mut v = Arc::unwrap_or_clone(json);
         let Value::Object(map) = &mut v else {
             return false;
@@ -158,7 +161,7 @@ impl RequestBody {
             }
         }
         self.rewritten = serde_json::to_vec(&v).ok().map(Bytes::from);
-        self.json = std::sync::OnceLock::from(Arc::new(v));
+        self.json = std::sync::OnceLock::from(Some(Arc::new(v)));
         true
     }
 
@@ -169,7 +172,10 @@ impl RequestBody {
         if client == upstream || self.model() != Some(client) {
             return base;
         }
-        let mut v = Value::clone(self.json().expect("model() implies JSON"));
+        let Some(v) = self.json() else {
+            return base;
+        };
+        let mut v = Value::clone(v);
         v["model"] = Value::String(upstream.to_string());
         serde_json::to_vec(&v).map(Bytes::from).unwrap_or(base)
     }

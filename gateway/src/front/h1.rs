@@ -168,7 +168,7 @@ async fn refuse_head(
     out.clear();
     encode_head(
         resp.status,
-        resp.fields(),
+        resp.field_lines(),
         out,
         OutFraming::Length(body.len()),
         true,
@@ -299,7 +299,7 @@ impl Downstream for H1<'_> {
         } else {
             OutFraming::Length(body.len())
         };
-        encode_head(resp.status, resp.fields(), self.out, framing, close);
+        encode_head(resp.status, resp.field_lines(), self.out, framing, close);
         if !self.head_only() && framing != OutFraming::None {
             self.out.extend_from_slice(body);
         }
@@ -316,7 +316,13 @@ impl Downstream for H1<'_> {
         };
         let close = self.must_close();
         self.out.clear();
-        encode_head(resp.status, resp.fields(), self.out, self.streaming, close);
+        encode_head(
+            resp.status,
+            resp.field_lines(),
+            self.out,
+            self.streaming,
+            close,
+        );
         self.conn.send(self.out).await
     }
 

@@ -17,6 +17,9 @@ use crate::http1::{Collected, Head, Name};
 use crate::pipeline::respond::ResponseHead;
 use crate::pipeline::{Ctx, Gateway};
 
+/// How long a refused request's unread body is still taken in after the answer.
+const DRAIN_AFTER_ANSWER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The gateway on Pingora's session, for HTTP/2 clients: everything happens in
 /// `request_filter`, which answers every request itself.
 pub struct H2Gateway(pub Arc<Gateway>);
@@ -144,7 +147,15 @@ impl Downstream for Session2<'_> {
         self.session
             .write_response_body(Some(Bytes::copy_from_slice(body)), true)
             .await
-            .map_err(io_err)
+            .map_err(io_err)?;
+        // An answer given before the request body was read (a refusal): take in what the
+        // client is still sending, briefly and bounded, so that its stream ends cleanly
+        // rather than in a reset that the client reports as an error (nginx does the same).
+        if !self.session.is_body_done() {
+            let drain = self.session.drain_request_body();
+            let _ = tokio::time::timeout(DRAIN_AFTER_ANSWER, drain).await;
+        }
+        Ok(())
     }
 
     async fn send_stream_head(&mut self, resp: &ResponseHead) -> io::Result<()> {

@@ -1,11 +1,11 @@
 //! Response heads and chunks as they leave for a client.
 
-/// Writes a response head into `out`: the status line, `fields` (name, value) in order, then
-/// the framing fields and the blank line. Values hold no CR or LF (the response head types
-/// refuse them when they are added).
-pub fn encode_head<'a>(
+/// Writes a response head into `out`: the status line, `field_lines` (`name: value\r\n`
+/// each, values without CR or LF — the response head type refuses them when they are
+/// added), then the framing fields and the blank line.
+pub fn encode_head(
     status: u16,
-    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    field_lines: &[u8],
     out: &mut Vec<u8>,
     framing: OutFraming,
     close: bool,
@@ -15,12 +15,7 @@ pub fn encode_head<'a>(
     out.push(b' ');
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in fields {
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
+    out.extend_from_slice(field_lines);
     match framing {
         OutFraming::Length(n) => {
             out.extend_from_slice(b"content-length: ");

@@ -339,6 +339,7 @@ pub fn forward_downstream(kind: Name) -> bool {
 /// Almost every message says only `keep-alive` or `close`, and then no field needs checking.
 pub fn nominates_fields<'a>(connection: impl Iterator<Item = &'a [u8]>) -> bool {
     connection
+        .filter(|v| !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")))
         .flat_map(|v| v.split(|&b| b == b','))
         .map(trim_ows)
         .any(|o| !o.is_empty() && !o.eq_ignore_ascii_case(b"close") && !Name::of(o).hop_by_hop())

@@ -217,8 +217,10 @@ impl Gateway {
         let wire = encode_for(client_head, f, member, &backend.host_header, &payload, auth);
         let peer = snap.peers[member.backend].load_full();
         let started = Instant::now();
+        let key = Upstreams::key(&peer);
         let send = Send {
             peer: &peer,
+            key,
             wire: &wire,
             body: &payload,
             started,
@@ -253,7 +255,7 @@ impl Gateway {
             up,
             head,
             framing,
-            key: Upstreams::key(&peer),
+            key,
             head_at,
         }))
     }

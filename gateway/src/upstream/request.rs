@@ -114,6 +114,8 @@ impl Request<'_> {
 /// Where and when one attempt sends.
 pub struct Send<'a> {
     pub peer: &'a HttpPeer,
+    /// The peer's pool key ([`Upstreams::key`]).
+    pub key: u64,
     /// The encoded request, and the body when it did not fit in it.
     pub wire: &'a [u8],
     pub body: &'a [u8],
@@ -138,7 +140,7 @@ pub async fn exchange(
     pool: &Upstreams,
     s: &Send<'_>,
 ) -> Result<(Upstream, Head, Framing), SendError> {
-    let key = Upstreams::key(s.peer);
+    let key = s.key;
     let body_apart = s.body.len() > ONE_WRITE_MAX_BODY;
     let mut conn = match pool.take(key, s.started, s.max_idle) {
         Some(c) => c,
