@@ -3,6 +3,7 @@
 //! delivered to the client — whole when it is a small plain answer, else streamed as it
 //! arrives, with its usage read on the way.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -23,7 +24,7 @@ use crate::observe::metrics::status_label;
 use crate::state::Snapshot;
 use crate::upstream::pool::{Upstream, Upstreams};
 use crate::upstream::request::{exchange, Auth, Request, Send, SendError, Target};
-use crate::upstream::select::{now_ms, unix_ms, Candidate};
+use crate::upstream::select::{now_ms, unix_ms, Candidate, Cooldown};
 
 /// The kept body of a retried answer is capped at this size.
 const MAX_KEPT_ERROR_BODY: usize = 256 * 1024;
@@ -53,6 +54,28 @@ struct Answer {
     /// Where its connection goes back to, and since when it has been quiet.
     key: u64,
     head_at: Instant,
+}
+
+/// The chooser's view of every member now; `tried` carries over between attempts (and
+/// `forward` members count as tried for a caller without a JWT).
+fn candidates(snap: &Snapshot, f: &Forward<'_>, cools: &[Arc<Cooldown>], cands: &mut [Candidate]) {
+    for (i, (m, c)) in f
+        .deployment
+        .members
+        .iter()
+        .zip(cands.iter_mut())
+        .enumerate()
+    {
+        let unusable = snap.cfg.backends[m.backend].credential == Credential::Forward
+            && f.caller_jwt.is_none();
+        *c = Candidate {
+            priority: m.priority,
+            weight: m.weight,
+            healthy: snap.pool.health[m.backend].is_healthy(),
+            cooling_until_ms: cools[i].until_ms(),
+            tried: c.tried || unusable,
+        };
+    }
 }
 
 /// What one attempt came to. (Lives on the stack for one step: boxing the answer would add
@@ -96,7 +119,7 @@ impl Gateway {
         // A managed-identity member was skipped: the gateway has no valid token.
         let mut no_token = false;
         for attempt in 0..snap.cfg.retries.max_attempts {
-            self.candidates(snap, f, cands);
+            candidates(snap, f, cools, cands);
             // The first attempt goes out at the request's start, as far as cooldowns go.
             let now = if attempt == 0 {
                 unix_ms(ctx.started)
@@ -142,29 +165,6 @@ impl Gateway {
             )
             .into()),
             None => Err(GatewayError::new(ErrorCode::BadGateway).into()),
-        }
-    }
-
-    /// The chooser's view of every member now; `tried` carries over between attempts (and
-    /// `forward` members count as tried for a caller without a JWT).
-    fn candidates(&self, snap: &Snapshot, f: &Forward<'_>, cands: &mut [Candidate]) {
-        let cools = &snap.pool.cooldowns[&*f.deployment.name];
-        for (i, (m, c)) in f
-            .deployment
-            .members
-            .iter()
-            .zip(cands.iter_mut())
-            .enumerate()
-        {
-            let unusable = snap.cfg.backends[m.backend].credential == Credential::Forward
-                && f.caller_jwt.is_none();
-            *c = Candidate {
-                priority: m.priority,
-                weight: m.weight,
-                healthy: snap.pool.health[m.backend].is_healthy(),
-                cooling_until_ms: cools[i].until_ms(),
-                tried: c.tried || unusable,
-            };
         }
     }
 
