@@ -20,6 +20,8 @@ pub enum ErrorCode {
     InvalidRequestBody,
     /// A request head that did not arrive within `server.header_timeout_seconds` (extension).
     RequestTimeout,
+    /// The client went away before the response ended (SPEC §8; logged, never answered).
+    ClientClosedRequest,
     RateLimitExceeded,
     QuotaExceeded,
     BackendThrottled,
@@ -43,6 +45,7 @@ impl ErrorCode {
             ErrorCode::RequestTooLarge => "RequestTooLarge",
             ErrorCode::InvalidRequestBody => "InvalidRequestBody",
             ErrorCode::RequestTimeout => "RequestTimeout",
+            ErrorCode::ClientClosedRequest => "ClientClosedRequest",
             ErrorCode::RateLimitExceeded => "RateLimitExceeded",
             ErrorCode::QuotaExceeded => "QuotaExceeded",
             ErrorCode::BackendThrottled => "BackendThrottled",
@@ -64,6 +67,7 @@ impl ErrorCode {
             ErrorCode::RequestTooLarge => 413,
             ErrorCode::InvalidRequestBody => 400,
             ErrorCode::RequestTimeout => 408,
+            ErrorCode::ClientClosedRequest => 499,
             ErrorCode::RateLimitExceeded
             | ErrorCode::QuotaExceeded
             | ErrorCode::BackendThrottled => 429,
@@ -85,7 +89,8 @@ impl ErrorCode {
             ErrorCode::OperationNotSupported => "This operation is not supported by the gateway.",
             ErrorCode::RequestTooLarge => "The request body is too large.",
             ErrorCode::InvalidRequestBody => "The request body is not valid JSON for this operation.",
-            ErrorCode::RequestTimeout => "The request head was not received in time.",
+            ErrorCode::RequestTimeout => "The request was not received in time.",
+            ErrorCode::ClientClosedRequest => "The client closed the connection before the response ended.",
             ErrorCode::RateLimitExceeded => "Rate limit exceeded: retry after the time in the Retry-After header.",
             ErrorCode::QuotaExceeded => "Daily token quota exceeded: retry after the time in the Retry-After header.",
             ErrorCode::BackendThrottled => "Every backend of this deployment is throttled: retry after the time in the Retry-After header.",

@@ -137,3 +137,34 @@ def test_sse_is_not_buffered(mock, gateway):
     first, last = arrivals[0][0], arrivals[-1][0]
     # the mock pauses 300 ms before each content chunk: a buffering proxy delivers all at once
     assert last - first >= 0.5, f"SSE arrived in one burst: {[round(t, 2) for t, _ in arrivals]}"
+
+
+def test_a_client_that_hangs_up_mid_stream_is_499_not_a_server_error(cluster):
+    """SPEC §8: a client that goes away before the response ended is normal traffic: audited
+    as 499 ClientClosedRequest (not the 200 whose head it had received, never a 5xx), counted
+    in downstream_errors_total{kind="client_closed"} and requests_total{code="499"}, and
+    logged below warn."""
+    from opsutil import metric_value, scrape
+
+    m = cluster.mock("slow", chunk_delay_ms=300)
+    gw = cluster.gateway(agw.single(m))
+
+    def closed() -> float:
+        return metric_value(scrape(gw), "aoai_gateway_downstream_errors_total",
+                            kind="client_closed") or 0.0
+
+    before = closed()
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "stream": True}
+    with agw.http_client() as h:
+        with h.stream("POST", gw.url + agw.chat_path("gpt-4o"), headers={"api-key": agw.KEY},
+                      json=body) as r:
+            assert r.status_code == 200
+            rid = r.headers["x-request-id"]
+            next(r.iter_raw())  # the first bytes, then hang up
+    line = gw.audit_for(rid, timeout=15)
+    assert (line["status"], line["error_code"]) == (499, "ClientClosedRequest"), line
+    assert line["usage_source"] in ("response", "reserved", "none"), line
+    agw.wait_until(lambda: closed() == before + 1, 5, "downstream_errors{client_closed} +1")
+    assert metric_value(scrape(gw), "aoai_gateway_requests_total", code="499") == 1
+    noisy = [l for l in gw.proc.stderr().splitlines() if " ERROR " in l or " WARN " in l]
+    assert not noisy, noisy

@@ -356,7 +356,7 @@ impl Metrics {
             token_refreshes.with_label_values(&[r]).inc_by(0);
             config_reloads.with_label_values(&[r]).inc_by(0);
         }
-        for kind in ["timeout", "malformed"] {
+        for kind in ["timeout", "malformed", "client_closed"] {
             downstream_errors.with_label_values(&[kind]).inc_by(0);
         }
         Arc::new(Metrics {

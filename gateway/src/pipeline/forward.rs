@@ -13,7 +13,7 @@ use super::failover::{self, Next, Verdict};
 use super::outcome::{Ending, Tried};
 use super::plan::Path;
 use super::respond::client_head;
-use super::{abort, Ctx, Failure, Gateway};
+use super::{abort, client_gone, Ctx, Failure, Gateway};
 use crate::body::RequestBody;
 use crate::config::runtime::{Credential, Deployment, Member};
 use crate::deadline::timeout_at;
@@ -299,7 +299,7 @@ impl Gateway {
         );
         o.ending = Ending::Answered(resp.status);
         o.upstream_request_id = resp.get_text(Name::ApimRequestId);
-        d.send_full(&out, &body).await.map_err(abort)
+        d.send_full(&out, &body).await.map_err(client_gone)
     }
 
     /// The chosen answer to the client: a plain answer of known length (the usual JSON, or
@@ -342,10 +342,10 @@ impl Gateway {
                     o.usage = filters::tokens::usage_in_json(&body);
                 }
                 self.release(a.key, a.up, a.head_at, &a.head, a.framing);
-                return d.send_full(&out, &body).await.map_err(abort);
+                return d.send_full(&out, &body).await.map_err(client_gone);
             }
         }
-        d.send_stream_head(&out).await.map_err(abort)?;
+        d.send_stream_head(&out).await.map_err(client_gone)?;
         self.stream(d, ctx, a, is_sse, strip_usage, deadline).await
     }
 
@@ -389,10 +389,10 @@ impl Gateway {
                 (None, None) => chunk,
             };
             if let Err(e) = d.send_chunk(send).await {
-                // The client went away: the upstream connection is dropped, not pooled.
-                log::info!("request {}: client disconnected mid-response", o.request_id);
+                // The client went away: the upstream connection is dropped, not pooled, and
+                // the backend stops generating for nobody.
                 o.usage = sse.as_ref().and_then(|s| s.usage());
-                return Err(abort(e));
+                return Err(client_gone(e));
             }
         }
         let last = sse.as_mut().map(|s| s.finish()).unwrap_or_default();
@@ -401,7 +401,7 @@ impl Gateway {
             (None, Some(t)) => t.usage(),
             _ => None,
         };
-        d.send_end(last).await.map_err(abort)?;
+        d.send_end(last).await.map_err(client_gone)?;
         self.release(a.key, a.up, a.head_at, &a.head, a.framing);
         Ok(())
     }

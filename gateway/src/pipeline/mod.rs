@@ -91,8 +91,13 @@ impl Ctx {
 enum Failure {
     /// Nothing was sent yet: answer this error.
     Answer(GatewayError),
-    /// The response was under way, or the client is gone: the connection must be closed.
+    /// The response broke off on the backend's side (or the request's deadline passed
+    /// while streaming): the connection must be closed.
     Abort(String),
+    /// The client went away before the response ended (SPEC §8: 499, never a 5xx).
+    ClientGone(String),
+    /// The client did not send its body within the request timeout.
+    ClientTimeout,
 }
 
 impl From<GatewayError> for Failure {
@@ -109,6 +114,10 @@ impl From<filters::FilterError> for Failure {
 
 fn abort(e: impl std::fmt::Display) -> Failure {
     Failure::Abort(e.to_string())
+}
+
+fn client_gone(e: impl std::fmt::Display) -> Failure {
+    Failure::ClientGone(e.to_string())
 }
 
 impl Gateway {
@@ -141,6 +150,10 @@ impl Gateway {
                 if o.ending == Ending::Open {
                     o.ending = Ending::Aborted(502);
                 }
+                false
+            }
+            Err(e @ (Failure::ClientGone(_) | Failure::ClientTimeout)) => {
+                self.client_failed(&mut ctx.outcome, e);
                 false
             }
         }
@@ -255,14 +268,14 @@ impl Gateway {
             d.read_body(snap.cfg.server.max_request_body_bytes),
         )
         .await
-        .map_err(|_| abort("request body not received within the request timeout"))?
+        .map_err(|_| Failure::ClientTimeout)?
         .map_err(|e| match e {
             ReadError::TooLarge => Failure::Answer(GatewayError::new(ErrorCode::RequestTooLarge)),
             ReadError::Malformed(why) => Failure::Answer(GatewayError::with_message(
                 ErrorCode::InvalidRequestBody,
                 format!("The request body could not be read: {why}."),
             )),
-            ReadError::Io(e) => Failure::Abort(e),
+            ReadError::Io(e) => Failure::ClientGone(e),
         })?;
         if operation == Operation::ModelsRead {
             return Ok(None);
@@ -317,7 +330,7 @@ impl Gateway {
         let (status, body) = health_answer(snap);
         o.ending = Ending::Answered(status);
         let resp = json_head(status, o.request_id);
-        d.send_full(&resp, &body).await.map_err(abort)
+        d.send_full(&resp, &body).await.map_err(client_gone)
     }
 
     /// `models.read`: the deployments this client may use.
@@ -338,7 +351,26 @@ impl Gateway {
         o.ending = Ending::Answered(200);
         d.send_full(&json_head(200, o.request_id), &body)
             .await
-            .map_err(abort)
+            .map_err(client_gone)
+    }
+
+    /// A client that went away (499 `ClientClosedRequest`, whatever had been sent) or sent
+    /// its body too slowly (408 `RequestTimeout`): normal traffic, counted in
+    /// `downstream_errors_total` and logged below warn.
+    fn client_failed(&self, o: &mut Outcome, e: Failure) {
+        let (kind, code) = match e {
+            Failure::ClientTimeout => ("timeout", ErrorCode::RequestTimeout),
+            _ => ("client_closed", ErrorCode::ClientClosedRequest),
+        };
+        if let Failure::ClientGone(why) = &e {
+            log::debug!("request {}: client went away: {why}", o.request_id);
+        }
+        self.metrics
+            .downstream_errors
+            .with_label_values(&[kind])
+            .inc();
+        o.ending = Ending::Aborted(code.status());
+        o.error = Some(GatewayError::new(code));
     }
 
     /// The gateway's own error answer (SPEC §8).
