@@ -3,7 +3,7 @@ CARGO ?= cargo
 PYTHON ?= python3
 export OPENSSL_NO_VENDOR := 1
 
-.PHONY: all deps build release run test unit lint integration bench check-demo clean
+.PHONY: all deps build release run test unit lint integration bench check-demo fuzz fuzz-ci fuzz-replay clean
 
 all: build
 
@@ -20,8 +20,9 @@ release: deps
 run: release
 	./scripts/run-demo.sh target/release
 
-## Formatting, lints, unit and filter tests, then the integration tests against the real binary.
-test: build lint unit integration
+## Formatting, lints, unit and filter tests, the integration tests against the real binary, then
+## every fuzz target for 30 s (its seeds and saved findings replayed first).
+test: build lint unit integration fuzz-ci
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -36,6 +37,19 @@ integration:
 ## Gateway vs bare nginx on this machine (see load-tests/README.md).
 bench: release
 	./load-tests/bench.sh
+
+## Every fuzz target (fuzz/, nightly, libFuzzer) for FUZZ_SECONDS each; fails on any finding.
+FUZZ_SECONDS ?= 600
+fuzz: deps
+	./scripts/fuzz.sh $(FUZZ_SECONDS)
+
+## The same, 30 s per target.
+fuzz-ci: deps
+	./scripts/fuzz.sh 30
+
+## Replays the fuzz seeds and saved findings through every check (stable, no libFuzzer).
+fuzz-replay:
+	$(CARGO) test --manifest-path fuzz/Cargo.toml --locked
 
 check-demo: build
 	AOAI_SWEDEN_KEY=x ./target/debug/aoai-gateway check -c conf/demo.yaml

@@ -2,7 +2,8 @@
 # Installs what building and testing need on a fresh Debian machine, and nothing that is
 # already there: C build tools for pingora (cmake, pkg-config, OpenSSL headers), the servers
 # the integration tests start (redis-server, nginx, prometheus/promtool), wrk for the
-# benchmark, and the Python test client (the official openai SDK, pytest, PyJWT).
+# benchmark, the Python test client (the official openai SDK, pytest, PyJWT), and cargo-fuzz
+# for `make fuzz` (run with the nightly toolchain: `cargo +nightly fuzz`).
 set -euo pipefail
 need=()
 command -v cmake >/dev/null || need+=(cmake)
@@ -27,3 +28,9 @@ if ! $PY -c 'import openai, pytest, jwt, httpx, cryptography, yaml' 2>/dev/null;
   echo "installing Python test packages"
   $PY -m pip install -q -r tests/integration/requirements.txt
 fi
+if ! command -v cargo-fuzz >/dev/null; then
+  echo "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+rustup toolchain list 2>/dev/null | grep -q '^nightly' ||
+  echo "note: no nightly toolchain; make fuzz needs one (rustup toolchain install nightly)"
