@@ -3,7 +3,8 @@
 # once; exits non-zero if any target found something (a crash, a failed invariant, a hang
 # past FUZZ_TIMEOUT seconds or memory past FUZZ_RSS_MB), whose input libFuzzer leaves in
 # fuzz/artifacts/<target>/. New inputs go to fuzz/corpus/<target> (not committed); the
-# committed seeds in fuzz/seeds/<target> are read, never written. Logs: fuzz/artifacts/logs/.
+# committed seeds (fuzz/seeds/<target>) and saved findings (fuzz/regressions/<target>) are
+# read and replayed first, never written. Logs: fuzz/artifacts/logs/.
 #
 #   scripts/fuzz.sh 30                      # every target, 30 s each
 #   FUZZ_TARGETS="chunked_body" scripts/fuzz.sh 600
