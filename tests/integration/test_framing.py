@@ -521,6 +521,35 @@ def test_a_head_sent_too_slowly_gets_408_and_is_closed(slow_heads):
     assert fb.data_requests() == [], fb.data_requests()
 
 
+def test_bad_heads_and_slow_bodies_are_counted_as_the_clients_errors(module_cluster):
+    """SPEC §8: a head that is not HTTP/1.1 counts in downstream_errors_total{kind="malformed"};
+    a body that stops short of its length is cut at request_timeout_seconds, audited as 408
+    RequestTimeout and counted with kind="timeout" — never reaching the backend."""
+    fb = FakeBackend("slow-bodies")
+    gw = module_cluster.gateway(fake_config([fb], server={"request_timeout_seconds": 2}))
+    try:
+        def count(kind: str) -> float:
+            return metric_value(scrape(gw), "aoai_gateway_downstream_errors_total",
+                                kind=kind) or 0.0
+
+        timeouts, malformed = count("timeout"), count("malformed")
+        with Conn(gw) as c:
+            c.send(b"\x16\x03\x01 not http\r\n\r\n")
+            assert_spec_error(c.read_response(), 400, "InvalidRequestBody")
+            c.expect_closed()
+        wire = chat(chat_bytes("half a body"))
+        with Conn(gw) as c:
+            c.send(wire[:-5])
+            c.expect_closed()
+        line = gw.wait_audit(lambda l: l["status"] == 408, what="the 408 of a slow body")
+        assert line["error_code"] == "RequestTimeout", line
+        agw.wait_until(lambda: (count("malformed"), count("timeout")) == (malformed + 1, timeouts + 1),
+                       5, "downstream_errors_total{malformed,timeout} +1 each")
+        assert fb.data_requests() == [], fb.data_requests()
+    finally:
+        fb.close()
+
+
 def test_a_head_completed_in_time_after_idling_is_served(slow_heads):
     gw, fb = slow_heads
     fb.clear()

@@ -458,30 +458,6 @@ impl LimitStore for MemoryStore {
     }
 }
 
-impl LimitStore for RedisStore {
-    async fn admit(
-        &self,
-        subject: &str,
-        deployment: &str,
-        plan: &Plan,
-        now: i64,
-    ) -> Option<Result<[i64; MAX_CHECKS], FilterError>> {
-        self.admit_shared(subject, deployment, plan, now).await
-    }
-
-    async fn reconcile(
-        &self,
-        subject: &str,
-        deployment: &str,
-        day: i64,
-        corrections: &[Correction],
-        now: i64,
-    ) -> bool {
-        self.reconcile_shared(subject, deployment, day, corrections, now)
-            .await
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The limiter.
 
@@ -567,9 +543,7 @@ impl Limiter {
         let decider = match &self.redis {
             None => Decider::Memory,
             Some(redis) => {
-                if let Some(result) =
-                    LimitStore::admit(redis, subject, deployment, &plan, now).await
-                {
+                if let Some(result) = redis.admit(subject, deployment, &plan, now).await {
                     let after = result?;
                     return Ok(self.admission(
                         subject,
@@ -663,15 +637,15 @@ impl Limiter {
         let corrections = &corrections[..n];
         match (ticket.decider, &self.redis) {
             (Decider::Redis, Some(redis)) => {
-                let ok = LimitStore::reconcile(
-                    redis,
-                    &ticket.subject,
-                    &ticket.deployment,
-                    ticket.day,
-                    corrections,
-                    now,
-                )
-                .await;
+                let ok = redis
+                    .reconcile(
+                        &ticket.subject,
+                        &ticket.deployment,
+                        ticket.day,
+                        corrections,
+                        now,
+                    )
+                    .await;
                 if !ok {
                     (self.on_store_error)();
                 }

@@ -32,7 +32,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 use super::window::{day_label, DAY_US};
-use super::{evaluate, Correction, Kind, LimiterOptions, Plan, Scope, MAX_CHECKS};
+use super::{evaluate, Correction, Kind, LimitStore, LimiterOptions, Plan, Scope, MAX_CHECKS};
 use crate::FilterError;
 
 /// KEYS: one per window. ARGV[1]: now (µs). Then four per key: kind, a, b, c.
@@ -222,10 +222,12 @@ impl RedisStore {
         }
         k
     }
+}
 
+impl LimitStore for RedisStore {
     /// `None`: Redis could not decide (skipped, error or timeout). `Some(Ok(new values))`:
     /// admitted and counted. `Some(Err(e))`: refused, nothing counted.
-    pub(crate) async fn admit_shared(
+    async fn admit(
         &self,
         subject: &str,
         deployment: &str,
@@ -291,7 +293,7 @@ impl RedisStore {
     }
 
     /// Applies the corrections; `false` when Redis could not (they are dropped).
-    pub(crate) async fn reconcile_shared(
+    async fn reconcile(
         &self,
         subject: &str,
         deployment: &str,

@@ -37,13 +37,7 @@ pub fn request_framing<'a>(
     te: impl Iterator<Item = &'a [u8]>,
     cl: impl Iterator<Item = &'a [u8]>,
 ) -> Result<Framing, Refusal> {
-    let chunked = transfer_coding(minor, te)?;
-    match (chunked, content_length(cl)?) {
-        (true, Some(_)) => Err("both Transfer-Encoding and Content-Length"),
-        (true, None) => Ok(Framing::Chunked),
-        (false, Some(n)) => Ok(Framing::Length(n)),
-        (false, None) => Ok(Framing::Length(0)),
-    }
+    body_framing(minor, te, cl, Framing::Length(0))
 }
 
 /// RFC 9112 §6.3 for a response (`head_request`: it answers a HEAD). No body for HEAD, 1xx,
@@ -60,12 +54,23 @@ pub fn response_framing<'a>(
     if head_request || status < 200 || status == 204 || status == 304 {
         return Ok(Framing::Length(0));
     }
+    body_framing(minor, te, cl, Framing::Close)
+}
+
+/// The rules both directions share: `chunked` alone, else one length, never both;
+/// `neither` when the message has no framing field.
+fn body_framing<'a>(
+    minor: u8,
+    te: impl Iterator<Item = &'a [u8]>,
+    cl: impl Iterator<Item = &'a [u8]>,
+    neither: Framing,
+) -> Result<Framing, Refusal> {
     let chunked = transfer_coding(minor, te)?;
     match (chunked, content_length(cl)?) {
         (true, Some(_)) => Err("both Transfer-Encoding and Content-Length"),
         (true, None) => Ok(Framing::Chunked),
         (false, Some(n)) => Ok(Framing::Length(n)),
-        (false, None) => Ok(Framing::Close),
+        (false, None) => Ok(neither),
     }
 }
 

@@ -184,9 +184,11 @@ impl Gateway {
             Entry::Request(route) => route,
         };
         ctx.outcome.deployment = plan::named_deployment(&route, lookup);
-        ctx.outcome.operation = plan::operation(&route).ok().map(|(op, _)| op);
+        // Known before identity (its refusals are labelled with it), refused after it.
+        let routed = plan::operation(&route);
+        ctx.outcome.operation = routed.as_ref().ok().map(|&(op, _)| op);
         let identity = self.authenticate(d, &head, ctx, snap).await?;
-        let (operation, rest) = plan::operation(&route)?;
+        let (operation, rest) = routed?;
         let body = self.read_body(d, &head, ctx, snap, operation, rest).await?;
         let plan = plan::plan(&route, path, body.as_ref().and_then(|b| b.model()), lookup)?;
         match plan {
