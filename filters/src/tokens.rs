@@ -35,7 +35,9 @@ impl RawUsage {
         Some(Usage {
             prompt,
             completion,
-            total: self.total_tokens.unwrap_or(prompt + completion),
+            total: self
+                .total_tokens
+                .unwrap_or(prompt.saturating_add(completion)),
         })
     }
 }
@@ -184,11 +186,19 @@ impl SseTracker {
         }
         let mut out = BytesMut::with_capacity(complete.len());
         let mut rest: &[u8] = &complete;
-        while let Some(end) = first_event_end(rest) {
+        loop {
+            // Line ends before an event (a longer blank run, `\n\n\n`) belong to no event:
+            // passed on as they came, so the output does not depend on how the stream was
+            // chunked, and a dropped event takes none of them with it.
+            rest = pass_blank_lines(rest, &mut out);
+            let Some(end) = first_event_end(rest) else {
+                break;
+            };
             let (event, tail) = rest.split_at(end);
             self.event(event, &mut out);
             rest = tail;
         }
+        out.extend_from_slice(rest);
         out.freeze()
     }
 
@@ -199,7 +209,10 @@ impl SseTracker {
             return Bytes::new();
         }
         let mut out = BytesMut::new();
-        self.event(&rest, &mut out);
+        let event = pass_blank_lines(&rest, &mut out);
+        if !event.is_empty() {
+            self.event(event, &mut out);
+        }
         out.freeze()
     }
 
@@ -282,6 +295,13 @@ fn first_event_end(buf: &[u8]) -> Option<usize> {
         i += 1;
     }
     None
+}
+
+/// Copies the CR and LF bytes at the start of `buf` to `out`; returns the rest.
+fn pass_blank_lines<'b>(buf: &'b [u8], out: &mut BytesMut) -> &'b [u8] {
+    let n = buf.iter().take_while(|&&b| b == b'\n' || b == b'\r').count();
+    out.extend_from_slice(&buf[..n]);
+    &buf[n..]
 }
 
 /// End (exclusive) of the last complete event in the buffer.
@@ -435,6 +455,40 @@ mod tests {
             assert!(got.ends_with(b"data: [DONE]\n\n"));
             assert_eq!(t.usage().map(|u| u.total), Some(16), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn extra_blank_lines_pass_whatever_the_chunking() {
+        // A longer blank run between events (`\n\n\n`): unchanged without strip, and the
+        // same bytes with strip however the stream is cut.
+        let s = format!("{CHUNK}\n\n\n{USAGE}\n\n\n\ndata: [DONE]\n\n");
+        let stripped = {
+            let mut t = SseTracker::new(true);
+            let mut got = t.push(s.as_bytes()).to_vec();
+            got.extend_from_slice(&t.finish());
+            got
+        };
+        for cut in 1..s.len() {
+            for strip in [false, true] {
+                let mut t = SseTracker::new(strip);
+                let mut got = t.push(&s.as_bytes()[..cut]).to_vec();
+                got.extend_from_slice(&t.push(&s.as_bytes()[cut..]));
+                got.extend_from_slice(&t.finish());
+                let want = if strip { &stripped[..] } else { s.as_bytes() };
+                assert_eq!(got, want, "strip {strip}, cut at {cut}");
+                assert_eq!(t.usage().map(|u| u.total), Some(16), "cut at {cut}");
+            }
+        }
+        assert!(!String::from_utf8_lossy(&stripped).contains("usage"));
+    }
+
+    #[test]
+    fn usage_sums_saturate() {
+        let u: RawUsage = serde_json::from_str(
+            r#"{"prompt_tokens":18446744073709551615,"completion_tokens":18446744073709551615}"#,
+        )
+        .unwrap();
+        assert_eq!(u.normalize().map(|u| u.total), Some(u64::MAX));
     }
 
     #[test]

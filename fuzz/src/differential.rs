@@ -12,9 +12,8 @@
 //! - R2 (Content-Length list): hyper's server takes one `Content-Length` value, not a list;
 //!   the gateway accepts a list of equal values (RFC 9110 §8.6). Hyper said `invalid
 //!   content-length` and the gateway's value is such a list.
-//! - R3 (keep-alive): hyper closed the connection after the previous request because by its
-//!   rule (any `close` token wins; HTTP/1.0 needs `keep-alive`) that request did not allow
-//!   another. Not framing: no byte is read differently, the connection just ends earlier.
+//! - R3 (keep-alive) is retired: the gateway now lets `close` win in HTTP/1.0 as hyper does
+//!   (observation O2), so a connection hyper ends and the gateway reads on is a finding.
 //! - R4 (trailer fields): hyper refused a trailer field line by `http`'s header-name or
 //!   header-value rules after the body ended where the gateway says (trailers are dropped by
 //!   the gateway).
@@ -22,10 +21,7 @@
 //! Targets are compared as path and query, cut at `#` (hyper drops a fragment, the gateway
 //! keeps it — not allowed in a request target by RFC 9112 §3.2, and not framing), and only
 //! for origin-form and `http(s)://` absolute-form targets (`*` and authority form have no
-//! path to compare). An absolute-form target without a path but with a query (`http://h?q`)
-//! loses its query in the gateway (finding F2): compared without the query. One with a `#`
-//! in its authority (`http://h#x/p`) gets the path `/p` in the gateway (finding F3): its
-//! target is not compared.
+//! path to compare), including `http://h?q` and `http://h#x/p` (findings F2 and F3, fixed).
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -209,13 +205,9 @@ fn non_framing_refusal(gw: &GwRun, hy: &HyRun, i: usize) -> Option<&'static str>
             }
             None
         }
-        Ok(()) => {
-            // hyper ended the connection cleanly before request i.
-            if i > 0 && !hy.requests[i - 1].keep_alive {
-                return Some("R3");
-            }
-            None
-        }
+        // hyper ended the connection cleanly before request i: the gateway, reading on,
+        // disagrees about keep-alive (rule R3 until O2 was fixed; now a finding).
+        Ok(()) => None,
     }
 }
 
@@ -248,17 +240,8 @@ pub fn check_framing_differential(data: &[u8]) {
         assert_eq!(g.method, h.method, "request {i}: method{}", show());
         let raw = &targets[i];
         if comparable(raw) {
-            let mut want = gateway_target(&g.path, g.query.as_deref());
-            let mut got = hyper_target(h);
-            if crate::known("F3", crate::reference::fragment_in_authority(raw)) {
-                // F3: the gateway reads a path after `#`; hyper has none.
-                want = String::new();
-                got = String::new();
-            }
-            if crate::known("F2", crate::reference::absolute_without_path(raw)) {
-                want.truncate(want.find('?').unwrap_or(want.len()));
-                got.truncate(got.find('?').unwrap_or(got.len()));
-            }
+            let want = gateway_target(&g.path, g.query.as_deref());
+            let got = hyper_target(h);
             assert_eq!(want, got, "request {i}: target {raw:?}{}", show());
         }
         let body = h.body.as_ref().expect("checked above");

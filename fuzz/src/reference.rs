@@ -262,30 +262,6 @@ pub fn target_path_query(target: &str) -> (String, Option<&str>) {
     (path.to_string(), query)
 }
 
-/// An `http(s)://` target whose authority is followed directly by `?` (F2).
-pub fn absolute_without_path(target: &str) -> bool {
-    let lower = target.to_ascii_lowercase();
-    let rest = lower
-        .strip_prefix("http://")
-        .or_else(|| lower.strip_prefix("https://"));
-    rest.is_some_and(|r| {
-        r.find(['/', '?', '#'])
-            .is_some_and(|i| r.as_bytes()[i] == b'?')
-    })
-}
-
-/// An `http(s)://` target with a `#` before the first `/` or `?` after the scheme (F3).
-pub fn fragment_in_authority(target: &str) -> bool {
-    let lower = target.to_ascii_lowercase();
-    let rest = lower
-        .strip_prefix("http://")
-        .or_else(|| lower.strip_prefix("https://"));
-    rest.is_some_and(|r| {
-        r.find(['/', '?', '#'])
-            .is_some_and(|i| r.as_bytes()[i] == b'#')
-    })
-}
-
 /// The values of every field named `name` (any case), in order.
 fn values<'h>(head: &'h Head, name: &'static str) -> impl Iterator<Item = &'h [u8]> {
     head.fields()
@@ -443,7 +419,7 @@ pub fn usage_by_serde(data: &[u8]) -> Option<filters::tokens::Usage> {
         completion,
         total: raw
             .total_tokens
-            .unwrap_or_else(|| prompt.wrapping_add(completion)),
+            .unwrap_or_else(|| prompt.saturating_add(completion)),
     })
 }
 

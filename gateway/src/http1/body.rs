@@ -92,6 +92,11 @@ impl BodyReader {
         loop {
             match self.chunk {
                 Chunk::Size => match chunk_line(&conn.rbuf).map_err(H1Error::Malformed)? {
+                    // Refused whole as in pieces: a line longer than the limit is refused
+                    // however it arrives.
+                    Some(line) if line.used > MAX_CHUNK_LINE => {
+                        return Err(H1Error::Malformed("chunk size line too long"));
+                    }
                     Some(line) => {
                         self.extensions_left = self
                             .extensions_left
@@ -155,7 +160,14 @@ impl BodyReader {
                         let _ = conn.rbuf.split_to(used);
                     }
                     None => {
-                        if self.trailer_bytes + conn.rbuf.len() > MAX_TRAILER_BYTES {
+                        // A lone CR is the start of the final CRLF, not of a field: it is
+                        // not counted, so a split final CRLF is judged as a whole one.
+                        let pending = if conn.rbuf[..] == [b'\r'] {
+                            0
+                        } else {
+                            conn.rbuf.len()
+                        };
+                        if self.trailer_bytes + pending > MAX_TRAILER_BYTES {
                             return Err(H1Error::Malformed("trailer section too large"));
                         }
                         if conn.fill().await? == 0 {

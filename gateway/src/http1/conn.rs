@@ -99,11 +99,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if response {
             let mut r = httparse::Response::new(&mut []);
             match config.parse_response_with_uninit_headers(&mut r, &self.rbuf, &mut headers) {
+                // RFC 9110 §15: a status is 100–999 (httparse takes `000`).
+                Ok(httparse::Status::Complete(_)) if r.code.is_none_or(|c| c < 100) => {
+                    return Err(H1Error::Malformed("status below 100"));
+                }
                 Ok(httparse::Status::Complete(n)) => {
                     used = n;
                     method = (0, 0);
                     target = (0, 0);
-                    status = r.code.unwrap_or(0);
+                    status = r.code.unwrap_or(100);
                     minor = r.version.unwrap_or(1);
                     spans = collect(&self.rbuf, r.headers);
                 }

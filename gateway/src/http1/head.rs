@@ -260,9 +260,14 @@ fn target_spans(target: &[u8], at: u32) -> (Span, Option<Span>) {
     for scheme in [&b"http://"[..], b"https://"] {
         if target.len() >= scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme) {
             let rest = &target[scheme.len()..];
-            start = match memchr::memchr2(b'/', b'?', rest) {
+            // The authority ends at the first `/`, `?` or `#` (RFC 3986 §3.2).
+            start = match memchr::memchr3(b'/', b'?', b'#', rest) {
                 Some(i) if rest[i] == b'/' => scheme.len() + i,
-                // No path: `/` (the empty span marks it).
+                // No path: `/` (the empty span marks it), then the query if there is one.
+                Some(i) if rest[i] == b'?' => {
+                    let q = at + (scheme.len() + i + 1) as u32;
+                    return ((end, end), Some((q, end)));
+                }
                 _ => return ((end, end), None),
             };
             break;
@@ -462,8 +467,9 @@ impl Head {
 
     /// Whether the connection may carry another message after this one.
     pub fn keep_alive(&self) -> bool {
+        // `close` wins over `keep-alive` in either version (RFC 9112 §9.3, §9.6).
         if self.minor == 0 {
-            self.connection_has("keep-alive")
+            self.connection_has("keep-alive") && !self.connection_has("close")
         } else {
             !self.connection_has("close")
         }

@@ -115,7 +115,10 @@ fn request_targets_split_into_path_and_query() {
         ("http://host/a/b?x=1", "/a/b", Some("x=1")),
         ("HTTPS://host:443/a", "/a", None),
         ("http://host", "/", None),
-        ("http://host?x=1", "/", None),
+        ("http://host?x=1", "/", Some("x=1")),
+        ("http://host?", "/", Some("")),
+        ("http://host#x/openai/models", "/", None),
+        ("http://host/a#x", "/a#x", None),
         ("*", "*", None),
     ] {
         let h = Head::request("GET", target, []);
@@ -453,4 +456,40 @@ fn connection_nominated_fields_do_not_cross() {
         .map(|(_, n, _)| String::from_utf8_lossy(n).into_owned())
         .collect();
     assert_eq!(names, ["x-custom", "content-type"]);
+}
+
+#[tokio::test]
+async fn keep_alive_is_decided_by_version_and_connection_close_wins() {
+    for (minor, connection, keep) in [
+        (1, None, true),
+        (1, Some("keep-alive"), true),
+        (1, Some("close"), false),
+        (1, Some("Keep-Alive, Close"), false),
+        (0, None, false),
+        (0, Some("keep-alive"), true),
+        (0, Some("keep-alive, close"), false),
+        (0, Some("close, Keep-Alive"), false),
+    ] {
+        let raw = format!(
+            "HTTP/1.{minor} 200 OK\r\n{}Content-Length: 0\r\n\r\n",
+            connection.map_or(String::new(), |c| format!("Connection: {c}\r\n"))
+        );
+        let (a, mut b) = duplex(1 << 16);
+        b.write_all(raw.as_bytes()).await.unwrap();
+        drop(b);
+        let h = Conn::new(a).read_head(true).await.unwrap().unwrap();
+        assert_eq!(h.keep_alive(), keep, "HTTP/1.{minor} {connection:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_status_below_100_is_refused() {
+    for raw in [&b"HTTP/1.1 000 X\r\n\r\n"[..], b"HTTP/1.1 099 X\r\n\r\n"] {
+        let mut c = conn_with(raw).await;
+        assert!(
+            matches!(c.read_head(true).await, Err(H1Error::Malformed(_))),
+            "{}",
+            String::from_utf8_lossy(raw)
+        );
+    }
 }
