@@ -672,3 +672,35 @@ def test_an_answer_with_both_framings_is_a_bad_gateway_and_its_connection_droppe
     data = fb.data_requests()
     assert [q.marker for q in data] == ["both framings", "after"], data
     assert data[1].conn != data[0].conn, f"the connection was reused: {data!r}"
+
+
+# -- found by fuzzing (fuzz/README.md, F2/F3 and O2) -------------------------------------
+
+
+@pytest.mark.parametrize("connection", ["keep-alive, close", "close, keep-alive"])
+def test_http10_keep_alive_with_close_closes_after_the_answer(env, connection):
+    """`close` wins over `keep-alive` in HTTP/1.0 as in 1.1: the request behind is not read."""
+    gw, fb = env
+    wire = request(CHAT, chat_bytes("http/1.0 close wins"), version="1.0",
+                   headers=[("Connection", connection)])
+    with Conn(gw) as c:
+        c.send(wire + SMUGGLED)
+        assert_answer(c.read_response(), "http/1.0 close wins")
+        c.expect_closed()
+    assert [q.marker for q in fb.data_requests()] == ["http/1.0 close wins"], fb.data_requests()
+
+
+def test_an_absolute_form_target_keeps_its_query_and_ends_its_authority_at_a_fragment(env):
+    """`http://host?q` is path `/` with query `q`; `http://host#x/openai/...` is path `/`."""
+    gw, fb = env
+    with Conn(gw) as c:
+        # The deployment path after `#` is the fragment: no route, nothing forwarded.
+        c.send(request(f"http://gateway.test#x{CHAT}", chat_bytes("fragment")))
+        r = c.read_response()
+        assert r.status_code == 404, r
+    with Conn(gw) as c:
+        # An absolute-form target with its query: the api-version reaches the backend.
+        c.send(request(f"http://gateway.test{CHAT}", chat_bytes("absolute")))
+        assert_answer(c.read_response(), "absolute")
+    (q,) = fb.data_requests()
+    assert "api-version=" in q.target, q
