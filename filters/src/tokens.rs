@@ -299,7 +299,10 @@ fn first_event_end(buf: &[u8]) -> Option<usize> {
 
 /// Copies the CR and LF bytes at the start of `buf` to `out`; returns the rest.
 fn pass_blank_lines<'b>(buf: &'b [u8], out: &mut BytesMut) -> &'b [u8] {
-    let n = buf.iter().take_while(|&&b| b == b'\n' || b == b'\r').count();
+    let n = buf
+        .iter()
+        .take_while(|&&b| b == b'\n' || b == b'\r')
+        .count();
     out.extend_from_slice(&buf[..n]);
     &buf[n..]
 }

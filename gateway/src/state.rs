@@ -124,8 +124,16 @@ impl Snapshot {
         // unreachable), verified tokens and the refetch budget survive a reload.
         let oidc = match prev {
             _ if cfg.oidc.is_empty() => None,
-            Some(p) if p.cfg.oidc == cfg.oidc && p.oidc.is_some() => p.oidc.clone(),
-            _ => Some(Arc::new(OidcVerifier::new(cfg.oidc.clone())?)),
+            Some(p)
+                if p.cfg.oidc == cfg.oidc
+                    && p.cfg.token_cache_entries == cfg.token_cache_entries
+                    && p.oidc.is_some() =>
+            {
+                p.oidc.clone()
+            }
+            _ => Some(Arc::new(
+                OidcVerifier::new(cfg.oidc.clone())?.with_token_cache(cfg.token_cache_entries),
+            )),
         };
         let resolver = IdentityResolver {
             keys: cfg.keys.clone(),

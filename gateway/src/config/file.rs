@@ -82,11 +82,27 @@ pub struct ClientCertificatesFile {
     pub crls: Vec<String>,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityFile {
     #[serde(default)]
     pub oidc: Vec<OidcFile>,
+    /// Verified tokens kept (CLOCK eviction); 0 turns the cache off.
+    #[serde(default = "default_token_cache_entries")]
+    pub token_cache_entries: usize,
+}
+
+fn default_token_cache_entries() -> usize {
+    filters::oidc::DEFAULT_TOKEN_CACHE_CAPACITY
+}
+
+impl Default for IdentityFile {
+    fn default() -> Self {
+        IdentityFile {
+            oidc: Vec::new(),
+            token_cache_entries: default_token_cache_entries(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -143,6 +143,8 @@ pub struct Config {
     pub certs: CertMap,
     pub tokens: TokenMap,
     pub oidc: Vec<OidcProviderConfig>,
+    /// `identity.token_cache_entries`.
+    pub token_cache_entries: usize,
     /// Looked up per request: a fast hash (the names come from the file).
     pub deployments: HashMap<String, Arc<Deployment>, foldhash::fast::RandomState>,
     /// Deployment names in file order (for `models.read` and `/healthz`).

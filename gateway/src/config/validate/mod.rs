@@ -46,6 +46,7 @@ pub fn validate(f: FileConfig, mut errs: Errors) -> Result<Config, Vec<ConfigErr
         certs: clients.certs,
         tokens: clients.tokens,
         oidc,
+        token_cache_entries: f.identity.token_cache_entries,
         deployments,
         deployment_names,
         backends,
