@@ -15,6 +15,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
 use crate::config;
+use crate::front::handshake::Handshakes;
 use crate::front::Front;
 use crate::observe::audit::AuditLog;
 use crate::observe::metrics::Metrics;
@@ -218,20 +219,35 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
         metrics: metrics.clone(),
         audit: audit.clone(),
     };
-    let front = Front::new(Arc::new(gateway), &server.configuration);
+    // TLS listeners are plain TCP to Pingora: the front runs (and counts) their handshakes.
+    let mut tls_listeners = Vec::new();
+    for l in &server_cfg.listeners {
+        if let Some(tls) = &l.tls {
+            let addr = l
+                .address
+                .parse()
+                .map_err(|e| format!("listener {}: {e}", l.address))?;
+            let listener = crate::tls::tls_listener(&l.address, tls, &metrics, &state)?;
+            tls_listeners.push((addr, listener));
+        }
+    }
+    let handshakes = Handshakes::new(
+        tls_listeners,
+        server_cfg.tls_handshakes_per_thread * server_cfg.threads,
+        server_cfg.header_timeout,
+        metrics.clone(),
+    );
+    let front = Front::new(Arc::new(gateway), &server.configuration, handshakes);
     let mut proxy = Service::new("aoai-gateway".to_string(), front);
     for l in &server_cfg.listeners {
-        match &l.tls {
+        let listener = ListenerConfig::tcp(l.address.as_str());
+        proxy.add_listener(match &l.tls {
             // Plain listeners are read by the gateway's own HTTP/1 codec, which keeps its own
             // read buffer and writes whole responses: Pingora's 64 KiB read buffer in front of
-            // it would only add a copy per read.
-            None => proxy.add_listener(
-                ListenerConfig::tcp(l.address.as_str()).l4_buffer(L4BufferSettings::unbuffered()),
-            ),
-            Some(tls) => {
-                crate::tls::add_tls_listener(&mut proxy, &l.address, tls, &metrics, &state)?
-            }
-        }
+            // it would only add a copy per read. TLS reads records: the buffer saves syscalls.
+            None => listener.l4_buffer(L4BufferSettings::unbuffered()),
+            Some(_) => listener,
+        });
     }
     server.add_service(proxy);
 

@@ -42,44 +42,65 @@ use openssl::asn1::{Asn1Time, Asn1TimeRef};
 use openssl::ex_data::Index;
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
-use openssl::ssl::{Ssl, SslFiletype, SslOptions, SslSessionCacheMode, SslVerifyMode, SslVersion};
+use openssl::ssl::{
+    select_next_proto, AlpnError, Ssl, SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod,
+    SslOptions, SslSessionCacheMode, SslVerifyMode, SslVersion,
+};
 use openssl::stack::Stack;
 use openssl::x509::store::{X509Lookup, X509Store, X509StoreBuilder};
 use openssl::x509::verify::X509VerifyFlags;
 use openssl::x509::{X509Name, X509NameRef, X509Ref, X509StoreContextRef, X509};
-use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
-use pingora::services::listening::Service;
 use pingora::tls::ssl_sys;
 
 use crate::config::runtime::{ClientCertSettings, ListenerTls};
-use crate::front::Front;
+use crate::front::handshake::TlsListener;
 use crate::observe::metrics::Metrics;
 use crate::state::Snapshot;
 
-pub fn add_tls_listener(
-    service: &mut Service<Front>,
+/// The TLS side of a listener: Mozilla's intermediate settings (TLS 1.2 and later), ALPN
+/// `h2` preferred over `http/1.1`, and with `client_certificates` the mTLS callbacks. The
+/// handshake itself is run by the front ([`crate::front::handshake`]), which counts it.
+pub fn tls_listener(
     address: &str,
     tls: &ListenerTls,
     metrics: &Arc<Metrics>,
     state: &Arc<ArcSwap<Snapshot>>,
-) -> Result<(), String> {
+) -> Result<TlsListener, String> {
     let err = |e: &dyn std::fmt::Display| format!("listener {address}: {e}");
-    let settings = match &tls.client_certificates {
+    let (mut builder, callbacks) = match &tls.client_certificates {
         None => {
-            let mut s = TlsSettings::intermediate(&tls.certificate, &tls.private_key)
-                .map_err(|e| err(&e))?;
-            s.set_min_proto_version(Some(SslVersion::TLS1_2))
-                .map_err(|e| err(&e))?;
-            s.enable_h2();
-            s
+            let mut s = intermediate(address)?;
+            s.set_private_key_file(&tls.private_key, SslFiletype::PEM)
+                .map_err(|e| err(&format!("private key {}: {e}", tls.private_key)))?;
+            s.set_certificate_chain_file(&tls.certificate)
+                .map_err(|e| err(&format!("certificate {}: {e}", tls.certificate)))?;
+            (s, None)
         }
-        Some(cc) => mtls_settings(address, tls, cc, metrics, state)?,
+        Some(cc) => {
+            let (s, cb) = mtls_settings(address, tls, cc, metrics, state)?;
+            (s, Some(cb))
+        }
     };
-    service.add_tls_with_settings(address, None, settings);
-    Ok(())
+    builder.set_alpn_select_callback(|_, offered| {
+        select_next_proto(b"\x02h2\x08http/1.1", offered).ok_or(AlpnError::NOACK)
+    });
+    Ok(TlsListener {
+        acceptor: builder.build(),
+        callbacks,
+    })
 }
+
+fn intermediate(address: &str) -> Result<SslAcceptorBuilder, String> {
+    let err = |e: &dyn std::fmt::Display| format!("listener {address}: {e}");
+    let mut s = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(|e| err(&e))?;
+    s.set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(|e| err(&e))?;
+    Ok(s)
+}
+
+type Callbacks = Box<dyn TlsAccept + Send + Sync>;
 
 fn mtls_settings(
     address: &str,
@@ -87,7 +108,7 @@ fn mtls_settings(
     cc: &ClientCertSettings,
     metrics: &Arc<Metrics>,
     state: &Arc<ArcSwap<Snapshot>>,
-) -> Result<TlsSettings, String> {
+) -> Result<(SslAcceptorBuilder, Callbacks), String> {
     let err = |e: &dyn std::fmt::Display| format!("listener {address}: {e}");
     let snap = state.load_full();
     let trust = TrustMaterial::load(cc).map_err(|e| err(&e))?;
@@ -106,8 +127,7 @@ fn mtls_settings(
     });
     conn_index().map_err(|e| err(&e))?;
 
-    let mut s = TlsSettings::with_callbacks(Box::new(MtlsCallbacks(shared.clone())))
-        .map_err(|e| err(&e))?;
+    let mut s = intermediate(address)?;
     s.set_private_key_file(&tls.private_key, SslFiletype::PEM)
         .map_err(|e| err(&format!("private key {}: {e}", tls.private_key)))?;
     s.set_certificate_chain_file(&tls.certificate)
@@ -117,10 +137,6 @@ fn mtls_settings(
             "the private key does not match the certificate: {e}"
         ))
     })?;
-    s.set_min_proto_version(Some(SslVersion::TLS1_2))
-        .map_err(|e| err(&e))?;
-    s.enable_h2();
-
     s.set_client_ca_list(ctx_store.ca_list().map_err(|e| err(&e))?);
     s.set_verify_cert_store(ctx_store.store)
         .map_err(|e| err(&e))?;
@@ -141,7 +157,7 @@ fn mtls_settings(
         cc.trust_bundle,
         cc.crls.len()
     );
-    Ok(s)
+    Ok((s, Box::new(MtlsCallbacks(shared))))
 }
 
 fn verify_mode(required: bool) -> SslVerifyMode {

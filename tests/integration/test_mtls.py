@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -527,3 +528,39 @@ def test_crl_update_takes_effect_on_graceful_upgrade(cluster, tmp_path):
     line = gw.audit_for(r.headers["x-request-id"])
     assert (line["client"], line["auth"]) == ("fp-client", "certificate"), line
     admin.close()
+
+
+def test_handshakes_are_counted_and_abandoned_ones_are_not_errors(module_cluster, pki, backend):
+    """SPEC §8: handshakes by result, those under way, and a client that gives up in the middle
+    of one is `downstream_errors_total{kind="handshake"}`, logged below warn."""
+    gw = start(module_cluster, pki, backend, None)
+    host, port = gw.listeners[0].rsplit(":", 1)
+
+    def counts() -> tuple[float, float, float]:
+        return (metric(gw, "aoai_gateway_downstream_handshakes_total", result="success") or 0,
+                metric(gw, "aoai_gateway_downstream_handshakes_total", result="failure") or 0,
+                metric(gw, "aoai_gateway_downstream_errors_total", kind="handshake") or 0)
+
+    ok0, failed0, abandoned0 = counts()
+    # Connected and closed at once; half a ClientHello, then closed.
+    for partial in [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]:
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as s:
+                if partial:
+                    s.sendall(partial)
+    # Three complete handshakes (no certificate: optional mode).
+    ctx = ssl.create_default_context(cafile=str(pki.server_ca.crt))
+    for _ in range(3):
+        with ctx.wrap_socket(socket.create_connection((host, int(port))),
+                             server_hostname="localhost"):
+            pass
+    deadline = time.monotonic() + 5
+    while counts()[1] < failed0 + 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ok, failed, abandoned = counts()
+    assert (ok - ok0, failed - failed0, abandoned - abandoned0) == (3, 6, 6)
+    text = gw.admin.get("/metrics").text
+    assert "\naoai_gateway_downstream_handshakes_in_progress 0\n" in text, text
+    noisy = [l for l in gw.proc.stderr().splitlines()
+             if ("ERROR" in l or "WARN" in l) and "andshake" in l]
+    assert noisy == [], noisy

@@ -27,6 +27,9 @@ pub struct ServerFile {
     /// idle timeout of Azure's front ends, so the gateway closes first).
     #[serde(default = "default_backend_idle")]
     pub backend_idle_seconds: u64,
+    /// TLS handshakes under way at once per worker thread; more wait for a turn.
+    #[serde(default = "default_tls_handshakes_per_thread")]
+    pub tls_handshakes_per_thread: usize,
     #[serde(default)]
     pub front_door_ids: Vec<String>,
     #[serde(default)]
@@ -47,6 +50,9 @@ fn default_idle_timeout() -> u64 {
 }
 fn default_backend_idle() -> u64 {
     55
+}
+fn default_tls_handshakes_per_thread() -> usize {
+    16
 }
 
 #[derive(Debug, Deserialize)]

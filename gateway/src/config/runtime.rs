@@ -47,6 +47,7 @@ pub struct Server {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub backend_idle: Duration,
+    pub tls_handshakes_per_thread: usize,
     pub front_door_ids: Vec<String>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }

@@ -4,6 +4,7 @@
 pub mod downstream;
 pub mod h1;
 pub mod h2;
+pub mod handshake;
 
 use std::sync::Arc;
 
@@ -15,20 +16,28 @@ use pingora::server::ShutdownWatch;
 
 use crate::pipeline::Gateway;
 use h2::H2Gateway;
+use handshake::Handshakes;
 
-/// The listeners' application: HTTP/1.x on the gateway's codec, HTTP/2 through Pingora.
+/// The listeners' application: TLS handshakes ([`handshake`]), then HTTP/1.x on the
+/// gateway's codec or HTTP/2 through Pingora.
 pub struct Front {
     gateway: Arc<Gateway>,
     h2: Arc<HttpProxy<H2Gateway>>,
+    handshakes: Handshakes,
 }
 
 impl Front {
     pub fn new(
         gateway: Arc<Gateway>,
         conf: &Arc<pingora::server::configuration::ServerConf>,
+        handshakes: Handshakes,
     ) -> Self {
         let h2 = Arc::new(pingora::proxy::http_proxy(conf, H2Gateway(gateway.clone())));
-        Front { gateway, h2 }
+        Front {
+            gateway,
+            h2,
+            handshakes,
+        }
     }
 }
 
@@ -39,6 +48,7 @@ impl ServerApp for Front {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let stream = self.handshakes.accept(stream).await?;
         if stream.selected_alpn_proto() == Some(ALPN::H2) {
             return self.h2.process_new(stream, shutdown).await;
         }

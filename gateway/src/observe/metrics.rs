@@ -38,6 +38,9 @@ pub struct Metrics {
     pub limit_store_errors: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
     pub downstream_errors: IntCounterVec,
+    /// `aoai_gateway_downstream_handshakes_total{result}` (TLS listeners).
+    pub downstream_handshakes: IntCounterVec,
+    pub downstream_handshakes_in_progress: prometheus::IntGauge,
     unlisted: Mutex<HashSet<Arc<str>>>,
     request_series: SeriesCache<RequestSeries, 4>,
     attempt_series: SeriesCache<AttemptSeries, 3>,
@@ -333,6 +336,19 @@ impl Metrics {
             &["kind"],
         )
         .unwrap();
+        let downstream_handshakes = IntCounterVec::new(
+            Opts::new(
+                "aoai_gateway_downstream_handshakes_total",
+                "Client TLS handshakes, by result.",
+            ),
+            &["result"],
+        )
+        .unwrap();
+        let downstream_handshakes_in_progress = prometheus::IntGauge::new(
+            "aoai_gateway_downstream_handshakes_in_progress",
+            "Client TLS handshakes under way (waiting for a turn included).",
+        )
+        .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -348,6 +364,8 @@ impl Metrics {
             Box::new(limit_store_errors.clone()),
             Box::new(tls_handshake_failures.clone()),
             Box::new(downstream_errors.clone()),
+            Box::new(downstream_handshakes.clone()),
+            Box::new(downstream_handshakes_in_progress.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -355,8 +373,9 @@ impl Metrics {
         for r in ["success", "failure"] {
             token_refreshes.with_label_values(&[r]).inc_by(0);
             config_reloads.with_label_values(&[r]).inc_by(0);
+            downstream_handshakes.with_label_values(&[r]).inc_by(0);
         }
-        for kind in ["timeout", "malformed", "client_closed"] {
+        for kind in ["handshake", "timeout", "malformed", "client_closed"] {
             downstream_errors.with_label_values(&[kind]).inc_by(0);
         }
         Arc::new(Metrics {
@@ -375,6 +394,8 @@ impl Metrics {
             limit_store_errors,
             tls_handshake_failures,
             downstream_errors,
+            downstream_handshakes,
+            downstream_handshakes_in_progress,
             unlisted: Mutex::new(HashSet::new()),
             request_series: SeriesCache::new(),
             attempt_series: SeriesCache::new(),

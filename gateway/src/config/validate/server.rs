@@ -34,6 +34,9 @@ pub(super) fn server(f: &ServerFile, errs: &mut Errors) -> Server {
             errs.at(format!("server.{key}"), "must be at least 1");
         }
     }
+    if f.tls_handshakes_per_thread == 0 {
+        errs.at("server.tls_handshakes_per_thread", "must be at least 1");
+    }
     if f.threads == Some(0) {
         errs.at("server.threads", "must be at least 1");
     }
@@ -50,6 +53,7 @@ pub(super) fn server(f: &ServerFile, errs: &mut Errors) -> Server {
         header_timeout: Duration::from_secs(f.header_timeout_seconds),
         idle_timeout: Duration::from_secs(f.idle_timeout_seconds),
         backend_idle: Duration::from_secs(f.backend_idle_seconds),
+        tls_handshakes_per_thread: f.tls_handshakes_per_thread,
         front_door_ids: f.front_door_ids.clone(),
         trusted_proxies,
     }
