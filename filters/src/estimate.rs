@@ -5,28 +5,24 @@
 //! `bytes` takes text bytes / 4. Either way the estimate is only a reservation: the backend's
 //! reported usage replaces it after the response.
 //!
-//! # Tokenizer choice: `bpe-openai`
+//! # Tokenizer: [`crate::bpe`]
 //!
-//! Measured with `estimate::tests::tokenizer_timings` (release build on this project's 2-core
-//! machine: `cargo test -p filters --release --features bench-tiktoken --lib -- --ignored
-//! --nocapture tokenizer_timings`), counting one 100 KiB prompt (English prose, code, numbers,
-//! accents, CJK), mean of 20 counts, ranges over 3–4 runs; "quiet" = idle machine, "busy" =
-//! load average 7 from parallel builds:
+//! `bpe-openai` was used first (1.5–3× faster than `tiktoken-rs`, linear on pathological
+//! input), but its tables hold ≈ 115 MiB for the two encodings. [`crate::bpe`] counts exactly
+//! as tiktoken does with ≈ 4 + 2 MiB of tables, read only for the encodings in use; its oracle
+//! test compares it with `bpe-openai`. Measured with `estimate::tests::tokenizer_timings`
+//! (release, this 2-core machine while other builds ran; `cargo test -p filters --release
+//! --lib -- --ignored --nocapture tokenizer_timings`), one count of a 100 KiB prompt:
 //!
-//! | | tiktoken-rs 0.12.1 | bpe-openai 0.3.2 |
+//! | | filters::bpe | bpe-openai 0.3.2 |
 //! |---|---|---|
-//! | o200k_base, 100 KiB mixed text, quiet | 5.1–6.4 ms | 2.7–3.4 ms |
-//! | cl100k_base, 100 KiB mixed text, quiet | 9.3–13.8 ms | 3.0–5.3 ms |
-//! | o200k_base, 100 KiB mixed text, busy | 9.5–19.4 ms | 5.7–6.4 ms |
-//! | cl100k_base, 100 KiB mixed text, busy | 18.4–23.2 ms | 6.3–7.4 ms |
-//! | o200k / cl100k, 100 KiB of letters without spaces, quiet | 27.0 / 26.3 ms | 13.0 / 7.9 ms |
-//! | loading both tables, quiet / busy | 260–320 / 500–840 ms | 85–110 / 185–290 ms |
+//! | o200k_base, mixed text (prose, code, numbers, accents, CJK) | 6.0 ms | 9.6 ms |
+//! | cl100k_base, mixed text | 2.3 ms | 7.3 ms |
+//! | o200k_base, 100 KiB of letters without a space (one piece) | 72 ms | 4.0 ms |
+//! | reading both encodings | 155–180 ms | 226 ms |
 //!
-//! Both count identically (28 305 o200k and 30 625 cl100k tokens for the mixed prompt) and
-//! both embed their tables in the crate: the comparison also passes in a network namespace
-//! whose only interface is a downed loopback (`unshare -rn`). `bpe-openai` is 1.5–3× faster,
-//! loads faster and is linear on pathological input, so it is the one used; `tiktoken-rs` is
-//! only an optional dependency of the comparison (feature `bench-tiktoken`).
+//! Long unbroken runs are where the compact form pays (a heap merge, n log n): hence
+//! [`LONG_PIECES_MAX_BYTES`] per request.
 //!
 //! Exact counting is capped at [`TOKENIZE_MAX_BYTES`] of text per request (≈ 60 ms of CPU):
 //! text beyond that (far larger than any model's context) is estimated as bytes / 4.
@@ -55,6 +51,10 @@ pub enum Encoding {
 
 /// Text beyond this many bytes in one request is estimated as bytes / 4 even in tokenizer mode.
 pub const TOKENIZE_MAX_BYTES: usize = 2 * 1024 * 1024;
+
+/// Bytes of long pieces (runs of over 64 bytes without a break: base64, hex) counted exactly in
+/// one request; those beyond are estimated as bytes / 4 ([`crate::bpe::Bpe::count_within`]).
+pub const LONG_PIECES_MAX_BYTES: usize = 128 * 1024;
 
 /// Per-message overhead of chat formats (OpenAI cookbook, gpt-4o and later: 3 tokens per
 /// message, 1 more when it has a `name`, 3 to prime the reply).
@@ -100,8 +100,9 @@ pub fn encoding_for_model(hint: &str) -> Encoding {
     }
 }
 
-/// Estimates prompt tokens. Built once; the BPE tables are process-wide statics, loaded when
-/// the first tokenizer-mode estimator is built.
+/// Estimates prompt tokens. The BPE tables ([`crate::bpe`]) are process-wide, each read on
+/// its first use; [`PromptEstimator::warm`] reads those that configured names need in the
+/// background, so that no request waits for them.
 #[derive(Clone, Debug)]
 pub struct PromptEstimator {
     mode: EstimateMode,
@@ -109,12 +110,32 @@ pub struct PromptEstimator {
 
 impl PromptEstimator {
     pub fn new(mode: EstimateMode) -> Self {
-        if mode == EstimateMode::Tokenizer {
-            // Load both tables now (≈ 100 ms once per process) rather than in a request.
-            let _ = bpe_openai::o200k_base();
-            let _ = bpe_openai::cl100k_base();
-        }
         PromptEstimator { mode }
+    }
+
+    /// The encodings that these deployment or model names use, in tokenizer mode: read in a
+    /// background thread now (o200k_base ≈ 4 MiB and 50–100 ms; cl100k_base ≈ 2 MiB), none
+    /// other. An encoding that no name announced is read by the first request that needs it.
+    pub fn warm<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        if self.mode != EstimateMode::Tokenizer {
+            return;
+        }
+        let mut encodings: Vec<Encoding> = names.into_iter().map(encoding_for_model).collect();
+        encodings.sort_by_key(|e| *e as u8);
+        encodings.dedup();
+        if encodings.is_empty() {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("bpe-tables".into())
+            .spawn(move || {
+                for e in encodings {
+                    crate::bpe::get(e);
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot read the BPE tables ahead of the first request: {e}");
+        }
     }
 
     pub fn mode(&self) -> EstimateMode {
@@ -186,9 +207,11 @@ struct Counter {
     mode: EstimateMode,
     encoding: Encoding,
     tokens: u64,
-    /// Text bytes not tokenized (bytes mode, or beyond the cap).
+    /// Text bytes not tokenized (bytes mode, or beyond the caps).
     loose_bytes: u64,
     tokenized_bytes: usize,
+    /// What is left of [`LONG_PIECES_MAX_BYTES`].
+    long_budget: usize,
 }
 
 impl Counter {
@@ -199,6 +222,7 @@ impl Counter {
             tokens: 0,
             loose_bytes: 0,
             tokenized_bytes: 0,
+            long_budget: LONG_PIECES_MAX_BYTES,
         }
     }
 
@@ -215,11 +239,9 @@ impl Counter {
             return;
         }
         self.tokenized_bytes += s.len();
-        let bpe = match self.encoding {
-            Encoding::O200k => bpe_openai::o200k_base(),
-            Encoding::Cl100k => bpe_openai::cl100k_base(),
-        };
-        self.fixed(bpe.count(s) as u64);
+        let (tokens, loose) = crate::bpe::get(self.encoding).count_within(s, &mut self.long_budget);
+        self.fixed(tokens as u64);
+        self.loose_bytes += loose as u64;
     }
 
     /// Every string leaf of a JSON value (object keys excluded).
@@ -562,6 +584,19 @@ mod tests {
     }
 
     #[test]
+    fn long_pieces_are_exact_up_to_their_budget_then_bytes() {
+        let e = tok();
+        let blob = "qwertyuiopasdfg".repeat(1000); // one 15,000-byte piece
+        let exact = crate::bpe::get(Encoding::O200k).count(&blob) as u64;
+        assert_eq!(e.count_text(&blob, Encoding::O200k), exact);
+        // Eight such pieces fit the budget (120,000 bytes); the ninth is bytes / 4.
+        let body = json!({"input": vec![blob.clone(); 9]});
+        let n = e.estimate(Operation::Embeddings, &body, "text-embedding-3-small");
+        let c = crate::bpe::get(Encoding::Cl100k).count(&blob) as u64;
+        assert_eq!(n, 8 * c + (blob.len() as u64).div_ceil(4));
+    }
+
+    #[test]
     fn requested_output() {
         assert_eq!(requested_output_tokens(&json!({})), None);
         assert_eq!(
@@ -624,6 +659,19 @@ mod tests {
             (n, t.elapsed() / RUNS)
         }
         let prompt = bench_prompt();
+        let letters = "abcdefghijklmnopqrstuvwxyz".repeat(4000);
+        let t = Instant::now();
+        let (o, c) = (
+            crate::bpe::get(Encoding::O200k),
+            crate::bpe::get(Encoding::Cl100k),
+        );
+        println!("filters::bpe: tables read in {:?}", t.elapsed());
+        for (name, text) in [("mixed", prompt.as_str()), ("letters", letters.as_str())] {
+            let (n, d) = time(|| o.count(black_box(text)));
+            println!("filters::bpe o200k_base , {name}: {n} tokens, {d:?} per count");
+            let (n, d) = time(|| c.count(black_box(text)));
+            println!("filters::bpe cl100k_base, {name}: {n} tokens, {d:?} per count");
+        }
         let t = Instant::now();
         let o200k = bpe_openai::o200k_base();
         let cl100k = bpe_openai::cl100k_base();
@@ -633,6 +681,8 @@ mod tests {
         println!("bpe-openai  o200k_base : {n} tokens, {d:?} per count");
         let (n, d) = time(|| cl100k.count(black_box(prompt.as_str())));
         println!("bpe-openai  cl100k_base: {n} tokens, {d:?} per count");
+        let (n, d) = time(|| o200k.count(black_box(letters.as_str())));
+        println!("bpe-openai  o200k_base , letters: {n} tokens, {d:?} per count");
         #[cfg(feature = "bench-tiktoken")]
         {
             let t = Instant::now();

@@ -9,6 +9,7 @@
 
 pub mod apikey;
 pub mod authz;
+pub mod bpe;
 pub mod cert;
 pub mod estimate;
 pub mod identity;

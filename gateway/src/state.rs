@@ -120,6 +120,11 @@ impl Snapshot {
                 PromptEstimateFile::Bytes => EstimateMode::Bytes,
             })),
         };
+        // The encodings the configured names use are read now, in the background (a reload
+        // that adds a deployment of another family reads that one too; each is read once).
+        estimator.warm(cfg.deployments.iter().flat_map(|(name, d)| {
+            std::iter::once(name.as_str()).chain(d.members.iter().map(|m| &*m.upstream_deployment))
+        }));
         // Unchanged providers keep their verifier: cached keys (also while the IdP is
         // unreachable), verified tokens and the refetch budget survive a reload.
         let oidc = match prev {
