@@ -697,7 +697,10 @@ pub fn check_body_fields(data: &[u8]) {
             assert_eq!(body.model(), None);
         }
         let model = body.model().map(str::to_string);
-        let added = body.ensure_stream_usage(op);
+        // Whether the api-version takes `stream_options` comes from the data too.
+        let accepts = data.len() % 2 == 0;
+        let added = body.ensure_stream_usage(op, || accepts)
+            == filters::tokens::StreamUsage::Injected;
         let up = body.for_upstream(model.as_deref().unwrap_or("m"), "backend-name");
         if added || (model.is_some() && is_json) {
             // What goes upstream is JSON again, with the backend's name.
@@ -764,8 +767,15 @@ pub fn check_sse_usage(data: &[u8]) {
         return;
     };
     let strip = ctl & 1 == 1;
+    let mode = if strip {
+        filters::tokens::StreamUsage::Injected
+    } else if ctl & 0x10 == 0 {
+        filters::tokens::StreamUsage::AsSent
+    } else {
+        filters::tokens::StreamUsage::Estimate
+    };
     let run = |cuts: &[usize]| {
-        let mut t = SseTracker::new(strip);
+        let mut t = SseTracker::new(mode);
         let mut out = Vec::new();
         let mut from = 0;
         for &c in cuts.iter().chain(std::iter::once(&stream.len())) {
@@ -773,7 +783,7 @@ pub fn check_sse_usage(data: &[u8]) {
             from = c;
         }
         out.extend_from_slice(&t.finish());
-        (out, t.usage())
+        (out, t.usage(), t.completion_text().map(str::to_string))
     };
     let whole = run(&[]);
     // Up to 4 cut points from a generator seeded by the control byte and the length.
@@ -800,6 +810,7 @@ pub fn check_sse_usage(data: &[u8]) {
         assert_eq!(whole.0, split.0);
     }
     assert_eq!(whole.1, split.1, "usage differs when split at {cuts:?}");
+    assert_eq!(whole.2, split.2, "completion text differs when split at {cuts:?}");
     // Byte by byte too.
     if stream.len() <= 512 {
         let every: Vec<usize> = (1..stream.len()).collect();

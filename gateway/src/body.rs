@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use bytestring::ByteString;
 use filters::estimate::{requested_output_tokens, PromptEstimator};
+use filters::tokens::StreamUsage;
 use filters::Operation;
 use serde_json::Value;
 
@@ -127,8 +128,15 @@ impl RequestBody {
     }
 
     /// For streamed chat and completions without `stream_options.include_usage`, asks the
-    /// backend for usage; returns whether the gateway added it (and must hide it again).
-    pub fn ensure_stream_usage(&mut self, operation: Operation) -> bool {
+    /// backend for usage where its `api-version` takes `stream_options` (`accepts`, asked only
+    /// for such a stream): [`StreamUsage::Injected`] (the gateway must hide it again); where
+    /// it does not, [`StreamUsage::Estimate`]: the body goes as sent and the gateway counts
+    /// the completion itself. Otherwise [`StreamUsage::AsSent`].
+    pub fn ensure_stream_usage(
+        &mut self,
+        operation: Operation,
+        accepts: impl FnOnce() -> bool,
+    ) -> StreamUsage {
         if !self.stream
             || self.include_usage
             || !matches!(
@@ -136,8 +144,20 @@ impl RequestBody {
                 Operation::ChatCompletions | Operation::Completions
             )
         {
-            return false;
+            return StreamUsage::AsSent;
         }
+        if !accepts() {
+            return StreamUsage::Estimate;
+        }
+        if self.add_include_usage() {
+            StreamUsage::Injected
+        } else {
+            StreamUsage::AsSent
+        }
+    }
+
+    /// Sets `stream_options.include_usage` in the upstream body.
+    fn add_include_usage(&mut self) -> bool {
         if self.json().is_none() {
             return false;
         }
@@ -202,6 +222,28 @@ impl RequestBody {
             estimator.estimate(operation, v, model_hint)
         };
         prompt + output
+    }
+}
+
+impl RequestBody {
+    /// The prompt's token estimate alone (for a completion the gateway counts itself).
+    pub async fn prompt_estimate(
+        &self,
+        estimator: &Arc<PromptEstimator>,
+        operation: Operation,
+        model_hint: &str,
+    ) -> u64 {
+        let Some(v) = self.json() else {
+            return 0;
+        };
+        if self.raw.len() > INLINE_ESTIMATE_BYTES {
+            let (e, v, hint) = (estimator.clone(), v.clone(), model_hint.to_string());
+            tokio::task::spawn_blocking(move || e.estimate(operation, &v, &hint))
+                .await
+                .unwrap_or((self.raw.len() / 4) as u64)
+        } else {
+            estimator.estimate(operation, v, model_hint)
+        }
     }
 }
 
@@ -330,17 +372,28 @@ mod tests {
     }
 
     #[test]
-    fn adds_include_usage_only_when_missing() {
+    fn adds_include_usage_only_when_missing_and_accepted() {
+        use StreamUsage::*;
+        let yes = || true;
         let mut b = chat(r#"{"model":"m","stream":true,"messages":[]}"#);
-        assert!(b.ensure_stream_usage(Operation::ChatCompletions));
+        assert_eq!(
+            b.ensure_stream_usage(Operation::ChatCompletions, yes),
+            Injected
+        );
         let v: Value = serde_json::from_slice(&b.for_upstream("m", "m")).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
 
         let mut b = chat(r#"{"stream":true,"stream_options":{"include_usage":true}}"#);
-        assert!(!b.ensure_stream_usage(Operation::ChatCompletions));
+        assert_eq!(
+            b.ensure_stream_usage(Operation::ChatCompletions, yes),
+            AsSent
+        );
 
         let mut b = chat(r#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#);
-        assert!(b.ensure_stream_usage(Operation::ChatCompletions));
+        assert_eq!(
+            b.ensure_stream_usage(Operation::ChatCompletions, yes),
+            Injected
+        );
         let v: Value = serde_json::from_slice(&b.for_upstream("m", "m")).unwrap();
         assert_eq!(
             v["stream_options"],
@@ -348,9 +401,30 @@ mod tests {
         );
 
         let mut b = chat(r#"{"stream":false}"#);
-        assert!(!b.ensure_stream_usage(Operation::ChatCompletions));
+        assert_eq!(
+            b.ensure_stream_usage(Operation::ChatCompletions, yes),
+            AsSent
+        );
         let mut b = chat(r#"{"stream":true}"#);
-        assert!(!b.ensure_stream_usage(Operation::Responses));
+        assert_eq!(b.ensure_stream_usage(Operation::Responses, yes), AsSent);
+
+        // A version that takes no `stream_options`: the body goes as sent, the gateway counts.
+        let sent = r#"{"model":"m","stream":true,"messages":[]}"#;
+        let mut b = chat(sent);
+        assert_eq!(
+            b.ensure_stream_usage(Operation::Completions, || false),
+            Estimate
+        );
+        assert_eq!(b.for_upstream("m", "m"), Bytes::from(sent));
+        // …unless the client asked for usage itself: forwarded as is (Azure's 400 is its answer).
+        let mut b = chat(r#"{"stream":true,"stream_options":{"include_usage":true}}"#);
+        assert_eq!(
+            b.ensure_stream_usage(Operation::ChatCompletions, || false),
+            AsSent
+        );
+        // The version is only looked at for a stream that would need it.
+        let mut b = chat(r#"{"stream":false}"#);
+        b.ensure_stream_usage(Operation::ChatCompletions, || unreachable!());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod api_version;
 pub mod body;
 pub mod config;
 mod deadline;

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub duration: HistogramVec,
     pub ttfb: HistogramVec,
     pub tokens: IntCounterVec,
+    pub token_details: IntCounterVec,
     pub rejections: IntCounterVec,
     pub upstream_attempts: IntCounterVec,
     /// Where `backend_healthy` and `backend_cooldown_seconds` are read from.
@@ -42,6 +43,7 @@ pub struct Metrics {
     request_series: SeriesCache<RequestSeries, 4>,
     attempt_series: SeriesCache<AttemptSeries, 3>,
     token_series: SeriesCache<TokenSeries, 3>,
+    token_detail_series: SeriesCache<TokenDetailSeries, 2>,
 }
 
 /// The pool's state at one instant: what `backend_healthy` and
@@ -151,6 +153,13 @@ pub struct AttemptSeries {
 pub struct TokenSeries {
     pub prompt: IntCounter,
     pub completion: IntCounter,
+}
+
+/// `token_details_total` of a (client, deployment), one counter per type, in the order of
+/// [`filters::tokens::Details::by_type`].
+#[derive(Clone)]
+pub struct TokenDetailSeries {
+    pub by_type: [IntCounter; 4],
 }
 
 /// A label value as the series caches see it: text from configuration (shared) or a static
@@ -263,6 +272,14 @@ impl Metrics {
             &["client", "deployment", "backend", "type"],
         )
         .unwrap();
+        let token_details = IntCounterVec::new(
+            Opts::new(
+                "aoai_gateway_token_details_total",
+                "Itemized parts of the tokens used, as reported by the backend: cached prompt, reasoning, audio prompt and audio completion tokens.",
+            ),
+            &["client", "deployment", "type"],
+        )
+        .unwrap();
         let rejections = IntCounterVec::new(
             Opts::new(
                 "aoai_gateway_rejections_total",
@@ -338,6 +355,7 @@ impl Metrics {
             Box::new(duration.clone()),
             Box::new(ttfb.clone()),
             Box::new(tokens.clone()),
+            Box::new(token_details.clone()),
             Box::new(rejections.clone()),
             Box::new(upstream_attempts.clone()),
             Box::new(PoolGauges::new(pool_reader.clone())),
@@ -365,6 +383,7 @@ impl Metrics {
             duration,
             ttfb,
             tokens,
+            token_details,
             rejections,
             upstream_attempts,
             pool_reader,
@@ -379,6 +398,7 @@ impl Metrics {
             request_series: SeriesCache::new(),
             attempt_series: SeriesCache::new(),
             token_series: SeriesCache::new(),
+            token_detail_series: SeriesCache::new(),
         })
     }
 
@@ -451,6 +471,23 @@ impl Metrics {
                     backend,
                     "completion",
                 ]),
+            })
+    }
+
+    /// `token_details_total{client,deployment,type}` for the four types.
+    pub fn token_detail_series(
+        &self,
+        client: Label<'_>,
+        deployment: Label<'_>,
+    ) -> TokenDetailSeries {
+        self.token_detail_series
+            .get([client, deployment], |[client, deployment]| {
+                TokenDetailSeries {
+                    by_type: filters::tokens::Details::default().by_type().map(|(t, _)| {
+                        self.token_details
+                            .with_label_values(&[client, deployment, t])
+                    }),
+                }
             })
     }
 

@@ -207,7 +207,10 @@ impl Gateway {
                 self.admit_limits(ctx, snap, &identity, operation, planned)
                     .await?;
                 ctx.outcome.stream = body.stream;
-                let strip_usage = body.ensure_stream_usage(operation);
+                let v1 = matches!(path, plan::Path::AsSent(_));
+                let stream_usage = body.ensure_stream_usage(operation, || {
+                    crate::api_version::accepts_stream_options(v1, head.query())
+                });
                 let caller_jwt = identity.jwt_authenticated.then(|| bearer(&head)).flatten();
                 let f = forward::Forward {
                     deployment: &deployment,
@@ -215,7 +218,8 @@ impl Gateway {
                     path,
                     query: head.query(),
                     caller_jwt,
-                    strip_usage,
+                    operation,
+                    stream_usage,
                 };
                 self.forward(d, ctx, snap, &f).await
             }

@@ -73,10 +73,34 @@ pub fn chat_prompt_tokens(body: &Value) -> u64 {
     tokens_of(body.get("messages").map(text_bytes).unwrap_or(0))
 }
 
-fn push_chat_usage(out: &mut String, prompt: u64, completion: u64) {
+/// Like Azure's prompt caching: a prompt of 1,024 tokens or more is reported cached in
+/// 128-token steps from 1,024 (as if it had been sent before), a shorter one not at all.
+pub fn cached_tokens(prompt: u64) -> u64 {
+    if prompt < 1024 {
+        0
+    } else {
+        1024 + (prompt - 1024) / 128 * 128
+    }
+}
+
+/// Reasoning models (deployments named `o1…`, `o3…`, `o4…`, `gpt-5…`) think for 64 tokens,
+/// counted in the completion as Azure does; others for none.
+pub fn reasoning_tokens(model_json: &str) -> u64 {
+    let m = model_json.trim_matches('"');
+    let reasons = ["o1", "o3", "o4", "gpt-5"].iter().any(|p| m.starts_with(p));
+    if reasons {
+        64
+    } else {
+        0
+    }
+}
+
+fn push_chat_usage(out: &mut String, model_json: &str, prompt: u64, completion: u64) {
+    let (cached, reasoning) = (cached_tokens(prompt), reasoning_tokens(model_json));
+    let completion = completion + reasoning;
     let _ = write!(
         out,
-        r#"{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":0}},"completion_tokens_details":{{"reasoning_tokens":0}}}}"#,
+        r#"{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":{cached},"audio_tokens":0}},"completion_tokens_details":{{"reasoning_tokens":{reasoning},"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}}"#,
         prompt + completion
     );
 }
@@ -89,7 +113,7 @@ pub fn chat_completion(m: &Meta, r: &Reply, prompt_tokens: u64) -> String {
         r#"{{"id":"{}","object":"chat.completion","created":{},"model":{},"system_fingerprint":"{FINGERPRINT}","prompt_filter_results":{PROMPT_FILTER},"choices":[{{"index":0,"finish_reason":"stop","logprobs":null,"message":{{"role":"assistant","content":{},"refusal":null}},"content_filter_results":{CFR}}}],"usage":"#,
         m.id, m.created, m.model_json, r.content_json
     );
-    push_chat_usage(&mut o, prompt_tokens, r.completion_tokens);
+    push_chat_usage(&mut o, m.model_json, prompt_tokens, r.completion_tokens);
     o.push('}');
     o
 }
@@ -137,7 +161,7 @@ pub fn chat_stream(m: &Meta, r: &Reply, prompt_tokens: u64, include_usage: bool)
         b.data(false, |o| {
             chunk_head(o, m, obj);
             o.push_str(r#"[],"usage":"#);
-            push_chat_usage(o, prompt_tokens, r.completion_tokens);
+            push_chat_usage(o, m.model_json, prompt_tokens, r.completion_tokens);
             o.push('}');
         });
     }
@@ -158,7 +182,7 @@ pub fn completion(m: &Meta, r: &Reply, prompt_tokens: u64) -> String {
         r#"{{"id":"{}","object":"text_completion","created":{},"model":{},"system_fingerprint":"{FINGERPRINT}","prompt_filter_results":{PROMPT_FILTER},"choices":[{{"text":{},"index":0,"logprobs":null,"finish_reason":"stop","content_filter_results":{CFR}}}],"usage":"#,
         m.id, m.created, m.model_json, r.content_json
     );
-    push_chat_usage(&mut o, prompt_tokens, r.completion_tokens);
+    push_chat_usage(&mut o, m.model_json, prompt_tokens, r.completion_tokens);
     o.push('}');
     o
 }
@@ -191,7 +215,7 @@ pub fn completion_stream(
         b.data(false, |o| {
             chunk_head(o, m, obj);
             o.push_str(r#"[],"usage":"#);
-            push_chat_usage(o, prompt_tokens, r.completion_tokens);
+            push_chat_usage(o, m.model_json, prompt_tokens, r.completion_tokens);
             o.push('}');
         });
     }
@@ -304,10 +328,12 @@ pub fn responses_input_tokens(body: &Value) -> u64 {
     tokens_of(body.get("input").map(text_bytes).unwrap_or(0))
 }
 
-fn push_response_usage(o: &mut String, input: u64, output: u64) {
+fn push_response_usage(o: &mut String, model_json: &str, input: u64, output: u64) {
+    let (cached, reasoning) = (cached_tokens(input), reasoning_tokens(model_json));
+    let output = output + reasoning;
     let _ = write!(
         o,
-        r#"{{"input_tokens":{input},"input_tokens_details":{{"cached_tokens":0}},"output_tokens":{output},"output_tokens_details":{{"reasoning_tokens":0}},"total_tokens":{}}}"#,
+        r#"{{"input_tokens":{input},"input_tokens_details":{{"cached_tokens":{cached}}},"output_tokens":{output},"output_tokens_details":{{"reasoning_tokens":{reasoning}}},"total_tokens":{}}}"#,
         input + output
     );
 }
@@ -367,7 +393,7 @@ pub fn response_object(
     }
     o.push_str(r#"],"parallel_tool_calls":true,"previous_response_id":null,"reasoning":{"effort":null,"summary":null},"service_tier":"default","store":false,"temperature":1.0,"text":{"format":{"type":"text"}},"tool_choice":"auto","tools":[],"top_p":1.0,"truncation":"disabled","usage":"#);
     if completed {
-        push_response_usage(&mut o, input_tokens, r.completion_tokens);
+        push_response_usage(&mut o, m.model_json, input_tokens, r.completion_tokens);
     } else {
         o.push_str("null");
     }
@@ -501,6 +527,32 @@ pub fn error_body(code: &str, message: &str) -> String {
     push_json_str(&mut o, message);
     o.push_str("}}");
     o
+}
+
+/// Azure's answer to a body field its `api-version` does not know (400).
+pub fn unrecognized_argument_body(field: &str) -> String {
+    let mut o = String::from(r#"{"error":{"message":"#);
+    push_json_str(
+        &mut o,
+        &format!("Unrecognized request argument supplied: {field}"),
+    );
+    o.push_str(r#","type":"invalid_request_error","param":null,"code":null}}"#);
+    o
+}
+
+/// A dated `api-version` (`YYYY-MM-DD[-preview]`) before `2024-09-01-preview`, which takes
+/// no `stream_options` (ISO dates compare as text).
+pub fn version_refuses_stream_options(v: &str) -> bool {
+    let date = v.get(..10).unwrap_or("");
+    let dated = date.len() == 10
+        && date.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    dated && date < "2024-09-01"
 }
 
 /// `ceil(ms / 1000)`: the `retry-after` seconds of a `retry-after-ms`.

@@ -494,6 +494,9 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
                 h.insert(X_RL_TOKENS.clone(), HeaderValue::from_static("0"));
                 Some(r)
             }
+            Fault::None if refuses_stream_options(op, parts.uri.query(), jv) => {
+                Some(st.json(400, builders::unrecognized_argument_body("stream_options")))
+            }
             Fault::None => Some(answer(
                 st,
                 op,
@@ -528,6 +531,18 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
             Err(ResetConn)
         }
     }
+}
+
+/// Like Azure: `api-version`s before `2024-09-01-preview` (`2024-02-01`, `2024-06-01`, …)
+/// refuse a chat or completions body that has `stream_options` at all.
+fn refuses_stream_options(op: Op, query: Option<&str>, body: Option<&Value>) -> bool {
+    if !matches!(op, Op::Chat | Op::Completions)
+        || body.and_then(|b| b.get("stream_options")).is_none()
+    {
+        return false;
+    }
+    let pairs = query.map(form_pairs).unwrap_or_default();
+    pair(&pairs, "api-version").is_some_and(builders::version_refuses_stream_options)
 }
 
 /// The normal answer of a data-plane request.
