@@ -14,7 +14,17 @@ use serde_json::Value;
 
 use crate::errors::{ErrorCode, GatewayError};
 
-/// Whether an operation's body is JSON (multipart uploads are passed through untouched).
+/// Whether an operation's body is a `multipart/form-data` upload (its `model` field is
+/// found, and renamed for the backend; the rest passes untouched).
+fn is_form(operation: Operation, rest: &str) -> bool {
+    match operation {
+        Operation::Images => rest == "/images/edits",
+        Operation::Audio => rest == "/audio/transcriptions" || rest == "/audio/translations",
+        _ => false,
+    }
+}
+
+/// Whether an operation's body is JSON.
 fn is_json(operation: Operation, rest: &str) -> bool {
     match operation {
         Operation::ChatCompletions
@@ -38,6 +48,8 @@ pub struct RequestBody {
     json: std::sync::OnceLock<Option<Arc<Value>>>,
     /// The body as it goes upstream when the gateway added `stream_options`.
     rewritten: Option<Bytes>,
+    /// Where the `model` field's value is in a multipart upload.
+    form_model: Option<std::ops::Range<usize>>,
     pub stream: bool,
 }
 
@@ -59,8 +71,13 @@ impl RequestBody {
             include_usage: false,
             json: std::sync::OnceLock::new(),
             rewritten: None,
+            form_model: None,
             stream: false,
         };
+        if is_form(operation, rest) {
+            body.inspect_form(content_type)?;
+            return Ok(body);
+        }
         if !is_json(operation, rest) {
             return Ok(body);
         }
@@ -109,6 +126,28 @@ impl RequestBody {
         body.stream = p.stream.unwrap_or(false);
         body.include_usage = p.include_usage.unwrap_or(false);
         Ok(body)
+    }
+
+    /// A multipart upload: its `model` field, strictly (see [`crate::multipart`]).
+    fn inspect_form(&mut self, content_type: &str) -> Result<(), GatewayError> {
+        let boundary = crate::multipart::boundary(content_type).ok_or_else(|| {
+            invalid("The request body must be multipart/form-data with a boundary.")
+        })?;
+        let range = crate::multipart::find_model(&self.raw, boundary).map_err(|why| {
+            GatewayError::with_message(
+                ErrorCode::InvalidRequestBody,
+                format!("The multipart form could not be read: {why}."),
+            )
+        })?;
+        if let Some(r) = range {
+            let name = ByteString::try_from(self.raw.slice(r.clone()))
+                .map_err(|_| invalid("The form's `model` field is not UTF-8 text."))?;
+            if !name.is_empty() {
+                self.model = Some(name);
+                self.form_model = Some(r);
+            }
+        }
+        Ok(())
     }
 
     /// The whole document (parsed once, on first use).
@@ -191,6 +230,14 @@ impl RequestBody {
         let base = self.rewritten.clone().unwrap_or_else(|| self.raw.clone());
         if client == upstream || self.model() != Some(client) {
             return base;
+        }
+        if let Some(r) = &self.form_model {
+            // The field's value replaced; the parts around it (the file) copied as they are.
+            let mut out = Vec::with_capacity(self.raw.len() - r.len() + upstream.len());
+            out.extend_from_slice(&self.raw[..r.start]);
+            out.extend_from_slice(upstream.as_bytes());
+            out.extend_from_slice(&self.raw[r.end..]);
+            return Bytes::from(out);
         }
         let Some(v) = self.json() else {
             return base;
@@ -359,16 +406,49 @@ mod tests {
     }
 
     #[test]
-    fn multipart_is_passed_untouched() {
-        let b = RequestBody::inspect(
-            Bytes::from("--x\r\n"),
-            Operation::Audio,
+    fn multipart_model_is_found_and_renamed_and_the_rest_untouched() {
+        let body = "--x\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\x00\x7f\r\n--x--\r\n";
+        for rest in [
             "/audio/transcriptions",
-            "multipart/form-data; boundary=x",
-        )
-        .unwrap();
-        assert_eq!(b.for_upstream("a", "b"), Bytes::from("--x\r\n"));
-        assert!(b.model().is_none());
+            "/audio/translations",
+            "/images/edits",
+        ] {
+            let op = if rest.starts_with("/images") {
+                Operation::Images
+            } else {
+                Operation::Audio
+            };
+            let b = RequestBody::inspect(
+                Bytes::from(body),
+                op,
+                rest,
+                "multipart/form-data; boundary=x",
+            )
+            .unwrap();
+            assert_eq!(b.model(), Some("whisper"));
+            assert_eq!(
+                b.for_upstream("whisper", "whisper-eastus-2"),
+                Bytes::from(body.replace("\r\nwhisper\r\n", "\r\nwhisper-eastus-2\r\n"))
+            );
+            assert_eq!(b.for_upstream("whisper", "whisper"), Bytes::from(body));
+            assert_eq!(b.for_upstream("other", "x"), Bytes::from(body));
+        }
+        // Not a form, or not one to trust: 400.
+        for (ct, body) in [
+            ("application/json", body),
+            ("multipart/form-data", body),
+            ("multipart/form-data; boundary=x", "--x\r\n"),
+            ("multipart/form-data; boundary=y", body),
+        ] {
+            let e = RequestBody::inspect(
+                Bytes::from(body),
+                Operation::Audio,
+                "/audio/transcriptions",
+                ct,
+            )
+            .unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequestBody, "{ct} {body:?}");
+        }
     }
 
     #[test]

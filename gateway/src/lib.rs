@@ -11,6 +11,7 @@ mod errors;
 mod front;
 pub mod http1;
 pub mod keys;
+pub mod multipart;
 mod observe;
 pub mod peek;
 pub mod pipeline;

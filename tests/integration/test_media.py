@@ -234,3 +234,149 @@ def test_zero_details_are_logged_as_zero_and_absent_ones_as_null(fresh):
     list(stream.parse())
     line = gw.audit_for(stream.headers.get("x-request-id"))
     assert line["usage_source"] == "estimated" and line["cached_tokens"] is None
+
+
+# --------------------------------------------------------------------------------------
+# Images and audio
+
+
+def _only_request(m):
+    reqs = m.data_requests()
+    assert len(reqs) == 1, reqs
+    return reqs[0]
+
+
+def test_v1_image_generation_names_the_deployment_in_the_body(fresh):
+    gw, m = fresh
+    import base64
+
+    r = agw.openai_client(gw).images.generate(model="dall-e-3", prompt="a lighthouse",
+                                              response_format="b64_json")
+    png = base64.b64decode(r.data[0].b64_json)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert r.data[0].revised_prompt == "a lighthouse (drawn by dalle-east)"
+    req = _only_request(m)
+    assert req["path"] == "/openai/v1/images/generations"
+    assert req["model"] == "dalle-east"
+    line = gw.wait_audit(lambda l: l["path"] == "/openai/v1/images/generations")
+    assert line["operation"] == "images" and line["deployment"] == "dall-e-3"
+    assert line["status"] == 200
+
+
+def test_deployment_path_image_generation(fresh):
+    gw, m = fresh
+    r = agw.azure_client(gw).images.generate(model="dall-e-3", prompt="a boat")
+    assert r.data[0].url
+    req = _only_request(m)
+    assert req["path"] == "/openai/deployments/dalle-east/images/generations"
+
+
+def test_v1_speech_returns_the_audio_bytes(fresh):
+    gw, m = fresh
+    r = agw.openai_client(gw).audio.speech.create(model="tts", voice="alloy", input="Good morning")
+    assert r.read() == b"\xff\xf3\x44\xc4Good morning"
+    assert r.response.headers["content-type"] == "audio/mpeg"
+    req = _only_request(m)
+    assert (req["path"], req["model"]) == ("/openai/v1/audio/speech", "tts-east")
+
+
+@pytest.mark.parametrize("kind", ["transcriptions", "translations"])
+def test_v1_audio_upload_rewrites_the_form_model_and_the_file_arrives_intact(fresh, kind):
+    import hashlib
+    import os
+
+    gw, m = fresh
+    audio = b"RIFF" + os.urandom(6 * 1024 * 1024)
+    # Bytes that look like multipart framing inside the file.
+    audio += b"\r\n--boundary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nx\r\n"
+    api = getattr(agw.openai_client(gw, timeout=60).audio, kind)
+    r = api.with_raw_response.create(model="whisper", file=("speech.wav", audio, "audio/wav"))
+    t = r.parse()
+    sha = hashlib.sha256(audio).hexdigest()
+    assert t.text == f'model=whisper-east file="speech.wav" {len(audio)} "{sha}"', t.text
+    req = _only_request(m)
+    assert req["path"] == f"/openai/v1/audio/{kind}"
+    assert req["model"] == "whisper-east"
+    # The upstream body is the client's with only the field's value changed.
+    assert req["body_len"] == int(r.http_request.headers["content-length"]) + len("-east")
+    line = gw.audit_for(r.headers["x-request-id"])
+    assert line["operation"] == "audio" and line["deployment"] == "whisper" and line["status"] == 200
+
+
+def test_v1_image_edit_is_a_form_too(fresh):
+    import hashlib
+
+    gw, m = fresh
+    image = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 100
+    r = agw.openai_client(gw).images.edit(model="dall-e-3", image=("in.png", image, "image/png"),
+                                          prompt="add a hat")
+    sha = hashlib.sha256(image).hexdigest()
+    assert r.data[0].revised_prompt == f"add a hat (drawn by dalle-east) from {sha}"
+    assert _only_request(m)["model"] == "dalle-east"
+
+
+def test_deployment_path_transcription(fresh):
+    gw, m = fresh
+    r = agw.azure_client(gw).audio.transcriptions.create(model="whisper", file=("a.wav", b"RIFFdata"))
+    assert r.text.startswith("model=whisper-east file=")
+    req = _only_request(m)
+    assert req["path"] == "/openai/deployments/whisper-east/audio/transcriptions"
+    # The SDK names the deployment in the form too: renamed like the path.
+    assert req["model"] == "whisper-east"
+
+
+def test_form_model_is_authorized_like_any_deployment(fresh):
+    gw, m = fresh
+    client = agw.openai_client(gw, key=agw.OTHER_KEY)
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        client.audio.transcriptions.create(model="whisper", file=("a.wav", b"RIFFdata"))
+    assert e.value.body["code"] == "DeploymentNotAllowed"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.audio.transcriptions.create(model="nope", file=("a.wav", b"RIFFdata"))
+    assert e.value.body["code"] == "DeploymentNotFound"
+    assert m.data_requests() == []
+
+
+def _form(parts: list[tuple[str, bytes]], boundary: str = "b0und") -> bytes:
+    out = b""
+    for disposition, content in parts:
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize("why, body", [
+    ("two model fields", _form([('form-data; name="model"', b"whisper"),
+                                ('form-data; name="file"; filename="a.wav"', b"RIFF"),
+                                ('form-data; name="model"', b"tts")])),
+    ("a name hidden in a filename", _form([('form-data; name="model"', b"whisper"),
+                                           ('form-data; filename="x; name=model"; name="file"', b"RIFF")])),
+    ("no close", _form([('form-data; name="model"', b"whisper")])[:-12]),
+    ("no model", _form([('form-data; name="file"; filename="a.wav"', b"RIFF")])),
+])
+def test_forms_that_could_be_read_otherwise_are_refused(fresh, why, body):
+    gw, m = fresh
+    with agw.http_client() as h:
+        r = h.post(gw.url + "/openai/v1/audio/transcriptions", content=body,
+                   headers={"api-key": KEY, "content-type": "multipart/form-data; boundary=b0und"})
+    agw.assert_error(r, 400, "InvalidRequestBody")
+    assert m.data_requests() == []
+
+
+# --------------------------------------------------------------------------------------
+# models/{id}
+
+
+def test_models_retrieve_answers_visible_deployments_only(fresh):
+    gw, m = fresh
+    for client in (agw.openai_client(gw), agw.azure_client(gw)):
+        assert client.models.retrieve("o3-mini").id == "o3-mini"
+    narrow = agw.openai_client(gw, key=agw.OTHER_KEY)
+    assert narrow.models.retrieve("gpt-4o").id == "gpt-4o"
+    with pytest.raises(openai.NotFoundError) as e:
+        narrow.models.retrieve("o3-mini")
+    assert e.value.body["code"] == "DeploymentNotFound"
+    with pytest.raises(openai.NotFoundError):
+        agw.azure_client(gw).models.retrieve("no-such-deployment")
+    assert m.data_requests() == []
+    line = gw.wait_audit(lambda l: l["path"] == "/openai/v1/models/o3-mini" and l["client"] == "narrow")
+    assert line["operation"] == "models.read" and line["status"] == 404

@@ -511,10 +511,34 @@ pub fn model_list(created: u64, deployments: bool) -> String {
     o
 }
 
-/// An images answer.
-pub fn images(created: u64) -> String {
+/// A 1×1 PNG.
+const PNG_1X1: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4,
+    0x89, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x60, 0x00, 0x02, 0x00,
+    0x00, 0x05, 0x00, 0x01, 0xe9, 0xfa, 0xdc, 0xd8, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44,
+    0xae, 0x42, 0x60, 0x82,
+];
+
+/// An images answer: a URL, or (`b64`) the image itself, with the deployment that drew it
+/// in `revised_prompt` (and the uploaded image's sha256 for an edit).
+pub fn images(created: u64, b64: bool, model: &str, body: &Value) -> String {
+    let prompt = body.get("prompt").and_then(Value::as_str).unwrap_or("");
+    let mut revised = format!("{prompt} (drawn by {model})");
+    if let Some(image) = body.get("files").and_then(|f| f.get("image")) {
+        let _ = write!(revised, " from {}", image["sha256"].as_str().unwrap_or(""));
+    }
+    let image = if b64 {
+        format!(
+            r#""b64_json":"{}""#,
+            base64::engine::general_purpose::STANDARD.encode(PNG_1X1)
+        )
+    } else {
+        r#""url":"https://example.invalid/img.png""#.to_string()
+    };
     format!(
-        r#"{{"created":{created},"data":[{{"url":"https://example.invalid/img.png","revised_prompt":"a picture","content_filter_results":{CFR}}}]}}"#
+        r#"{{"created":{created},"data":[{{{image},"revised_prompt":{},"content_filter_results":{CFR}}}]}}"#,
+        json_str(&revised)
     )
 }
 
