@@ -603,6 +603,11 @@ mod tests {
         t.prompt.inc_by(12);
         t.completion.inc_by(4);
         m.token_series(client, dep, &b).prompt.inc_by(1);
+        let details = m.token_detail_series(client, dep);
+        for (counter, n) in details.by_type.iter().zip([1920, 256, 7, 9]) {
+            counter.inc_by(n);
+        }
+        m.token_detail_series(client, dep).by_type[0].inc_by(128);
         let text = String::from_utf8(m.render()).unwrap();
         for line in [
             r#"aoai_gateway_requests_total{client="c",code="200",deployment="d",operation="chat.completions"} 3"#,
@@ -613,6 +618,10 @@ mod tests {
             r#"aoai_gateway_time_to_first_byte_seconds_count{backend="b",deployment="d"} 1"#,
             r#"aoai_gateway_tokens_total{backend="b",client="c",deployment="d",type="prompt"} 13"#,
             r#"aoai_gateway_tokens_total{backend="b",client="c",deployment="d",type="completion"} 4"#,
+            r#"aoai_gateway_token_details_total{client="c",deployment="d",type="cached_prompt"} 2048"#,
+            r#"aoai_gateway_token_details_total{client="c",deployment="d",type="reasoning"} 256"#,
+            r#"aoai_gateway_token_details_total{client="c",deployment="d",type="audio_prompt"} 7"#,
+            r#"aoai_gateway_token_details_total{client="c",deployment="d",type="audio_completion"} 9"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
