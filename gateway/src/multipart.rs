@@ -294,7 +294,7 @@ mod tests {
         );
         assert_eq!(model_of(&form(&[file.clone(), fmt.clone()])), Ok(None));
         // Without the trailing CRLF after the close.
-        let mut b = form(&[model.clone()]);
+        let mut b = form(std::slice::from_ref(&model));
         b.truncate(b.len() - 2);
         assert_eq!(model_of(&b), Ok(Some("whisper".into())));
         // An empty value is found (the caller refuses it).
@@ -368,12 +368,12 @@ mod tests {
             ),
             (
                 "preamble",
-                [b"preamble\r\n".to_vec(), form(&[model.clone()])].concat(),
+                [b"preamble\r\n".to_vec(), form(std::slice::from_ref(&model))].concat(),
             ),
             ("no close", [model.clone()].concat()),
             (
                 "epilogue",
-                [form(&[model.clone()]), b"more".to_vec()].concat(),
+                [form(std::slice::from_ref(&model)), b"more".to_vec()].concat(),
             ),
             (
                 "padding after boundary",

@@ -858,6 +858,44 @@ mod tests {
     }
 
     #[test]
+    fn versions_that_refuse_stream_options() {
+        for (v, refuses) in [
+            ("2024-02-01", true),
+            ("2024-06-01", true),
+            ("2023-05-15", true),
+            ("2024-08-01-preview", true),
+            ("2024-09-01-preview", false),
+            ("2024-10-21", false),
+            ("2025-04-01-preview", false),
+            ("preview", false),
+            ("latest", false),
+            ("2024-6-01", false),
+        ] {
+            assert_eq!(version_refuses_stream_options(v), refuses, "{v}");
+        }
+    }
+
+    #[test]
+    fn usage_details_by_prompt_and_model() {
+        assert_eq!(cached_tokens(1023), 0);
+        assert_eq!(cached_tokens(1024), 1024);
+        assert_eq!(cached_tokens(1151), 1024);
+        assert_eq!(cached_tokens(1152), 1152);
+        assert_eq!(reasoning_tokens("\"o3-mini\""), 64);
+        assert_eq!(reasoning_tokens("\"gpt-5\""), 64);
+        assert_eq!(reasoning_tokens("\"gpt-4o\""), 0);
+        let m = meta("\"o1\"");
+        let v = parse(&chat_completion(&m, &Reply::new("x"), 2000));
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 1920);
+        assert_eq!(
+            v["usage"]["completion_tokens_details"]["reasoning_tokens"],
+            64
+        );
+        assert_eq!(v["usage"]["completion_tokens"], 4 + 64);
+        assert_eq!(v["usage"]["total_tokens"], 2000 + 4 + 64);
+    }
+
+    #[test]
     fn misc_bodies() {
         let v = parse(&model_list(1, false));
         assert_eq!(v["object"], "list");
@@ -866,9 +904,18 @@ mod tests {
             parse(&model_list(1, true))["data"][0]["object"],
             "deployment"
         );
+        let prompt = json!({"prompt": "a cat"});
+        let v = parse(&images(1, false, "dalle", &prompt));
+        assert_eq!(v["data"][0]["url"], "https://example.invalid/img.png");
+        assert_eq!(v["data"][0]["revised_prompt"], "a cat (drawn by dalle)");
+        let v = parse(&images(1, true, "dalle", &prompt));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v["data"][0]["b64_json"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(png, PNG_1X1);
         assert_eq!(
-            parse(&images(1))["data"][0]["url"],
-            "https://example.invalid/img.png"
+            parse(&unrecognized_argument_body("stream_options")),
+            json!({"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":null,"code":null}})
         );
         assert_eq!(
             parse(&error_body("404", "Resource not found")),
