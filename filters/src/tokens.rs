@@ -10,6 +10,36 @@ pub struct Usage {
     pub prompt: u64,
     pub completion: u64,
     pub total: u64,
+    /// The parts of them the backend itemized (SPEC §13).
+    pub details: Details,
+}
+
+/// The itemized parts of a usage, where the backend reported them: `cached_tokens` and
+/// `audio_tokens` of `prompt_tokens_details` (`input_tokens_details`), `reasoning_tokens`
+/// and `audio_tokens` of `completion_tokens_details` (`output_tokens_details`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Details {
+    pub cached_prompt: Option<u64>,
+    pub reasoning: Option<u64>,
+    pub audio_prompt: Option<u64>,
+    pub audio_completion: Option<u64>,
+}
+
+impl Details {
+    /// Each detail with its `aoai_gateway_token_details_total` type.
+    pub fn by_type(&self) -> [(&'static str, Option<u64>); 4] {
+        [
+            ("cached_prompt", self.cached_prompt),
+            ("reasoning", self.reasoning),
+            ("audio_prompt", self.audio_prompt),
+            ("audio_completion", self.audio_completion),
+        ]
+    }
+
+    /// Whether any detail is more than zero.
+    pub fn any(&self) -> bool {
+        self.by_type().iter().any(|(_, n)| n.unwrap_or(0) > 0)
+    }
 }
 
 #[derive(Deserialize, Debug, Default, PartialEq, Eq)]
@@ -19,9 +49,35 @@ struct RawUsage {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     total_tokens: Option<u64>,
+    prompt_tokens_details: Option<RawDetails>,
+    completion_tokens_details: Option<RawDetails>,
+    input_tokens_details: Option<RawDetails>,
+    output_tokens_details: Option<RawDetails>,
+}
+
+/// One `*_tokens_details` object (other members, e.g. `accepted_prediction_tokens`, are
+/// ignored).
+#[derive(Deserialize, Debug, Default, PartialEq, Eq, Clone, Copy)]
+struct RawDetails {
+    cached_tokens: Option<u64>,
+    audio_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
 }
 
 impl RawUsage {
+    fn details(&self) -> Details {
+        let prompt = self.prompt_tokens_details.or(self.input_tokens_details);
+        let completion = self
+            .completion_tokens_details
+            .or(self.output_tokens_details);
+        Details {
+            cached_prompt: prompt.and_then(|d| d.cached_tokens),
+            reasoning: completion.and_then(|d| d.reasoning_tokens),
+            audio_prompt: prompt.and_then(|d| d.audio_tokens),
+            audio_completion: completion.and_then(|d| d.audio_tokens),
+        }
+    }
+
     fn normalize(self) -> Option<Usage> {
         let prompt = self.prompt_tokens.or(self.input_tokens);
         let completion = self.completion_tokens.or(self.output_tokens);
@@ -38,6 +94,7 @@ impl RawUsage {
             total: self
                 .total_tokens
                 .unwrap_or(prompt.saturating_add(completion)),
+            details: self.details(),
         })
     }
 }
@@ -83,21 +140,56 @@ pub fn usage_in_json(buf: &[u8]) -> Option<Usage> {
 fn read_usage(buf: &[u8]) -> Option<RawUsage> {
     let mut r = crate::json::Reader::new(buf);
     let mut raw = RawUsage::default();
-    let mut seen = [false; 5];
+    let mut seen = [false; 9];
+    r.members(|r, key| {
+        let (i, details) = match key {
+            b"prompt_tokens_details" => (5, &mut raw.prompt_tokens_details),
+            b"completion_tokens_details" => (6, &mut raw.completion_tokens_details),
+            b"input_tokens_details" => (7, &mut raw.input_tokens_details),
+            b"output_tokens_details" => (8, &mut raw.output_tokens_details),
+            _ => {
+                let (i, field) = match key {
+                    b"prompt_tokens" => (0, &mut raw.prompt_tokens),
+                    b"completion_tokens" => (1, &mut raw.completion_tokens),
+                    b"input_tokens" => (2, &mut raw.input_tokens),
+                    b"output_tokens" => (3, &mut raw.output_tokens),
+                    b"total_tokens" => (4, &mut raw.total_tokens),
+                    _ => return r.value(1).map(drop),
+                };
+                crate::json::first_time(&mut seen[i])?;
+                *field = r.uint_or_null()?;
+                return Some(());
+            }
+        };
+        crate::json::first_time(&mut seen[i])?;
+        *details = read_details(r)?;
+        Some(())
+    })?;
+    (!r.saw_non_ascii()).then_some(raw)
+}
+
+/// A `*_tokens_details` value: `null` or an object (as [`RawDetails`]' serde derive reads it).
+fn read_details(r: &mut crate::json::Reader<'_>) -> Option<Option<RawDetails>> {
+    if r.peek()? == b'n' {
+        return r.uint_or_null().filter(Option::is_none).map(|_| None);
+    }
+    if r.peek()? != b'{' {
+        return None;
+    }
+    let mut d = RawDetails::default();
+    let mut seen = [false; 3];
     r.members(|r, key| {
         let (i, field) = match key {
-            b"prompt_tokens" => (0, &mut raw.prompt_tokens),
-            b"completion_tokens" => (1, &mut raw.completion_tokens),
-            b"input_tokens" => (2, &mut raw.input_tokens),
-            b"output_tokens" => (3, &mut raw.output_tokens),
-            b"total_tokens" => (4, &mut raw.total_tokens),
-            _ => return r.value(1).map(drop),
+            b"cached_tokens" => (0, &mut d.cached_tokens),
+            b"audio_tokens" => (1, &mut d.audio_tokens),
+            b"reasoning_tokens" => (2, &mut d.reasoning_tokens),
+            _ => return r.value(2).map(drop),
         };
         crate::json::first_time(&mut seen[i])?;
         *field = r.uint_or_null()?;
         Some(())
     })?;
-    (!r.saw_non_ascii()).then_some(raw)
+    Some(Some(d))
 }
 
 /// The usage object at the start of `buf` by serde (anything after it is ignored).
@@ -149,28 +241,50 @@ impl JsonTail {
     }
 }
 
-/// Passes an SSE stream through event by event, reading usage on the way. With `strip`,
-/// the usage the gateway asked for on the client's behalf is removed: the usage-only chunk
-/// (`"choices":[]` with a usage) is dropped and `"usage":null` members are cut from the
-/// other chunks, so the client sees exactly the stream it asked for.
+/// How the usage of a streamed response is had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// The stream is passed as the client asked for it (its usage chunk, if any, is read).
+    AsSent,
+    /// The gateway asked for the usage chunk on the client's behalf: it is hidden again.
+    Injected,
+    /// The backend's `api-version` takes no `stream_options`: the streamed completion text is
+    /// collected so that the gateway can count it itself.
+    Estimate,
+}
+
+/// Passes an SSE stream through event by event, reading usage on the way. With
+/// [`StreamUsage::Injected`], the usage the gateway asked for on the client's behalf is
+/// removed: the usage-only chunk (`"choices":[]` with a usage) is dropped and `"usage":null`
+/// members are cut from the other chunks, so the client sees exactly the stream it asked
+/// for. With [`StreamUsage::Estimate`], the completion's text (content, refusal, tool-call
+/// arguments, completions' `text`) is kept for [`SseTracker::completion_text`].
 #[derive(Debug)]
 pub struct SseTracker {
     pending: BytesMut,
     strip: bool,
     usage: Option<Usage>,
+    /// The streamed completion text, in `Estimate` mode.
+    text: Option<String>,
 }
 
 impl SseTracker {
-    pub fn new(strip: bool) -> Self {
+    pub fn new(mode: StreamUsage) -> Self {
         SseTracker {
             pending: BytesMut::new(),
-            strip,
+            strip: mode == StreamUsage::Injected,
             usage: None,
+            text: (mode == StreamUsage::Estimate).then(String::new),
         }
     }
 
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// The completion text streamed so far (`Estimate` mode only).
+    pub fn completion_text(&self) -> Option<&str> {
+        self.text.as_deref()
     }
 
     /// Takes a chunk from the backend; returns what to send to the client now (whole events;
@@ -181,7 +295,7 @@ impl SseTracker {
             return Bytes::new();
         };
         let complete = self.pending.split_to(cut);
-        if !self.strip && !contains(&complete, b"\"usage\"") {
+        if !self.strip && self.text.is_none() && !contains(&complete, b"\"usage\"") {
             return complete.freeze();
         }
         let mut out = BytesMut::with_capacity(complete.len());
@@ -217,6 +331,9 @@ impl SseTracker {
     }
 
     fn event(&mut self, event: &[u8], out: &mut BytesMut) {
+        if let Some(text) = &mut self.text {
+            collect_text(&event_data(event), text);
+        }
         if !contains(event, b"\"usage\"") {
             out.extend_from_slice(event);
             return;
@@ -247,6 +364,37 @@ impl SseTracker {
             return;
         }
         out.extend_from_slice(&strip_null_usage(event));
+    }
+}
+
+/// Appends the completion text of one chunk: each choice's `delta.content`,
+/// `delta.refusal` and `delta.tool_calls[].function.arguments` (chat), or `text`
+/// (completions).
+fn collect_text(data: &[u8], out: &mut String) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let Some(choices) = v.get("choices").and_then(|c| c.as_array()) else {
+        return;
+    };
+    let mut push = |s: Option<&serde_json::Value>| {
+        if let Some(s) = s.and_then(|s| s.as_str()) {
+            out.push_str(s);
+        }
+    };
+    for c in choices {
+        push(c.get("text"));
+        let Some(delta) = c.get("delta") else {
+            continue;
+        };
+        push(delta.get("content"));
+        push(delta.get("refusal"));
+        if let Some(calls) = delta.get("tool_calls").and_then(|t| t.as_array()) {
+            for call in calls {
+                push(call.get("function").and_then(|f| f.get("name")));
+                push(call.get("function").and_then(|f| f.get("arguments")));
+            }
+        }
     }
 }
 
@@ -356,6 +504,16 @@ mod tests {
             r#"{"prompt_tokens":}"#,
             r#"{prompt_tokens:1}"#,
             r#"{"prompt_tokens":1}trailing"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":2}}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":1},"prompt_tokens_details":null}"#,
+            r#"{"prompt_tokens_details":5}"#,
+            r#"{"prompt_tokens_details":"x"}"#,
+            r#"{"prompt_tokens_details":[]}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":1.5}}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":"1"}}"#,
+            r#"{"completion_tokens_details":{"reasoning_tokens":-1}}"#,
+            r#"{"output_tokens_details":{"reasoning_tokens":3,"x":[{"y":null}]}}"#,
+            r#"{"input_tokens_details":nul}"#,
         ];
         for s in samples {
             if let Some(raw) = read_usage(s.as_bytes()) {
@@ -376,7 +534,8 @@ mod tests {
             Some(Usage {
                 prompt: 12,
                 completion: 4,
-                total: 16
+                total: 16,
+                details: Details::default(),
             })
         );
         let emb = br#"{"data":[],"usage":{"prompt_tokens":5,"total_tokens":5}}"#;
@@ -385,7 +544,8 @@ mod tests {
             Some(Usage {
                 prompt: 5,
                 completion: 0,
-                total: 5
+                total: 5,
+                details: Details::default(),
             })
         );
         let resp = br#"{"output":[],"usage": {"input_tokens":7,"output_tokens":3,"total_tokens":10,"input_tokens_details":{"cached_tokens":0}}}"#;
@@ -394,11 +554,91 @@ mod tests {
             Some(Usage {
                 prompt: 7,
                 completion: 3,
-                total: 10
+                total: 10,
+                details: Details {
+                    cached_prompt: Some(0),
+                    ..Details::default()
+                },
             })
         );
         assert_eq!(usage_in_json(br#"{"usage":null}"#), None);
         assert_eq!(usage_in_json(b"not json"), None);
+    }
+
+    #[test]
+    fn usage_details_table() {
+        let d = |c, r, ap, ac| Details {
+            cached_prompt: c,
+            reasoning: r,
+            audio_prompt: ap,
+            audio_completion: ac,
+        };
+        for (usage, want) in [
+            // Chat: prompt_tokens_details / completion_tokens_details.
+            (
+                r#"{"prompt_tokens":2048,"completion_tokens":300,"total_tokens":2348,"prompt_tokens_details":{"cached_tokens":1920,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":256,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}"#,
+                d(Some(1920), Some(256), Some(0), Some(0)),
+            ),
+            // Audio models.
+            (
+                r#"{"prompt_tokens":90,"completion_tokens":80,"total_tokens":170,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":60},"completion_tokens_details":{"audio_tokens":70,"reasoning_tokens":0}}"#,
+                d(Some(0), Some(0), Some(60), Some(70)),
+            ),
+            // Responses: input_tokens_details / output_tokens_details.
+            (
+                r#"{"input_tokens":1500,"input_tokens_details":{"cached_tokens":1024},"output_tokens":900,"output_tokens_details":{"reasoning_tokens":640},"total_tokens":2400}"#,
+                d(Some(1024), Some(640), None, None),
+            ),
+            // None reported, null, or an empty object.
+            (
+                r#"{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}"#,
+                d(None, None, None, None),
+            ),
+            (
+                r#"{"prompt_tokens":1,"prompt_tokens_details":null,"completion_tokens_details":{}}"#,
+                d(None, None, None, None),
+            ),
+            (
+                r#"{"prompt_tokens":1,"prompt_tokens_details":{"cached_tokens":null,"x":{"cached_tokens":5}}}"#,
+                d(None, None, None, None),
+            ),
+            // Nested under another member: not the usage's.
+            (
+                r#"{"prompt_tokens":1,"other":{"prompt_tokens_details":{"cached_tokens":5}}}"#,
+                d(None, None, None, None),
+            ),
+        ] {
+            let doc = format!(r#"{{"id":"x","usage":{usage}}}"#);
+            let got = usage_in_json(doc.as_bytes()).map(|u| u.details);
+            assert_eq!(got, Some(want), "{usage}");
+            // The fast reader reads these shapes itself, and agrees with serde.
+            assert!(read_usage(usage.as_bytes()).is_some(), "{usage}");
+            assert_eq!(
+                read_usage(usage.as_bytes()),
+                usage_by_serde(usage.as_bytes()),
+                "{usage}"
+            );
+        }
+        assert!(d(Some(0), Some(3), None, None).any());
+        assert!(!d(Some(0), None, Some(0), None).any());
+    }
+
+    #[test]
+    fn the_stream_usage_chunk_carries_details() {
+        let s = concat!(
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2000,\"completion_tokens\":40,\"total_tokens\":2040,",
+            "\"prompt_tokens_details\":{\"cached_tokens\":1792},\"completion_tokens_details\":{\"reasoning_tokens\":32}}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut t = SseTracker::new(StreamUsage::Injected);
+        assert_eq!(t.push(s.as_bytes()), &b"data: [DONE]\n\n"[..]);
+        let d = t.usage().unwrap().details;
+        assert_eq!((d.cached_prompt, d.reasoning), (Some(1792), Some(32)));
+        let s = "data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"input_tokens_details\":{\"cached_tokens\":4},\"output_tokens\":2,\"output_tokens_details\":{\"reasoning_tokens\":1},\"total_tokens\":11}}}\n\n";
+        let mut t = SseTracker::new(StreamUsage::AsSent);
+        t.push(s.as_bytes());
+        let d = t.usage().unwrap().details;
+        assert_eq!((d.cached_prompt, d.reasoning), (Some(4), Some(1)));
     }
 
     #[test]
@@ -424,7 +664,7 @@ mod tests {
 
     #[test]
     fn injected_usage_is_read_and_hidden() {
-        let mut t = SseTracker::new(true);
+        let mut t = SseTracker::new(StreamUsage::Injected);
         let out = t.push(stream().as_bytes());
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert_eq!(
@@ -436,7 +676,7 @@ mod tests {
 
     #[test]
     fn requested_usage_passes_unchanged() {
-        let mut t = SseTracker::new(false);
+        let mut t = SseTracker::new(StreamUsage::AsSent);
         let out = t.push(stream().as_bytes());
         assert_eq!(out, stream().as_bytes());
         assert_eq!(t.usage().map(|u| u.total), Some(16));
@@ -446,7 +686,7 @@ mod tests {
     fn events_split_across_chunks() {
         let s = stream();
         for cut in 1..s.len() {
-            let mut t = SseTracker::new(true);
+            let mut t = SseTracker::new(StreamUsage::Injected);
             let mut got = Vec::new();
             got.extend_from_slice(&t.push(&s.as_bytes()[..cut]));
             got.extend_from_slice(&t.push(&s.as_bytes()[cut..]));
@@ -497,16 +737,53 @@ mod tests {
     #[test]
     fn crlf_events() {
         let s = format!("{CHUNK}\r\n\r\n{USAGE}\r\n\r\ndata: [DONE]\r\n\r\n");
-        let mut t = SseTracker::new(true);
+        let mut t = SseTracker::new(StreamUsage::Injected);
         let out = t.push(s.as_bytes());
         assert!(!String::from_utf8_lossy(&out).contains("usage"));
         assert_eq!(t.usage().map(|u| u.total), Some(16));
     }
 
     #[test]
+    fn estimate_mode_collects_the_completion_text_and_passes_the_stream() {
+        let chat = concat!(
+            "data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo \\\"you\\\"\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        for cut in [1, 40, 100, chat.len() - 3] {
+            let mut t = SseTracker::new(StreamUsage::Estimate);
+            let mut got = Vec::new();
+            got.extend_from_slice(&t.push(&chat.as_bytes()[..cut]));
+            got.extend_from_slice(&t.push(&chat.as_bytes()[cut..]));
+            got.extend_from_slice(&t.finish());
+            assert_eq!(got, chat.as_bytes(), "cut at {cut}");
+            assert_eq!(
+                t.completion_text(),
+                Some("Hello \"you\"f{}"),
+                "cut at {cut}"
+            );
+            assert_eq!(t.usage(), None);
+        }
+        let completions = "data: {\"choices\":[{\"text\":\"a b\",\"index\":0}]}\n\ndata: {\"choices\":[{\"text\":\" c\",\"index\":0}]}\n\n";
+        let mut t = SseTracker::new(StreamUsage::Estimate);
+        assert_eq!(t.push(completions.as_bytes()), completions.as_bytes());
+        assert_eq!(t.completion_text(), Some("a b c"));
+        // The other modes keep no text.
+        for mode in [StreamUsage::AsSent, StreamUsage::Injected] {
+            let mut t = SseTracker::new(mode);
+            t.push(completions.as_bytes());
+            assert_eq!(t.completion_text(), None);
+        }
+    }
+
+    #[test]
     fn responses_stream_usage() {
         let s = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":2,\"total_tokens\":11}}}\n\n";
-        let mut t = SseTracker::new(false);
+        let mut t = SseTracker::new(StreamUsage::AsSent);
         assert_eq!(t.push(s.as_bytes()), s.as_bytes());
         assert_eq!(t.usage().map(|u| (u.prompt, u.completion)), Some((9, 2)));
     }

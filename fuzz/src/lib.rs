@@ -657,7 +657,10 @@ pub fn check_body_fields(data: &[u8]) {
             assert_eq!(body.model(), None);
         }
         let model = body.model().map(str::to_string);
-        let added = body.ensure_stream_usage(op);
+        // Whether the api-version takes `stream_options` comes from the data too.
+        let accepts = data.len() % 2 == 0;
+        let added = body.ensure_stream_usage(op, || accepts)
+            == filters::tokens::StreamUsage::Injected;
         let up = body.for_upstream(model.as_deref().unwrap_or("m"), "backend-name");
         if added || (model.is_some() && is_json) {
             // What goes upstream is JSON again, with the backend's name.
@@ -716,8 +719,15 @@ pub fn check_sse_usage(data: &[u8]) {
         return;
     };
     let strip = ctl & 1 == 1;
+    let mode = if strip {
+        filters::tokens::StreamUsage::Injected
+    } else if ctl & 0x10 == 0 {
+        filters::tokens::StreamUsage::AsSent
+    } else {
+        filters::tokens::StreamUsage::Estimate
+    };
     let run = |cuts: &[usize]| {
-        let mut t = SseTracker::new(strip);
+        let mut t = SseTracker::new(mode);
         let mut out = Vec::new();
         let mut from = 0;
         for &c in cuts.iter().chain(std::iter::once(&stream.len())) {
@@ -725,7 +735,7 @@ pub fn check_sse_usage(data: &[u8]) {
             from = c;
         }
         out.extend_from_slice(&t.finish());
-        (out, t.usage())
+        (out, t.usage(), t.completion_text().map(str::to_string))
     };
     let whole = run(&[]);
     // Up to 4 cut points from a generator seeded by the control byte and the length.
@@ -746,6 +756,7 @@ pub fn check_sse_usage(data: &[u8]) {
     );
     assert_eq!(whole.0, split.0);
     assert_eq!(whole.1, split.1, "usage differs when split at {cuts:?}");
+    assert_eq!(whole.2, split.2, "completion text differs when split at {cuts:?}");
     // Byte by byte too.
     if stream.len() <= 512 {
         let every: Vec<usize> = (1..stream.len()).collect();
@@ -803,6 +814,63 @@ pub fn init_env() {
 pub type Check = fn(&[u8]);
 
 /// Every check by target name (the regression test and `scripts/fuzz.sh` use these names).
+/// Target `multipart_model`: the first byte picks the boundary (`b`, `xYzZY` or
+/// `----0123456789`), the rest is a multipart body. What `gateway::multipart::find_model`
+/// accepts, `multer` reads whole, with the same `model` value and no other field named
+/// `model` in any letter case; the body with the value replaced (as the gateway sends it)
+/// reads the same with the new value.
+pub fn check_multipart_model(data: &[u8]) {
+    let Some((&ctl, body)) = data.split_first() else {
+        return;
+    };
+    let boundary = ["b", "xYzZY", "----0123456789"][usize::from(ctl % 3)];
+    let Ok(found) = gateway::multipart::find_model(body, boundary) else {
+        return;
+    };
+    let read = |b: &[u8]| multer_read(b, boundary);
+    let (models, model) = read(body).unwrap_or_else(|e| {
+        panic!(
+            "multer refuses a body the gateway accepted ({e}): {:?}",
+            String::from_utf8_lossy(body)
+        )
+    });
+    let ours = found.clone().map(|r| body[r].to_vec());
+    assert_eq!(ours, model, "the model differs");
+    assert!(models <= 1, "{models} fields named model");
+    if let Some(r) = found {
+        let mut rewritten = body[..r.start].to_vec();
+        rewritten.extend_from_slice(b"deployment-eastus");
+        rewritten.extend_from_slice(&body[r.end..]);
+        let (_, model) = read(&rewritten).expect("multer reads the rewritten body");
+        assert_eq!(model.as_deref(), Some(&b"deployment-eastus"[..]));
+    }
+}
+
+/// `multer` over a whole body: how many fields are named `model` (any letter case), and the
+/// value of the one named exactly `model`.
+fn multer_read(body: &[u8], boundary: &str) -> Result<(usize, Option<Vec<u8>>), String> {
+    let body = bytes::Bytes::copy_from_slice(body);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(body) });
+        let mut m = multer::Multipart::new(stream, boundary);
+        let (mut models, mut model) = (0, None);
+        while let Some(f) = m.next_field().await.map_err(|e| e.to_string())? {
+            let name = f.name().map(str::to_string);
+            let data = f.bytes().await.map_err(|e| e.to_string())?;
+            if name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case("model")) {
+                models += 1;
+            }
+            if name.as_deref() == Some("model") {
+                model = Some(data.to_vec());
+            }
+        }
+        Ok((models, model))
+    })
+}
+
 pub const TARGETS: &[(&str, Check)] = &[
     ("request_head", check_request_head),
     ("chunked_body", check_chunked_body),
@@ -811,4 +879,5 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("sse_usage", check_sse_usage),
     ("config_load", check_config_load),
     ("framing_differential", check_framing_differential),
+    ("multipart_model", check_multipart_model),
 ];

@@ -389,6 +389,18 @@ struct RawUsage {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     total_tokens: Option<u64>,
+    prompt_tokens_details: Option<RawDetails>,
+    completion_tokens_details: Option<RawDetails>,
+    input_tokens_details: Option<RawDetails>,
+    output_tokens_details: Option<RawDetails>,
+}
+
+/// One `*_tokens_details` object.
+#[derive(serde::Deserialize, Debug, Default, Clone, Copy)]
+struct RawDetails {
+    cached_tokens: Option<u64>,
+    audio_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
 }
 
 /// What `usage_in_json` must answer for `{"usage": <data>` with no other `"usage"` in it:
@@ -420,6 +432,18 @@ pub fn usage_by_serde(data: &[u8]) -> Option<filters::tokens::Usage> {
         total: raw
             .total_tokens
             .unwrap_or_else(|| prompt.saturating_add(completion)),
+        details: {
+            // Prompt details from `prompt_tokens_details`, else `input_tokens_details`;
+            // completion details from `completion_tokens_details`, else `output_…`.
+            let p = raw.prompt_tokens_details.or(raw.input_tokens_details);
+            let c = raw.completion_tokens_details.or(raw.output_tokens_details);
+            filters::tokens::Details {
+                cached_prompt: p.and_then(|d| d.cached_tokens),
+                reasoning: c.and_then(|d| d.reasoning_tokens),
+                audio_prompt: p.and_then(|d| d.audio_tokens),
+                audio_completion: c.and_then(|d| d.audio_tokens),
+            }
+        },
     })
 }
 

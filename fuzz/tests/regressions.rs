@@ -110,7 +110,8 @@ replay_tests!(
     body_fields,
     sse_usage,
     config_load,
-    framing_differential
+    framing_differential,
+    multipart_model
 );
 
 /// The seeds of the differential target exercise every exemption rule at least once, so

@@ -8,12 +8,23 @@ use std::sync::Arc;
 use bytes::Bytes;
 use bytestring::ByteString;
 use filters::estimate::{requested_output_tokens, PromptEstimator};
+use filters::tokens::StreamUsage;
 use filters::Operation;
 use serde_json::Value;
 
 use crate::errors::{ErrorCode, GatewayError};
 
-/// Whether an operation's body is JSON (multipart uploads are passed through untouched).
+/// Whether an operation's body is a `multipart/form-data` upload (its `model` field is
+/// found, and renamed for the backend; the rest passes untouched).
+fn is_form(operation: Operation, rest: &str) -> bool {
+    match operation {
+        Operation::Images => rest == "/images/edits",
+        Operation::Audio => rest == "/audio/transcriptions" || rest == "/audio/translations",
+        _ => false,
+    }
+}
+
+/// Whether an operation's body is JSON.
 fn is_json(operation: Operation, rest: &str) -> bool {
     match operation {
         Operation::ChatCompletions
@@ -37,6 +48,8 @@ pub struct RequestBody {
     json: std::sync::OnceLock<Option<Arc<Value>>>,
     /// The body as it goes upstream when the gateway added `stream_options`.
     rewritten: Option<Bytes>,
+    /// Where the `model` field's value is in a multipart upload.
+    form_model: Option<std::ops::Range<usize>>,
     pub stream: bool,
 }
 
@@ -58,8 +71,13 @@ impl RequestBody {
             include_usage: false,
             json: std::sync::OnceLock::new(),
             rewritten: None,
+            form_model: None,
             stream: false,
         };
+        if is_form(operation, rest) {
+            body.inspect_form(content_type)?;
+            return Ok(body);
+        }
         if !is_json(operation, rest) {
             return Ok(body);
         }
@@ -110,6 +128,28 @@ impl RequestBody {
         Ok(body)
     }
 
+    /// A multipart upload: its `model` field, strictly (see [`crate::multipart`]).
+    fn inspect_form(&mut self, content_type: &str) -> Result<(), GatewayError> {
+        let boundary = crate::multipart::boundary(content_type).ok_or_else(|| {
+            invalid("The request body must be multipart/form-data with a boundary.")
+        })?;
+        let range = crate::multipart::find_model(&self.raw, boundary).map_err(|why| {
+            GatewayError::with_message(
+                ErrorCode::InvalidRequestBody,
+                format!("The multipart form could not be read: {why}."),
+            )
+        })?;
+        if let Some(r) = range {
+            let name = ByteString::try_from(self.raw.slice(r.clone()))
+                .map_err(|_| invalid("The form's `model` field is not UTF-8 text."))?;
+            if !name.is_empty() {
+                self.model = Some(name);
+                self.form_model = Some(r);
+            }
+        }
+        Ok(())
+    }
+
     /// The whole document (parsed once, on first use).
     fn json(&self) -> Option<&Arc<Value>> {
         if !self.is_json {
@@ -127,8 +167,15 @@ impl RequestBody {
     }
 
     /// For streamed chat and completions without `stream_options.include_usage`, asks the
-    /// backend for usage; returns whether the gateway added it (and must hide it again).
-    pub fn ensure_stream_usage(&mut self, operation: Operation) -> bool {
+    /// backend for usage where its `api-version` takes `stream_options` (`accepts`, asked only
+    /// for such a stream): [`StreamUsage::Injected`] (the gateway must hide it again); where
+    /// it does not, [`StreamUsage::Estimate`]: the body goes as sent and the gateway counts
+    /// the completion itself. Otherwise [`StreamUsage::AsSent`].
+    pub fn ensure_stream_usage(
+        &mut self,
+        operation: Operation,
+        accepts: impl FnOnce() -> bool,
+    ) -> StreamUsage {
         if !self.stream
             || self.include_usage
             || !matches!(
@@ -136,8 +183,20 @@ impl RequestBody {
                 Operation::ChatCompletions | Operation::Completions
             )
         {
-            return false;
+            return StreamUsage::AsSent;
         }
+        if !accepts() {
+            return StreamUsage::Estimate;
+        }
+        if self.add_include_usage() {
+            StreamUsage::Injected
+        } else {
+            StreamUsage::AsSent
+        }
+    }
+
+    /// Sets `stream_options.include_usage` in the upstream body.
+    fn add_include_usage(&mut self) -> bool {
         if self.json().is_none() {
             return false;
         }
@@ -172,6 +231,14 @@ impl RequestBody {
         if client == upstream || self.model() != Some(client) {
             return base;
         }
+        if let Some(r) = &self.form_model {
+            // The field's value replaced; the parts around it (the file) copied as they are.
+            let mut out = Vec::with_capacity(self.raw.len() - r.len() + upstream.len());
+            out.extend_from_slice(&self.raw[..r.start]);
+            out.extend_from_slice(upstream.as_bytes());
+            out.extend_from_slice(&self.raw[r.end..]);
+            return Bytes::from(out);
+        }
         let Some(v) = self.json() else {
             return base;
         };
@@ -202,6 +269,28 @@ impl RequestBody {
             estimator.estimate(operation, v, model_hint)
         };
         prompt + output
+    }
+}
+
+impl RequestBody {
+    /// The prompt's token estimate alone (for a completion the gateway counts itself).
+    pub async fn prompt_estimate(
+        &self,
+        estimator: &Arc<PromptEstimator>,
+        operation: Operation,
+        model_hint: &str,
+    ) -> u64 {
+        let Some(v) = self.json() else {
+            return 0;
+        };
+        if self.raw.len() > INLINE_ESTIMATE_BYTES {
+            let (e, v, hint) = (estimator.clone(), v.clone(), model_hint.to_string());
+            tokio::task::spawn_blocking(move || e.estimate(operation, &v, &hint))
+                .await
+                .unwrap_or((self.raw.len() / 4) as u64)
+        } else {
+            estimator.estimate(operation, v, model_hint)
+        }
     }
 }
 
@@ -317,30 +406,74 @@ mod tests {
     }
 
     #[test]
-    fn multipart_is_passed_untouched() {
-        let b = RequestBody::inspect(
-            Bytes::from("--x\r\n"),
-            Operation::Audio,
+    fn multipart_model_is_found_and_renamed_and_the_rest_untouched() {
+        let body = "--x\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\x00\x7f\r\n--x--\r\n";
+        for rest in [
             "/audio/transcriptions",
-            "multipart/form-data; boundary=x",
-        )
-        .unwrap();
-        assert_eq!(b.for_upstream("a", "b"), Bytes::from("--x\r\n"));
-        assert!(b.model().is_none());
+            "/audio/translations",
+            "/images/edits",
+        ] {
+            let op = if rest.starts_with("/images") {
+                Operation::Images
+            } else {
+                Operation::Audio
+            };
+            let b = RequestBody::inspect(
+                Bytes::from(body),
+                op,
+                rest,
+                "multipart/form-data; boundary=x",
+            )
+            .unwrap();
+            assert_eq!(b.model(), Some("whisper"));
+            assert_eq!(
+                b.for_upstream("whisper", "whisper-eastus-2"),
+                Bytes::from(body.replace("\r\nwhisper\r\n", "\r\nwhisper-eastus-2\r\n"))
+            );
+            assert_eq!(b.for_upstream("whisper", "whisper"), Bytes::from(body));
+            assert_eq!(b.for_upstream("other", "x"), Bytes::from(body));
+        }
+        // Not a form, or not one to trust: 400.
+        for (ct, body) in [
+            ("application/json", body),
+            ("multipart/form-data", body),
+            ("multipart/form-data; boundary=x", "--x\r\n"),
+            ("multipart/form-data; boundary=y", body),
+        ] {
+            let e = RequestBody::inspect(
+                Bytes::from(body),
+                Operation::Audio,
+                "/audio/transcriptions",
+                ct,
+            )
+            .unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequestBody, "{ct} {body:?}");
+        }
     }
 
     #[test]
-    fn adds_include_usage_only_when_missing() {
+    fn adds_include_usage_only_when_missing_and_accepted() {
+        use StreamUsage::*;
+        let yes = || true;
         let mut b = chat(r#"{"model":"m","stream":true,"messages":[]}"#);
-        assert!(b.ensure_stream_usage(Operation::ChatCompletions));
+        assert_eq!(
+            b.ensure_stream_usage(Operation::ChatCompletions, yes),
+            Injected
+        );
         let v: Value = serde_json::from_slice(&b.for_upstream("m", "m")).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
 
         let mut b = chat(r#"{"stream":true,"stream_options":{"include_usage":true}}"#);
-        assert!(!b.ensure_stream_usage(Operation::ChatCompletions));
+        assert_eq!(
+            b.ensure_stream_usage(Operation::ChatCompletions, yes),
+            AsSent
+        );
 
         let mut b = chat(r#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#);
-        assert!(b.ensure_stream_usage(Operation::ChatCompletions));
+        assert_eq!(
+            b.ensure_stream_usage(Operation::ChatCompletions, yes),
+            Injected
+        );
         let v: Value = serde_json::from_slice(&b.for_upstream("m", "m")).unwrap();
         assert_eq!(
             v["stream_options"],
@@ -348,9 +481,30 @@ mod tests {
         );
 
         let mut b = chat(r#"{"stream":false}"#);
-        assert!(!b.ensure_stream_usage(Operation::ChatCompletions));
+        assert_eq!(
+            b.ensure_stream_usage(Operation::ChatCompletions, yes),
+            AsSent
+        );
         let mut b = chat(r#"{"stream":true}"#);
-        assert!(!b.ensure_stream_usage(Operation::Responses));
+        assert_eq!(b.ensure_stream_usage(Operation::Responses, yes), AsSent);
+
+        // A version that takes no `stream_options`: the body goes as sent, the gateway counts.
+        let sent = r#"{"model":"m","stream":true,"messages":[]}"#;
+        let mut b = chat(sent);
+        assert_eq!(
+            b.ensure_stream_usage(Operation::Completions, || false),
+            Estimate
+        );
+        assert_eq!(b.for_upstream("m", "m"), Bytes::from(sent));
+        // …unless the client asked for usage itself: forwarded as is (Azure's 400 is its answer).
+        let mut b = chat(r#"{"stream":true,"stream_options":{"include_usage":true}}"#);
+        assert_eq!(
+            b.ensure_stream_usage(Operation::ChatCompletions, || false),
+            AsSent
+        );
+        // The version is only looked at for a stream that would need it.
+        let mut b = chat(r#"{"stream":false}"#);
+        b.ensure_stream_usage(Operation::ChatCompletions, || unreachable!());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod api_version;
 pub mod body;
 pub mod config;
 mod deadline;
@@ -10,6 +11,7 @@ mod errors;
 mod front;
 pub mod http1;
 pub mod keys;
+pub mod multipart;
 mod observe;
 pub mod peek;
 pub mod pipeline;

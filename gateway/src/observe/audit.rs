@@ -44,6 +44,10 @@ pub struct AuditRecord {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub total_tokens: Option<u64>,
+    /// The prompt's cached part and the completion's reasoning part, where the backend
+    /// itemized them (SPEC §13).
+    pub cached_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
     pub usage_source: &'static str,
     pub duration_ms: u64,
     pub ttfb_ms: Option<u64>,
@@ -86,6 +90,8 @@ pub fn record_of(
         prompt_tokens: usage.map(|u| u.prompt),
         completion_tokens: usage.map(|u| u.completion),
         total_tokens: usage.map(|u| u.total),
+        cached_tokens: usage.and_then(|u| u.details.cached_prompt),
+        reasoning_tokens: usage.and_then(|u| u.details.reasoning),
         usage_source: source.as_str(),
         duration_ms: elapsed.as_millis() as u64,
         ttfb_ms: o.ttfb.map(|t| t.as_millis() as u64),
@@ -275,6 +281,8 @@ fn write_json(rec: &AuditRecord, out: &mut Vec<u8>) {
         prompt_tokens,
         completion_tokens,
         total_tokens,
+        cached_tokens,
+        reasoning_tokens,
         usage_source,
         duration_ms,
         ttfb_ms,
@@ -552,6 +560,8 @@ mod tests {
             prompt_tokens: Some(12),
             completion_tokens: Some(34),
             total_tokens: Some(46),
+            cached_tokens: Some(8),
+            reasoning_tokens: Some(16),
             usage_source: "response",
             duration_ms: 1234,
             ttfb_ms: Some(56),
@@ -590,6 +600,8 @@ mod tests {
             prompt_tokens: Some(u64::MAX),
             completion_tokens: Some(u64::MAX),
             total_tokens: Some(u64::MAX),
+            cached_tokens: Some(u64::MAX),
+            reasoning_tokens: Some(u64::MAX),
             duration_ms: u64::MAX,
             ttfb_ms: Some(u64::MAX),
             stream: false,
@@ -599,7 +611,7 @@ mod tests {
 
     /// Each optional field set alone on a default record, and cleared alone on a full one.
     fn one_optional_each() -> Vec<AuditRecord> {
-        let set: [fn(&mut AuditRecord, &AuditRecord); 15] = [
+        let set: [fn(&mut AuditRecord, &AuditRecord); 17] = [
             |r, f| r.key_id = f.key_id.clone(),
             |r, f| r.user = f.user.clone(),
             |r, f| r.provider = f.provider.clone(),
@@ -612,6 +624,8 @@ mod tests {
             |r, f| r.prompt_tokens = f.prompt_tokens,
             |r, f| r.completion_tokens = f.completion_tokens,
             |r, f| r.total_tokens = f.total_tokens,
+            |r, f| r.cached_tokens = f.cached_tokens,
+            |r, f| r.reasoning_tokens = f.reasoning_tokens,
             |r, f| r.ttfb_ms = f.ttfb_ms,
             |r, f| r.upstream_request_id = f.upstream_request_id.clone(),
             |r, f| r.ended = f.ended,

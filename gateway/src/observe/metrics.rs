@@ -27,6 +27,7 @@ pub struct Metrics {
     pub duration: HistogramVec,
     pub ttfb: HistogramVec,
     pub tokens: IntCounterVec,
+    pub token_details: IntCounterVec,
     pub rejections: IntCounterVec,
     pub upstream_attempts: IntCounterVec,
     /// Where `backend_healthy` and `backend_cooldown_seconds` are read from.
@@ -45,6 +46,7 @@ pub struct Metrics {
     request_series: SeriesCache<RequestSeries, 4>,
     attempt_series: SeriesCache<AttemptSeries, 3>,
     token_series: SeriesCache<TokenSeries, 3>,
+    token_detail_series: SeriesCache<TokenDetailSeries, 2>,
 }
 
 /// The pool's state at one instant: what `backend_healthy` and
@@ -154,6 +156,13 @@ pub struct AttemptSeries {
 pub struct TokenSeries {
     pub prompt: IntCounter,
     pub completion: IntCounter,
+}
+
+/// `token_details_total` of a (client, deployment), one counter per type, in the order of
+/// [`filters::tokens::Details::by_type`].
+#[derive(Clone)]
+pub struct TokenDetailSeries {
+    pub by_type: [IntCounter; 4],
 }
 
 /// A label value as the series caches see it: text from configuration (shared) or a static
@@ -266,6 +275,14 @@ impl Metrics {
             &["client", "deployment", "backend", "type"],
         )
         .unwrap();
+        let token_details = IntCounterVec::new(
+            Opts::new(
+                "aoai_gateway_token_details_total",
+                "Itemized parts of the tokens used, as reported by the backend: cached prompt, reasoning, audio prompt and audio completion tokens.",
+            ),
+            &["client", "deployment", "type"],
+        )
+        .unwrap();
         let rejections = IntCounterVec::new(
             Opts::new(
                 "aoai_gateway_rejections_total",
@@ -354,6 +371,7 @@ impl Metrics {
             Box::new(duration.clone()),
             Box::new(ttfb.clone()),
             Box::new(tokens.clone()),
+            Box::new(token_details.clone()),
             Box::new(rejections.clone()),
             Box::new(upstream_attempts.clone()),
             Box::new(PoolGauges::new(pool_reader.clone())),
@@ -384,6 +402,7 @@ impl Metrics {
             duration,
             ttfb,
             tokens,
+            token_details,
             rejections,
             upstream_attempts,
             pool_reader,
@@ -400,6 +419,7 @@ impl Metrics {
             request_series: SeriesCache::new(),
             attempt_series: SeriesCache::new(),
             token_series: SeriesCache::new(),
+            token_detail_series: SeriesCache::new(),
         })
     }
 
@@ -472,6 +492,23 @@ impl Metrics {
                     backend,
                     "completion",
                 ]),
+            })
+    }
+
+    /// `token_details_total{client,deployment,type}` for the four types.
+    pub fn token_detail_series(
+        &self,
+        client: Label<'_>,
+        deployment: Label<'_>,
+    ) -> TokenDetailSeries {
+        self.token_detail_series
+            .get([client, deployment], |[client, deployment]| {
+                TokenDetailSeries {
+                    by_type: filters::tokens::Details::default().by_type().map(|(t, _)| {
+                        self.token_details
+                            .with_label_values(&[client, deployment, t])
+                    }),
+                }
             })
     }
 
@@ -587,6 +624,11 @@ mod tests {
         t.prompt.inc_by(12);
         t.completion.inc_by(4);
         m.token_series(client, dep, &b).prompt.inc_by(1);
+        let details = m.token_detail_series(client, dep);
+        for (counter, n) in details.by_type.iter().zip([1920, 256, 7, 9]) {
+            counter.inc_by(n);
+        }
+        m.token_detail_series(client, dep).by_type[0].inc_by(128);
         let text = String::from_utf8(m.render()).unwrap();
         for line in [
             r#"aoai_gateway_requests_total{client="c",code="200",deployment="d",operation="chat.completions"} 3"#,
@@ -597,6 +639,10 @@ mod tests {
             r#"aoai_gateway_time_to_first_byte_seconds_count{backend="b",deployment="d"} 1"#,
             r#"aoai_gateway_tokens_total{backend="b",client="c",deployment="d",type="prompt"} 13"#,
             r#"aoai_gateway_tokens_total{backend="b",client="c",deployment="d",type="completion"} 4"#,
+            r#"aoai_gateway_token_details_total{client="c",deployment="d",type="cached_prompt"} 2048"#,
+            r#"aoai_gateway_token_details_total{client="c",deployment="d",type="reasoning"} 256"#,
+            r#"aoai_gateway_token_details_total{client="c",deployment="d",type="audio_prompt"} 7"#,
+            r#"aoai_gateway_token_details_total{client="c",deployment="d",type="audio_completion"} 9"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -50,7 +50,7 @@ impl Gateway {
         self.count(&ctx.outcome, elapsed, usage);
         if let Some(a) = ctx.outcome.admission.take() {
             let actual = match source {
-                UsageSource::Response => usage.map(|u| u.total),
+                UsageSource::Response | UsageSource::Estimated => usage.map(|u| u.total),
                 _ => None,
             };
             snap.limiter.reconcile(&a, actual).await;
@@ -93,6 +93,13 @@ impl Gateway {
                 .token_series(client, deployment, &tried.backend);
             series.prompt.inc_by(u.prompt);
             series.completion.inc_by(u.completion);
+        }
+        // Only where the backend itemized something (most answers report zeros).
+        if let Some(u) = usage.filter(|u| u.details.any()) {
+            let series = self.metrics.token_detail_series(client, deployment);
+            for (counter, (_, n)) in series.by_type.iter().zip(u.details.by_type()) {
+                counter.inc_by(n.unwrap_or(0));
+            }
         }
     }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use filters::tokens::{JsonTail, SseTracker};
+use filters::estimate::encoding_for_model;
+use filters::tokens::{JsonTail, SseTracker, StreamUsage, Usage};
+use filters::Operation;
 
 use super::failover::{self, Next, Verdict};
 use super::outcome::{Ending, Tried};
@@ -42,8 +44,10 @@ pub(super) struct Forward<'a> {
     pub query: Option<&'a str>,
     /// The caller's JWT, for `forward` backends.
     pub caller_jwt: Option<&'a str>,
-    /// The gateway added `include_usage`: hide the usage chunk from the client.
-    pub strip_usage: bool,
+    pub operation: Operation,
+    /// How a streamed answer's usage is had (hidden again where the gateway asked for it,
+    /// counted by the gateway where the `api-version` takes no `stream_options`).
+    pub stream_usage: StreamUsage,
 }
 
 /// An answer from one member.
@@ -148,7 +152,7 @@ impl Gateway {
                 h.get(Name::RetryAfter),
                 retries,
             ) {
-                Verdict::Deliver => return self.deliver(d, ctx, snap, answer, f.strip_usage).await,
+                Verdict::Deliver => return self.deliver(d, ctx, snap, answer, f).await,
                 Verdict::Retry { cool } => {
                     if let Some(cool) = cool {
                         cools[i].cool_until(now_ms() + cool.as_millis() as u64);
@@ -310,7 +314,7 @@ impl Gateway {
         ctx: &mut Ctx,
         snap: &Snapshot,
         mut a: Answer,
-        strip_usage: bool,
+        f: &Forward<'_>,
     ) -> Result<(), Failure> {
         let deadline = ctx.deadline(snap);
         let o = &mut ctx.outcome;
@@ -346,23 +350,25 @@ impl Gateway {
             }
         }
         d.send_stream_head(&out).await.map_err(client_gone)?;
-        self.stream(d, ctx, a, is_sse, strip_usage, deadline).await
+        self.stream(d, ctx, snap, a, is_sse, f, deadline).await
     }
 
     /// Streams the body as it arrives; SSE streams are tracked for their usage chunk
     /// (hidden from the client when the gateway asked for it), plain ones keep their tail.
+    #[allow(clippy::too_many_arguments)]
     async fn stream<D: Downstream>(
         &self,
         d: &mut D,
         ctx: &mut Ctx,
+        snap: &Snapshot,
         mut a: Answer,
         is_sse: bool,
-        strip_usage: bool,
+        f: &Forward<'_>,
         deadline: Instant,
     ) -> Result<(), Failure> {
         let o = &mut ctx.outcome;
         let mut reader = BodyReader::new(a.framing);
-        let mut sse = is_sse.then(|| SseTracker::new(strip_usage));
+        let mut sse = is_sse.then(|| SseTracker::new(f.stream_usage));
         let mut tail = (!is_sse && a.head.status < 300).then(|| JsonTail::new(USAGE_TAIL));
         loop {
             let chunk = match timeout_at(deadline, reader.next(&mut a.up)).await {
@@ -392,6 +398,9 @@ impl Gateway {
                 // The client went away: the upstream connection is dropped, not pooled, and
                 // the backend stops generating for nobody.
                 o.usage = sse.as_ref().and_then(|s| s.usage());
+                if let Some(s) = &sse {
+                    estimate_stream(o, snap, f, s, a.head.status).await;
+                }
                 return Err(client_gone(e));
             }
         }
@@ -401,6 +410,9 @@ impl Gateway {
             (None, Some(t)) => t.usage(),
             _ => None,
         };
+        if let Some(s) = &sse {
+            estimate_stream(o, snap, f, s, a.head.status).await;
+        }
         d.send_end(last).await.map_err(client_gone)?;
         self.release(a.key, a.up, a.head_at, &a.head, a.framing);
         Ok(())
@@ -413,6 +425,55 @@ impl Gateway {
             self.upstreams.put(key, up, since);
         }
     }
+}
+
+/// Where the backend could not be asked for a stream's usage (its `api-version` takes no
+/// `stream_options`) and reported none, the gateway counts it: the prompt estimate and the
+/// streamed completion text, with the encoding of the deployment's model (SPEC §13).
+async fn estimate_stream(
+    o: &mut super::outcome::Outcome,
+    snap: &Snapshot,
+    f: &Forward<'_>,
+    s: &SseTracker,
+    status: u16,
+) {
+    let Some(text) = s.completion_text() else {
+        return;
+    };
+    if o.usage.is_some() || status >= 300 {
+        return;
+    }
+    let hint = f
+        .deployment
+        .members
+        .first()
+        .map_or(&*f.deployment.name, |m| &*m.upstream_deployment);
+    let prompt = f
+        .body
+        .prompt_estimate(&snap.estimator, f.operation, hint)
+        .await;
+    let encoding = encoding_for_model(hint);
+    // A long completion (about 1 ms of BPE work per 32 KiB) is counted off the request threads.
+    let completion = if text.len() > 32 * 1024 {
+        let (e, text) = (snap.estimator.clone(), text.to_string());
+        tokio::task::spawn_blocking(move || e.count_text(&text, encoding))
+            .await
+            .unwrap_or(text_len_quarter(s))
+    } else {
+        snap.estimator.count_text(text, encoding)
+    };
+    o.usage = Some(Usage {
+        prompt,
+        completion,
+        total: prompt + completion,
+        details: Default::default(),
+    });
+    o.estimated = true;
+}
+
+fn text_len_quarter(s: &SseTracker) -> u64 {
+    s.completion_text()
+        .map_or(0, |t| t.len().div_ceil(4) as u64)
 }
 
 /// The upstream request for one member: its deployment name in the path (or the client's

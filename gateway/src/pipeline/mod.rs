@@ -195,7 +195,13 @@ impl Gateway {
             Plan::Models => {
                 self.admit_limits(ctx, snap, &identity, operation, None)
                     .await?;
-                self.answer_models(d, &mut ctx.outcome, snap, identity.client)
+                self.answer_models(d, &mut ctx.outcome, snap, identity.client, None)
+                    .await
+            }
+            Plan::Model { id } => {
+                self.admit_limits(ctx, snap, &identity, operation, None)
+                    .await?;
+                self.answer_models(d, &mut ctx.outcome, snap, identity.client, Some(id))
                     .await
             }
             Plan::Forward { deployment, path } => {
@@ -207,7 +213,10 @@ impl Gateway {
                 self.admit_limits(ctx, snap, &identity, operation, planned)
                     .await?;
                 ctx.outcome.stream = body.stream;
-                let strip_usage = body.ensure_stream_usage(operation);
+                let v1 = matches!(path, plan::Path::AsSent(_));
+                let stream_usage = body.ensure_stream_usage(operation, || {
+                    crate::api_version::accepts_stream_options(v1, head.query())
+                });
                 let caller_jwt = identity.jwt_authenticated.then(|| bearer(&head)).flatten();
                 let f = forward::Forward {
                     deployment: &deployment,
@@ -215,7 +224,8 @@ impl Gateway {
                     path,
                     query: head.query(),
                     caller_jwt,
-                    strip_usage,
+                    operation,
+                    stream_usage,
                 };
                 self.forward(d, ctx, snap, &f).await
             }
@@ -335,21 +345,32 @@ impl Gateway {
         d.send_full(&resp, &body).await.map_err(client_gone)
     }
 
-    /// `models.read`: the deployments this client may use.
+    /// `models.read`: the deployments this client may use, or the one named `id` (404
+    /// `DeploymentNotFound` for one it may not see, as for one that does not exist).
     async fn answer_models<D: Downstream>(
         &self,
         d: &mut D,
         o: &mut Outcome,
         snap: &Snapshot,
         client: usize,
+        id: Option<&str>,
     ) -> Result<(), Failure> {
         let policy = &snap.cfg.clients[client].policy;
         let names = policy.visible(snap.cfg.deployment_names.iter().map(|n| &**n));
-        let data: Vec<serde_json::Value> = names
-            .iter()
-            .map(|n| serde_json::json!({"id": n, "object": "model", "created": 0, "owned_by": "aoai-gateway", "model": n, "status": "succeeded"}))
-            .collect();
-        let body = Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string());
+        let object = |n: &str| serde_json::json!({"id": n, "object": "model", "created": 0, "owned_by": "aoai-gateway", "model": n, "status": "succeeded"});
+        let body = match id {
+            Some(id) => {
+                let Some(name) = names.iter().find(|n| **n == id) else {
+                    return Err(GatewayError::new(ErrorCode::DeploymentNotFound).into());
+                };
+                o.deployment = snap.cfg.deployments.get(*name).map(|d| d.name.clone());
+                Bytes::from(object(name).to_string())
+            }
+            None => {
+                let data: Vec<serde_json::Value> = names.iter().map(|n| object(n)).collect();
+                Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
+            }
+        };
         o.ending = Ending::Answered(200);
         d.send_full(&json_head(200, o.request_id), &body)
             .await

@@ -19,6 +19,9 @@ use crate::observe::request_id::RequestId;
 pub enum UsageSource {
     /// The backend reported usage (JSON body or the stream's usage chunk).
     Response,
+    /// Counted by the gateway: a stream whose `api-version` takes no `stream_options`
+    /// (SPEC §13), the prompt and the streamed completion estimated.
+    Estimated,
     /// No usage could be had; the reservation stands as the charge.
     Reserved,
     None,
@@ -28,28 +31,33 @@ impl UsageSource {
     pub fn as_str(self) -> &'static str {
         match self {
             UsageSource::Response => "response",
+            UsageSource::Estimated => "estimated",
             UsageSource::Reserved => "reserved",
             UsageSource::None => "none",
         }
     }
 }
 
-/// The usage charged for a request, and its source: what the backend reported; else, when
+/// The usage charged for a request, and its source: what the backend reported (or what the
+/// gateway counted, `estimated`, where it could not be reported); else, when
 /// a backend was tried for an operation that counts tokens and tokens were reserved, the
 /// reservation; else nothing.
 pub fn charged(
     reported: Option<Usage>,
+    estimated: bool,
     attempted: bool,
     counts_tokens: bool,
     reserved: u64,
 ) -> (Option<Usage>, UsageSource) {
     match reported {
+        Some(u) if estimated => (Some(u), UsageSource::Estimated),
         Some(u) => (Some(u), UsageSource::Response),
         None if attempted && counts_tokens && reserved > 0 => (
             Some(Usage {
                 prompt: reserved,
                 completion: 0,
                 total: reserved,
+                details: Default::default(),
             }),
             UsageSource::Reserved,
         ),
@@ -136,8 +144,10 @@ pub struct Outcome {
     pub ending: Ending,
     /// The gateway's own refusal or error answer, if it gave one.
     pub error: Option<GatewayError>,
-    /// What the backend reported.
+    /// What the backend reported (or the gateway counted, with `estimated`).
     pub usage: Option<Usage>,
+    /// `usage` is the gateway's own count of a stream (SPEC §13).
+    pub estimated: bool,
     /// A `/healthz` probe: neither traffic nor an audit event.
     pub probe: bool,
 }
@@ -162,6 +172,7 @@ impl Outcome {
             ending: Ending::Open,
             error: None,
             usage: None,
+            estimated: false,
             probe: false,
         }
     }
@@ -179,6 +190,7 @@ impl Outcome {
     pub fn charged(&self) -> (Option<Usage>, UsageSource) {
         charged(
             self.usage,
+            self.estimated,
             self.attempts > 0,
             self.operation.is_some_and(|o| o.counts_tokens()),
             self.reserved,
@@ -196,26 +208,66 @@ mod tests {
             prompt: 3,
             completion: 4,
             total: 7,
+            details: Default::default(),
         };
         let r = |n: u64| Usage {
             prompt: n,
             completion: 0,
             total: n,
+            details: Default::default(),
         };
-        for (reported, attempted, counts, reserved, want) in [
-            (Some(u), true, true, 100, (Some(u), UsageSource::Response)),
-            (Some(u), true, false, 0, (Some(u), UsageSource::Response)),
-            (None, true, true, 100, (Some(r(100)), UsageSource::Reserved)),
+        for (reported, estimated, attempted, counts, reserved, want) in [
+            (
+                Some(u),
+                false,
+                true,
+                true,
+                100,
+                (Some(u), UsageSource::Response),
+            ),
+            (
+                Some(u),
+                false,
+                true,
+                false,
+                0,
+                (Some(u), UsageSource::Response),
+            ),
+            // The gateway's own count replaces the reservation too.
+            (
+                Some(u),
+                true,
+                true,
+                true,
+                100,
+                (Some(u), UsageSource::Estimated),
+            ),
+            (
+                None,
+                false,
+                true,
+                true,
+                100,
+                (Some(r(100)), UsageSource::Reserved),
+            ),
+            (
+                None,
+                true,
+                true,
+                true,
+                100,
+                (Some(r(100)), UsageSource::Reserved),
+            ),
             // No backend was tried (refused, or answered by the gateway): nothing charged.
-            (None, false, true, 100, (None, UsageSource::None)),
+            (None, false, false, true, 100, (None, UsageSource::None)),
             // An operation that counts no tokens, or nothing reserved.
-            (None, true, false, 100, (None, UsageSource::None)),
-            (None, true, true, 0, (None, UsageSource::None)),
+            (None, false, true, false, 100, (None, UsageSource::None)),
+            (None, false, true, true, 0, (None, UsageSource::None)),
         ] {
             assert_eq!(
-                charged(reported, attempted, counts, reserved),
+                charged(reported, estimated, attempted, counts, reserved),
                 want,
-                "{reported:?} {attempted} {counts} {reserved}"
+                "{reported:?} {estimated} {attempted} {counts} {reserved}"
             );
         }
     }
@@ -230,5 +282,6 @@ mod tests {
         assert_eq!(o.status(), 502);
         assert_eq!(o.caller.client.as_ref(), "anonymous");
         assert_eq!(UsageSource::Reserved.as_str(), "reserved");
+        assert_eq!(UsageSource::Estimated.as_str(), "estimated");
     }
 }

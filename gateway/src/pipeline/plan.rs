@@ -16,8 +16,8 @@ use crate::pipeline::route::Route;
 pub fn operation<'a>(route: &Route<'a>) -> Result<(Operation, &'a str), GatewayError> {
     match *route {
         Route::NotSupported => Err(GatewayError::new(ErrorCode::OperationNotSupported)),
-        Route::Models => Ok((Operation::ModelsRead, "")),
-        Route::InBody { operation } => Ok((operation, "")),
+        Route::Models | Route::Model { .. } => Ok((Operation::ModelsRead, "")),
+        Route::InBody { operation, rest } => Ok((operation, rest)),
         Route::InPath {
             operation, rest, ..
         } => Ok((operation, rest)),
@@ -38,6 +38,8 @@ pub enum Path<'a> {
 pub enum Plan<'a> {
     /// `models.read`: answered by the gateway from the caller's policy.
     Models,
+    /// `models.read` of one deployment by its client-facing name.
+    Model { id: &'a str },
     Forward {
         deployment: Arc<Deployment>,
         path: Path<'a>,
@@ -55,6 +57,7 @@ pub fn plan<'a>(
     let (name, path) = match *route {
         Route::NotSupported => return Err(GatewayError::new(ErrorCode::OperationNotSupported)),
         Route::Models => return Ok(Plan::Models),
+        Route::Model { id } => return Ok(Plan::Model { id }),
         Route::InPath {
             deployment, rest, ..
         } => (deployment, Path::Deployment { rest }),
@@ -104,6 +107,7 @@ mod tests {
         let route = classify(method, path);
         match plan(&route, path, model, lookup) {
             Ok(Plan::Models) => Ok("models".into()),
+            Ok(Plan::Model { id }) => Ok(format!("model {id}")),
             Ok(Plan::Forward { deployment, path }) => Ok(format!("{} {path:?}", deployment.name)),
             Err(e) => Err(e.code),
         }
@@ -145,6 +149,24 @@ mod tests {
                 None,
                 Err(DeploymentNotFound),
             ),
+            (
+                "GET",
+                "/openai/v1/models/gpt-5",
+                None,
+                Ok("model gpt-5".into()),
+            ),
+            (
+                "POST",
+                "/openai/v1/audio/transcriptions",
+                Some("gpt-4o"),
+                Ok("gpt-4o AsSent(\"/openai/v1/audio/transcriptions\")".into()),
+            ),
+            (
+                "POST",
+                "/openai/v1/images/generations",
+                None,
+                Err(InvalidRequestBody),
+            ),
             ("POST", "/openai/files", None, Err(OperationNotSupported)),
             ("GET", chat, None, Err(OperationNotSupported)),
         ] {
@@ -171,6 +193,16 @@ mod tests {
         assert_eq!(
             operation(&classify("GET", "/openai/v1/models")).unwrap().0,
             Operation::ModelsRead
+        );
+        assert_eq!(
+            operation(&classify("GET", "/openai/models/gpt-4o"))
+                .unwrap()
+                .0,
+            Operation::ModelsRead
+        );
+        assert_eq!(
+            operation(&classify("POST", "/openai/v1/audio/speech")).unwrap(),
+            (Operation::Audio, "/audio/speech")
         );
     }
 }

@@ -14,12 +14,19 @@ pub enum Route<'a> {
         /// The path after the deployment name, e.g. `/chat/completions`.
         rest: &'a str,
     },
-    /// `/openai/v1/...` and `/openai/responses`: the body's `model`.
+    /// `/openai/v1/...` and `/openai/responses`: the body's `model` (a JSON member, or the
+    /// multipart form field of an upload).
     InBody {
         operation: Operation,
+        /// The path after `/openai/v1` (`/audio/transcriptions`), for the body's rules.
+        rest: &'static str,
     },
     /// Answered by the gateway itself.
     Models,
+    /// `GET /openai/models/{id}`, `/openai/v1/models/{id}`: answered by the gateway itself.
+    Model {
+        id: &'a str,
+    },
     NotSupported,
 }
 
@@ -51,21 +58,32 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Route<'a> {
     if method == "GET" {
         return match path {
             "/openai/deployments" | "/openai/models" | "/openai/v1/models" => Route::Models,
-            _ => Route::NotSupported,
+            _ => match path
+                .strip_prefix("/openai/models/")
+                .or_else(|| path.strip_prefix("/openai/v1/models/"))
+            {
+                Some(id) if !id.contains('/') => Route::Model { id },
+                _ => Route::NotSupported,
+            },
         };
     }
     if !post {
         return Route::NotSupported;
     }
     let body_op = match path {
-        "/openai/v1/chat/completions" => Some(Operation::ChatCompletions),
-        "/openai/v1/completions" => Some(Operation::Completions),
-        "/openai/v1/embeddings" => Some(Operation::Embeddings),
-        "/openai/v1/responses" | "/openai/responses" => Some(Operation::Responses),
+        "/openai/v1/chat/completions" => Some((Operation::ChatCompletions, "/chat/completions")),
+        "/openai/v1/completions" => Some((Operation::Completions, "/completions")),
+        "/openai/v1/embeddings" => Some((Operation::Embeddings, "/embeddings")),
+        "/openai/v1/responses" | "/openai/responses" => Some((Operation::Responses, "/responses")),
+        "/openai/v1/images/generations" => Some((Operation::Images, "/images/generations")),
+        "/openai/v1/images/edits" => Some((Operation::Images, "/images/edits")),
+        "/openai/v1/audio/speech" => Some((Operation::Audio, "/audio/speech")),
+        "/openai/v1/audio/transcriptions" => Some((Operation::Audio, "/audio/transcriptions")),
+        "/openai/v1/audio/translations" => Some((Operation::Audio, "/audio/translations")),
         _ => None,
     };
-    if let Some(operation) = body_op {
-        return Route::InBody { operation };
+    if let Some((operation, rest)) = body_op {
+        return Route::InBody { operation, rest };
     }
     let Some(after) = path.strip_prefix("/openai/deployments/") else {
         return Route::NotSupported;
@@ -121,18 +139,63 @@ mod tests {
 
     #[test]
     fn body_model_paths() {
+        for (path, operation, rest) in [
+            (
+                "/openai/v1/chat/completions",
+                Operation::ChatCompletions,
+                "/chat/completions",
+            ),
+            ("/openai/responses", Operation::Responses, "/responses"),
+            (
+                "/openai/v1/images/generations",
+                Operation::Images,
+                "/images/generations",
+            ),
+            (
+                "/openai/v1/images/edits",
+                Operation::Images,
+                "/images/edits",
+            ),
+            ("/openai/v1/audio/speech", Operation::Audio, "/audio/speech"),
+            (
+                "/openai/v1/audio/transcriptions",
+                Operation::Audio,
+                "/audio/transcriptions",
+            ),
+            (
+                "/openai/v1/audio/translations",
+                Operation::Audio,
+                "/audio/translations",
+            ),
+        ] {
+            assert_eq!(
+                classify("POST", path),
+                Route::InBody { operation, rest },
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_model_by_id() {
         assert_eq!(
-            classify("POST", "/openai/v1/chat/completions"),
-            Route::InBody {
-                operation: Operation::ChatCompletions
-            }
+            classify("GET", "/openai/models/gpt-4o"),
+            Route::Model { id: "gpt-4o" }
         );
         assert_eq!(
-            classify("POST", "/openai/responses"),
-            Route::InBody {
-                operation: Operation::Responses
-            }
+            classify("GET", "/openai/v1/models/o3-mini"),
+            Route::Model { id: "o3-mini" }
         );
+        for (m, p) in [
+            ("GET", "/openai/models/a/b"),
+            ("GET", "/openai/models/"),
+            ("DELETE", "/openai/v1/models/gpt-4o"),
+            ("POST", "/openai/v1/models/gpt-4o"),
+            ("GET", "/openai/v1/models/%2e%2e"),
+            ("GET", "/openai/v1/models/.."),
+        ] {
+            assert_eq!(classify(m, p), Route::NotSupported, "{m} {p}");
+        }
     }
 
     #[test]

@@ -73,10 +73,34 @@ pub fn chat_prompt_tokens(body: &Value) -> u64 {
     tokens_of(body.get("messages").map(text_bytes).unwrap_or(0))
 }
 
-fn push_chat_usage(out: &mut String, prompt: u64, completion: u64) {
+/// Like Azure's prompt caching: a prompt of 1,024 tokens or more is reported cached in
+/// 128-token steps from 1,024 (as if it had been sent before), a shorter one not at all.
+pub fn cached_tokens(prompt: u64) -> u64 {
+    if prompt < 1024 {
+        0
+    } else {
+        1024 + (prompt - 1024) / 128 * 128
+    }
+}
+
+/// Reasoning models (deployments named `o1…`, `o3…`, `o4…`, `gpt-5…`) think for 64 tokens,
+/// counted in the completion as Azure does; others for none.
+pub fn reasoning_tokens(model_json: &str) -> u64 {
+    let m = model_json.trim_matches('"');
+    let reasons = ["o1", "o3", "o4", "gpt-5"].iter().any(|p| m.starts_with(p));
+    if reasons {
+        64
+    } else {
+        0
+    }
+}
+
+fn push_chat_usage(out: &mut String, model_json: &str, prompt: u64, completion: u64) {
+    let (cached, reasoning) = (cached_tokens(prompt), reasoning_tokens(model_json));
+    let completion = completion + reasoning;
     let _ = write!(
         out,
-        r#"{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":0}},"completion_tokens_details":{{"reasoning_tokens":0}}}}"#,
+        r#"{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":{cached},"audio_tokens":0}},"completion_tokens_details":{{"reasoning_tokens":{reasoning},"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}}"#,
         prompt + completion
     );
 }
@@ -89,7 +113,7 @@ pub fn chat_completion(m: &Meta, r: &Reply, prompt_tokens: u64) -> String {
         r#"{{"id":"{}","object":"chat.completion","created":{},"model":{},"system_fingerprint":"{FINGERPRINT}","prompt_filter_results":{PROMPT_FILTER},"choices":[{{"index":0,"finish_reason":"stop","logprobs":null,"message":{{"role":"assistant","content":{},"refusal":null}},"content_filter_results":{CFR}}}],"usage":"#,
         m.id, m.created, m.model_json, r.content_json
     );
-    push_chat_usage(&mut o, prompt_tokens, r.completion_tokens);
+    push_chat_usage(&mut o, m.model_json, prompt_tokens, r.completion_tokens);
     o.push('}');
     o
 }
@@ -137,7 +161,7 @@ pub fn chat_stream(m: &Meta, r: &Reply, prompt_tokens: u64, include_usage: bool)
         b.data(false, |o| {
             chunk_head(o, m, obj);
             o.push_str(r#"[],"usage":"#);
-            push_chat_usage(o, prompt_tokens, r.completion_tokens);
+            push_chat_usage(o, m.model_json, prompt_tokens, r.completion_tokens);
             o.push('}');
         });
     }
@@ -158,7 +182,7 @@ pub fn completion(m: &Meta, r: &Reply, prompt_tokens: u64) -> String {
         r#"{{"id":"{}","object":"text_completion","created":{},"model":{},"system_fingerprint":"{FINGERPRINT}","prompt_filter_results":{PROMPT_FILTER},"choices":[{{"text":{},"index":0,"logprobs":null,"finish_reason":"stop","content_filter_results":{CFR}}}],"usage":"#,
         m.id, m.created, m.model_json, r.content_json
     );
-    push_chat_usage(&mut o, prompt_tokens, r.completion_tokens);
+    push_chat_usage(&mut o, m.model_json, prompt_tokens, r.completion_tokens);
     o.push('}');
     o
 }
@@ -191,7 +215,7 @@ pub fn completion_stream(
         b.data(false, |o| {
             chunk_head(o, m, obj);
             o.push_str(r#"[],"usage":"#);
-            push_chat_usage(o, prompt_tokens, r.completion_tokens);
+            push_chat_usage(o, m.model_json, prompt_tokens, r.completion_tokens);
             o.push('}');
         });
     }
@@ -304,10 +328,12 @@ pub fn responses_input_tokens(body: &Value) -> u64 {
     tokens_of(body.get("input").map(text_bytes).unwrap_or(0))
 }
 
-fn push_response_usage(o: &mut String, input: u64, output: u64) {
+fn push_response_usage(o: &mut String, model_json: &str, input: u64, output: u64) {
+    let (cached, reasoning) = (cached_tokens(input), reasoning_tokens(model_json));
+    let output = output + reasoning;
     let _ = write!(
         o,
-        r#"{{"input_tokens":{input},"input_tokens_details":{{"cached_tokens":0}},"output_tokens":{output},"output_tokens_details":{{"reasoning_tokens":0}},"total_tokens":{}}}"#,
+        r#"{{"input_tokens":{input},"input_tokens_details":{{"cached_tokens":{cached}}},"output_tokens":{output},"output_tokens_details":{{"reasoning_tokens":{reasoning}}},"total_tokens":{}}}"#,
         input + output
     );
 }
@@ -367,7 +393,7 @@ pub fn response_object(
     }
     o.push_str(r#"],"parallel_tool_calls":true,"previous_response_id":null,"reasoning":{"effort":null,"summary":null},"service_tier":"default","store":false,"temperature":1.0,"text":{"format":{"type":"text"}},"tool_choice":"auto","tools":[],"top_p":1.0,"truncation":"disabled","usage":"#);
     if completed {
-        push_response_usage(&mut o, input_tokens, r.completion_tokens);
+        push_response_usage(&mut o, m.model_json, input_tokens, r.completion_tokens);
     } else {
         o.push_str("null");
     }
@@ -485,10 +511,34 @@ pub fn model_list(created: u64, deployments: bool) -> String {
     o
 }
 
-/// An images answer.
-pub fn images(created: u64) -> String {
+/// A 1×1 PNG.
+const PNG_1X1: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4,
+    0x89, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x60, 0x00, 0x02, 0x00,
+    0x00, 0x05, 0x00, 0x01, 0xe9, 0xfa, 0xdc, 0xd8, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44,
+    0xae, 0x42, 0x60, 0x82,
+];
+
+/// An images answer: a URL, or (`b64`) the image itself, with the deployment that drew it
+/// in `revised_prompt` (and the uploaded image's sha256 for an edit).
+pub fn images(created: u64, b64: bool, model: &str, body: &Value) -> String {
+    let prompt = body.get("prompt").and_then(Value::as_str).unwrap_or("");
+    let mut revised = format!("{prompt} (drawn by {model})");
+    if let Some(image) = body.get("files").and_then(|f| f.get("image")) {
+        let _ = write!(revised, " from {}", image["sha256"].as_str().unwrap_or(""));
+    }
+    let image = if b64 {
+        format!(
+            r#""b64_json":"{}""#,
+            base64::engine::general_purpose::STANDARD.encode(PNG_1X1)
+        )
+    } else {
+        r#""url":"https://example.invalid/img.png""#.to_string()
+    };
     format!(
-        r#"{{"created":{created},"data":[{{"url":"https://example.invalid/img.png","revised_prompt":"a picture","content_filter_results":{CFR}}}]}}"#
+        r#"{{"created":{created},"data":[{{{image},"revised_prompt":{},"content_filter_results":{CFR}}}]}}"#,
+        json_str(&revised)
     )
 }
 
@@ -501,6 +551,32 @@ pub fn error_body(code: &str, message: &str) -> String {
     push_json_str(&mut o, message);
     o.push_str("}}");
     o
+}
+
+/// Azure's answer to a body field its `api-version` does not know (400).
+pub fn unrecognized_argument_body(field: &str) -> String {
+    let mut o = String::from(r#"{"error":{"message":"#);
+    push_json_str(
+        &mut o,
+        &format!("Unrecognized request argument supplied: {field}"),
+    );
+    o.push_str(r#","type":"invalid_request_error","param":null,"code":null}}"#);
+    o
+}
+
+/// A dated `api-version` (`YYYY-MM-DD[-preview]`) before `2024-09-01-preview`, which takes
+/// no `stream_options` (ISO dates compare as text).
+pub fn version_refuses_stream_options(v: &str) -> bool {
+    let date = v.get(..10).unwrap_or("");
+    let dated = date.len() == 10
+        && date.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    dated && date < "2024-09-01"
 }
 
 /// `ceil(ms / 1000)`: the `retry-after` seconds of a `retry-after-ms`.
@@ -782,6 +858,44 @@ mod tests {
     }
 
     #[test]
+    fn versions_that_refuse_stream_options() {
+        for (v, refuses) in [
+            ("2024-02-01", true),
+            ("2024-06-01", true),
+            ("2023-05-15", true),
+            ("2024-08-01-preview", true),
+            ("2024-09-01-preview", false),
+            ("2024-10-21", false),
+            ("2025-04-01-preview", false),
+            ("preview", false),
+            ("latest", false),
+            ("2024-6-01", false),
+        ] {
+            assert_eq!(version_refuses_stream_options(v), refuses, "{v}");
+        }
+    }
+
+    #[test]
+    fn usage_details_by_prompt_and_model() {
+        assert_eq!(cached_tokens(1023), 0);
+        assert_eq!(cached_tokens(1024), 1024);
+        assert_eq!(cached_tokens(1151), 1024);
+        assert_eq!(cached_tokens(1152), 1152);
+        assert_eq!(reasoning_tokens("\"o3-mini\""), 64);
+        assert_eq!(reasoning_tokens("\"gpt-5\""), 64);
+        assert_eq!(reasoning_tokens("\"gpt-4o\""), 0);
+        let m = meta("\"o1\"");
+        let v = parse(&chat_completion(&m, &Reply::new("x"), 2000));
+        assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 1920);
+        assert_eq!(
+            v["usage"]["completion_tokens_details"]["reasoning_tokens"],
+            64
+        );
+        assert_eq!(v["usage"]["completion_tokens"], 4 + 64);
+        assert_eq!(v["usage"]["total_tokens"], 2000 + 4 + 64);
+    }
+
+    #[test]
     fn misc_bodies() {
         let v = parse(&model_list(1, false));
         assert_eq!(v["object"], "list");
@@ -790,9 +904,18 @@ mod tests {
             parse(&model_list(1, true))["data"][0]["object"],
             "deployment"
         );
+        let prompt = json!({"prompt": "a cat"});
+        let v = parse(&images(1, false, "dalle", &prompt));
+        assert_eq!(v["data"][0]["url"], "https://example.invalid/img.png");
+        assert_eq!(v["data"][0]["revised_prompt"], "a cat (drawn by dalle)");
+        let v = parse(&images(1, true, "dalle", &prompt));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v["data"][0]["b64_json"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(png, PNG_1X1);
         assert_eq!(
-            parse(&images(1))["data"][0]["url"],
-            "https://example.invalid/img.png"
+            parse(&unrecognized_argument_body("stream_options")),
+            json!({"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":null,"code":null}})
         );
         assert_eq!(
             parse(&error_body("404", "Resource not found")),

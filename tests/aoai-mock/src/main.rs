@@ -449,6 +449,21 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
     });
     let parsed: Option<Result<Value, serde_json::Error>> =
         (op.json_body() || content_json).then(|| serde_json::from_slice(&body));
+    // A multipart upload is read like Azure reads it (fields and files), with `multer`.
+    let form: Option<Result<Value, String>> = if !op.json_body() && op != Op::NotFound {
+        let ct = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        Some(form_fields(ct, body.clone()).await)
+    } else {
+        None
+    };
+    let parsed = match &form {
+        Some(Ok(v)) => Some(Ok(v.clone())),
+        _ => parsed,
+    };
     let jv = parsed.as_ref().and_then(|r| r.as_ref().ok());
 
     let authorized = st.authorized(&parts.headers);
@@ -494,6 +509,9 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
                 h.insert(X_RL_TOKENS.clone(), HeaderValue::from_static("0"));
                 Some(r)
             }
+            Fault::None if refuses_stream_options(op, parts.uri.query(), jv) => {
+                Some(st.json(400, builders::unrecognized_argument_body("stream_options")))
+            }
             Fault::None => Some(answer(
                 st,
                 op,
@@ -528,6 +546,49 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
             Err(ResetConn)
         }
     }
+}
+
+/// The fields of a multipart upload as JSON: each text field by name (`model`, `prompt`, …)
+/// and each file as `{"filename", "size", "sha256"}` under `files`.
+async fn form_fields(content_type: &str, body: Bytes) -> Result<Value, String> {
+    let boundary = multer::parse_boundary(content_type).map_err(|e| e.to_string())?;
+    let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(body) });
+    let mut m = multer::Multipart::new(stream, boundary);
+    let mut out = serde_json::Map::new();
+    let mut files = serde_json::Map::new();
+    while let Some(f) = m.next_field().await.map_err(|e| e.to_string())? {
+        let name = f.name().unwrap_or("").to_string();
+        let filename = f.file_name().map(str::to_string);
+        let data = f.bytes().await.map_err(|e| e.to_string())?;
+        match filename {
+            Some(filename) => {
+                files.insert(
+                    name,
+                    json!({"filename": filename, "size": data.len(), "sha256": util::hex(&Sha256::digest(&data))}),
+                );
+            }
+            None => {
+                out.insert(
+                    name,
+                    Value::String(String::from_utf8_lossy(&data).into_owned()),
+                );
+            }
+        }
+    }
+    out.insert("files".into(), Value::Object(files));
+    Ok(Value::Object(out))
+}
+
+/// Like Azure: `api-version`s before `2024-09-01-preview` (`2024-02-01`, `2024-06-01`, …)
+/// refuse a chat or completions body that has `stream_options` at all.
+fn refuses_stream_options(op: Op, query: Option<&str>, body: Option<&Value>) -> bool {
+    if !matches!(op, Op::Chat | Op::Completions)
+        || body.and_then(|b| b.get("stream_options")).is_none()
+    {
+        return false;
+    }
+    let pairs = query.map(form_pairs).unwrap_or_default();
+    pair(&pairs, "api-version").is_some_and(builders::version_refuses_stream_options)
 }
 
 /// The normal answer of a data-plane request.
@@ -638,15 +699,36 @@ fn answer(
                 st.json(200, builders::response_object(&m, &msg_id, r, p, true))
             }
         }
-        Op::ImagesGenerations | Op::ImagesEdits => st.json(200, builders::images(created)),
-        Op::AudioTranscriptions | Op::AudioTranslations => st.json(200, r#"{"text":"hello"}"#),
-        Op::AudioSpeech => st.respond(
-            200,
-            "audio/mpeg",
-            MockBody::full(Bytes::from_static(&[
-                0xff, 0xf3, 0x44, 0xc4, 0x00, 0x00, 0x00, 0x00,
-            ])),
-        ),
+        Op::ImagesGenerations | Op::ImagesEdits => {
+            let b64 = v.get("response_format").and_then(Value::as_str) == Some("b64_json")
+                || model.starts_with("gpt-image");
+            st.json(200, builders::images(created, b64, &model, v))
+        }
+        Op::AudioTranscriptions | Op::AudioTranslations => {
+            // What arrived, so that a test can tell the deployment and the file it saw.
+            let file = v.get("files").and_then(|f| f.get("file")).cloned();
+            let text = format!(
+                "model={model} file={}",
+                file.as_ref()
+                    .map(|f| format!("{} {} {}", f["filename"], f["size"], f["sha256"]))
+                    .unwrap_or_default()
+            );
+            st.json(
+                200,
+                json!({"text": text, "model": model, "file": file}).to_string(),
+            )
+        }
+        Op::AudioSpeech => {
+            // An MP3 frame header, then the input text: the bytes a test can compare.
+            let mut audio = vec![0xff, 0xf3, 0x44, 0xc4];
+            audio.extend_from_slice(
+                v.get("input")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .as_bytes(),
+            );
+            st.respond(200, "audio/mpeg", MockBody::full(Bytes::from(audio)))
+        }
         Op::NotFound => st.json(404, builders::error_body("404", "Resource not found")),
     }
 }
