@@ -53,12 +53,7 @@ pub struct ClientLimits {
     pub per_deployment: HashMap<String, LimitSpec>,
 }
 
-/// Where the counters live (`limits.store`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StoreKind {
-    Memory,
-    Redis { url: String },
-}
+pub use crate::store::StoreKind;
 
 /// What to do while Redis is unreachable (`limits.on_store_failure`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -500,16 +495,35 @@ impl Limiter {
         on_store_error: Arc<dyn Fn() + Send + Sync>,
         options: LimiterOptions,
     ) -> Result<Self, String> {
-        let redis = match store {
-            StoreKind::Memory => None,
-            StoreKind::Redis { url } => Some(RedisStore::new(&url, &options)?),
+        let conn = crate::store::ConnOptions {
+            command_timeout: options.command_timeout,
+            retry_interval: options.retry_interval,
         };
-        Ok(Limiter {
-            redis,
+        let store = crate::store::Store::open(store, &conn)?;
+        Ok(Self::on_store(
+            &store,
+            on_failure,
+            on_store_error,
+            &options.key_prefix,
+        ))
+    }
+
+    /// A limiter on the state store `store` (its Redis connection, if any, is shared with
+    /// the other users of the store); Redis keys start with `key_prefix`.
+    pub fn on_store(
+        store: &crate::store::Store,
+        on_failure: OnStoreFailure,
+        on_store_error: Arc<dyn Fn() + Send + Sync>,
+        key_prefix: &str,
+    ) -> Self {
+        Limiter {
+            redis: store
+                .redis()
+                .map(|c| RedisStore::new(c.clone(), key_prefix)),
             local: MemoryStore::new(),
             on_failure,
             on_store_error,
-        })
+        }
     }
 
     /// Counts one request and reserves `reserve_tokens` in every applicable window
@@ -662,4 +676,4 @@ impl Limiter {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
