@@ -325,7 +325,9 @@ mod tests {
 
     async fn scenario(store: &ObjectStore) {
         assert_eq!(store.get("resp_1").await, Ok(None));
-        store.put("resp_1", record("app", Some("alice")), 1_000).await;
+        store
+            .put("resp_1", record("app", Some("alice")), 1_000)
+            .await;
         let got = store.get("resp_1").await.unwrap().unwrap();
         assert_eq!(got, record("app", Some("alice")));
         assert!(store.settle("resp_1").await, "first settle wins");
@@ -334,7 +336,10 @@ mod tests {
         assert!(!store.settle("resp_unknown").await);
         store.delete("resp_1").await;
         assert_eq!(store.get("resp_1").await, Ok(None));
-        assert!(!store.settle("resp_1").await, "a deleted record is not recreated");
+        assert!(
+            !store.settle("resp_1").await,
+            "a deleted record is not recreated"
+        );
         assert_eq!(store.get("resp_1").await, Ok(None));
     }
 

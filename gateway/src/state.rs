@@ -10,10 +10,10 @@ use filters::authz::AuthzFilter;
 use filters::estimate::{EstimateMode, PromptEstimator};
 use filters::identity::{IdentityFilter, IdentityResolver, JwtVerifier, VerifiedJwt};
 use filters::limits::{Limiter, OnStoreFailure};
-use filters::objects::ObjectStore;
-use filters::store::{ConnOptions, Store, StoreKind};
 use filters::limits_filter::LimitsFilter;
+use filters::objects::ObjectStore;
 use filters::oidc::OidcVerifier;
+use filters::store::{ConnOptions, Store, StoreKind};
 use filters::{FilterChain, FilterError};
 use pingora::upstreams::peer::HttpPeer;
 
@@ -107,8 +107,8 @@ impl Snapshot {
                         url: cfg.state.redis_url.clone().unwrap_or_default(),
                     },
                 };
-                let store = Store::open(kind, &ConnOptions::default())
-                    .map_err(|e| format!("state.{e}"))?;
+                let store =
+                    Store::open(kind, &ConnOptions::default()).map_err(|e| format!("state.{e}"))?;
                 let on_failure = match cfg.limits.on_store_failure {
                     OnStoreFailureFile::Local => OnStoreFailure::Local,
                     OnStoreFailureFile::Reject => OnStoreFailure::Reject,

@@ -612,6 +612,46 @@ impl Limiter {
         }
     }
 
+    /// Replaces tokens reserved (and charged) by an earlier request — a background response,
+    /// admitted at `created` — with the usage reported for it now, in the token windows of
+    /// `limits` for `deployment`. The same corrections as [`Limiter::reconcile_at`]: a refund
+    /// takes back at most what is still in a window, the day window is corrected only while
+    /// the day of `created` lasts. The caller makes sure it happens once per response.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn settle(
+        &self,
+        subject: &str,
+        deployment: &str,
+        limits: &ClientLimits,
+        reserved: u64,
+        actual: u64,
+        created: SystemTime,
+        now: SystemTime,
+    ) {
+        let plan = Plan::build(limits, deployment, reserved);
+        if plan.len == 0 {
+            return;
+        }
+        let decider = if self.redis.is_some() {
+            Decider::Redis
+        } else {
+            Decider::Memory
+        };
+        let mut admission = self.admission(
+            subject,
+            deployment,
+            plan,
+            [0; MAX_CHECKS],
+            micros(created),
+            decider,
+        );
+        if let Some(t) = admission.ticket.as_mut() {
+            // No admission-time value bounds the refund: what is left in the window does.
+            t.after = [i64::MAX; MAX_CHECKS];
+        }
+        self.reconcile_at(&admission, Some(actual), now).await;
+    }
+
     /// Replaces the reservation by the actual usage, now. See [`Limiter::reconcile_at`].
     pub async fn reconcile(&self, admission: &Admission, actual_tokens: Option<u64>) {
         self.reconcile_at(admission, actual_tokens, SystemTime::now())

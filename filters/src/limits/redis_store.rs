@@ -187,7 +187,9 @@ impl LimitStore for RedisStore {
         }
         let reply: Vec<i64> = self
             .conn
-            .run("admission", |mut c| async move { inv.invoke_async(&mut c).await })
+            .run("admission", |mut c| async move {
+                inv.invoke_async(&mut c).await
+            })
             .await?;
         let n = plan.checks().len();
         if reply.len() != n + 1 {
@@ -264,5 +266,4 @@ mod tests {
             "agw:lim:{a}:t"
         );
     }
-
 }

@@ -288,8 +288,8 @@ pub fn parse(text: &str) -> Result<FileConfig, Vec<ConfigError>> {
         match k.as_str() {
             Some(
                 name @ ("server" | "identity" | "clients" | "deployments" | "backends"
-                | "upstream_identity" | "health_checks" | "retries" | "limits"
-                | "state" | "audit_log"),
+                | "upstream_identity" | "health_checks" | "retries" | "limits" | "state"
+                | "audit_log"),
             ) => {
                 sections.insert(name.to_string(), v);
             }
