@@ -13,12 +13,14 @@ Which resource holds a response is read from the response itself (each mock answ
 
 from __future__ import annotations
 
-import time
+import signal
+import subprocess
 from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
+import yaml
 
 import agw
 from agw import KEY, OTHER_KEY, assert_error, make_key, wait_until
@@ -57,9 +59,6 @@ def stored_config(east: agw.Mock, west: agw.Mock, idp: agw.Mock | None = None, *
         agw.client("bob-app", keys=(agw.OTHER_KEY_SHA256,)),
         agw.client("metered", keys=(agw.sha256_hex(METERED_KEY),),
                    limits={"tokens_per_day": DAY_LIMIT}),
-        # May use only `west-only`: a follow-up on a gpt-4o response is not allowed.
-        agw.client("narrow", keys=(agw.sha256_hex(make_key("narrow")),),
-                   deployments=["west-only"]),
     ]
     identity = {}
     if idp is not None:
@@ -264,15 +263,28 @@ def test_store_false_is_not_recorded(env):
     assert_reached_no_backend(env)
 
 
-def test_a_follow_up_needs_the_responses_deployment_allowed(env):
-    client = v1(env.gw)
-    r = client.responses.create(model="gpt-4o", input="Allowed?")
-    narrow_key = make_key("narrow")
-    env.clear()
-    # Another client's id: not found, whatever it may use.
-    resp = env.gw.http.get(f"/openai/v1/responses/{r.id}", headers={"api-key": narrow_key})
-    assert_error(resp, 404, "ObjectNotFound")
-    assert_reached_no_backend(env)
+def test_a_follow_up_needs_the_responses_deployment_allowed(cluster):
+    """A client's own response, on a deployment it may no longer use (the configuration
+    changed): its follow-ups are refused (403) before any backend."""
+    east, west = cluster.mock("east"), cluster.mock("west")
+    cfg = stored_config(east, west)
+    gw = cluster.gateway(cfg)
+    r = v1(gw).responses.create(model="gpt-4o", input="Mine.")
+    cfg = gw.config  # as written, listeners included
+    cfg["clients"][0]["allow"]["deployments"] = ["west-only"]
+    gw.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    gw.process.send_signal(signal.SIGHUP)
+
+    def refused():
+        resp = gw.http.get(f"/openai/v1/responses/{r.id}", headers={"api-key": KEY})
+        return resp if resp.status_code == 403 else None
+
+    resp = wait_until(refused, 10, "the reload to take the deployment away")
+    east.clear()
+    west.clear()
+    resp = gw.http.get(f"/openai/v1/responses/{r.id}", headers={"api-key": KEY})
+    assert_error(resp, 403, "DeploymentNotAllowed")
+    assert east.data_requests() == [] and west.data_requests() == []
 
 
 def test_a_chain_to_a_deployment_without_a_member_on_the_holder_is_a_conflict(env):
@@ -430,7 +442,6 @@ state: {store: redis, redis_url: redis://127.0.0.1:6380/0, retention_days: 0}
 """
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    import subprocess
     out = subprocess.run([str(agw.GATEWAY_BIN), "check", "-c", str(path)],
                          capture_output=True, text=True, env=agw.clean_env())
     assert out.returncode == 1
