@@ -196,7 +196,7 @@ impl Gateway {
         let (operation, rest) = routed?;
         let stored = matches!(route, route::Route::Stored { .. });
         let body = self
-            .read_body(d, &head, ctx, snap, operation, rest, stored)
+            .read_body(d, &head, ctx, snap, (operation, rest), stored)
             .await?;
         let plan = plan::plan(&route, path, body.as_ref().and_then(|b| b.model()), lookup)?;
         match plan {
@@ -379,8 +379,7 @@ impl Gateway {
         head: &Head,
         ctx: &Ctx,
         snap: &Snapshot,
-        operation: Operation,
-        rest: &str,
+        (operation, rest): (Operation, &str),
         stored: bool,
     ) -> Result<Option<RequestBody>, Failure> {
         let raw = timeout_at(
