@@ -16,8 +16,10 @@ pub mod identity;
 pub mod json;
 pub mod limits;
 pub mod limits_filter;
+pub mod objects;
 pub mod oidc;
 pub mod operation;
+pub mod store;
 pub mod tokens;
 
 pub use operation::Operation;

@@ -705,15 +705,22 @@ mod tests {
         // A longer blank run between events (`\n\n\n`): unchanged without strip, and the
         // same bytes with strip however the stream is cut.
         let s = format!("{CHUNK}\n\n\n{USAGE}\n\n\n\ndata: [DONE]\n\n");
+        let mode = |strip: bool| {
+            if strip {
+                StreamUsage::Injected
+            } else {
+                StreamUsage::AsSent
+            }
+        };
         let stripped = {
-            let mut t = SseTracker::new(true);
+            let mut t = SseTracker::new(StreamUsage::Injected);
             let mut got = t.push(s.as_bytes()).to_vec();
             got.extend_from_slice(&t.finish());
             got
         };
         for cut in 1..s.len() {
             for strip in [false, true] {
-                let mut t = SseTracker::new(strip);
+                let mut t = SseTracker::new(mode(strip));
                 let mut got = t.push(&s.as_bytes()[..cut]).to_vec();
                 got.extend_from_slice(&t.push(&s.as_bytes()[cut..]));
                 got.extend_from_slice(&t.finish());

@@ -51,6 +51,16 @@ pub struct RequestBody {
     /// Where the `model` field's value is in a multipart upload.
     form_model: Option<std::ops::Range<usize>>,
     pub stream: bool,
+    /// A `responses` body's fields about stored objects (`None` for other operations).
+    stored: Option<Box<ResponseFields>>,
+}
+
+/// What a `responses` body says about stored objects (SPEC §11).
+#[derive(Debug, Default, serde::Deserialize)]
+struct ResponseFields {
+    previous_response_id: Option<String>,
+    store: Option<bool>,
+    background: Option<bool>,
 }
 
 fn invalid(message: &'static str) -> GatewayError {
@@ -73,6 +83,7 @@ impl RequestBody {
             rewritten: None,
             form_model: None,
             stream: false,
+            stored: None,
         };
         if is_form(operation, rest) {
             body.inspect_form(content_type)?;
@@ -125,6 +136,13 @@ impl RequestBody {
         };
         body.stream = p.stream.unwrap_or(false);
         body.include_usage = p.include_usage.unwrap_or(false);
+        if operation == Operation::Responses {
+            // Strictly typed: a reference the gateway cannot read must not pass unchecked.
+            let f: ResponseFields = serde_json::from_slice(&body.raw).map_err(|_| {
+                invalid("`previous_response_id` must be a string, `store` and `background` true or false.")
+            })?;
+            body.stored = Some(Box::new(f));
+        }
         Ok(body)
     }
 
@@ -148,6 +166,39 @@ impl RequestBody {
             }
         }
         Ok(())
+    }
+
+    /// A body passed on as it is (a follow-up on a stored object: empty, or not looked at).
+    pub fn passthrough(raw: Bytes) -> RequestBody {
+        RequestBody {
+            raw,
+            is_json: false,
+            model: None,
+            include_usage: false,
+            json: std::sync::OnceLock::new(),
+            rewritten: None,
+            form_model: None,
+            stream: false,
+            stored: None,
+        }
+    }
+
+    /// A `responses` body's `previous_response_id`.
+    pub fn previous_response_id(&self) -> Option<&str> {
+        self.stored.as_ref()?.previous_response_id.as_deref()
+    }
+
+    /// Whether a `responses` body asks the backend to store the response (`store` defaults
+    /// to true); false for every other body.
+    pub fn stores_response(&self) -> bool {
+        self.stored.as_ref().is_some_and(|f| f.store != Some(false))
+    }
+
+    /// A `responses` body with `background: true`.
+    pub fn background(&self) -> bool {
+        self.stored
+            .as_ref()
+            .is_some_and(|f| f.background == Some(true))
     }
 
     /// The whole document (parsed once, on first use).
@@ -505,6 +556,40 @@ mod tests {
         // The version is only looked at for a stream that would need it.
         let mut b = chat(r#"{"stream":false}"#);
         b.ensure_stream_usage(Operation::ChatCompletions, || unreachable!());
+    }
+
+    #[test]
+    fn responses_fields_about_stored_objects() {
+        let r = |b: &str| inspect(b.as_bytes(), Operation::Responses, "");
+        let b = r(r#"{"model":"m","previous_response_id":"resp_1","background":true}"#).unwrap();
+        assert_eq!(b.previous_response_id(), Some("resp_1"));
+        assert!(b.stores_response() && b.background());
+        let b = r(r#"{"model":"m","store":false}"#).unwrap();
+        assert_eq!(b.previous_response_id(), None);
+        assert!(!b.stores_response() && !b.background());
+        let b = r(r#"{"model":"m","previous_response_id":null,"store":true}"#).unwrap();
+        assert!(b.stores_response() && b.previous_response_id().is_none());
+        // Escaped keys are read as what they are.
+        let b = r(r#"{"model":"m","previous_respon\u0073e_id":"resp_2"}"#).unwrap();
+        assert_eq!(b.previous_response_id(), Some("resp_2"));
+        // A reference that cannot be read is refused, not passed unchecked.
+        for bad in [
+            r#"{"model":"m","previous_response_id":5}"#,
+            r#"{"model":"m","previous_response_id":"resp_1","store":"no"}"#,
+            r#"{"model":"m","previous_response_id":"a","previous_response_id":"b"}"#,
+        ] {
+            assert_eq!(
+                r(bad).unwrap_err().code,
+                ErrorCode::InvalidRequestBody,
+                "{bad}"
+            );
+        }
+        // Other operations never have them.
+        assert!(!chat(r#"{"previous_response_id":"resp_1"}"#).stores_response());
+        assert_eq!(
+            chat(r#"{"previous_response_id":"resp_1"}"#).previous_response_id(),
+            None
+        );
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub enum ErrorCode {
     BackendTimeout,
     BadGateway,
     LimitStoreUnavailable,
+    /// A stored object that is unknown, expired or someone else's (SPEC §11, §14).
+    ObjectNotFound,
+    /// References to objects on two resources, or to a resource the deployment has no
+    /// member on (SPEC §11, §14).
+    ObjectConflict,
 }
 
 impl ErrorCode {
@@ -53,6 +58,8 @@ impl ErrorCode {
             ErrorCode::BackendTimeout => "BackendTimeout",
             ErrorCode::BadGateway => "BadGateway",
             ErrorCode::LimitStoreUnavailable => "LimitStoreUnavailable",
+            ErrorCode::ObjectNotFound => "ObjectNotFound",
+            ErrorCode::ObjectConflict => "ObjectConflict",
         }
     }
 
@@ -63,7 +70,10 @@ impl ErrorCode {
             | ErrorCode::ForbiddenOrigin
             | ErrorCode::DeploymentNotAllowed
             | ErrorCode::OperationNotAllowed => 403,
-            ErrorCode::DeploymentNotFound | ErrorCode::OperationNotSupported => 404,
+            ErrorCode::DeploymentNotFound
+            | ErrorCode::OperationNotSupported
+            | ErrorCode::ObjectNotFound => 404,
+            ErrorCode::ObjectConflict => 409,
             ErrorCode::RequestTooLarge => 413,
             ErrorCode::InvalidRequestBody => 400,
             ErrorCode::RequestTimeout => 408,
@@ -98,6 +108,8 @@ impl ErrorCode {
             ErrorCode::BackendTimeout => "The backend did not answer in time.",
             ErrorCode::BadGateway => "No backend answered.",
             ErrorCode::LimitStoreUnavailable => "The shared limit store is unavailable.",
+            ErrorCode::ObjectNotFound => "No such object.",
+            ErrorCode::ObjectConflict => "The objects this request names are not on one resource that serves its deployment.",
         }
     }
 
@@ -113,7 +125,10 @@ impl ErrorCode {
             ErrorCode::QuotaExceeded => Some("quota_exceeded"),
             ErrorCode::InvalidRequestBody => Some("bad_request"),
             ErrorCode::RequestTooLarge => Some("too_large"),
-            ErrorCode::DeploymentNotFound | ErrorCode::OperationNotSupported => Some("not_found"),
+            ErrorCode::DeploymentNotFound
+            | ErrorCode::OperationNotSupported
+            | ErrorCode::ObjectNotFound => Some("not_found"),
+            ErrorCode::ObjectConflict => Some("bad_request"),
             _ => None,
         }
     }
@@ -260,6 +275,8 @@ mod tests {
             (BackendTimeout, 504),
             (BadGateway, 502),
             (LimitStoreUnavailable, 503),
+            (ObjectNotFound, 404),
+            (ObjectConflict, 409),
         ] {
             assert_eq!(c.status(), s, "{c:?}");
         }

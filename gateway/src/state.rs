@@ -9,14 +9,16 @@ use async_trait::async_trait;
 use filters::authz::AuthzFilter;
 use filters::estimate::{EstimateMode, PromptEstimator};
 use filters::identity::{IdentityFilter, IdentityResolver, JwtVerifier, VerifiedJwt};
-use filters::limits::{Limiter, OnStoreFailure, StoreKind};
+use filters::limits::{Limiter, OnStoreFailure};
 use filters::limits_filter::LimitsFilter;
+use filters::objects::ObjectStore;
 use filters::oidc::OidcVerifier;
+use filters::store::{ConnOptions, Store, StoreKind};
 use filters::{FilterChain, FilterError};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::file::{OnStoreFailureFile, PromptEstimateFile, StoreKindFile};
-use crate::config::runtime::{Backend, Config, LimitSettings};
+use crate::config::runtime::{Backend, Config};
 use crate::observe::metrics::Metrics;
 use crate::upstream::select::PoolState;
 
@@ -28,6 +30,8 @@ pub struct Snapshot {
     pub peers: Vec<arc_swap::ArcSwap<HttpPeer>>,
     pub estimator: Arc<PromptEstimator>,
     pub limiter: Arc<Limiter>,
+    /// Stored-object records (SPEC §11), on the same store as the limiter's counters.
+    pub objects: Arc<ObjectStore>,
     pub oidc: Option<Arc<OidcVerifier>>,
 }
 
@@ -46,8 +50,12 @@ impl JwtVerifier for OidcJwt {
     }
 }
 
-fn same_store(a: &LimitSettings, b: &LimitSettings) -> bool {
-    a.store == b.store && a.redis_url == b.redis_url && a.on_store_failure == b.on_store_failure
+/// Whether a reload keeps the state store (and with it the counters, records and the Redis
+/// connection).
+fn same_store(a: &Config, b: &Config) -> bool {
+    a.state.store == b.state.store
+        && a.state.redis_url == b.state.redis_url
+        && a.limits.on_store_failure == b.limits.on_store_failure
 }
 
 /// Builds the upstream peer of a backend: resolved address (pingora's `HttpPeer::new` with a
@@ -90,25 +98,33 @@ impl Snapshot {
             .iter()
             .map(|b| build_peer(b).map(arc_swap::ArcSwap::from_pointee))
             .collect::<Result<Vec<_>, _>>()?;
-        let limiter = match prev {
-            Some(p) if same_store(&p.cfg.limits, &cfg.limits) => p.limiter.clone(),
+        let (limiter, objects) = match prev {
+            Some(p) if same_store(&p.cfg, &cfg) => (p.limiter.clone(), p.objects.clone()),
             _ => {
-                let store = match cfg.limits.store {
+                let kind = match cfg.state.store {
                     StoreKindFile::Memory => StoreKind::Memory,
                     StoreKindFile::Redis => StoreKind::Redis {
-                        url: cfg.limits.redis_url.clone().unwrap_or_default(),
+                        url: cfg.state.redis_url.clone().unwrap_or_default(),
                     },
                 };
+                let store =
+                    Store::open(kind, &ConnOptions::default()).map_err(|e| format!("state.{e}"))?;
                 let on_failure = match cfg.limits.on_store_failure {
                     OnStoreFailureFile::Local => OnStoreFailure::Local,
                     OnStoreFailureFile::Reject => OnStoreFailure::Reject,
                 };
                 let m = metrics.clone();
-                Arc::new(Limiter::new(
-                    store,
-                    on_failure,
-                    Arc::new(move || m.limit_store_errors.inc()),
-                )?)
+                let on_error: Arc<dyn Fn() + Send + Sync> =
+                    Arc::new(move || m.limit_store_errors.inc());
+                (
+                    Arc::new(Limiter::on_store(
+                        &store,
+                        on_failure,
+                        on_error.clone(),
+                        &filters::limits::LimiterOptions::default().key_prefix,
+                    )),
+                    Arc::new(ObjectStore::new(&store, on_error)),
+                )
             }
         };
         let estimator = match prev {
@@ -167,6 +183,7 @@ impl Snapshot {
             peers,
             estimator,
             limiter,
+            objects,
             oidc,
         };
         if prev.is_none() {

@@ -53,12 +53,7 @@ pub struct ClientLimits {
     pub per_deployment: HashMap<String, LimitSpec>,
 }
 
-/// Where the counters live (`limits.store`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StoreKind {
-    Memory,
-    Redis { url: String },
-}
+pub use crate::store::StoreKind;
 
 /// What to do while Redis is unreachable (`limits.on_store_failure`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -500,16 +495,35 @@ impl Limiter {
         on_store_error: Arc<dyn Fn() + Send + Sync>,
         options: LimiterOptions,
     ) -> Result<Self, String> {
-        let redis = match store {
-            StoreKind::Memory => None,
-            StoreKind::Redis { url } => Some(RedisStore::new(&url, &options)?),
+        let conn = crate::store::ConnOptions {
+            command_timeout: options.command_timeout,
+            retry_interval: options.retry_interval,
         };
-        Ok(Limiter {
-            redis,
+        let store = crate::store::Store::open(store, &conn)?;
+        Ok(Self::on_store(
+            &store,
+            on_failure,
+            on_store_error,
+            &options.key_prefix,
+        ))
+    }
+
+    /// A limiter on the state store `store` (its Redis connection, if any, is shared with
+    /// the other users of the store); Redis keys start with `key_prefix`.
+    pub fn on_store(
+        store: &crate::store::Store,
+        on_failure: OnStoreFailure,
+        on_store_error: Arc<dyn Fn() + Send + Sync>,
+        key_prefix: &str,
+    ) -> Self {
+        Limiter {
+            redis: store
+                .redis()
+                .map(|c| RedisStore::new(c.clone(), key_prefix)),
             local: MemoryStore::new(),
             on_failure,
             on_store_error,
-        })
+        }
     }
 
     /// Counts one request and reserves `reserve_tokens` in every applicable window
@@ -598,6 +612,46 @@ impl Limiter {
         }
     }
 
+    /// Replaces tokens reserved (and charged) by an earlier request — a background response,
+    /// admitted at `created` — with the usage reported for it now, in the token windows of
+    /// `limits` for `deployment`. The same corrections as [`Limiter::reconcile_at`]: a refund
+    /// takes back at most what is still in a window, the day window is corrected only while
+    /// the day of `created` lasts. The caller makes sure it happens once per response.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn settle(
+        &self,
+        subject: &str,
+        deployment: &str,
+        limits: &ClientLimits,
+        reserved: u64,
+        actual: u64,
+        created: SystemTime,
+        now: SystemTime,
+    ) {
+        let plan = Plan::build(limits, deployment, reserved);
+        if plan.len == 0 {
+            return;
+        }
+        let decider = if self.redis.is_some() {
+            Decider::Redis
+        } else {
+            Decider::Memory
+        };
+        let mut admission = self.admission(
+            subject,
+            deployment,
+            plan,
+            [0; MAX_CHECKS],
+            micros(created),
+            decider,
+        );
+        if let Some(t) = admission.ticket.as_mut() {
+            // No admission-time value bounds the refund: what is left in the window does.
+            t.after = [i64::MAX; MAX_CHECKS];
+        }
+        self.reconcile_at(&admission, Some(actual), now).await;
+    }
+
     /// Replaces the reservation by the actual usage, now. See [`Limiter::reconcile_at`].
     pub async fn reconcile(&self, admission: &Admission, actual_tokens: Option<u64>) {
         self.reconcile_at(admission, actual_tokens, SystemTime::now())
@@ -662,4 +716,4 @@ impl Limiter {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -17,22 +17,17 @@
 //!   skew's worth of refill (NTP keeps VMs within milliseconds: a few ms of a 60 s window), and
 //!   the UTC day flips on each gateway's clock. Redis' own clock is used only for key TTLs,
 //!   which carry a one-minute margin.
-//! * Failure: every round trip (connecting included) is bounded by `command_timeout` (250 ms by
-//!   default). On any error or timeout the request is decided by `on_store_failure`, the
-//!   connection is dropped, and for `retry_interval` requests skip Redis entirely (no stall
-//!   behind a dead server); the next request after that opens a fresh connection manager. So
-//!   the store recovers by itself when Redis returns, also from failures the connection
-//!   manager does not reconnect on by itself (a response timeout on a half-open connection).
+//! * Failure: the connection is the state store's ([`crate::store::RedisConn`], shared with
+//!   the object records): every round trip is bounded, and on any error or timeout the request
+//!   is decided by `on_store_failure` while Redis is skipped for a while and then reconnected.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 use super::window::{day_label, DAY_US};
-use super::{evaluate, Correction, Kind, LimitStore, LimiterOptions, Plan, Scope, MAX_CHECKS};
+use super::{evaluate, Correction, Kind, LimitStore, Plan, Scope, MAX_CHECKS};
+use crate::store::{escape_into, RedisConn};
 use crate::FilterError;
 
 /// KEYS: one per window. ARGV[1]: now (µs). Then four per key: kind, a, b, c.
@@ -122,81 +117,19 @@ return 1
 const DAY_KEY_MARGIN_MS: i64 = 3_600_000;
 
 pub(crate) struct RedisStore {
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    /// The current connection manager and its generation; `None` after a failure (a fresh one
-    /// is made on the next use).
-    conn: Mutex<Option<(u64, ConnectionManager)>>,
-    generation: AtomicU64,
+    conn: Arc<RedisConn>,
     admit: Script,
     reconcile: Script,
     prefix: String,
-    timeout: Duration,
-    retry_interval: Duration,
-    epoch: Instant,
-    /// Until when (ms since `epoch`) requests skip Redis after a failure.
-    skip_until_ms: AtomicU64,
 }
 
 impl RedisStore {
-    pub(crate) fn new(url: &str, options: &LimiterOptions) -> Result<RedisStore, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("limits.redis_url: {e}"))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.command_timeout))
-            .set_response_timeout(Some(options.command_timeout))
-            // One connection attempt per manager: retries are this store's business (a fresh
-            // manager after `retry_interval`), so no request waits behind a backoff loop.
-            .set_number_of_retries(0);
-        Ok(RedisStore {
-            client,
-            config,
-            conn: Mutex::new(None),
-            generation: AtomicU64::new(0),
+    pub(crate) fn new(conn: Arc<RedisConn>, key_prefix: &str) -> RedisStore {
+        RedisStore {
+            conn,
             admit: Script::new(ADMIT_LUA),
             reconcile: Script::new(RECONCILE_LUA),
-            prefix: options.key_prefix.clone(),
-            timeout: options.command_timeout,
-            retry_interval: options.retry_interval,
-            epoch: Instant::now(),
-            skip_until_ms: AtomicU64::new(0),
-        })
-    }
-
-    fn elapsed_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// The connection to use, or `None` while requests skip Redis after a failure.
-    fn connection(&self) -> Option<Result<(u64, ConnectionManager), redis::RedisError>> {
-        if self.elapsed_ms() < self.skip_until_ms.load(Ordering::Acquire) {
-            return None;
-        }
-        let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((generation, conn)) = guard.as_ref() {
-            return Some(Ok((*generation, conn.clone())));
-        }
-        // Lazy: connects on the first command, inside the caller's runtime.
-        let made =
-            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone());
-        Some(made.map(|conn| {
-            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-            *guard = Some((generation, conn.clone()));
-            (generation, conn)
-        }))
-    }
-
-    /// Records a failure of the connection of `generation`: drop it (unless a newer one
-    /// replaced it already) and skip Redis for `retry_interval`.
-    fn failed(&self, generation: u64, what: &str, error: &dyn std::fmt::Display) {
-        let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.as_ref().is_some_and(|(g, _)| *g == generation) {
-            *guard = None;
-            let until = self.elapsed_ms() + self.retry_interval.as_millis() as u64;
-            self.skip_until_ms.store(until, Ordering::Release);
-            log::warn!(
-                "limit store: Redis {what} failed ({error}); retrying in {:?}",
-                self.retry_interval
-            );
+            prefix: key_prefix.to_owned(),
         }
     }
 
@@ -234,13 +167,6 @@ impl LimitStore for RedisStore {
         plan: &Plan,
         now: i64,
     ) -> Option<Result<[i64; MAX_CHECKS], FilterError>> {
-        let (generation, mut conn) = match self.connection()? {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn!("limit store: cannot create a Redis connection: {e}");
-                return None;
-            }
-        };
         let day = now.div_euclid(DAY_US);
         let day_end_ms = ((day + 1) * DAY_US - now) / 1000 + DAY_KEY_MARGIN_MS;
         let mut inv = self.admit.prepare_invoke();
@@ -259,21 +185,15 @@ impl LimitStore for RedisStore {
                 }
             }
         }
-        let reply: Vec<i64> =
-            match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
-                    self.failed(generation, "admission", &e);
-                    return None;
-                }
-                Err(_) => {
-                    self.failed(generation, "admission", &"timed out");
-                    return None;
-                }
-            };
+        let reply: Vec<i64> = self
+            .conn
+            .run("admission", |mut c| async move {
+                inv.invoke_async(&mut c).await
+            })
+            .await?;
         let n = plan.checks().len();
         if reply.len() != n + 1 {
-            self.failed(generation, "admission", &"unexpected reply");
+            log::warn!("limit store: unexpected reply from the admission script");
             return None;
         }
         let mut values = [0i64; MAX_CHECKS];
@@ -301,9 +221,6 @@ impl LimitStore for RedisStore {
         corrections: &[Correction],
         now: i64,
     ) -> bool {
-        let Some(Ok((generation, mut conn))) = self.connection() else {
-            return false;
-        };
         let ttl_ms = ((day + 1) * DAY_US - now) / 1000 + DAY_KEY_MARGIN_MS;
         let mut inv = self.reconcile.prepare_invoke();
         inv.arg(now);
@@ -312,29 +229,12 @@ impl LimitStore for RedisStore {
             let kind = if c.kind == Kind::Day { "d" } else { "g" };
             inv.arg(kind).arg(c.delta).arg(c.cap).arg(ttl_ms.max(1));
         }
-        match tokio::time::timeout(self.timeout, inv.invoke_async::<i64>(&mut conn)).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => {
-                self.failed(generation, "reconciliation", &e);
-                false
-            }
-            Err(_) => {
-                self.failed(generation, "reconciliation", &"timed out");
-                false
-            }
-        }
-    }
-}
-
-fn escape_into(out: &mut String, s: &str) {
-    for ch in s.chars() {
-        match ch {
-            '%' => out.push_str("%25"),
-            ':' => out.push_str("%3A"),
-            '{' => out.push_str("%7B"),
-            '}' => out.push_str("%7D"),
-            c => out.push(c),
-        }
+        self.conn
+            .run("reconciliation", |mut c| async move {
+                inv.invoke_async::<i64>(&mut c).await
+            })
+            .await
+            .is_some()
     }
 }
 
@@ -344,7 +244,8 @@ mod tests {
 
     #[test]
     fn keys_are_unambiguous_and_share_a_hash_tag() {
-        let s = RedisStore::new("redis://127.0.0.1:1/", &LimiterOptions::default()).unwrap();
+        let conn = RedisConn::open("redis://127.0.0.1:1/", &Default::default()).unwrap();
+        let s = RedisStore::new(conn, "agw:lim:");
         let day = 20_000; // 2024-10-04
         assert_eq!(
             s.key("support-bot", "gpt-4o", Scope::Client, Kind::Requests, day),
@@ -364,10 +265,5 @@ mod tests {
             s.key("a", "x", Scope::Client, Kind::Tokens, day),
             "agw:lim:{a}:t"
         );
-    }
-
-    #[test]
-    fn invalid_url_is_an_error() {
-        assert!(RedisStore::new("nonsense://x", &LimiterOptions::default()).is_err());
     }
 }

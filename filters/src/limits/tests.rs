@@ -336,6 +336,37 @@ async fn retry_after_is_the_true_wait(l: &Limiter, s: &str, rounds: usize) {
     );
 }
 
+/// A background response: its reservation is charged at creation (its admission is
+/// reconciled with no usage), and its usage, seen later, replaces it once (`settle`) — in the
+/// day window and the per-minute one.
+async fn settle_replaces_an_earlier_reservation(l: &Limiter, s: &str) {
+    let lim = client(None, Some(10_000), Some(1_000));
+    let created = T0;
+    let a = ok(l, s, "d", &lim, 300, created).await;
+    l.reconcile_at(&a, None, at(created + S)).await;
+    let probe = ok(l, s, "d", &lim, 0, created + 2 * S).await;
+    assert_eq!(probe.headers.remaining_tokens, Some(700));
+    l.settle(s, "d", &lim, 300, 100, at(created), at(created + 3 * S))
+        .await;
+    let probe = ok(l, s, "d", &lim, 0, created + 3 * S).await;
+    assert_eq!(probe.headers.remaining_tokens, Some(900), "refund of 200");
+    l.settle(s, "d", &lim, 100, 400, at(created), at(created + 3 * S))
+        .await;
+    let probe = ok(l, s, "d", &lim, 0, created + 3 * S).await;
+    assert_eq!(
+        probe.headers.remaining_tokens,
+        Some(600),
+        "surcharge of 300"
+    );
+    // Created yesterday: today's day count is not corrected.
+    let (a2, _) = (ok(l, s, "d", &lim, 0, T0 + DAY_US).await, ());
+    let before = a2.headers.remaining_tokens;
+    l.settle(s, "d", &lim, 300, 0, at(created), at(T0 + DAY_US))
+        .await;
+    let after = ok(l, s, "d", &lim, 0, T0 + DAY_US).await;
+    assert_eq!(after.headers.remaining_tokens, before);
+}
+
 async fn all_scenarios(l: &Limiter, prefix: &str) {
     let s = |n: &str| format!("{prefix}{n}");
     rpm_rejects_at_the_right_request_and_recovers(l, &s("rpm")).await;
@@ -350,6 +381,7 @@ async fn all_scenarios(l: &Limiter, prefix: &str) {
     refused_request_consumes_nothing(l, &s("nothing")).await;
     headers_show_the_tightest_limit(l, &s("headers")).await;
     a_token_limit_sets_the_tokens_flag(l, &s("flag")).await;
+    settle_replaces_an_earlier_reservation(l, &s("settle")).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -432,13 +464,13 @@ async fn idle_subjects_are_evicted() {
 
 /// A `redis-server` on a loopback port, killed on drop. Never skips: a missing server fails
 /// the test (`make test` installs it).
-struct RedisServer {
+pub(crate) struct RedisServer {
     port: u16,
     child: Option<Child>,
 }
 
 impl RedisServer {
-    fn start() -> RedisServer {
+    pub(crate) fn start() -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
@@ -448,7 +480,7 @@ impl RedisServer {
         server
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 

@@ -405,8 +405,9 @@ pub enum PromptEstimateFile {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsStoreFile {
+    /// Older place of `state.store` (still accepted).
     #[serde(default)]
-    pub store: StoreKindFile,
+    pub store: Option<StoreKindFile>,
     #[serde(default)]
     pub redis_url: Option<String>,
     #[serde(default)]
@@ -415,6 +416,18 @@ pub struct LimitsStoreFile {
     pub prompt_estimate: PromptEstimateFile,
     #[serde(default)]
     pub default_completion_reservation: u64,
+}
+
+/// `state` (SPEC §14): the store of limit counters and stored-object records.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    #[serde(default)]
+    pub store: Option<StoreKindFile>,
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    #[serde(default)]
+    pub retention_days: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

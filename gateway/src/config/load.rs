@@ -48,6 +48,7 @@ pub struct FileConfig {
     pub health_checks: HealthChecksFile,
     pub retries: RetriesFile,
     pub limits: LimitsStoreFile,
+    pub state: StateFile,
     pub audit_log: AuditLogFile,
 }
 
@@ -287,7 +288,7 @@ pub fn parse(text: &str) -> Result<FileConfig, Vec<ConfigError>> {
         match k.as_str() {
             Some(
                 name @ ("server" | "identity" | "clients" | "deployments" | "backends"
-                | "upstream_identity" | "health_checks" | "retries" | "limits"
+                | "upstream_identity" | "health_checks" | "retries" | "limits" | "state"
                 | "audit_log"),
             ) => {
                 sections.insert(name.to_string(), v);
@@ -326,6 +327,7 @@ pub fn parse(text: &str) -> Result<FileConfig, Vec<ConfigError>> {
     let health_checks = opt_section(take("health_checks"), "health_checks", &mut errs);
     let retries = opt_section(take("retries"), "retries", &mut errs);
     let limits = opt_section(take("limits"), "limits", &mut errs);
+    let state = opt_section(take("state"), "state", &mut errs);
     let audit_log = opt_section(take("audit_log"), "audit_log", &mut errs);
 
     match (server, errs.list.is_empty()) {
@@ -339,6 +341,7 @@ pub fn parse(text: &str) -> Result<FileConfig, Vec<ConfigError>> {
             health_checks: health_checks.unwrap_or_default(),
             retries: retries.unwrap_or_default(),
             limits: limits.unwrap_or_default(),
+            state: state.unwrap_or_default(),
             audit_log: audit_log.unwrap_or_default(),
         }),
         _ => Err(errs.list),

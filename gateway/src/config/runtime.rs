@@ -127,11 +127,18 @@ pub struct RetrySettings {
 
 #[derive(Debug, Clone)]
 pub struct LimitSettings {
-    pub store: StoreKindFile,
-    pub redis_url: Option<String>,
     pub on_store_failure: OnStoreFailureFile,
     pub prompt_estimate: PromptEstimateFile,
     pub default_completion_reservation: u64,
+}
+
+/// `state` (with `limits.store`/`limits.redis_url` merged in): where limit counters and
+/// stored-object records live, and how long records are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSettings {
+    pub store: StoreKindFile,
+    pub redis_url: Option<String>,
+    pub retention: std::time::Duration,
 }
 
 /// The whole validated configuration.
@@ -155,6 +162,7 @@ pub struct Config {
     pub health: HealthSettings,
     pub retries: RetrySettings,
     pub limits: LimitSettings,
+    pub state: StateSettings,
     pub audit_path: String,
 }
 

@@ -48,12 +48,31 @@ impl Gateway {
         let elapsed = ctx.start.elapsed();
         let (usage, source) = ctx.outcome.charged();
         self.count(&ctx.outcome, elapsed, usage);
+        let actual = match source {
+            UsageSource::Response | UsageSource::Estimated => usage.map(|u| u.total),
+            _ => None,
+        };
         if let Some(a) = ctx.outcome.admission.take() {
-            let actual = match source {
-                UsageSource::Response | UsageSource::Estimated => usage.map(|u| u.total),
-                _ => None,
+            // A settling follow-up reserved nothing for itself: its admission stands as it is.
+            let own = if ctx.outcome.settle.is_some() {
+                None
+            } else {
+                actual
             };
-            snap.limiter.reconcile(&a, actual).await;
+            snap.limiter.reconcile(&a, own).await;
+        }
+        if let (Some(s), Some(actual)) = (ctx.outcome.settle.take(), actual) {
+            snap.limiter
+                .settle(
+                    &ctx.outcome.caller.client,
+                    &s.deployment,
+                    &snap.cfg.clients[s.client].limits,
+                    s.reserved,
+                    actual,
+                    s.created,
+                    std::time::SystemTime::now(),
+                )
+                .await;
         }
         let id = ctx.outcome.request_id;
         let outcome = std::mem::replace(&mut ctx.outcome, Outcome::new(id));

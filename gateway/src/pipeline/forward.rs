@@ -12,6 +12,7 @@ use filters::tokens::{JsonTail, SseTracker, StreamUsage, Usage};
 use filters::Operation;
 
 use super::failover::{self, Next, Verdict};
+use super::objects::{record_for, response_id_in_json, NewRecord, SseIdCapture};
 use super::outcome::{Ending, Tried};
 use super::plan::Path;
 use super::respond::client_head;
@@ -35,6 +36,15 @@ const MAX_KEPT_ERROR_BODY: usize = 256 * 1024;
 const USAGE_TAIL: usize = 64 * 1024;
 /// Members whose candidates live on the stack.
 const INLINE: usize = 8;
+/// The start of a long JSON answer searched for its `id`.
+const JSON_ID_WINDOW: usize = 4096;
+
+/// How to stream an answer.
+struct Streaming<'a> {
+    is_sse: bool,
+    deadline: Instant,
+    record: Option<&'a NewRecord>,
+}
 
 /// What the forward stage needs from the earlier ones.
 pub(super) struct Forward<'a> {
@@ -48,6 +58,11 @@ pub(super) struct Forward<'a> {
     /// How a streamed answer's usage is had (hidden again where the gateway asked for it,
     /// counted by the gateway where the `api-version` takes no `stream_options`).
     pub stream_usage: StreamUsage,
+    /// The backend that holds the objects the request names: only its members are tried,
+    /// with no failover elsewhere (SPEC §11).
+    pub pinned: Option<usize>,
+    /// A response to record when the backend creates one (`POST …/responses`, stored).
+    pub record: Option<&'a NewRecord>,
 }
 
 /// An answer from one member.
@@ -70,8 +85,9 @@ fn candidates(snap: &Snapshot, f: &Forward<'_>, cools: &[Arc<Cooldown>], cands: 
         .zip(cands.iter_mut())
         .enumerate()
     {
-        let unusable = snap.cfg.backends[m.backend].credential == Credential::Forward
-            && f.caller_jwt.is_none();
+        let unusable = (snap.cfg.backends[m.backend].credential == Credential::Forward
+            && f.caller_jwt.is_none())
+            || f.pinned.is_some_and(|b| b != m.backend);
         *c = Candidate {
             priority: m.priority,
             weight: m.weight,
@@ -132,6 +148,14 @@ impl Gateway {
             };
             let i = match failover::next_member(attempt, cands, now, rand::random()) {
                 Next::Try(i) => i,
+                // Only the holder can answer: it being unavailable is 503, whatever the reason.
+                Next::Refuse(_) if f.pinned.is_some() => {
+                    return Err(GatewayError::with_message(
+                        ErrorCode::BackendUnavailable,
+                        "The resource that holds this object is unavailable.",
+                    )
+                    .into())
+                }
                 Next::Refuse(e) => return Err(e.into()),
                 Next::Stop => break,
             };
@@ -317,6 +341,8 @@ impl Gateway {
         f: &Forward<'_>,
     ) -> Result<(), Failure> {
         let deadline = ctx.deadline(snap);
+        // A new response to record (only `POST …/responses` asks).
+        let record = f.record.filter(|_| record_for(a.head.status, true));
         let o = &mut ctx.outcome;
         o.ttfb = Some(a.head_at - ctx.start);
         o.upstream_request_id = upstream_request_id(&a.head);
@@ -346,11 +372,42 @@ impl Gateway {
                     o.usage = filters::tokens::usage_in_json(&body);
                 }
                 self.release(a.key, a.up, a.head_at, &a.head, a.framing);
+                if let Some(r) = record {
+                    // Recorded before the client has the id, so its next request finds it.
+                    self.record(snap, r, response_id_in_json(&body), &ctx.outcome)
+                        .await;
+                }
                 return d.send_full(&out, &body).await.map_err(client_gone);
             }
         }
         d.send_stream_head(&out).await.map_err(client_gone)?;
-        self.stream(d, ctx, snap, a, is_sse, f, deadline).await
+        let s = Streaming {
+            is_sse,
+            deadline,
+            record,
+        };
+        self.stream(d, ctx, snap, a, f, s).await
+    }
+
+    /// Records a response the backend created (`id`, if its answer had a usable one) as held
+    /// by the backend that answered.
+    async fn record(
+        &self,
+        snap: &Snapshot,
+        r: &NewRecord,
+        id: Option<String>,
+        o: &super::outcome::Outcome,
+    ) {
+        let (Some(id), Some(tried)) = (id, &o.tried) else {
+            log::warn!(
+                "request {}: a stored response without a readable id was not recorded",
+                o.request_id
+            );
+            return;
+        };
+        snap.objects
+            .put(&id, r.record(&tried.backend), r.created)
+            .await;
     }
 
     /// Streams the body as it arrives; SSE streams are tracked for their usage chunk
@@ -362,15 +419,22 @@ impl Gateway {
         ctx: &mut Ctx,
         snap: &Snapshot,
         mut a: Answer,
-        is_sse: bool,
         f: &Forward<'_>,
-        deadline: Instant,
+        s: Streaming<'_>,
     ) -> Result<(), Failure> {
-        let o = &mut ctx.outcome;
+        let Streaming {
+            is_sse,
+            deadline,
+            mut record,
+        } = s;
         let mut reader = BodyReader::new(a.framing);
         let mut sse = is_sse.then(|| SseTracker::new(f.stream_usage));
         let mut tail = (!is_sse && a.head.status < 300).then(|| JsonTail::new(USAGE_TAIL));
+        // A new response's id: the first event of a stream, the start of a long JSON answer.
+        let mut sse_id = record.filter(|_| is_sse).map(|_| SseIdCapture::default());
+        let mut json_start: Vec<u8> = Vec::new();
         loop {
+            let o = &mut ctx.outcome;
             let chunk = match timeout_at(deadline, reader.next(&mut a.up)).await {
                 Err(_) => {
                     log::warn!(
@@ -386,6 +450,24 @@ impl Gateway {
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(c))) => c,
             };
+            if let Some(r) = record {
+                let id = match &mut sse_id {
+                    Some(c) => c.push(&chunk),
+                    None => {
+                        json_start.extend_from_slice(&chunk[..chunk.len().min(JSON_ID_WINDOW)]);
+                        response_id_in_json(&json_start)
+                    }
+                };
+                let over = sse_id
+                    .as_ref()
+                    .map_or(json_start.len() >= JSON_ID_WINDOW, |c| c.done());
+                if id.is_some() || over {
+                    // Recorded before the client sees the id.
+                    self.record(snap, r, id, &ctx.outcome).await;
+                    record = None;
+                }
+            }
+            let o = &mut ctx.outcome;
             let send = match (&mut sse, &mut tail) {
                 (Some(s), _) => s.push(&chunk),
                 (None, Some(t)) => {
@@ -404,6 +486,11 @@ impl Gateway {
                 return Err(client_gone(e));
             }
         }
+        if let Some(r) = record {
+            let id = response_id_in_json(&json_start);
+            self.record(snap, r, id, &ctx.outcome).await;
+        }
+        let o = &mut ctx.outcome;
         let last = sse.as_mut().map(|s| s.finish()).unwrap_or_default();
         o.usage = match (&sse, &tail) {
             (Some(s), _) => s.usage(),

@@ -1,11 +1,14 @@
 //! The request path as typed stages. Each stage takes the previous one's result:
 //!
 //! ```text
-//! admit ──► authenticate ──► operation ──► read body ──► plan ──► reserve + admit limits
-//!   │ Entry        │ Identity      │ Operation   │ RequestBody  │ Plan     │ Admission
-//!   ▼                                                                      ▼
+//! admit ──► authenticate ──► operation ──► read body ──► plan ──► [lookup] ──► reserve + admit limits
+//!   │ Entry        │ Identity      │ Operation   │ RequestBody  │ Plan     │ Pinned       │ Admission
+//!   ▼                                                                                     ▼
 //! /healthz                                      models list ◄── Plan::Models / Plan::Forward ──► forward
 //!                                                                     (failover, exchange, respond, stream)
+//!
+//! `lookup` runs only for a request whose path or body names a stored object
+//! ([`objects::refs`]); it pins the request to the backend that holds them.
 //! finish: metrics, limit reconciliation and the audit line, all from the Outcome
 //! ```
 //!
@@ -17,6 +20,7 @@
 pub mod admit;
 pub mod failover;
 mod finish;
+pub mod objects;
 pub use finish::health_answer;
 mod forward;
 pub mod outcome;
@@ -31,6 +35,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use filters::identity::{Identity, Presented};
+use filters::objects::Owner;
 use filters::{Credentials, Operation, Planned};
 
 use crate::body::RequestBody;
@@ -189,17 +194,20 @@ impl Gateway {
         ctx.outcome.operation = routed.as_ref().ok().map(|&(op, _)| op);
         let identity = self.authenticate(d, &head, ctx, snap).await?;
         let (operation, rest) = routed?;
-        let body = self.read_body(d, &head, ctx, snap, operation, rest).await?;
+        let stored = matches!(route, route::Route::Stored { .. });
+        let body = self
+            .read_body(d, &head, ctx, snap, (operation, rest), stored)
+            .await?;
         let plan = plan::plan(&route, path, body.as_ref().and_then(|b| b.model()), lookup)?;
         match plan {
             Plan::Models => {
-                self.admit_limits(ctx, snap, &identity, operation, None)
+                self.admit_limits(ctx, snap, &identity, operation, None, None)
                     .await?;
                 self.answer_models(d, &mut ctx.outcome, snap, identity.client, None)
                     .await
             }
             Plan::Model { id } => {
-                self.admit_limits(ctx, snap, &identity, operation, None)
+                self.admit_limits(ctx, snap, &identity, operation, None, None)
                     .await?;
                 self.answer_models(d, &mut ctx.outcome, snap, identity.client, Some(id))
                     .await
@@ -209,15 +217,39 @@ impl Gateway {
                     return Err(GatewayError::new(ErrorCode::InvalidRequestBody).into());
                 };
                 ctx.outcome.deployment = Some(deployment.name.clone());
-                let planned = Some((&*deployment, &body));
-                self.admit_limits(ctx, snap, &identity, operation, planned)
-                    .await?;
+                // Only a request that names a stored object pays for a lookup.
+                let refs = objects::refs(&route, Some(&body));
+                let pinned = if refs.is_empty() {
+                    None
+                } else {
+                    Some(
+                        self.lookup(ctx, snap, &identity, &refs, Some(&deployment))
+                            .await?,
+                    )
+                };
+                self.admit_limits(
+                    ctx,
+                    snap,
+                    &identity,
+                    operation,
+                    Some(&deployment),
+                    Some(&body),
+                )
+                .await?;
                 ctx.outcome.stream = body.stream;
                 let v1 = matches!(path, plan::Path::AsSent(_));
                 let stream_usage = body.ensure_stream_usage(operation, || {
                     crate::api_version::accepts_stream_options(v1, head.query())
                 });
                 let caller_jwt = identity.jwt_authenticated.then(|| bearer(&head)).flatten();
+                let record = body.stores_response().then(|| objects::NewRecord {
+                    owner: owner(&identity),
+                    deployment: deployment.name.clone(),
+                    background: body.background(),
+                    reserved: ctx.outcome.reserved,
+                    created: unix_secs(ctx.started),
+                    retention_secs: snap.cfg.state.retention.as_secs() as i64,
+                });
                 let f = forward::Forward {
                     deployment: &deployment,
                     body: &body,
@@ -226,10 +258,96 @@ impl Gateway {
                     caller_jwt,
                     operation,
                     stream_usage,
+                    pinned: pinned.map(|(p, _)| p.backend),
+                    record: record.as_ref(),
                 };
                 self.forward(d, ctx, snap, &f).await
             }
+            Plan::Stored { id, action, path } => {
+                let Some(body) = body else {
+                    return Err(GatewayError::new(ErrorCode::InvalidRequestBody).into());
+                };
+                let refs = objects::refs(&route, Some(&body));
+                let (pinned, record) = self.lookup(ctx, snap, &identity, &refs, None).await?;
+                let deployment = pinned.deployment;
+                ctx.outcome.deployment = Some(deployment.name.clone());
+                self.admit_limits(ctx, snap, &identity, operation, Some(&deployment), None)
+                    .await?;
+                let caller_jwt = identity.jwt_authenticated.then(|| bearer(&head)).flatten();
+                let f = forward::Forward {
+                    deployment: &deployment,
+                    body: &body,
+                    path: plan::Path::AsSent(path),
+                    query: head.query(),
+                    caller_jwt,
+                    operation,
+                    stream_usage: filters::tokens::StreamUsage::AsSent,
+                    pinned: Some(pinned.backend),
+                    record: None,
+                };
+                self.forward(d, ctx, snap, &f).await?;
+                let status = ctx.outcome.status();
+                if action == route::ObjectAction::Delete && (200..300).contains(&status) {
+                    snap.objects.delete(id).await;
+                }
+                let Some(record) = record else {
+                    return Ok(());
+                };
+                let o = &mut ctx.outcome;
+                match objects::follow_up_usage(&record, status, o.usage.is_some()) {
+                    objects::FollowUpUsage::Settle if snap.objects.settle(id).await => {
+                        o.settle = Some(outcome::Settle {
+                            client: identity.client,
+                            deployment: deployment.name.clone(),
+                            reserved: record.reserved,
+                            created: std::time::UNIX_EPOCH
+                                + std::time::Duration::from_secs(record.created.max(0) as u64),
+                        });
+                    }
+                    // Charged already (at creation, or by the gateway that settled it).
+                    _ => o.usage = None,
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// The stage that looks up the records of the objects a request names (`refs`, not
+    /// empty) and pins it to the backend that holds them ([`objects::pin`]); also returns the
+    /// record of the object named in the path. The state store not answering (Redis away
+    /// and the id not known here) is 503: the gateway does not guess where an object is.
+    async fn lookup(
+        &self,
+        ctx: &Ctx,
+        snap: &Snapshot,
+        identity: &Identity,
+        refs: &objects::Refs<'_>,
+        requested: Option<&Arc<crate::config::runtime::Deployment>>,
+    ) -> Result<(objects::Pinned, Option<filters::objects::ObjectRecord>), Failure> {
+        let mut found = Vec::with_capacity(2);
+        for id in refs.ids() {
+            let record = snap.objects.get(id).await.map_err(|_| {
+                GatewayError::with_message(
+                    ErrorCode::LimitStoreUnavailable,
+                    "The shared state store is unavailable.",
+                )
+            })?;
+            found.push((id, record));
+        }
+        let looked_up: Vec<_> = found.iter().map(|(id, r)| (*id, r.as_ref())).collect();
+        let pinned = objects::pin(
+            &looked_up,
+            &owner(identity),
+            unix_secs(ctx.started),
+            requested,
+            |name| snap.cfg.deployments.get(name).cloned(),
+            |name| snap.cfg.backends.iter().position(|b| &*b.name == name),
+        )?;
+        let path_record = match refs.path {
+            Some(_) => found.into_iter().next().and_then(|(_, r)| r),
+            None => None,
+        };
+        Ok((pinned, path_record))
     }
 
     /// Identity, before any body byte is read: the caller, or why its credentials fail
@@ -272,8 +390,8 @@ impl Gateway {
         head: &Head,
         ctx: &Ctx,
         snap: &Snapshot,
-        operation: Operation,
-        rest: &str,
+        (operation, rest): (Operation, &str),
+        stored: bool,
     ) -> Result<Option<RequestBody>, Failure> {
         let raw = timeout_at(
             ctx.deadline(snap),
@@ -292,21 +410,26 @@ impl Gateway {
         if operation == Operation::ModelsRead {
             return Ok(None);
         }
+        if stored {
+            return Ok(Some(RequestBody::passthrough(raw)));
+        }
         let ct = head.get_str(Name::ContentType).unwrap_or("");
         Ok(Some(RequestBody::inspect(raw, operation, rest, ct)?))
     }
 
-    /// Tokens to reserve (only where a token limit applies), then authorization and limits.
+    /// Tokens to reserve (only where a token limit applies and the body asks for tokens),
+    /// then authorization and limits.
     async fn admit_limits(
         &self,
         ctx: &mut Ctx,
         snap: &Snapshot,
         identity: &Identity,
         operation: Operation,
-        planned: Option<(&crate::config::runtime::Deployment, &RequestBody)>,
+        deployment: Option<&crate::config::runtime::Deployment>,
+        body: Option<&RequestBody>,
     ) -> Result<(), Failure> {
         let mut reserve_tokens = 0;
-        if let Some((d, body)) = planned {
+        if let (Some(d), Some(body)) = (deployment, body) {
             let limits = &snap.cfg.clients[identity.client].limits;
             if filters::limits_filter::has_token_limits(limits, &d.name) {
                 let hint = d
@@ -323,7 +446,7 @@ impl Gateway {
         let planned = Planned {
             identity,
             operation,
-            deployment: planned.map(|(d, _)| &*d.name),
+            deployment: deployment.map(|d| &*d.name),
             reserve_tokens,
             now: ctx.started,
         };
@@ -422,6 +545,19 @@ fn admit_client_ip<D: Downstream>(d: &D, snap: &Snapshot) -> Option<std::net::Ip
         head.all_str(Name::XAzureClientIp),
         head.all_str(Name::XForwardedFor),
     ))
+}
+
+/// The owner of the objects a caller creates, and the only one who sees them.
+fn owner(identity: &Identity) -> Owner {
+    Owner {
+        client: identity.client_id.to_string(),
+        user: identity.user.clone(),
+    }
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The token of a `Bearer` authorization (the caller's JWT, for `forward` backends).

@@ -65,6 +65,17 @@ pub fn charged(
     }
 }
 
+/// A background response seen completed for the first time: its reported usage replaces
+/// the reservation charged when it was created (SPEC §11).
+#[derive(Debug, Clone)]
+pub struct Settle {
+    /// The client's index (its limits).
+    pub client: usize,
+    pub deployment: Arc<str>,
+    pub reserved: u64,
+    pub created: std::time::SystemTime,
+}
+
 /// Who a request is attributed to: `anonymous` until identity succeeds.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -150,6 +161,8 @@ pub struct Outcome {
     pub estimated: bool,
     /// A `/healthz` probe: neither traffic nor an audit event.
     pub probe: bool,
+    /// The usage reported settles an earlier reservation instead of this request's.
+    pub settle: Option<Settle>,
 }
 
 impl Outcome {
@@ -174,6 +187,7 @@ impl Outcome {
             usage: None,
             estimated: false,
             probe: false,
+            settle: None,
         }
     }
 

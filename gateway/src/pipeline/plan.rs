@@ -7,7 +7,7 @@ use filters::Operation;
 
 use crate::config::runtime::Deployment;
 use crate::errors::{ErrorCode, GatewayError};
-use crate::pipeline::route::Route;
+use crate::pipeline::route::{ObjectAction, Route};
 
 /// The operation of a routed request. Unsupported paths are refused here — after identity,
 /// so that the refusal is counted against the caller that made it.
@@ -18,6 +18,7 @@ pub fn operation<'a>(route: &Route<'a>) -> Result<(Operation, &'a str), GatewayE
         Route::NotSupported => Err(GatewayError::new(ErrorCode::OperationNotSupported)),
         Route::Models | Route::Model { .. } => Ok((Operation::ModelsRead, "")),
         Route::InBody { operation, rest } => Ok((operation, rest)),
+        Route::Stored { operation, .. } => Ok((operation, "")),
         Route::InPath {
             operation, rest, ..
         } => Ok((operation, rest)),
@@ -44,6 +45,13 @@ pub enum Plan<'a> {
         deployment: Arc<Deployment>,
         path: Path<'a>,
     },
+    /// A request on a stored object named in its path: its record decides the deployment
+    /// and the backend; the path goes upstream as sent.
+    Stored {
+        id: &'a str,
+        action: ObjectAction,
+        path: &'a str,
+    },
 }
 
 /// The deployment a request is for — named in its path, else in the body's `model` — looked
@@ -58,6 +66,7 @@ pub fn plan<'a>(
         Route::NotSupported => return Err(GatewayError::new(ErrorCode::OperationNotSupported)),
         Route::Models => return Ok(Plan::Models),
         Route::Model { id } => return Ok(Plan::Model { id }),
+        Route::Stored { id, action, .. } => return Ok(Plan::Stored { id, action, path }),
         Route::InPath {
             deployment, rest, ..
         } => (deployment, Path::Deployment { rest }),
@@ -108,6 +117,7 @@ mod tests {
         match plan(&route, path, model, lookup) {
             Ok(Plan::Models) => Ok("models".into()),
             Ok(Plan::Model { id }) => Ok(format!("model {id}")),
+            Ok(Plan::Stored { id, action, path }) => Ok(format!("{id} {action:?} {path}")),
             Ok(Plan::Forward { deployment, path }) => Ok(format!("{} {path:?}", deployment.name)),
             Err(e) => Err(e.code),
         }
@@ -168,6 +178,18 @@ mod tests {
                 Err(InvalidRequestBody),
             ),
             ("POST", "/openai/files", None, Err(OperationNotSupported)),
+            (
+                "GET",
+                "/openai/v1/responses/resp_1",
+                None,
+                Ok("resp_1 Retrieve /openai/v1/responses/resp_1".into()),
+            ),
+            (
+                "POST",
+                "/openai/responses/resp_1/cancel",
+                Some("ignored"),
+                Ok("resp_1 Cancel /openai/responses/resp_1/cancel".into()),
+            ),
             ("GET", chat, None, Err(OperationNotSupported)),
         ] {
             assert_eq!(

@@ -21,6 +21,12 @@ pub enum Route<'a> {
         /// The path after `/openai/v1` (`/audio/transcriptions`), for the body's rules.
         rest: &'static str,
     },
+    /// A stored object named in the path (SPEC §11): `/openai/v1/responses/{id}`, …
+    Stored {
+        operation: Operation,
+        id: &'a str,
+        action: ObjectAction,
+    },
     /// Answered by the gateway itself.
     Models,
     /// `GET /openai/models/{id}`, `/openai/v1/models/{id}`: answered by the gateway itself.
@@ -28,6 +34,53 @@ pub enum Route<'a> {
         id: &'a str,
     },
     NotSupported,
+}
+
+/// What a request does to a stored object named in its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectAction {
+    /// `GET …/{id}` (a response: also resumed as a stream with `?stream=true`).
+    Retrieve,
+    /// `DELETE …/{id}`: the record goes too.
+    Delete,
+    /// `POST …/{id}/cancel`
+    Cancel,
+    /// `GET …/{id}/input_items`
+    InputItems,
+}
+
+/// An object id as Azure makes them (`resp_…`): letters, digits, `_` and `-`, at most 256.
+pub fn object_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `/openai/v1/responses/{id}[/action]` and `/openai/responses/{id}[/action]`.
+fn stored_response<'a>(method: &str, path: &'a str) -> Option<Route<'a>> {
+    let rest = path
+        .strip_prefix("/openai/v1/responses/")
+        .or_else(|| path.strip_prefix("/openai/responses/"))?;
+    let (id, tail) = match rest.split_once('/') {
+        Some((id, tail)) => (id, Some(tail)),
+        None => (rest, None),
+    };
+    if !object_id(id) {
+        return None;
+    }
+    let action = match (method, tail) {
+        ("GET", None) => ObjectAction::Retrieve,
+        ("DELETE", None) => ObjectAction::Delete,
+        ("POST", Some("cancel")) => ObjectAction::Cancel,
+        ("GET", Some("input_items")) => ObjectAction::InputItems,
+        _ => return None,
+    };
+    Some(Route::Stored {
+        operation: Operation::Responses,
+        id,
+        action,
+    })
 }
 
 /// An absolute path of non-empty segments, none of them `.` or `..`, with no `%` or `\\`
@@ -55,6 +108,9 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Route<'a> {
         return Route::NotSupported;
     }
     let post = method == "POST";
+    if path.starts_with("/openai/v1/responses/") || path.starts_with("/openai/responses/") {
+        return stored_response(method, path).unwrap_or(Route::NotSupported);
+    }
     if method == "GET" {
         return match path {
             "/openai/deployments" | "/openai/models" | "/openai/v1/models" => Route::Models,
@@ -229,6 +285,75 @@ mod tests {
         for p in &paths {
             assert_eq!(clean(p), by_segments(p), "{p:?}");
         }
+    }
+
+    #[test]
+    fn stored_response_paths() {
+        use ObjectAction::*;
+        for (m, p, want) in [
+            (
+                "GET",
+                "/openai/v1/responses/resp_1",
+                Some(("resp_1", Retrieve)),
+            ),
+            (
+                "GET",
+                "/openai/responses/resp_1",
+                Some(("resp_1", Retrieve)),
+            ),
+            (
+                "DELETE",
+                "/openai/v1/responses/resp-2",
+                Some(("resp-2", Delete)),
+            ),
+            ("POST", "/openai/v1/responses/r/cancel", Some(("r", Cancel))),
+            ("POST", "/openai/responses/r/cancel", Some(("r", Cancel))),
+            (
+                "GET",
+                "/openai/v1/responses/r/input_items",
+                Some(("r", InputItems)),
+            ),
+            (
+                "GET",
+                "/openai/responses/r/input_items",
+                Some(("r", InputItems)),
+            ),
+            // Wrong method, unknown action, odd ids, deeper paths.
+            ("POST", "/openai/v1/responses/r", None),
+            ("GET", "/openai/v1/responses/r/cancel", None),
+            ("DELETE", "/openai/v1/responses/r/input_items", None),
+            ("GET", "/openai/v1/responses/r/other", None),
+            ("GET", "/openai/v1/responses/r/input_items/x", None),
+            ("GET", "/openai/v1/responses/r.x", None),
+            ("GET", "/openai/v1/responses/", None),
+            ("GET", "/openai/v1/responses/a%2fb", None),
+            ("GET", "/openai/v1/responses/../models", None),
+            ("GET", "/openai/deployments/d/responses/r", None),
+            ("GET", "/openai/v2/responses/r", None),
+        ] {
+            let got = match classify(m, p) {
+                Route::Stored {
+                    operation: Operation::Responses,
+                    id,
+                    action,
+                } => Some((id, action)),
+                Route::NotSupported => None,
+                other => panic!("{m} {p}: {other:?}"),
+            };
+            assert_eq!(got, want, "{m} {p}");
+        }
+        // A deployment may be called `responses`.
+        assert!(matches!(
+            classify("POST", "/openai/deployments/responses/chat/completions"),
+            Route::InPath { .. }
+        ));
+        let long = format!("/openai/v1/responses/{}", "a".repeat(257));
+        assert_eq!(classify("GET", &long), Route::NotSupported);
+        // Creating one is still a body-model route.
+        assert!(matches!(
+            classify("POST", "/openai/v1/responses"),
+            Route::InBody { .. }
+        ));
     }
 
     #[test]

@@ -51,6 +51,38 @@ impl SseBuilder {
         self.segs.push((self.buf.len(), false));
     }
 
+    /// Each event rewritten by `f` (its pause kept).
+    pub fn map_text(self, f: impl Fn(&str) -> String) -> SseBuilder {
+        let mut out = SseBuilder::new();
+        let mut start = 0;
+        for (end, pause) in self.segs {
+            out.buf.push_str(&f(&self.buf[start..end]));
+            out.segs.push((out.buf.len(), pause));
+            start = end;
+        }
+        out
+    }
+
+    /// Only the events whose `sequence_number` is above `after` (a resumed stream).
+    pub fn retain_after(self, after: u64) -> SseBuilder {
+        let mut out = SseBuilder::new();
+        let mut start = 0;
+        for (end, pause) in self.segs {
+            let event = &self.buf[start..end];
+            let seq = event
+                .split("\"sequence_number\":")
+                .nth(1)
+                .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse::<u64>().ok());
+            if seq.is_none_or(|n| n > after) {
+                out.buf.push_str(event);
+                out.segs.push((out.buf.len(), pause));
+            }
+            start = end;
+        }
+        out
+    }
+
     /// The whole stream as text (for tests).
     #[cfg(test)]
     pub fn text(&self) -> &str {

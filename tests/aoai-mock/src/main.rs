@@ -8,6 +8,7 @@ mod body;
 mod builders;
 mod oidc;
 mod state;
+mod stored;
 mod util;
 
 use body::MockBody;
@@ -98,6 +99,9 @@ struct Cli {
     /// Length of a stall.
     #[arg(long, default_value_t = 10000)]
     stall_ms: u64,
+    /// A `background: true` response completes this long after it was created.
+    #[arg(long, default_value_t = 500)]
+    background_delay_ms: u64,
 }
 
 const RECORD_CAPACITY: usize = 1000;
@@ -131,6 +135,8 @@ struct State {
     recorder: Recorder,
     stats: Stats,
     ids: util::IdGen,
+    /// The responses this resource stores.
+    responses: stored::Responses,
 }
 
 impl State {
@@ -281,6 +287,8 @@ enum Op {
     AudioTranscriptions,
     AudioTranslations,
     AudioSpeech,
+    /// GET/DELETE/cancel/input_items of a stored response.
+    ResponseFollowUp,
     NotFound,
 }
 
@@ -303,7 +311,11 @@ impl Op {
     fn json_body(self) -> bool {
         !matches!(
             self,
-            Op::ImagesEdits | Op::AudioTranscriptions | Op::AudioTranslations | Op::NotFound
+            Op::ImagesEdits
+                | Op::AudioTranscriptions
+                | Op::AudioTranslations
+                | Op::ResponseFollowUp
+                | Op::NotFound
         )
     }
 
@@ -327,6 +339,7 @@ impl Op {
             Op::AudioTranscriptions => "Transcriptions_Create",
             Op::AudioTranslations => "Translations_Create",
             Op::AudioSpeech => "Speech_Create",
+            Op::ResponseFollowUp => "Responses_Get",
             Op::NotFound => "Unknown",
         }
     }
@@ -441,7 +454,11 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
         Err(_) => return Err(ResetConn),
     };
     let path = parts.uri.path();
-    let (op, dep) = parse_route(&parts.method, path);
+    let stored_req = stored::parse(&parts.method, path);
+    let (op, dep) = match &stored_req {
+        Some(_) => (Op::ResponseFollowUp, None),
+        None => parse_route(&parts.method, path),
+    };
     let content_json = parts.headers.get(CONTENT_TYPE).is_some_and(|v| {
         v.as_bytes()
             .windows(4)
@@ -512,13 +529,14 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
             Fault::None if refuses_stream_options(op, parts.uri.query(), jv) => {
                 Some(st.json(400, builders::unrecognized_argument_body("stream_options")))
             }
-            Fault::None => Some(answer(
-                st,
-                op,
-                dep,
-                parsed.as_ref(),
-                decision.chunk_delay_ms,
-            )),
+            Fault::None => Some(match &stored_req {
+                Some((action, id)) => {
+                    let q = parts.uri.query().map(form_pairs).unwrap_or_default();
+                    let a = st.responses.follow_up(*action, id, &st.reply, &q);
+                    stored_answer(st, a, decision.chunk_delay_ms)
+                }
+                None => answer(st, op, dep, parsed.as_ref(), decision.chunk_delay_ms),
+            }),
         }
     };
 
@@ -589,6 +607,18 @@ fn refuses_stream_options(op: Op, query: Option<&str>, body: Option<&Value>) -> 
     }
     let pairs = query.map(form_pairs).unwrap_or_default();
     pair(&pairs, "api-version").is_some_and(builders::version_refuses_stream_options)
+}
+
+/// The answer of a stored-response request.
+fn stored_answer(st: &State, a: stored::Answer, chunk_delay_ms: u64) -> Response<MockBody> {
+    match a {
+        stored::Answer::Json(status, body) => st.json(status, body),
+        stored::Answer::Sse(b) => st.respond(
+            200,
+            SSE,
+            MockBody::Sse(b.into_body(Duration::from_millis(chunk_delay_ms))),
+        ),
+    }
 }
 
 /// The normal answer of a data-plane request.
@@ -684,6 +714,9 @@ fn answer(
             )
         }
         Op::Responses => {
+            if let Some(refused) = st.responses.check_create(v) {
+                return stored_answer(st, refused, chunk_delay_ms);
+            }
             let id = st.ids.object_id("resp_", n);
             let msg_id = st.ids.object_id("msg_", n);
             let m = Meta {
@@ -692,12 +725,11 @@ fn answer(
                 model_json: &model_json,
             };
             let p = builders::responses_input_tokens(v);
-            if stream {
-                let b = builders::response_stream(&m, &msg_id, r, p);
-                st.respond(200, SSE, MockBody::Sse(b.into_body(delay)))
-            } else {
-                st.json(200, builders::response_object(&m, &msg_id, r, p, true))
-            }
+            stored_answer(
+                st,
+                st.responses.create(&m, &msg_id, r, v, p),
+                chunk_delay_ms,
+            )
         }
         Op::ImagesGenerations | Op::ImagesEdits => {
             let b64 = v.get("response_format").and_then(Value::as_str) == Some("b64_json")
@@ -729,7 +761,9 @@ fn answer(
             );
             st.respond(200, "audio/mpeg", MockBody::full(Bytes::from(audio)))
         }
-        Op::NotFound => st.json(404, builders::error_body("404", "Resource not found")),
+        Op::ResponseFollowUp | Op::NotFound => {
+            st.json(404, builders::error_body("404", "Resource not found"))
+        }
     }
 }
 
@@ -1021,6 +1055,7 @@ fn run(cli: Cli) -> Result<(), String> {
             recorder: Recorder::new(RECORD_CAPACITY),
             stats: Stats::default(),
             ids: util::IdGen::new(),
+            responses: stored::Responses::new(Duration::from_millis(cli.background_delay_ms)),
         });
         {
             let mut out = io::stdout().lock();
@@ -1106,6 +1141,7 @@ mod tests {
             recorder: Recorder::new(1),
             stats: Stats::default(),
             ids: util::IdGen::new(),
+            responses: stored::Responses::new(Duration::from_millis(10)),
         }
     }
 

@@ -5,9 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use filters::limits::{ClientLimits, LimitSpec};
 
-use crate::config::file::{LimitSpecFile, LimitsFile, LimitsStoreFile, MemberFile, StoreKindFile};
+use crate::config::file::{
+    LimitSpecFile, LimitsFile, LimitsStoreFile, MemberFile, StateFile, StoreKindFile,
+};
 use crate::config::load::Errors;
-use crate::config::runtime::LimitSettings;
+use crate::config::runtime::{LimitSettings, StateSettings};
 
 /// `path` is that of the `limits` mapping; `deployments` are the file's, for the references.
 pub(super) fn client_limits(
@@ -59,17 +61,55 @@ fn parse_limits(l: &LimitSpecFile, path: &str, errs: &mut Errors) -> LimitSpec {
     }
 }
 
-/// The top-level `limits` section.
-pub(super) fn store(f: &LimitsStoreFile, errs: &mut Errors) -> LimitSettings {
-    if f.store == StoreKindFile::Redis && f.redis_url.is_none() {
-        errs.at("limits.redis_url", "store: redis needs redis_url");
-    }
+/// The top-level `limits` section (its `store`/`redis_url` are [`state`]'s).
+pub(super) fn store(f: &LimitsStoreFile, _errs: &mut Errors) -> LimitSettings {
     LimitSettings {
-        store: f.store,
-        redis_url: f.redis_url.clone(),
         on_store_failure: f.on_store_failure,
         prompt_estimate: f.prompt_estimate,
         default_completion_reservation: f.default_completion_reservation,
+    }
+}
+
+/// Records are kept this many days unless `state.retention_days` says otherwise.
+const DEFAULT_RETENTION_DAYS: u64 = 30;
+
+/// The `state` section, with the older `limits.store`/`limits.redis_url` merged in: either
+/// place may name them; both may, if they agree.
+pub(super) fn state(f: &StateFile, limits: &LimitsStoreFile, errs: &mut Errors) -> StateSettings {
+    if let (Some(a), Some(b)) = (f.store, limits.store) {
+        if a != b {
+            errs.at(
+                "state.store",
+                "differs from limits.store (one store serves both: name it once, under state)",
+            );
+        }
+    }
+    if let (Some(a), Some(b)) = (&f.redis_url, &limits.redis_url) {
+        if a != b {
+            errs.at(
+                "state.redis_url",
+                "differs from limits.redis_url (one store serves both: name it once, under state)",
+            );
+        }
+    }
+    let store = f.store.or(limits.store).unwrap_or_default();
+    let redis_url = f.redis_url.clone().or_else(|| limits.redis_url.clone());
+    if store == StoreKindFile::Redis && redis_url.is_none() {
+        let path = if f.store.is_some() {
+            "state.redis_url"
+        } else {
+            "limits.redis_url"
+        };
+        errs.at(path, "store: redis needs redis_url");
+    }
+    let days = f.retention_days.unwrap_or(DEFAULT_RETENTION_DAYS);
+    if !(1..=3650).contains(&days) {
+        errs.at("state.retention_days", "must be within 1..3650");
+    }
+    StateSettings {
+        store,
+        redis_url,
+        retention: std::time::Duration::from_secs(days.clamp(1, 3650) * 86_400),
     }
 }
 
@@ -125,16 +165,71 @@ mod tests {
         assert_eq!(l.per_deployment["d"].requests_per_minute, Some(2));
     }
 
+    /// `state` and `limits` given as one mapping `{state: …, limits: …}`.
+    #[derive(serde::Deserialize)]
+    struct Both {
+        #[serde(default)]
+        state: StateFile,
+        #[serde(default)]
+        limits: LimitsStoreFile,
+    }
+
+    fn both(b: &Both, errs: &mut Errors) -> StateSettings {
+        state(&b.state, &b.limits, errs)
+    }
+
     #[test]
-    fn store_errors_have_their_paths() {
+    fn state_errors_have_their_paths() {
+        const SAME: &str =
+            "differs from limits.store (one store serves both: name it once, under state)";
+        const URL: &str =
+            "differs from limits.redis_url (one store serves both: name it once, under state)";
         let cases: &[(&str, &[(&str, &str)])] = &[
             ("{}", &[]),
-            ("{store: redis, redis_url: 'redis://r'}", &[]),
+            ("{limits: {store: redis, redis_url: 'redis://r'}}", &[]),
+            ("{state: {store: redis, redis_url: 'redis://r'}}", &[]),
+            // Both places, agreeing (or split between them): fine.
             (
-                "{store: redis, on_store_failure: reject}",
+                "{state: {store: redis, redis_url: 'redis://r'}, limits: {store: redis, redis_url: 'redis://r'}}",
+                &[],
+            ),
+            ("{state: {store: redis}, limits: {redis_url: 'redis://r'}}", &[]),
+            (
+                "{limits: {store: redis, on_store_failure: reject}}",
                 &[("limits.redis_url", "store: redis needs redis_url")],
             ),
+            (
+                "{state: {store: redis}}",
+                &[("state.redis_url", "store: redis needs redis_url")],
+            ),
+            (
+                "{state: {store: memory}, limits: {store: redis, redis_url: 'redis://r'}}",
+                &[("state.store", SAME)],
+            ),
+            (
+                "{state: {store: redis, redis_url: 'redis://a'}, limits: {redis_url: 'redis://b'}}",
+                &[("state.redis_url", URL)],
+            ),
+            (
+                "{state: {retention_days: 0}}",
+                &[("state.retention_days", "must be within 1..3650")],
+            ),
         ];
-        assert_cases(cases, store);
+        assert_cases(cases, both);
+    }
+
+    #[test]
+    fn state_settings_merge_both_places() {
+        let (s, errs) = run(
+            "{limits: {store: redis, redis_url: 'redis://r'}, state: {retention_days: 2}}",
+            both,
+        );
+        assert_eq!(errs, []);
+        assert_eq!(s.store, StoreKindFile::Redis);
+        assert_eq!(s.redis_url.as_deref(), Some("redis://r"));
+        assert_eq!(s.retention.as_secs(), 2 * 86_400);
+        let (s, _) = run("{}", both);
+        assert_eq!(s.store, StoreKindFile::Memory);
+        assert_eq!(s.retention.as_secs(), 30 * 86_400);
     }
 }

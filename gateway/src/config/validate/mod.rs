@@ -34,6 +34,7 @@ pub fn validate(f: FileConfig, mut errs: Errors) -> Result<Config, Vec<ConfigErr
     let retries = retries::retries(&f.retries, &mut errs);
     let health = health::health_checks(&f.health_checks, &mut errs);
     let limits = limits::store(&f.limits, &mut errs);
+    let state = limits::state(&f.state, &f.limits, &mut errs);
     let upstream_identity = upstream_identity::upstream_identity(&f.upstream_identity, &mut errs);
 
     if !errs.list.is_empty() {
@@ -54,6 +55,7 @@ pub fn validate(f: FileConfig, mut errs: Errors) -> Result<Config, Vec<ConfigErr
         health,
         retries,
         limits,
+        state,
         audit_path: f.audit_log.path,
     })
 }
