@@ -13,6 +13,7 @@ pub mod keys;
 mod observe;
 pub mod peek;
 pub mod pipeline;
+pub mod realtime;
 pub mod server;
 mod state;
 mod tls;

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub limit_store_errors: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
     pub downstream_errors: IntCounterVec,
+    /// Realtime WebSocket sessions open now (extension, SPEC §12).
+    pub realtime_sessions: prometheus::IntGauge,
+    /// Realtime session durations, from the 101 to the end (extension).
+    pub realtime_duration: prometheus::Histogram,
     unlisted: Mutex<HashSet<Arc<str>>>,
     request_series: SeriesCache<RequestSeries, 4>,
     attempt_series: SeriesCache<AttemptSeries, 3>,
@@ -333,8 +337,24 @@ impl Metrics {
             &["kind"],
         )
         .unwrap();
+        let realtime_sessions = prometheus::IntGauge::new(
+            "aoai_gateway_realtime_sessions",
+            "Realtime WebSocket sessions open now.",
+        )
+        .unwrap();
+        let realtime_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "aoai_gateway_realtime_session_duration_seconds",
+                "Realtime session duration, from the upgrade to the end of the session.",
+            )
+            // 1 s .. ~2.3 h.
+            .buckets(exponential_buckets(1.0, 2.0, 14).expect("valid buckets")),
+        )
+        .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(realtime_sessions.clone()),
+            Box::new(realtime_duration.clone()),
             Box::new(duration.clone()),
             Box::new(ttfb.clone()),
             Box::new(tokens.clone()),
@@ -375,6 +395,8 @@ impl Metrics {
             limit_store_errors,
             tls_handshake_failures,
             downstream_errors,
+            realtime_sessions,
+            realtime_duration,
             unlisted: Mutex::new(HashSet::new()),
             request_series: SeriesCache::new(),
             attempt_series: SeriesCache::new(),

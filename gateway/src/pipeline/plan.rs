@@ -17,6 +17,7 @@ pub fn operation<'a>(route: &Route<'a>) -> Result<(Operation, &'a str), GatewayE
     match *route {
         Route::NotSupported => Err(GatewayError::new(ErrorCode::OperationNotSupported)),
         Route::Models => Ok((Operation::ModelsRead, "")),
+        Route::Realtime { .. } => Ok((Operation::Realtime, "")),
         Route::InBody { operation } => Ok((operation, "")),
         Route::InPath {
             operation, rest, ..
@@ -53,7 +54,10 @@ pub fn plan<'a>(
     lookup: impl Fn(&str) -> Option<Arc<Deployment>>,
 ) -> Result<Plan<'a>, GatewayError> {
     let (name, path) = match *route {
-        Route::NotSupported => return Err(GatewayError::new(ErrorCode::OperationNotSupported)),
+        // Realtime sessions are planned by their own stage (`pipeline/realtime.rs`).
+        Route::NotSupported | Route::Realtime { .. } => {
+            return Err(GatewayError::new(ErrorCode::OperationNotSupported))
+        }
         Route::Models => return Ok(Plan::Models),
         Route::InPath {
             deployment, rest, ..
