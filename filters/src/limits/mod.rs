@@ -690,13 +690,10 @@ impl Limiter {
                     (self.on_store_error)();
                 }
             }
-            _ => self.local.reconcile_now(
-                &ticket.subject,
-                &ticket.deployment,
-                day,
-                corrections,
-                now,
-            ),
+            _ => {
+                self.local
+                    .reconcile_now(&ticket.subject, &ticket.deployment, day, corrections, now)
+            }
         }
     }
 }

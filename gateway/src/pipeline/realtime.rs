@@ -37,7 +37,9 @@ use crate::upstream::select::{now_ms, Candidate};
 /// Every value of a `sec-websocket-*` field named `name` (lower case).
 fn ws_fields<'h>(head: &'h Head, name: &str) -> Vec<&'h str> {
     head.fields()
-        .filter(|(kind, n, _)| *kind == Name::SecWebSocket && n.eq_ignore_ascii_case(name.as_bytes()))
+        .filter(|(kind, n, _)| {
+            *kind == Name::SecWebSocket && n.eq_ignore_ascii_case(name.as_bytes())
+        })
         .filter_map(|(_, _, v)| std::str::from_utf8(v).ok())
         .collect()
 }
@@ -230,7 +232,9 @@ impl Gateway {
                         continue;
                     }
                 },
-                (Credential::Forward, _, Some(jwt)) => Some(("authorization", format!("Bearer {jwt}"))),
+                (Credential::Forward, _, Some(jwt)) => {
+                    Some(("authorization", format!("Bearer {jwt}")))
+                }
                 _ => None,
             };
             let query = upstream_query(head.query(), param, &member.upstream_deployment);

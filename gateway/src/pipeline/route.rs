@@ -144,8 +144,14 @@ mod tests {
 
     #[test]
     fn realtime_is_a_get_on_two_paths() {
-        assert_eq!(classify("GET", "/openai/realtime"), Route::Realtime { v1: false });
-        assert_eq!(classify("GET", "/openai/v1/realtime"), Route::Realtime { v1: true });
+        assert_eq!(
+            classify("GET", "/openai/realtime"),
+            Route::Realtime { v1: false }
+        );
+        assert_eq!(
+            classify("GET", "/openai/v1/realtime"),
+            Route::Realtime { v1: true }
+        );
         for (m, p) in [
             ("POST", "/openai/realtime"),
             ("GET", "/openai/realtime/"),

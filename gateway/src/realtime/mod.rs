@@ -68,7 +68,9 @@ pub enum End {
     Idle,
     SessionLimit,
     /// A message over the size cap, or a protocol error (`from_client`: whose).
-    Error { from_client: bool },
+    Error {
+        from_client: bool,
+    },
 }
 
 /// What a session came to.
@@ -191,8 +193,11 @@ fn side_error(e: WsError, from_client: bool) -> End {
 
 /// Ends both sides: the closing handshake where one is still owed (its close frame says
 /// why), each side drained until it ends, within [`CLOSE_WAIT`].
-async fn close_both<C, U>(client: &mut WebSocketStream<C>, upstream: &mut WebSocketStream<U>, end: End)
-where
+async fn close_both<C, U>(
+    client: &mut WebSocketStream<C>,
+    upstream: &mut WebSocketStream<U>,
+    end: End,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
@@ -240,9 +245,7 @@ where
 /// A `response.create` is admitted as one request with nothing reserved: it fits unless the
 /// client is over a request limit or already in debt on a token limit. `Some`: refused.
 async fn admit_response(gov: &Governor<'_>) -> Option<FilterError> {
-    if gov.session.is_none() {
-        return None;
-    }
+    gov.session?;
     gov.limiter
         .admit(
             gov.client_id,
@@ -264,7 +267,11 @@ fn refusal_event(text: &str, e: FilterError, gov: &Governor<'_>) -> String {
         } => (
             Some(retry_after_ms),
             false,
-            if tokens { "token_limited" } else { "rate_limited" },
+            if tokens {
+                "token_limited"
+            } else {
+                "rate_limited"
+            },
         ),
         FilterError::QuotaExceeded { retry_after_ms } => {
             (Some(retry_after_ms), true, "quota_exceeded")

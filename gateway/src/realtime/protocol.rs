@@ -330,23 +330,51 @@ mod tests {
         type Edit = fn(&mut Opening<'static>);
         let cases: &[(&str, Edit, Result<&str, UpgradeError>)] = &[
             ("valid", |_| {}, Ok(KEY)),
-            ("tokens in lists, any case", |o| {
-                o.upgrade = vec!["h2c, WebSocket"];
-                o.connection = vec!["keep-alive", "foo, UPGRADE"];
-            }, Ok(KEY)),
+            (
+                "tokens in lists, any case",
+                |o| {
+                    o.upgrade = vec!["h2c, WebSocket"];
+                    o.connection = vec!["keep-alive", "foo, UPGRADE"];
+                },
+                Ok(KEY),
+            ),
             ("POST", |o| o.method = "POST", Err(NotGet)),
             ("HTTP/1.0", |o| o.minor = 0, Err(NotHttp11)),
-            ("no upgrade", |o| o.upgrade = vec![], Err(NoUpgradeWebsocket)),
-            ("another protocol", |o| o.upgrade = vec!["h2c"], Err(NoUpgradeWebsocket)),
-            ("a token's prefix only", |o| o.upgrade = vec!["websockets"], Err(NoUpgradeWebsocket)),
-            ("no connection upgrade", |o| o.connection = vec!["keep-alive"], Err(NoConnectionUpgrade)),
+            (
+                "no upgrade",
+                |o| o.upgrade = vec![],
+                Err(NoUpgradeWebsocket),
+            ),
+            (
+                "another protocol",
+                |o| o.upgrade = vec!["h2c"],
+                Err(NoUpgradeWebsocket),
+            ),
+            (
+                "a token's prefix only",
+                |o| o.upgrade = vec!["websockets"],
+                Err(NoUpgradeWebsocket),
+            ),
+            (
+                "no connection upgrade",
+                |o| o.connection = vec!["keep-alive"],
+                Err(NoConnectionUpgrade),
+            ),
             ("version 8", |o| o.version = vec!["8"], Err(BadVersion)),
-            ("two versions", |o| o.version = vec!["13", "13"], Err(BadVersion)),
+            (
+                "two versions",
+                |o| o.version = vec!["13", "13"],
+                Err(BadVersion),
+            ),
             ("no version", |o| o.version = vec![], Err(BadVersion)),
             ("no key", |o| o.key = vec![], Err(BadKey)),
             ("two keys", |o| o.key = vec![KEY, KEY], Err(BadKey)),
             ("not base64", |o| o.key = vec!["not a key!"], Err(BadKey)),
-            ("15 bytes", |o| o.key = vec!["AAAAAAAAAAAAAAAAAAAA"], Err(BadKey)),
+            (
+                "15 bytes",
+                |o| o.key = vec!["AAAAAAAAAAAAAAAAAAAA"],
+                Err(BadKey),
+            ),
         ];
         for (name, edit, want) in cases {
             let mut o = opening();
@@ -369,7 +397,11 @@ mod tests {
     #[test]
     fn deployment_in_the_query() {
         for (query, name, want) in [
-            (Some("api-version=2024-10-01-preview&deployment=gpt-4o-rt"), "deployment", Some("gpt-4o-rt")),
+            (
+                Some("api-version=2024-10-01-preview&deployment=gpt-4o-rt"),
+                "deployment",
+                Some("gpt-4o-rt"),
+            ),
             (Some("model=gpt-4o-rt"), "model", Some("gpt-4o-rt")),
             (Some("model=gpt-4o-rt"), "deployment", None),
             (Some("deployment=a&deployment=b"), "deployment", None),
@@ -406,18 +438,42 @@ mod tests {
     fn kinds() {
         for (text, from_client, want) in [
             (r#"{"type":"response.create"}"#, true, Kind::ResponseCreate),
-            (r#"{"event_id":"e1","type":"response.create","response":{}}"#, true, Kind::ResponseCreate),
-            (r#"{"type":"response.done","response":{}}"#, false, Kind::ResponseDone),
+            (
+                r#"{"event_id":"e1","type":"response.create","response":{}}"#,
+                true,
+                Kind::ResponseCreate,
+            ),
+            (
+                r#"{"type":"response.done","response":{}}"#,
+                false,
+                Kind::ResponseDone,
+            ),
             // The other side's type does not count.
             (r#"{"type":"response.done"}"#, true, Kind::Other),
             (r#"{"type":"response.create"}"#, false, Kind::Other),
             // Named inside a string or another field: not the type.
-            (r#"{"type":"conversation.item.create","item":{"text":"\"response.create\""}}"#, true, Kind::Other),
-            (r#"{"type":"session.update","note":"response.create"}"#, true, Kind::Other),
-            (r#"{"type":"x","name":"response.create"}"#, true, Kind::Other),
+            (
+                r#"{"type":"conversation.item.create","item":{"text":"\"response.create\""}}"#,
+                true,
+                Kind::Other,
+            ),
+            (
+                r#"{"type":"session.update","note":"response.create"}"#,
+                true,
+                Kind::Other,
+            ),
+            (
+                r#"{"type":"x","name":"response.create"}"#,
+                true,
+                Kind::Other,
+            ),
             (r#"{"type":"response.created"}"#, false, Kind::Other),
             ("not json \"response.done\"", false, Kind::Other),
-            (r#"{"type":"input_audio_buffer.append","audio":"AAAA"}"#, true, Kind::Other),
+            (
+                r#"{"type":"input_audio_buffer.append","audio":"AAAA"}"#,
+                true,
+                Kind::Other,
+            ),
         ] {
             assert_eq!(kind_of(text, from_client), want, "{text}");
         }
@@ -437,7 +493,8 @@ mod tests {
                 audio_output: 96,
             })
         );
-        let bare = r#"{"type":"response.done","response":{"usage":{"input_tokens":5,"output_tokens":7}}}"#;
+        let bare =
+            r#"{"type":"response.done","response":{"usage":{"input_tokens":5,"output_tokens":7}}}"#;
         assert_eq!(
             done_usage(bare),
             Some(RealtimeUsage {
@@ -459,7 +516,10 @@ mod tests {
         let mut sum = RealtimeUsage::default();
         sum.add(&done_usage(full).unwrap());
         sum.add(&done_usage(bare).unwrap());
-        assert_eq!((sum.input, sum.output, sum.total, sum.audio_output), (132, 133, 265, 96));
+        assert_eq!(
+            (sum.input, sum.output, sum.total, sum.audio_output),
+            (132, 133, 265, 96)
+        );
     }
 
     #[test]
@@ -471,11 +531,17 @@ mod tests {
         assert_eq!(e["error"]["type"], "rate_limit_error");
         assert_eq!(e["error"]["event_id"], "evt_1");
         assert_eq!(e["error"]["retry_after_ms"], 1500);
-        assert!(e["error"]["message"].as_str().unwrap().contains("Try again in 2 s."));
+        assert!(e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Try again in 2 s."));
         let q: serde_json::Value =
             serde_json::from_str(&rate_limit_event(None, None, true)).unwrap();
         assert_eq!(q["error"]["code"], "rate_limit_exceeded");
         assert!(q["error"]["message"].as_str().unwrap().contains("quota"));
-        assert_eq!(event_id(r#"{"type":"response.create","event_id":"abc"}"#).as_deref(), Some("abc"));
+        assert_eq!(
+            event_id(r#"{"type":"response.create","event_id":"abc"}"#).as_deref(),
+            Some("abc")
+        );
     }
 }

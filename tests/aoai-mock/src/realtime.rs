@@ -74,7 +74,10 @@ pub fn upgrade(conn: &Conn, mut req: Request<Incoming>) -> Response<MockBody> {
         }
         r
     } else {
-        st.error(400, "A realtime session needs Sec-WebSocket-Key and its deployment.")
+        st.error(
+            400,
+            "A realtime session needs Sec-WebSocket-Key and its deployment.",
+        )
     };
     let (parts, _) = req.into_parts();
     st.recorder.push(Record {

@@ -31,7 +31,10 @@ pub(super) fn server(f: &ServerFile, errs: &mut Errors) -> Server {
         ("backend_idle_seconds", f.backend_idle_seconds),
         ("shutdown_grace_seconds", f.shutdown_grace_seconds),
         ("realtime_idle_seconds", f.realtime_idle_seconds),
-        ("realtime_max_session_seconds", f.realtime_max_session_seconds),
+        (
+            "realtime_max_session_seconds",
+            f.realtime_max_session_seconds,
+        ),
     ] {
         if value == 0 {
             errs.at(format!("server.{key}"), "must be at least 1");
