@@ -239,6 +239,36 @@ def test_pings_are_answered_and_large_messages_close_the_session(env):
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009, closed.value
 
 
+def test_a_client_that_vanishes_ends_its_session_at_once(env):
+    before = len(realtime_lines(env.gw, "test-client"))
+    url = ws_base(env.gw) + "/openai/realtime?api-version=x&deployment=gpt-rt"
+    ws = ws_connect(url, additional_headers={"api-key": KEY})
+    assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+    gone = time.monotonic()
+    ws.socket.shutdown(socket.SHUT_RDWR)  # no close frame
+    ws.socket.close()
+    line = wait_session_line(env.gw, "test-client", before)
+    assert time.monotonic() - gone < 3, "the session outlived its client"
+    assert (line["status"], line["total_tokens"]) == (101, None), line
+    wait_until(lambda: metric_value(scrape(env.gw), "aoai_gateway_realtime_sessions") == 0, 5,
+               "the open-sessions gauge to drop")
+
+
+def test_idle_sessions_are_closed(cluster):
+    backend = cluster.mock("rt-idle", require_bearer=MI_TOKEN)
+    gw = cluster.gateway(config(backend, realtime_idle_seconds=1))
+    url = ws_base(gw) + "/openai/realtime?api-version=x&deployment=gpt-rt"
+    with ws_connect(url, additional_headers={"api-key": KEY}) as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert 0.5 < time.monotonic() - started < 5
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+        assert closed.value.rcvd.reason == "idle timeout"
+    wait_session_line(gw, "test-client", 0)
+
+
 # --------------------------------------------------------------------------------------
 # refused upgrades
 

@@ -63,8 +63,14 @@ pub struct Governor<'a> {
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
+    /// The client closed (its close frame was relayed), or a send to it failed.
     ClientClosed,
+    /// The backend closed (its close frame was relayed), or a send to it failed.
     BackendClosed,
+    /// The client's connection ended without a close frame.
+    ClientGone,
+    /// The backend's connection ended without a close frame.
+    BackendGone,
     Idle,
     SessionLimit,
     /// A message over the size cap, or a protocol error (`from_client`: whose).
@@ -135,7 +141,7 @@ where
                             break End::BackendClosed;
                         }
                     }
-                    None => break End::ClientClosed,
+                    None => break End::ClientGone,
                     Some(Err(e)) => break side_error(e, true),
                 }
             }
@@ -164,7 +170,7 @@ where
                             break End::ClientClosed;
                         }
                     }
-                    None => break End::BackendClosed,
+                    None => break End::BackendGone,
                     Some(Err(e)) => break side_error(e, false),
                 }
             }
@@ -182,9 +188,9 @@ fn side_error(e: WsError, from_client: bool) -> End {
     match e {
         WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => {
             if from_client {
-                End::ClientClosed
+                End::ClientGone
             } else {
-                End::BackendClosed
+                End::BackendGone
             }
         }
         _ => End::Error { from_client },
@@ -224,6 +230,8 @@ async fn close_both<C, U>(
             Some(frame(CloseCode::Error, "backend error")),
             Some(frame(CloseCode::Size, "message too big or malformed")),
         ),
+        End::ClientGone => (None, Some(frame(CloseCode::Away, "client went away"))),
+        End::BackendGone => (Some(frame(CloseCode::Error, "backend went away")), None),
         // The close was relayed already (or the side is gone).
         End::ClientClosed | End::BackendClosed => (None, None),
     };
