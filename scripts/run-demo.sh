@@ -59,5 +59,23 @@ for chunk in client.chat.completions.create(model="gpt-4o", messages=[{"role": "
 print()
 PY
 
+A realtime (WebSocket) session with the SDK's realtime client (pip install websockets):
+
+python3 - <<'RT'
+from openai import AzureOpenAI
+client = AzureOpenAI(azure_endpoint="http://127.0.0.1:8080", api_key="$KEY", api_version="2025-04-01-preview",
+                     websocket_base_url="ws://127.0.0.1:8080/openai")
+with client.realtime.connect(model="gpt-4o-realtime") as conn:
+    conn.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+    conn.response.create()
+    for event in conn:
+        if event.type == "response.output_text.delta":
+            print(event.delta, end="", flush=True)
+        elif event.type == "response.done":
+            print()
+            print(event.response.usage)
+            break
+RT
+
 EOF
 wait

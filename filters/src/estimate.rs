@@ -179,7 +179,7 @@ impl PromptEstimator {
                     c.text(s);
                 }
             }
-            Operation::Audio | Operation::ModelsRead => {}
+            Operation::Audio | Operation::ModelsRead | Operation::Realtime => {}
         }
         c.total()
     }

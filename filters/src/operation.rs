@@ -10,10 +10,12 @@ pub enum Operation {
     Images,
     Audio,
     ModelsRead,
+    /// A WebSocket session (SPEC §12).
+    Realtime,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 7] = [
+    pub const ALL: [Operation; 8] = [
         Operation::ChatCompletions,
         Operation::Completions,
         Operation::Embeddings,
@@ -21,6 +23,7 @@ impl Operation {
         Operation::Images,
         Operation::Audio,
         Operation::ModelsRead,
+        Operation::Realtime,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -32,6 +35,7 @@ impl Operation {
             Operation::Images => "images",
             Operation::Audio => "audio",
             Operation::ModelsRead => "models.read",
+            Operation::Realtime => "realtime",
         }
     }
 

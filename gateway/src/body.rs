@@ -33,7 +33,7 @@ fn is_json(operation: Operation, rest: &str) -> bool {
         | Operation::Responses => true,
         Operation::Images => rest == "/images/generations",
         Operation::Audio => rest == "/audio/speech",
-        Operation::ModelsRead => false,
+        Operation::ModelsRead | Operation::Realtime => false,
     }
 }
 

@@ -15,6 +15,7 @@ pub mod multipart;
 mod observe;
 pub mod peek;
 pub mod pipeline;
+pub mod realtime;
 pub mod server;
 mod state;
 mod tls;

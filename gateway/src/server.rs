@@ -184,9 +184,12 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
         // on this short, I/O-bound request path.
         work_stealing: false,
         daemon: opts.daemon,
-        // The longest a request in flight may still need; the supervisor exits as soon as the
-        // last one is done, so this is an upper bound, not a wait.
-        grace_period_seconds: Some(server_cfg.request_timeout.as_secs() + 1),
+        // The longest a request in flight (or an open realtime session,
+        // `shutdown_grace_seconds`) may still need; the supervisor exits as soon as the last
+        // one is done, so this is an upper bound, not a wait.
+        grace_period_seconds: Some(
+            (server_cfg.request_timeout.as_secs() + 1).max(server_cfg.shutdown_grace.as_secs()),
+        ),
         graceful_shutdown_timeout_seconds: Some(5),
         ..Default::default()
     };

@@ -37,7 +37,7 @@ def test_make_run_demo_answers_the_printed_curl_and_sdk_snippet():
     def read():
         for line in proc.stdout:
             lines.append(line)
-            if line.strip() == "PY" and any("<<'PY'" in x for x in lines):
+            if line.strip() == "RT" and any("<<'RT'" in x for x in lines):
                 done.set()
         done.set()
 
@@ -62,11 +62,22 @@ def test_make_run_demo_answers_the_printed_curl_and_sdk_snippet():
         assert "completion_tokens=4" in printed[0], py.stdout
         assert printed[1] == "Hello from eastus.", py.stdout  # streamed, chunk by chunk
 
+        # The realtime snippet: a WebSocket session through the gateway.
+        realtime = re.search(r"^python3 - <<'RT'\n(.*?)\nRT$", text, re.S | re.M)
+        assert realtime, "no realtime snippet in:\n" + text
+        rt = subprocess.run(["python3", "-c", realtime.group(1)], capture_output=True, text=True,
+                            timeout=60, env=env)
+        assert rt.returncode == 0, rt.stderr
+        said = rt.stdout.splitlines()
+        assert said[0] == "Hello from eastus.", rt.stdout
+        assert "input_tokens=120" in said[1] and "output_tokens=80" in said[1], rt.stdout
+
         # The demo's audit log (on its terminal) has both requests, attributed to the demo key.
         deadline = time.time() + 5
-        while time.time() < deadline and "".join(lines).count('"client":"demo-app"') < 3:
+        while time.time() < deadline and "".join(lines).count('"client":"demo-app"') < 4:
             time.sleep(0.1)
-        assert "".join(lines).count('"client":"demo-app"') >= 3, "".join(lines)
+        assert "".join(lines).count('"client":"demo-app"') >= 4, "".join(lines)
+        assert '"operation":"realtime"' in "".join(lines), "".join(lines)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

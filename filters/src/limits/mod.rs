@@ -713,6 +713,72 @@ impl Limiter {
             ),
         }
     }
+    /// Charges `tokens` more to the token windows `admission` was counted in, as of `now`:
+    /// the per-minute windows from now on (the client may go into debt), the day window of
+    /// the current UTC day. For usage that arrives in parts with no reservation of its own —
+    /// a realtime session's `response.done` events (SPEC §12) — so, unlike
+    /// [`Limiter::reconcile`], it may be called any number of times for one admission.
+    /// Nothing happens for an admission no limit applied to. A Redis failure drops the charge
+    /// and calls `on_store_error`.
+    pub async fn charge(&self, admission: &Admission, tokens: u64) {
+        self.charge_at(admission, tokens, SystemTime::now()).await
+    }
+
+    pub async fn charge_at(&self, admission: &Admission, tokens: u64, now: SystemTime) {
+        let Some(ticket) = admission.ticket.as_deref() else {
+            return;
+        };
+        let now = micros(now);
+        let (corrections, n) = surcharges(ticket, tokens);
+        if n == 0 {
+            return;
+        }
+        let corrections = &corrections[..n];
+        let day = day_index(now);
+        match (ticket.decider, &self.redis) {
+            (Decider::Redis, Some(redis)) => {
+                let ok = redis
+                    .reconcile(&ticket.subject, &ticket.deployment, day, corrections, now)
+                    .await;
+                if !ok {
+                    (self.on_store_error)();
+                }
+            }
+            _ => {
+                self.local
+                    .reconcile_now(&ticket.subject, &ticket.deployment, day, corrections, now)
+            }
+        }
+    }
+}
+
+/// The corrections that add `tokens` to every token window of a ticket.
+fn surcharges(ticket: &Ticket, tokens: u64) -> ([Correction; MAX_CHECKS], usize) {
+    let mut out = [Correction {
+        scope: Scope::Client,
+        kind: Kind::Requests,
+        delta: 0,
+        cap: 0,
+    }; MAX_CHECKS];
+    let mut n = 0;
+    if tokens == 0 {
+        return (out, 0);
+    }
+    for (i, c) in ticket.plan.checks().iter().enumerate() {
+        let delta = match c.kind {
+            Kind::Requests => continue,
+            Kind::Tokens => cost_us(tokens, c.limit),
+            Kind::Day => tokens.min(MAX_UNITS) as i64,
+        };
+        out[n] = Correction {
+            scope: c.scope,
+            kind: c.kind,
+            delta,
+            cap: ticket.after[i],
+        };
+        n += 1;
+    }
+    (out, n)
 }
 
 #[cfg(test)]

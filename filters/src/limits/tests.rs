@@ -185,6 +185,29 @@ async fn reconcile_above_charges_more(l: &Limiter, s: &str) {
     ));
 }
 
+/// A realtime session: admitted once with nothing reserved, then charged each response's
+/// usage as it arrives; a zero-token admission fits until the client is in debt.
+async fn charges_accumulate_and_put_the_client_in_debt(l: &Limiter, s: &str) {
+    let lim = client(None, Some(1000), Some(5000));
+    let session = ok(l, s, "d", &lim, 0, T0).await;
+    l.charge_at(&session, 600, at(T0)).await;
+    ok(l, s, "d", &lim, 0, T0).await;
+    assert_eq!(refused(l, s, "d", &lim, 401, T0).await, rate(60, true));
+    l.charge_at(&session, 600, at(T0)).await;
+    // 1200 of 1000 per minute: even nothing more fits until 200 tokens drained (12 s).
+    assert_eq!(refused(l, s, "d", &lim, 0, T0).await, rate(12_000, true));
+    ok(l, s, "d", &lim, 0, T0 + 12 * S).await;
+    // The day window counts every charge (1200 + 3800 = 5000).
+    l.charge_at(&session, 3800, at(T0 + 12 * S)).await;
+    assert!(matches!(
+        refused(l, s, "d", &lim, 1, T0 + 120 * S).await,
+        FilterError::QuotaExceeded { .. }
+    ));
+    // No limit, no ticket: charging does nothing.
+    let free = ok(l, s, "d", &client(None, None, None), 0, T0).await;
+    l.charge_at(&free, 10, at(T0)).await;
+}
+
 async fn reconcile_none_keeps_the_reservation(l: &Limiter, s: &str) {
     let lim = client(None, Some(1000), None);
     let a = ok(l, s, "d", &lim, 800, T0).await;
@@ -376,6 +399,7 @@ async fn all_scenarios(l: &Limiter, prefix: &str) {
     reconcile_below_restores_budget(l, &s("below")).await;
     reconcile_above_charges_more(l, &s("above")).await;
     reconcile_none_keeps_the_reservation(l, &s("none")).await;
+    charges_accumulate_and_put_the_client_in_debt(l, &s("charge")).await;
     reconcile_after_rollover_does_not_go_negative(l, &s("rollover")).await;
     per_deployment_limits_apply_on_top(l, &s("perdep")).await;
     refused_request_consumes_nothing(l, &s("nothing")).await;

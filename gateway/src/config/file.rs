@@ -30,6 +30,19 @@ pub struct ServerFile {
     /// TLS handshakes under way at once per worker thread; more wait for a turn.
     #[serde(default = "default_tls_handshakes_per_thread")]
     pub tls_handshakes_per_thread: usize,
+    /// On SIGTERM or an upgrade, how long open realtime sessions (and requests) may still
+    /// run (SPEC §12).
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_seconds: u64,
+    /// A realtime session with no message either way for this long is closed.
+    #[serde(default = "default_realtime_idle")]
+    pub realtime_idle_seconds: u64,
+    /// A realtime session is closed after this long, however busy.
+    #[serde(default = "default_realtime_session")]
+    pub realtime_max_session_seconds: u64,
+    /// The largest single WebSocket message either side may send in a realtime session.
+    #[serde(default = "default_realtime_message")]
+    pub realtime_max_message_bytes: usize,
     #[serde(default)]
     pub front_door_ids: Vec<String>,
     #[serde(default)]
@@ -53,6 +66,18 @@ fn default_backend_idle() -> u64 {
 }
 fn default_tls_handshakes_per_thread() -> usize {
     16
+}
+fn default_shutdown_grace() -> u64 {
+    300
+}
+fn default_realtime_idle() -> u64 {
+    300
+}
+fn default_realtime_session() -> u64 {
+    1800
+}
+fn default_realtime_message() -> usize {
+    16 * 1024 * 1024
 }
 
 #[derive(Debug, Deserialize)]

@@ -48,8 +48,18 @@ pub struct Server {
     pub idle_timeout: Duration,
     pub backend_idle: Duration,
     pub tls_handshakes_per_thread: usize,
+    pub shutdown_grace: Duration,
+    pub realtime: Realtime,
     pub front_door_ids: Vec<String>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// Realtime session limits (`server.realtime_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Realtime {
+    pub idle: Duration,
+    pub max_session: Duration,
+    pub max_message_bytes: usize,
 }
 
 /// A configured client, or the template of one provider's unlisted applications.

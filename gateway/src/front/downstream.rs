@@ -45,4 +45,15 @@ pub trait Downstream: Send {
     ) -> impl Future<Output = io::Result<()>> + Send;
     fn send_chunk(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     fn send_end(&mut self, last: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Whether the connection can be taken over by a WebSocket session (HTTP/1.1 only: the
+    /// HTTP/2 server does not offer extended CONNECT).
+    fn can_upgrade(&self) -> bool {
+        false
+    }
+    /// The connection's stream and the bytes already read past the head, for a WebSocket
+    /// session after its `101`; the connection carries no further request. `None` where
+    /// [`Downstream::can_upgrade`] is false.
+    fn take_over(&mut self) -> Option<(&mut pingora::protocols::Stream, Vec<u8>)> {
+        None
+    }
 }

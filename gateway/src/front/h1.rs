@@ -291,6 +291,16 @@ impl Downstream for H1<'_> {
         Ok(body.freeze())
     }
 
+    fn can_upgrade(&self) -> bool {
+        self.head.minor == 1
+    }
+
+    fn take_over(&mut self) -> Option<(&mut Stream, Vec<u8>)> {
+        self.close = true;
+        let read_ahead = self.conn.take_buffered();
+        Some((&mut self.conn.io, read_ahead))
+    }
+
     async fn send_full(&mut self, resp: &ResponseHead, body: &[u8]) -> io::Result<()> {
         let close = self.must_close();
         self.out.clear();

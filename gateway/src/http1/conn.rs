@@ -38,6 +38,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// Whether bytes past the last message are waiting.
+    /// The bytes read past the last head, taken out (the connection is handed over to
+    /// another protocol: a WebSocket session), and the read buffer released.
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.rbuf).to_vec()
+    }
+
     pub fn has_buffered(&self) -> bool {
         !self.rbuf.is_empty()
     }

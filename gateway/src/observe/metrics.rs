@@ -42,6 +42,10 @@ pub struct Metrics {
     /// `aoai_gateway_downstream_handshakes_total{result}` (TLS listeners).
     pub downstream_handshakes: IntCounterVec,
     pub downstream_handshakes_in_progress: prometheus::IntGauge,
+    /// Realtime WebSocket sessions open now (extension, SPEC §12).
+    pub realtime_sessions: prometheus::IntGauge,
+    /// Realtime session durations, from the 101 to the end (extension).
+    pub realtime_duration: prometheus::Histogram,
     unlisted: Mutex<HashSet<Arc<str>>>,
     request_series: SeriesCache<RequestSeries, 4>,
     attempt_series: SeriesCache<AttemptSeries, 3>,
@@ -366,8 +370,24 @@ impl Metrics {
             "Client TLS handshakes under way (waiting for a turn included).",
         )
         .unwrap();
+        let realtime_sessions = prometheus::IntGauge::new(
+            "aoai_gateway_realtime_sessions",
+            "Realtime WebSocket sessions open now.",
+        )
+        .unwrap();
+        let realtime_duration = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "aoai_gateway_realtime_session_duration_seconds",
+                "Realtime session duration, from the upgrade to the end of the session.",
+            )
+            // 1 s .. ~2.3 h.
+            .buckets(exponential_buckets(1.0, 2.0, 14).expect("valid buckets")),
+        )
+        .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(realtime_sessions.clone()),
+            Box::new(realtime_duration.clone()),
             Box::new(duration.clone()),
             Box::new(ttfb.clone()),
             Box::new(tokens.clone()),
@@ -415,6 +435,8 @@ impl Metrics {
             downstream_errors,
             downstream_handshakes,
             downstream_handshakes_in_progress,
+            realtime_sessions,
+            realtime_duration,
             unlisted: Mutex::new(HashSet::new()),
             request_series: SeriesCache::new(),
             attempt_series: SeriesCache::new(),

@@ -106,7 +106,12 @@ impl Gateway {
                 .with_label_values(&[&o.caller.label, reason])
                 .inc();
         }
-        if let (Some(u), Some(tried)) = (usage, &o.tried) {
+        // A realtime session's tokens were counted as each response reported them.
+        if let (Some(u), Some(tried), false) = (
+            usage,
+            &o.tried,
+            o.operation == Some(filters::Operation::Realtime),
+        ) {
             let series = self
                 .metrics
                 .token_series(client, deployment, &tried.backend);

@@ -25,6 +25,7 @@ pub use finish::health_answer;
 mod forward;
 pub mod outcome;
 pub mod plan;
+mod realtime;
 pub mod respond;
 pub mod route;
 
@@ -194,6 +195,9 @@ impl Gateway {
         ctx.outcome.operation = routed.as_ref().ok().map(|&(op, _)| op);
         let identity = self.authenticate(d, &head, ctx, snap).await?;
         let (operation, rest) = routed?;
+        if let route::Route::Realtime { v1 } = route {
+            return self.realtime(d, ctx, snap, &head, &identity, v1).await;
+        }
         let stored = matches!(route, route::Route::Stored { .. });
         let body = self
             .read_body(d, &head, ctx, snap, (operation, rest), stored)

@@ -19,6 +19,7 @@ pub fn operation<'a>(route: &Route<'a>) -> Result<(Operation, &'a str), GatewayE
         Route::Models | Route::Model { .. } => Ok((Operation::ModelsRead, "")),
         Route::InBody { operation, rest } => Ok((operation, rest)),
         Route::Stored { operation, .. } => Ok((operation, "")),
+        Route::Realtime { .. } => Ok((Operation::Realtime, "")),
         Route::InPath {
             operation, rest, ..
         } => Ok((operation, rest)),
@@ -63,7 +64,10 @@ pub fn plan<'a>(
     lookup: impl Fn(&str) -> Option<Arc<Deployment>>,
 ) -> Result<Plan<'a>, GatewayError> {
     let (name, path) = match *route {
-        Route::NotSupported => return Err(GatewayError::new(ErrorCode::OperationNotSupported)),
+        // Realtime sessions are planned by their own stage (`pipeline/realtime.rs`).
+        Route::NotSupported | Route::Realtime { .. } => {
+            return Err(GatewayError::new(ErrorCode::OperationNotSupported))
+        }
         Route::Models => return Ok(Plan::Models),
         Route::Model { id } => return Ok(Plan::Model { id }),
         Route::Stored { id, action, .. } => return Ok(Plan::Stored { id, action, path }),

@@ -33,6 +33,11 @@ pub enum Route<'a> {
     Model {
         id: &'a str,
     },
+    /// A realtime WebSocket session (SPEC §12); the deployment is in the query
+    /// (`deployment=`, or `model=` on `/openai/v1/realtime`).
+    Realtime {
+        v1: bool,
+    },
     NotSupported,
 }
 
@@ -114,6 +119,8 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Route<'a> {
     if method == "GET" {
         return match path {
             "/openai/deployments" | "/openai/models" | "/openai/v1/models" => Route::Models,
+            "/openai/realtime" => Route::Realtime { v1: false },
+            "/openai/v1/realtime" => Route::Realtime { v1: true },
             _ => match path
                 .strip_prefix("/openai/models/")
                 .or_else(|| path.strip_prefix("/openai/v1/models/"))
@@ -249,6 +256,26 @@ mod tests {
             ("POST", "/openai/v1/models/gpt-4o"),
             ("GET", "/openai/v1/models/%2e%2e"),
             ("GET", "/openai/v1/models/.."),
+        ] {
+            assert_eq!(classify(m, p), Route::NotSupported, "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn realtime_is_a_get_on_two_paths() {
+        assert_eq!(
+            classify("GET", "/openai/realtime"),
+            Route::Realtime { v1: false }
+        );
+        assert_eq!(
+            classify("GET", "/openai/v1/realtime"),
+            Route::Realtime { v1: true }
+        );
+        for (m, p) in [
+            ("POST", "/openai/realtime"),
+            ("GET", "/openai/realtime/"),
+            ("GET", "/openai/v1/realtime/sessions"),
+            ("GET", "/openai/deployments/d/realtime"),
         ] {
             assert_eq!(classify(m, p), Route::NotSupported, "{m} {p}");
         }

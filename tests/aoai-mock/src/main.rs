@@ -7,6 +7,7 @@
 mod body;
 mod builders;
 mod oidc;
+mod realtime;
 mod state;
 mod stored;
 mod util;
@@ -419,6 +420,9 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Mock
             Stats::inc(&st.stats.health_requests);
             return Ok(health(st, req.headers(), deployments));
         }
+    }
+    if realtime::is_realtime(&req) {
+        return Ok(realtime::upgrade(&conn, req));
     }
     data_plane(&conn, req).await
 }
@@ -980,7 +984,7 @@ async fn serve(listener: TcpListener, st: Arc<State>) {
         let builder = builder.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(conn.clone(), req));
-            let _ = builder.serve_connection(io, svc).await;
+            let _ = builder.serve_connection(io, svc).with_upgrades().await;
         });
     }
 }

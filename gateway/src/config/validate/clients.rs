@@ -243,7 +243,7 @@ mod tests {
         ),
         (
             "identity.oidc[1].unlisted_clients.allow.operations[1]",
-            "unknown operation `bogus` (one of: chat.completions, completions, embeddings, responses, images, audio, models.read, or \"*\")",
+            "unknown operation `bogus` (one of: chat.completions, completions, embeddings, responses, images, audio, models.read, realtime, or \"*\")",
         ),
         (
             "identity.oidc[1].unlisted_clients.limits.tokens_per_day",
@@ -305,7 +305,7 @@ mod tests {
             ],
             &[
                 ("clients[0].allow.deployments[0]", "unknown deployment `e`"),
-                ("clients[0].allow.operations[0]", "unknown operation `files` (one of: chat.completions, completions, embeddings, responses, images, audio, models.read, or \"*\")"),
+                ("clients[0].allow.operations[0]", "unknown operation `files` (one of: chat.completions, completions, embeddings, responses, images, audio, models.read, realtime, or \"*\")"),
                 ("clients[0].limits.requests_per_minute", "must be at least 1 (omit it for no limit)"),
             ],
         ];

@@ -8,7 +8,7 @@ use crate::config::file::{
     ClientCertMode, ClientCertificatesFile, ListenerFile, ServerFile, TlsFile,
 };
 use crate::config::load::Errors;
-use crate::config::runtime::{ClientCertSettings, Listener, ListenerTls, Server};
+use crate::config::runtime::{ClientCertSettings, Listener, ListenerTls, Realtime, Server};
 
 pub(super) fn server(f: &ServerFile, errs: &mut Errors) -> Server {
     if f.listeners.is_empty() {
@@ -29,6 +29,12 @@ pub(super) fn server(f: &ServerFile, errs: &mut Errors) -> Server {
         ("header_timeout_seconds", f.header_timeout_seconds),
         ("idle_timeout_seconds", f.idle_timeout_seconds),
         ("backend_idle_seconds", f.backend_idle_seconds),
+        ("shutdown_grace_seconds", f.shutdown_grace_seconds),
+        ("realtime_idle_seconds", f.realtime_idle_seconds),
+        (
+            "realtime_max_session_seconds",
+            f.realtime_max_session_seconds,
+        ),
     ] {
         if value == 0 {
             errs.at(format!("server.{key}"), "must be at least 1");
@@ -36,6 +42,9 @@ pub(super) fn server(f: &ServerFile, errs: &mut Errors) -> Server {
     }
     if f.tls_handshakes_per_thread == 0 {
         errs.at("server.tls_handshakes_per_thread", "must be at least 1");
+    }
+    if f.realtime_max_message_bytes < 1024 {
+        errs.at("server.realtime_max_message_bytes", "must be at least 1024");
     }
     if f.threads == Some(0) {
         errs.at("server.threads", "must be at least 1");
@@ -54,6 +63,12 @@ pub(super) fn server(f: &ServerFile, errs: &mut Errors) -> Server {
         idle_timeout: Duration::from_secs(f.idle_timeout_seconds),
         backend_idle: Duration::from_secs(f.backend_idle_seconds),
         tls_handshakes_per_thread: f.tls_handshakes_per_thread,
+        shutdown_grace: Duration::from_secs(f.shutdown_grace_seconds),
+        realtime: Realtime {
+            idle: Duration::from_secs(f.realtime_idle_seconds),
+            max_session: Duration::from_secs(f.realtime_max_session_seconds),
+            max_message_bytes: f.realtime_max_message_bytes,
+        },
         front_door_ids: f.front_door_ids.clone(),
         trusted_proxies,
     }
@@ -211,6 +226,15 @@ mod tests {
                     ("server.backend_idle_seconds", "must be at least 1"),
                 ],
             ),
+            (
+                "listeners: [{address: 127.0.0.1:1}]\nshutdown_grace_seconds: 0\nrealtime_idle_seconds: 0\nrealtime_max_session_seconds: 0\nrealtime_max_message_bytes: 1023",
+                &[
+                    ("server.shutdown_grace_seconds", "must be at least 1"),
+                    ("server.realtime_idle_seconds", "must be at least 1"),
+                    ("server.realtime_max_session_seconds", "must be at least 1"),
+                    ("server.realtime_max_message_bytes", "must be at least 1024"),
+                ],
+            ),
         ];
         assert_cases::<ServerFile, _>(cases, server);
     }
@@ -233,6 +257,15 @@ front_door_ids: [afd]
         assert_eq!(s.threads, 3);
         assert_eq!(s.request_timeout, Duration::from_secs(7));
         assert_eq!(s.header_timeout, Duration::from_secs(10));
+        assert_eq!(s.shutdown_grace, Duration::from_secs(300));
+        assert_eq!(
+            s.realtime,
+            Realtime {
+                idle: Duration::from_secs(300),
+                max_session: Duration::from_secs(1800),
+                max_message_bytes: 16 << 20,
+            }
+        );
         assert!(s.listeners[0].tls.is_none());
         let mtls = s.listeners[1].tls.as_ref().unwrap();
         assert!(mtls.client_certificates.as_ref().unwrap().required);
