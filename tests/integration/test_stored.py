@@ -193,6 +193,12 @@ def test_streamed_creation_is_recorded_and_a_stream_resumes_on_the_holder(env):
     seqs = [e.sequence_number for e in resumed]
     assert seqs and seqs[0] == 4 and seqs == list(range(4, 4 + len(seqs)))
     assert resumed[-1].type == "response.completed"
+    resumed_line = env.gw.wait_audit(
+        lambda l: l.get("method") == "GET" and l.get("path") == f"/openai/v1/responses/{rid}"
+    )
+    assert resumed_line["stream"] is True and resumed_line["status"] == 200
+    assert resumed_line["backend"] == name and resumed_line["deployment"] == "gpt-4o"
+    assert resumed_line["usage_source"] == "none", "a retrieved response is not charged again"
     follow = client.responses.create(model="gpt-4o", input="More.", previous_response_id=rid)
     assert holder(follow) == name
     other = next(m for m in env.mocks if m.name != name)
