@@ -438,6 +438,34 @@ def test_two_gateways_on_one_redis_agree_on_every_record(cluster, redis_server):
     assert 2 * 86400 - 120 < ttl <= 2 * 86400
 
 
+def test_redis_away_chat_is_unaffected_and_unknown_records_are_not_guessed(cluster, redis_server):
+    """Only requests that name an object touch the records: with Redis gone a chat request
+    is served as usual; a follow-up whose record only Redis knew is 503 (not sent wherever),
+    one created meanwhile is found in the gateway's memory; Redis back, all is found again."""
+    east = cluster.mock("east")
+    west = cluster.mock("west")
+    gw = cluster.gateway(stored_config(east, west, state={"store": "redis",
+                                                          "redis_url": redis_server.url}))
+    client = v1(gw)
+    before = client.responses.create(model="gpt-4o", input="Before the outage.")
+    redis_server.pause()  # hung, with its data: every round trip times out
+    chat = client.chat.completions.create(model="gpt-4o",
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content.startswith("Hello from")
+    for m in (east, west):
+        m.clear()
+    resp = gw.http.get(f"/openai/v1/responses/{before.id}", headers={"api-key": KEY})
+    assert_error(resp, 503, "LimitStoreUnavailable")
+    assert east.data_requests() == [] and west.data_requests() == []
+    during = client.responses.create(model="gpt-4o", input="During the outage.")
+    assert client.responses.retrieve(during.id).id == during.id
+    redis_server.resume()
+    wait_until(lambda: gw.http.get(f"/openai/v1/responses/{before.id}",
+                                   headers={"api-key": KEY}).status_code == 200,
+               15, "the record to be found again once Redis is back")
+    assert client.responses.retrieve(during.id).id == during.id
+
+
 def test_state_and_limits_naming_different_stores_is_a_config_error(tmp_path):
     text = """
 server: {listeners: [{address: 127.0.0.1:1}], admin_address: 127.0.0.1:2}
