@@ -193,6 +193,12 @@ def test_streamed_creation_is_recorded_and_a_stream_resumes_on_the_holder(env):
     seqs = [e.sequence_number for e in resumed]
     assert seqs and seqs[0] == 4 and seqs == list(range(4, 4 + len(seqs)))
     assert resumed[-1].type == "response.completed"
+    resumed_line = env.gw.wait_audit(
+        lambda l: l.get("method") == "GET" and l.get("path") == f"/openai/v1/responses/{rid}"
+    )
+    assert resumed_line["stream"] is True and resumed_line["status"] == 200
+    assert resumed_line["backend"] == name and resumed_line["deployment"] == "gpt-4o"
+    assert resumed_line["usage_source"] == "none", "a retrieved response is not charged again"
     follow = client.responses.create(model="gpt-4o", input="More.", previous_response_id=rid)
     assert holder(follow) == name
     other = next(m for m in env.mocks if m.name != name)
@@ -430,6 +436,34 @@ def test_two_gateways_on_one_redis_agree_on_every_record(cluster, redis_server):
     # Each record expires with the retention.
     ttl = redis_server.command("TTL", f"agw:obj:{made[1].id}")
     assert 2 * 86400 - 120 < ttl <= 2 * 86400
+
+
+def test_redis_away_chat_is_unaffected_and_unknown_records_are_not_guessed(cluster, redis_server):
+    """Only requests that name an object touch the records: with Redis gone a chat request
+    is served as usual; a follow-up whose record only Redis knew is 503 (not sent wherever),
+    one created meanwhile is found in the gateway's memory; Redis back, all is found again."""
+    east = cluster.mock("east")
+    west = cluster.mock("west")
+    gw = cluster.gateway(stored_config(east, west, state={"store": "redis",
+                                                          "redis_url": redis_server.url}))
+    client = v1(gw)
+    before = client.responses.create(model="gpt-4o", input="Before the outage.")
+    redis_server.pause()  # hung, with its data: every round trip times out
+    chat = client.chat.completions.create(model="gpt-4o",
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content.startswith("Hello from")
+    for m in (east, west):
+        m.clear()
+    resp = gw.http.get(f"/openai/v1/responses/{before.id}", headers={"api-key": KEY})
+    assert_error(resp, 503, "LimitStoreUnavailable")
+    assert east.data_requests() == [] and west.data_requests() == []
+    during = client.responses.create(model="gpt-4o", input="During the outage.")
+    assert client.responses.retrieve(during.id).id == during.id
+    redis_server.resume()
+    wait_until(lambda: gw.http.get(f"/openai/v1/responses/{before.id}",
+                                   headers={"api-key": KEY}).status_code == 200,
+               15, "the record to be found again once Redis is back")
+    assert client.responses.retrieve(during.id).id == during.id
 
 
 def test_state_and_limits_naming_different_stores_is_a_config_error(tmp_path):

@@ -85,9 +85,8 @@ fn candidates(snap: &Snapshot, f: &Forward<'_>, cools: &[Arc<Cooldown>], cands: 
         .zip(cands.iter_mut())
         .enumerate()
     {
-        let unusable = (snap.cfg.backends[m.backend].credential == Credential::Forward
-            && f.caller_jwt.is_none())
-            || f.pinned.is_some_and(|b| b != m.backend);
+        let forward_only = snap.cfg.backends[m.backend].credential == Credential::Forward;
+        let unusable = !usable(m.backend, forward_only, f.caller_jwt.is_some(), f.pinned);
         *c = Candidate {
             priority: m.priority,
             weight: m.weight,
@@ -96,6 +95,12 @@ fn candidates(snap: &Snapshot, f: &Forward<'_>, cools: &[Arc<Cooldown>], cands: 
             tried: c.tried || unusable,
         };
     }
+}
+
+/// Whether a member may be tried for a request: a `forward` backend only with the caller's
+/// JWT, and only the holder's members for a request pinned to it.
+fn usable(backend: usize, forward_only: bool, has_jwt: bool, pinned: Option<usize>) -> bool {
+    (!forward_only || has_jwt) && pinned.is_none_or(|b| b == backend)
 }
 
 /// What one attempt came to. (Lives on the stack for one step: boxing the answer would add
@@ -606,4 +611,30 @@ async fn read_capped(
         body.push(piece, 0);
     }
     Ok((body.freeze(), true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usable;
+
+    #[test]
+    fn usable_members() {
+        for (backend, forward_only, jwt, pinned, want) in [
+            (0, false, false, None, true),
+            (0, true, false, None, false),
+            (0, true, true, None, true),
+            // Pinned: the holder's members only, whatever else holds.
+            (0, false, false, Some(0), true),
+            (1, false, false, Some(0), false),
+            (1, false, true, Some(0), false),
+            (0, true, false, Some(0), false),
+            (0, true, true, Some(0), true),
+        ] {
+            assert_eq!(
+                usable(backend, forward_only, jwt, pinned),
+                want,
+                "{backend} {forward_only} {jwt} {pinned:?}"
+            );
+        }
+    }
 }

@@ -275,6 +275,9 @@ impl Gateway {
                 let (pinned, record) = self.lookup(ctx, snap, &identity, &refs, None).await?;
                 let deployment = pinned.deployment;
                 ctx.outcome.deployment = Some(deployment.name.clone());
+                ctx.outcome.stream = head
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|p| p == "stream=true"));
                 self.admit_limits(ctx, snap, &identity, operation, Some(&deployment), None)
                     .await?;
                 let caller_jwt = identity.jwt_authenticated.then(|| bearer(&head)).flatten();
