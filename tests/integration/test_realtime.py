@@ -293,6 +293,21 @@ def test_refused_upgrades_reach_no_backend(env, query, headers, status, code):
     assert upgrades(env.backend) == []
 
 
+@pytest.mark.parametrize("change", [{"body": b"hello"}, {"Sec-WebSocket-Version": "8"},
+                                    {"Sec-WebSocket-Key": "short"}],
+                         ids=["a-body", "version-8", "bad-key"])
+def test_malformed_openings_are_refused(env, change):
+    env.backend.clear()
+    headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "api-key": KEY}
+    body = change.pop("body", b"")
+    headers.update(change)
+    r = agw.raw_request(env.gw.url, "GET", "/openai/realtime?api-version=x&deployment=gpt-rt",
+                        headers, body=body, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidRequestBody", r.text
+    assert upgrades(env.backend) == []
+
+
 def test_a_plain_get_without_upgrade_is_refused(env):
     env.backend.clear()
     r = env.gw.http.get("/openai/realtime?deployment=gpt-rt", headers={"api-key": KEY})

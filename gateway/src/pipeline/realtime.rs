@@ -65,6 +65,8 @@ impl Gateway {
             connection: head.all_str(Name::Connection).collect(),
             version: ws_fields(head, "sec-websocket-version"),
             key: ws_fields(head, "sec-websocket-key"),
+            body: head.contains(Name::TransferEncoding)
+                || head.get(Name::ContentLength).is_some_and(|v| v != b"0"),
         };
         let key = check_opening(&opening).map_err(|e| bad(e.message()))?;
         let param = deployment_param(v1);

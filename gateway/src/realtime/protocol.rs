@@ -15,6 +15,8 @@ pub enum UpgradeError {
     NoConnectionUpgrade,
     BadVersion,
     BadKey,
+    /// A body (its bytes would be read as WebSocket frames).
+    Body,
 }
 
 impl UpgradeError {
@@ -30,6 +32,7 @@ impl UpgradeError {
             }
             UpgradeError::BadVersion => "Only WebSocket version 13 is served.",
             UpgradeError::BadKey => "`Sec-WebSocket-Key` must be 16 bytes in base64, once.",
+            UpgradeError::Body => "A realtime opening carries no body.",
         }
     }
 }
@@ -47,6 +50,8 @@ pub struct Opening<'a> {
     pub version: Vec<&'a str>,
     /// Every `Sec-WebSocket-Key` field line.
     pub key: Vec<&'a str>,
+    /// The request declares a body (`Transfer-Encoding`, or a `Content-Length` other than 0).
+    pub body: bool,
 }
 
 fn has_token(lines: &[&str], token: &str) -> bool {
@@ -64,6 +69,9 @@ pub fn check_opening<'a>(o: &Opening<'a>) -> Result<&'a str, UpgradeError> {
     }
     if o.minor != 1 {
         return Err(UpgradeError::NotHttp11);
+    }
+    if o.body {
+        return Err(UpgradeError::Body);
     }
     if !has_token(&o.upgrade, "websocket") {
         return Err(UpgradeError::NoUpgradeWebsocket);
@@ -321,6 +329,7 @@ mod tests {
             connection: vec!["Upgrade"],
             version: vec!["13"],
             key: vec![KEY],
+            body: false,
         }
     }
 
@@ -340,6 +349,7 @@ mod tests {
             ),
             ("POST", |o| o.method = "POST", Err(NotGet)),
             ("HTTP/1.0", |o| o.minor = 0, Err(NotHttp11)),
+            ("a body", |o| o.body = true, Err(Body)),
             (
                 "no upgrade",
                 |o| o.upgrade = vec![],
