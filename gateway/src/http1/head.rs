@@ -467,9 +467,16 @@ impl Head {
 
     /// Whether the connection may carry another message after this one.
     pub fn keep_alive(&self) -> bool {
-        // `close` wins over `keep-alive` in either version (RFC 9112 §9.3, §9.6).
+        // `close` wins over `keep-alive` in either version (RFC 9112 §9.3, §9.6). HTTP/1.0
+        // keeps the connection only on a `Connection` field that is all visible ASCII: one
+        // with other bytes is not read as granting anything (as hyper reads it: closing is
+        // never the unsafe choice).
         if self.minor == 0 {
-            self.connection_has("keep-alive") && !self.connection_has("close")
+            self.connection_has("keep-alive")
+                && !self.connection_has("close")
+                && self
+                    .values(Name::Connection)
+                    .all(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
         } else {
             !self.connection_has("close")
         }

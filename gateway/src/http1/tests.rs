@@ -480,6 +480,9 @@ async fn keep_alive_is_decided_by_version_and_connection_close_wins() {
         let h = Conn::new(a).read_head(true).await.unwrap().unwrap();
         assert_eq!(h.keep_alive(), keep, "HTTP/1.{minor} {connection:?}");
     }
+    // HTTP/1.0: a Connection field with bytes beyond visible ASCII grants no keep-alive.
+    let mut c = conn_with(b"GET / HTTP/1.0\r\nConnection: keep-alive, x\xff\r\n\r\n").await;
+    assert!(!c.read_head(false).await.unwrap().unwrap().keep_alive());
 }
 
 #[tokio::test]
