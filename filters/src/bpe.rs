@@ -16,7 +16,6 @@
 
 use std::collections::BinaryHeap;
 use std::hash::BuildHasher;
-use std::io::Read;
 use std::sync::OnceLock;
 
 use base64::Engine;
@@ -88,15 +87,26 @@ impl Bpe {
     /// From a gzip'd `.tiktoken` file (`base64 rank` lines, ranks 0, 1, 2, … in order) and
     /// the encoding's main pre-tokenizer pattern.
     pub fn from_gz(gz: &[u8], pattern: &str) -> Result<Bpe, String> {
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(gz)
-            .read_to_string(&mut text)
-            .map_err(|e| format!("rank file: {e}"))?;
+        use std::io::BufRead;
+        // Read line by line into buffers sized from the compressed file (the token bytes are
+        // about its size, the tokens about an eighth of it): nothing large is allocated only
+        // to be freed, so reading leaves no freed memory behind in the allocator.
+        let mut lines = std::io::BufReader::new(flate2::read::GzDecoder::new(gz));
         let b64 = base64::engine::general_purpose::STANDARD;
-        let mut bytes = Vec::with_capacity(text.len() / 2);
-        let mut starts = vec![0u32];
-        for (i, line) in text.lines().enumerate() {
+        let mut bytes = Vec::with_capacity(gz.len());
+        let mut starts = Vec::with_capacity(gz.len() / 8 + 1);
+        starts.push(0u32);
+        let mut line = String::new();
+        for i in 0.. {
+            line.clear();
+            let n = lines
+                .read_line(&mut line)
+                .map_err(|e| format!("rank file: {e}"))?;
+            if n == 0 {
+                break;
+            }
             let (token, rank) = line
+                .trim_end_matches('\n')
                 .split_once(' ')
                 .ok_or_else(|| format!("rank file line {}: no rank", i + 1))?;
             if rank.parse::<usize>().ok() != Some(i) {
