@@ -73,6 +73,31 @@ struct ResponseFields {
     previous_response_id: Option<String>,
     store: Option<bool>,
     background: Option<bool>,
+    /// Every `file_id` the body names, at any depth.
+    #[serde(skip)]
+    file_ids: Vec<String>,
+}
+
+/// Collects every `file_id` member in `v` (each must be a string).
+fn file_ids(v: &Value, out: &mut Vec<String>) -> Result<(), ()> {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                if k == "file_id" {
+                    match v {
+                        Value::String(id) => out.push(id.clone()),
+                        Value::Null => {}
+                        _ => return Err(()),
+                    }
+                } else {
+                    file_ids(v, out)?;
+                }
+            }
+            Ok(())
+        }
+        Value::Array(a) => a.iter().try_for_each(|v| file_ids(v, out)),
+        _ => Ok(()),
+    }
 }
 
 fn invalid(message: &'static str) -> GatewayError {
@@ -154,6 +179,18 @@ impl RequestBody {
             let f: ResponseFields = serde_json::from_slice(&body.raw).map_err(|_| {
                 invalid("`previous_response_id` must be a string, `store` and `background` true or false.")
             })?;
+            let mut f = f;
+            // A file named anywhere in the body (`input_file`, `input_image`, …) pins the
+            // request to the file's holder. Looked for only when the body can name one (the
+            // key spelled out, or escapes that could spell it).
+            let raw = &body.raw;
+            if memchr::memmem::find(raw, b"file_id").is_some()
+                || memchr::memmem::find(raw, b"\\u").is_some()
+            {
+                let v: Value = serde_json::from_slice(raw).map_err(|_| not_json())?;
+                file_ids(&v, &mut f.file_ids)
+                    .map_err(|_| invalid("Every `file_id` must be a string."))?;
+            }
             body.stored = Some(Box::new(f));
         }
         Ok(body)
@@ -248,6 +285,11 @@ impl RequestBody {
             input_file_id: Some(f.input_file_id),
         }));
         Ok(body)
+    }
+
+    /// The files a `responses` body names (`file_id`, at any depth).
+    pub fn file_ids(&self) -> &[String] {
+        self.stored.as_ref().map_or(&[], |f| &f.file_ids)
     }
 
     /// A new batch's `input_file_id`.

@@ -229,3 +229,34 @@ def test_batch_files_are_read_and_refused_before_any_backend(env):
     # Carol's own deployment is where her other files go without `?deployment=`.
     carol.files.create(file=("n.txt", io.BytesIO(b"x")), purpose="assistants")
     assert holder_of_upload(env) == "east"
+
+
+def test_a_responses_input_file_goes_to_the_files_holder(env):
+    alice, bob = v1(env.gw), v1(env.gw, OTHER_KEY)
+    env.clear()
+    f = alice.files.create(file=("doc.txt", io.BytesIO(b"A document.")), purpose="assistants",
+                           extra_query={"deployment": "west-only"})
+    assert holder_of_upload(env) == "west"
+
+    def ask(client):
+        return client.responses.create(model="batch-4o", input=[{"role": "user", "content": [
+            {"type": "input_file", "file_id": f.id},
+            {"type": "input_text", "text": "Summarize it."}]}])
+
+    # `batch-4o` has members on both resources; the file pins every request to west.
+    for _ in range(4):
+        env.clear()
+        ask(alice)
+        assert env.east.data_requests() == []
+        assert [q["path"] for q in env.west.data_requests()] == ["/openai/v1/responses"]
+    env.clear()
+    with pytest.raises(openai.NotFoundError) as e:
+        ask(bob)
+    assert_not_found(e.value)
+    assert_reached_no_backend(env)
+    # A deployment without a member on the file's resource: a conflict, not a wrong guess.
+    with pytest.raises(openai.ConflictError) as e:
+        alice.responses.create(model="east-only", input=[{"role": "user", "content": [
+            {"type": "input_file", "file_id": f.id}]}])
+    assert e.value.response.json()["error"]["code"] == "ObjectConflict"
+    assert_reached_no_backend(env)

@@ -20,11 +20,16 @@ pub struct Refs<'a> {
     pub previous: Option<&'a str>,
     /// A new batch's `input_file_id`.
     pub input_file: Option<&'a str>,
+    /// The `file_id`s of a Responses body.
+    pub files: &'a [String],
 }
 
 impl<'a> Refs<'a> {
     pub fn is_empty(&self) -> bool {
-        self.path.is_none() && self.previous.is_none() && self.input_file.is_none()
+        self.path.is_none()
+            && self.previous.is_none()
+            && self.input_file.is_none()
+            && self.files.is_empty()
     }
 
     /// Every id named, path first.
@@ -34,6 +39,7 @@ impl<'a> Refs<'a> {
             .into_iter()
             .chain(self.previous)
             .chain(self.input_file)
+            .chain(self.files.iter().map(String::as_str))
     }
 }
 
@@ -46,6 +52,7 @@ pub fn refs<'a>(route: &Route<'a>, body: Option<&'a RequestBody>) -> Refs<'a> {
         },
         previous: body.and_then(|b| b.previous_response_id()),
         input_file: body.and_then(|b| b.input_file_id()),
+        files: body.map_or(&[], |b| b.file_ids()),
     }
 }
 
@@ -506,6 +513,24 @@ mod tests {
         assert!(refs(&chat, None).is_empty());
         let r = refs(&create, Some(&chained));
         assert_eq!(r.ids().collect::<Vec<_>>(), ["resp_1"]);
+        let with_file = body(
+            r#"{"model":"m","previous_response_id":"resp_1","input":[{"role":"user","content":[{"type":"input_file","file_id":"file-1"},{"type":"input_text","text":"file_id"}]}]}"#,
+        );
+        let r = refs(&create, Some(&with_file));
+        assert_eq!(r.ids().collect::<Vec<_>>(), ["resp_1", "file-1"]);
+        // Spelled with escapes, the backend reads the same key.
+        let escaped = body(r#"{"model":"m","input":[{"content":[{"file\u005fid":"file-2"}]}]}"#);
+        assert_eq!(
+            refs(&create, Some(&escaped)).ids().collect::<Vec<_>>(),
+            ["file-2"]
+        );
+        assert!(RequestBody::inspect(
+            Bytes::from_static(br#"{"model":"m","input":[{"file_id":5}]}"#),
+            Operation::Responses,
+            "",
+            "application/json"
+        )
+        .is_err());
         let r = refs(&get, None);
         assert_eq!(r.path, Some(("resp_9", ObjectAction::Retrieve)));
         assert_eq!(r.ids().collect::<Vec<_>>(), ["resp_9"]);
