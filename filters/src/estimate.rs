@@ -179,7 +179,11 @@ impl PromptEstimator {
                     c.text(s);
                 }
             }
-            Operation::Audio | Operation::ModelsRead | Operation::Realtime => {}
+            Operation::Audio
+            | Operation::ModelsRead
+            | Operation::Realtime
+            | Operation::Files
+            | Operation::Batches => {}
         }
         c.total()
     }

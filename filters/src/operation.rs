@@ -12,10 +12,14 @@ pub enum Operation {
     ModelsRead,
     /// A WebSocket session (SPEC §12).
     Realtime,
+    /// Uploads, lists, reads and deletes of files (SPEC §11).
+    Files,
+    /// Batch jobs (SPEC §11).
+    Batches,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 8] = [
+    pub const ALL: [Operation; 10] = [
         Operation::ChatCompletions,
         Operation::Completions,
         Operation::Embeddings,
@@ -24,6 +28,8 @@ impl Operation {
         Operation::Audio,
         Operation::ModelsRead,
         Operation::Realtime,
+        Operation::Files,
+        Operation::Batches,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +42,8 @@ impl Operation {
             Operation::Audio => "audio",
             Operation::ModelsRead => "models.read",
             Operation::Realtime => "realtime",
+            Operation::Files => "files",
+            Operation::Batches => "batches",
         }
     }
 
@@ -64,6 +72,7 @@ mod tests {
         for op in Operation::ALL {
             assert_eq!(Operation::parse(op.as_str()), Some(op));
         }
-        assert_eq!(Operation::parse("files"), None);
+        assert_eq!(Operation::parse("files"), Some(Operation::Files));
+        assert_eq!(Operation::parse("fine_tuning"), None);
     }
 }

@@ -33,7 +33,9 @@ fn is_json(operation: Operation, rest: &str) -> bool {
         | Operation::Responses => true,
         Operation::Images => rest == "/images/generations",
         Operation::Audio => rest == "/audio/speech",
-        Operation::ModelsRead | Operation::Realtime => false,
+        Operation::ModelsRead | Operation::Realtime | Operation::Files | Operation::Batches => {
+            false
+        }
     }
 }
 
@@ -53,6 +55,16 @@ pub struct RequestBody {
     pub stream: bool,
     /// A `responses` body's fields about stored objects (`None` for other operations).
     stored: Option<Box<ResponseFields>>,
+    /// Files and batches (SPEC §11): where a `purpose=batch` upload's file is, and a new
+    /// batch's `input_file_id` (`None` for every other body).
+    objects: Option<Box<ObjectFields>>,
+}
+
+/// What an upload or a new batch says about stored objects.
+#[derive(Debug, Default)]
+struct ObjectFields {
+    batch_file: Option<std::ops::Range<usize>>,
+    input_file_id: Option<String>,
 }
 
 /// What a `responses` body says about stored objects (SPEC §11).
@@ -61,6 +73,31 @@ struct ResponseFields {
     previous_response_id: Option<String>,
     store: Option<bool>,
     background: Option<bool>,
+    /// Every `file_id` the body names, at any depth.
+    #[serde(skip)]
+    file_ids: Vec<String>,
+}
+
+/// Collects every `file_id` member in `v` (each must be a string).
+fn file_ids(v: &Value, out: &mut Vec<String>) -> Result<(), ()> {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                if k == "file_id" {
+                    match v {
+                        Value::String(id) => out.push(id.clone()),
+                        Value::Null => {}
+                        _ => return Err(()),
+                    }
+                } else {
+                    file_ids(v, out)?;
+                }
+            }
+            Ok(())
+        }
+        Value::Array(a) => a.iter().try_for_each(|v| file_ids(v, out)),
+        _ => Ok(()),
+    }
 }
 
 fn invalid(message: &'static str) -> GatewayError {
@@ -84,6 +121,7 @@ impl RequestBody {
             form_model: None,
             stream: false,
             stored: None,
+            objects: None,
         };
         if is_form(operation, rest) {
             body.inspect_form(content_type)?;
@@ -141,6 +179,18 @@ impl RequestBody {
             let f: ResponseFields = serde_json::from_slice(&body.raw).map_err(|_| {
                 invalid("`previous_response_id` must be a string, `store` and `background` true or false.")
             })?;
+            let mut f = f;
+            // A file named anywhere in the body (`input_file`, `input_image`, …) pins the
+            // request to the file's holder. Looked for only when the body can name one (the
+            // key spelled out, or escapes that could spell it).
+            let raw = &body.raw;
+            if memchr::memmem::find(raw, b"file_id").is_some()
+                || memchr::memmem::find(raw, b"\\u").is_some()
+            {
+                let v: Value = serde_json::from_slice(raw).map_err(|_| not_json())?;
+                file_ids(&v, &mut f.file_ids)
+                    .map_err(|_| invalid("Every `file_id` must be a string."))?;
+            }
             body.stored = Some(Box::new(f));
         }
         Ok(body)
@@ -180,7 +230,76 @@ impl RequestBody {
             form_model: None,
             stream: false,
             stored: None,
+            objects: None,
         }
+    }
+
+    /// A file upload (`POST /openai/files`, multipart with `purpose` and `file`). A
+    /// `purpose=batch` file is read: every line's `body.model` must name the same deployment
+    /// (it becomes the body's `model`), rewritten per member by [`Self::for_upstream`].
+    pub fn inspect_upload(raw: Bytes, content_type: &str) -> Result<RequestBody, GatewayError> {
+        let boundary = crate::multipart::boundary(content_type).ok_or_else(|| {
+            invalid("The request body must be multipart/form-data with a boundary.")
+        })?;
+        let form_error = |why: &str| {
+            GatewayError::with_message(
+                ErrorCode::InvalidRequestBody,
+                format!("The multipart form could not be read: {why}."),
+            )
+        };
+        let purpose =
+            crate::multipart::find_field(&raw, boundary, b"purpose", false).map_err(form_error)?;
+        let file =
+            crate::multipart::find_field(&raw, boundary, b"file", true).map_err(form_error)?;
+        let mut body = RequestBody::passthrough(raw);
+        if purpose.is_some_and(|p| &body.raw[p] == b"batch") {
+            let Some(file) = file else {
+                return Err(invalid("The upload has no `file`."));
+            };
+            let model = crate::batchfile::model_of(&body.raw[file.clone()]).map_err(|why| {
+                GatewayError::with_message(
+                    ErrorCode::InvalidRequestBody,
+                    format!("The batch file is refused: {why}; every line must be JSON naming one deployment in `body.model`."),
+                )
+            })?;
+            body.model = Some(model.into());
+            body.objects = Some(Box::new(ObjectFields {
+                batch_file: Some(file),
+                input_file_id: None,
+            }));
+        }
+        Ok(body)
+    }
+
+    /// A new batch (`POST /openai/batches`): its `input_file_id`, which must be a string.
+    pub fn inspect_batch(raw: Bytes) -> Result<RequestBody, GatewayError> {
+        #[derive(serde::Deserialize)]
+        struct Fields {
+            input_file_id: String,
+        }
+        let f: Fields = serde_json::from_slice(&raw)
+            .map_err(|_| invalid("The request body must be JSON with `input_file_id` a string."))?;
+        let mut body = RequestBody::passthrough(raw);
+        body.objects = Some(Box::new(ObjectFields {
+            batch_file: None,
+            input_file_id: Some(f.input_file_id),
+        }));
+        Ok(body)
+    }
+
+    /// The files a `responses` body names (`file_id`, at any depth).
+    pub fn file_ids(&self) -> &[String] {
+        self.stored.as_ref().map_or(&[], |f| &f.file_ids)
+    }
+
+    /// A new batch's `input_file_id`.
+    pub fn input_file_id(&self) -> Option<&str> {
+        self.objects.as_ref()?.input_file_id.as_deref()
+    }
+
+    /// Sets the deployment an upload goes to (chosen by the gateway, not named in the body).
+    pub fn set_model(&mut self, name: &str) {
+        self.model = Some(name.to_string().into());
     }
 
     /// A `responses` body's `previous_response_id`.
@@ -281,6 +400,15 @@ impl RequestBody {
         let base = self.rewritten.clone().unwrap_or_else(|| self.raw.clone());
         if client == upstream || self.model() != Some(client) {
             return base;
+        }
+        if let Some(r) = self.objects.as_ref().and_then(|o| o.batch_file.clone()) {
+            // The file's lines with the member's deployment; the parts around it as they are.
+            let lines = crate::batchfile::rewrite(&self.raw[r.clone()], upstream);
+            let mut out = Vec::with_capacity(self.raw.len() - r.len() + lines.len());
+            out.extend_from_slice(&self.raw[..r.start]);
+            out.extend_from_slice(&lines);
+            out.extend_from_slice(&self.raw[r.end..]);
+            return Bytes::from(out);
         }
         if let Some(r) = &self.form_model {
             // The field's value replaced; the parts around it (the file) copied as they are.

@@ -4,6 +4,7 @@
 
 mod admin;
 mod api_version;
+pub mod batchfile;
 pub mod body;
 pub mod config;
 mod deadline;

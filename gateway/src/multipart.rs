@@ -49,6 +49,18 @@ pub fn boundary(content_type: &str) -> Option<&str> {
 
 /// Where the (single) `model` field's value is in `body`, `None` when there is none.
 pub fn find_model(body: &[u8], boundary: &str) -> Result<Option<Range<usize>>, &'static str> {
+    find_field(body, boundary, b"model", false)
+}
+
+/// Where the value of the field named `field` is in `body` (`None` when there is none), read
+/// with the same rules as `model`: a part whose name is `field` in any letter case must be the
+/// only one, named exactly `field`, and a file exactly when `file` is true.
+pub fn find_field(
+    body: &[u8],
+    boundary: &str,
+    field: &[u8],
+    file: bool,
+) -> Result<Option<Range<usize>>, &'static str> {
     let dash = [b"--", boundary.as_bytes()].concat();
     let delimiter = [b"\r\n", &dash[..]].concat();
     let finder = memchr::memmem::Finder::new(&delimiter);
@@ -83,9 +95,13 @@ pub fn find_model(body: &[u8], boundary: &str) -> Result<Option<Range<usize>>, &
             return Err("a part does not end with the boundary");
         };
         let end = start + len;
-        if name.eq_ignore_ascii_case(b"model") {
-            if name != b"model" || is_file || model.is_some() {
-                return Err("the form must have one `model` field");
+        if name.eq_ignore_ascii_case(field) {
+            if name != field || is_file != file || model.is_some() {
+                return Err(if field == b"model" {
+                    "the form must have one `model` field"
+                } else {
+                    "a form field is repeated, or a file where text was expected (or the reverse)"
+                });
             }
             model = Some(start..end);
         }

@@ -164,14 +164,15 @@ def test_unknown_deployment_is_404(env):
 
 
 UNSUPPORTED = [
-    ("GET", "/openai/files?api-version=2024-10-21"),
-    ("POST", "/openai/files?api-version=2024-10-21"),
-    ("GET", "/openai/batches?api-version=2024-10-21"),
-    ("POST", "/openai/batches?api-version=2024-10-21"),
+    # Files and batches are served (SPEC §11), but only on their own paths and methods.
+    ("PUT", "/openai/files?api-version=2024-10-21"),
+    ("POST", "/openai/files/file-1?api-version=2024-10-21"),
+    ("DELETE", "/openai/batches/batch_1?api-version=2024-10-21"),
+    ("GET", "/openai/batches/batch_1/cancel?api-version=2024-10-21"),
     ("POST", "/openai/fine_tuning/jobs?api-version=2024-10-21"),
     ("POST", "/openai/assistants?api-version=2024-10-21"),
-    ("GET", "/openai/v1/files"),
-    ("POST", "/openai/v1/batches"),
+    ("GET", "/openai/v1/vector_stores"),
+    ("POST", "/openai/v1/files/file-1/content"),
     ("POST", "/openai/deployments/gpt-4o/../../files?api-version=2024-10-21"),
     ("GET", "/openai/deployments/x/../../files"),
     ("POST", "/openai/deployments/gpt-4o/%2e%2e/%2e%2e/files?api-version=2024-10-21"),
@@ -212,13 +213,13 @@ def test_unsupported_path_of_an_identified_client_is_attributed_to_it(env):
                             client="all", reason="not_found") or 0.0
 
     before = not_found()
-    r = agw.raw_request(gw.url, "GET", f"/openai/files?api-version={API_VERSION}",
+    r = agw.raw_request(gw.url, "GET", f"/openai/fine_tuning/jobs?api-version={API_VERSION}",
                         headers={"api-key": ALL_KEY})
     errors(r, 404, "OperationNotSupported")
     line = gw.audit_for(r.headers["x-request-id"])
     assert (line["client"], line["auth"], line["status"], line["error_code"]) == (
         "all", "api_key", 404, "OperationNotSupported"), line
-    assert line["path"] == "/openai/files"
+    assert line["path"] == "/openai/fine_tuning/jobs"
     agw.wait_until(lambda: not_found() == before + 1, 5, "rejections_total{reason=not_found} +1")
     assert metric_value(scrape(gw), "aoai_gateway_requests_total", client="all", code="404")
     assert m.data_requests() == []
@@ -226,11 +227,11 @@ def test_unsupported_path_of_an_identified_client_is_attributed_to_it(env):
 
 def test_unsupported_path_without_a_credential_is_401(env):
     gw, m = env
-    r = agw.raw_request(gw.url, "GET", "/openai/files", headers={})
+    r = agw.raw_request(gw.url, "GET", "/openai/fine_tuning/jobs", headers={})
     errors(r, 401, "MissingCredential")
     line = gw.audit_for(r.headers["x-request-id"])
     assert (line["client"], line["status"]) == ("anonymous", 401)
-    r = agw.raw_request(gw.url, "GET", "/openai/files", headers={"api-key": OTHER_KEY})
+    r = agw.raw_request(gw.url, "GET", "/openai/fine_tuning/jobs", headers={"api-key": OTHER_KEY})
     errors(r, 401, "InvalidCredential")
 
 

@@ -24,7 +24,7 @@ def test_every_response_has_its_own_request_id(env):
             h.post(gw.url + agw.chat_path("gpt-4o"), headers={"api-key": KEY},
                    json=agw.chat_body(stream=True)),
             h.post(gw.url + agw.chat_path("gpt-4o"), json=agw.chat_body()),  # 401
-            h.post(gw.url + "/openai/files", headers={"api-key": KEY}, json={}),  # 404
+            h.post(gw.url + "/openai/fine_tuning/jobs", headers={"api-key": KEY}, json={}),  # 404
             h.get(f"{gw.url}/openai/models?api-version={API_VERSION}", headers={"api-key": KEY}),
             h.get(gw.url + "/healthz"),
         ]

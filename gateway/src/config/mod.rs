@@ -68,7 +68,7 @@ server:
 clients:
   - id: a
     api_keys: [{sha256: nothex}]
-    allow: {deployments: [nope], operations: [chat.completions, files]}
+    allow: {deployments: [nope], operations: [chat.completions, fine_tuning]}
 deployments:
   d:
     - backend: missing

@@ -61,8 +61,12 @@ pub(super) struct Forward<'a> {
     /// The backend that holds the objects the request names: only its members are tried,
     /// with no failover elsewhere (SPEC §11).
     pub pinned: Option<usize>,
-    /// A response to record when the backend creates one (`POST …/responses`, stored).
+    /// An object to record when the backend creates one (`POST …/responses`, stored; a file
+    /// upload; a new batch).
     pub record: Option<&'a NewRecord>,
+    /// A batch's answer (`GET`, cancel): the output and error files it names are recorded as
+    /// this (the batch's owner and deployment), on the backend that answered.
+    pub outputs: Option<&'a NewRecord>,
 }
 
 /// An answer from one member.
@@ -382,6 +386,13 @@ impl Gateway {
                     self.record(snap, r, response_id_in_json(&body), &ctx.outcome)
                         .await;
                 }
+                if let Some(r) = f.outputs.filter(|_| a.head.status < 300) {
+                    for id in super::objects::batch_files(&body) {
+                        if matches!(snap.objects.get(&id).await, Ok(None)) {
+                            self.record(snap, r, Some(id), &ctx.outcome).await;
+                        }
+                    }
+                }
                 return d.send_full(&out, &body).await.map_err(client_gone);
             }
         }
@@ -392,6 +403,32 @@ impl Gateway {
             record,
         };
         self.stream(d, ctx, snap, a, f, s).await
+    }
+
+    /// One request to member `i` read whole (at most `cap` bytes): its status and body, `None`
+    /// when the member gave no (complete) answer. For the lists the gateway gathers.
+    pub(super) async fn fetch(
+        &self,
+        client_head: &Head,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+        f: &Forward<'_>,
+        i: usize,
+        cap: usize,
+    ) -> Result<Option<(u16, Bytes)>, Failure> {
+        let mut a = match self.attempt(client_head, ctx, snap, f, i).await? {
+            Attempt::Answered(a) => a,
+            Attempt::Failed | Attempt::NoToken => return Ok(None),
+        };
+        let read = timeout_at(ctx.deadline(snap), read_capped(&mut a.up, a.framing, cap)).await;
+        match read {
+            Err(_) => Err(GatewayError::new(ErrorCode::BackendTimeout).into()),
+            Ok(Ok((body, true))) => {
+                self.release(a.key, a.up, a.head_at, &a.head, a.framing);
+                Ok(Some((a.head.status, body)))
+            }
+            Ok(_) => Ok(None),
+        }
     }
 
     /// Records a response the backend created (`id`, if its answer had a usable one) as held

@@ -198,10 +198,25 @@ impl Gateway {
         if let route::Route::Realtime { v1 } = route {
             return self.realtime(d, ctx, snap, &head, &identity, v1).await;
         }
-        let stored = matches!(route, route::Route::Stored { .. });
-        let body = self
-            .read_body(d, &head, ctx, snap, (operation, rest), stored)
+        let mut body = self
+            .read_body(d, &head, ctx, snap, (operation, rest), &route)
             .await?;
+        if route == route::Route::Upload {
+            // A file of another purpose than `batch` goes to `?deployment=D`, else to the
+            // first deployment (file order) the caller may use.
+            if let Some(b) = body.as_mut().filter(|b| b.model().is_none()) {
+                let policy = &snap.cfg.clients[identity.client].policy;
+                let chosen = query_param(head.query(), "deployment").or_else(|| {
+                    policy
+                        .visible(snap.cfg.deployment_names.iter().map(|n| &**n))
+                        .first()
+                        .copied()
+                });
+                if let Some(name) = chosen {
+                    b.set_model(name);
+                }
+            }
+        }
         let plan = plan::plan(&route, path, body.as_ref().and_then(|b| b.model()), lookup)?;
         match plan {
             Plan::Models => {
@@ -264,8 +279,64 @@ impl Gateway {
                     stream_usage,
                     pinned: pinned.map(|(p, _)| p.backend),
                     record: record.as_ref(),
+                    outputs: None,
                 };
                 self.forward(d, ctx, snap, &f).await
+            }
+            Plan::Upload { deployment, path } => {
+                let Some(body) = body else {
+                    return Err(GatewayError::new(ErrorCode::InvalidRequestBody).into());
+                };
+                ctx.outcome.deployment = Some(deployment.name.clone());
+                self.admit_limits(ctx, snap, &identity, operation, Some(&deployment), None)
+                    .await?;
+                let record = self.new_record(ctx, snap, &identity, &deployment.name);
+                let query = without_param(head.query(), "deployment");
+                let f = forward::Forward {
+                    deployment: &deployment,
+                    body: &body,
+                    path: plan::Path::AsSent(path),
+                    query: query.as_deref(),
+                    caller_jwt: identity.jwt_authenticated.then(|| bearer(&head)).flatten(),
+                    operation,
+                    stream_usage: filters::tokens::StreamUsage::AsSent,
+                    pinned: None,
+                    record: Some(&record),
+                    outputs: None,
+                };
+                self.forward(d, ctx, snap, &f).await
+            }
+            Plan::CreateBatch { path } => {
+                let Some(body) = body else {
+                    return Err(GatewayError::new(ErrorCode::InvalidRequestBody).into());
+                };
+                // Pinned to the input file's holder, for the file's deployment.
+                let refs = objects::refs(&route, Some(&body));
+                let (pinned, _) = self.lookup(ctx, snap, &identity, &refs, None).await?;
+                let deployment = pinned.deployment;
+                ctx.outcome.deployment = Some(deployment.name.clone());
+                self.admit_limits(ctx, snap, &identity, operation, Some(&deployment), None)
+                    .await?;
+                let record = self.new_record(ctx, snap, &identity, &deployment.name);
+                let f = forward::Forward {
+                    deployment: &deployment,
+                    body: &body,
+                    path: plan::Path::AsSent(path),
+                    query: head.query(),
+                    caller_jwt: identity.jwt_authenticated.then(|| bearer(&head)).flatten(),
+                    operation,
+                    stream_usage: filters::tokens::StreamUsage::AsSent,
+                    pinned: Some(pinned.backend),
+                    record: Some(&record),
+                    outputs: None,
+                };
+                self.forward(d, ctx, snap, &f).await
+            }
+            Plan::List { operation, path } => {
+                self.admit_limits(ctx, snap, &identity, operation, None, None)
+                    .await?;
+                self.answer_list(d, ctx, snap, &head, &identity, operation, path)
+                    .await
             }
             Plan::Stored { id, action, path } => {
                 let Some(body) = body else {
@@ -281,6 +352,9 @@ impl Gateway {
                 self.admit_limits(ctx, snap, &identity, operation, Some(&deployment), None)
                     .await?;
                 let caller_jwt = identity.jwt_authenticated.then(|| bearer(&head)).flatten();
+                // A batch's output and error files become its owner's when its answer names them.
+                let outputs = (operation == Operation::Batches)
+                    .then(|| self.new_record(ctx, snap, &identity, &deployment.name));
                 let f = forward::Forward {
                     deployment: &deployment,
                     body: &body,
@@ -291,6 +365,7 @@ impl Gateway {
                     stream_usage: filters::tokens::StreamUsage::AsSent,
                     pinned: Some(pinned.backend),
                     record: None,
+                    outputs: outputs.as_ref(),
                 };
                 self.forward(d, ctx, snap, &f).await?;
                 let status = ctx.outcome.status();
@@ -357,6 +432,122 @@ impl Gateway {
         Ok((pinned, path_record))
     }
 
+    /// The record of an object the caller creates now (a file, a batch, a batch's output).
+    fn new_record(
+        &self,
+        ctx: &Ctx,
+        snap: &Snapshot,
+        identity: &Identity,
+        deployment: &Arc<str>,
+    ) -> objects::NewRecord {
+        objects::NewRecord {
+            owner: owner(identity),
+            deployment: deployment.clone(),
+            background: false,
+            reserved: 0,
+            created: unix_secs(ctx.started),
+            retention_secs: snap.cfg.state.retention.as_secs() as i64,
+        }
+    }
+
+    /// `GET /openai/files`, `/openai/batches`: the caller's own objects, gathered from every
+    /// backend (each asked once, through a deployment with a member on it), kept when their
+    /// record is the caller's on that backend, merged newest first and paged by the gateway.
+    #[allow(clippy::too_many_arguments)]
+    async fn answer_list<D: Downstream>(
+        &self,
+        d: &mut D,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+        head: &Head,
+        identity: &Identity,
+        operation: Operation,
+        path: &str,
+    ) -> Result<(), Failure> {
+        let default_limit = if operation == Operation::Batches {
+            20
+        } else {
+            10_000
+        };
+        let (limit, after) = objects::list_params(head.query(), default_limit)?;
+        // Each backend is asked for as many as it gives in one page.
+        let mut query = without_param(head.query(), "limit")
+            .and_then(|q| without_param(Some(&q), "after"))
+            .unwrap_or_default();
+        if operation == Operation::Batches {
+            if !query.is_empty() {
+                query.push('&');
+            }
+            query.push_str("limit=100");
+        }
+        let query = Some(query).filter(|q| !q.is_empty());
+        let caller = owner(identity);
+        let now = unix_secs(ctx.started);
+        let caller_jwt = identity.jwt_authenticated.then(|| bearer(head)).flatten();
+        let empty = RequestBody::passthrough(Bytes::new());
+        let mut kept = Vec::new();
+        for (b, backend) in snap.cfg.backends.iter().enumerate() {
+            // A deployment with a member on this backend carries the request (and its labels).
+            let Some((deployment, i)) = snap.cfg.deployment_names.iter().find_map(|n| {
+                let d = snap.cfg.deployments.get(&**n)?;
+                let i = d.members.iter().position(|m| m.backend == b)?;
+                Some((d.clone(), i))
+            }) else {
+                continue;
+            };
+            let f = forward::Forward {
+                deployment: &deployment,
+                body: &empty,
+                path: plan::Path::AsSent(path),
+                query: query.as_deref(),
+                caller_jwt,
+                operation,
+                stream_usage: filters::tokens::StreamUsage::AsSent,
+                pinned: Some(b),
+                record: None,
+                outputs: None,
+            };
+            let answer = self.fetch(head, ctx, snap, &f, i, 16 << 20).await?;
+            let data = match answer {
+                Some((status, body)) if (200..300).contains(&status) => {
+                    serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|mut v| v.get_mut("data").map(serde_json::Value::take))
+                }
+                _ => None,
+            };
+            let Some(serde_json::Value::Array(entries)) = data else {
+                return Err(GatewayError::with_message(
+                    ErrorCode::BadGateway,
+                    "A resource did not answer the list; it may hold some of your objects.",
+                )
+                .into());
+            };
+            for e in entries {
+                let Some(id) = e.get("id").and_then(|i| i.as_str()) else {
+                    continue;
+                };
+                let record = snap.objects.get(id).await.map_err(|_| {
+                    GatewayError::with_message(
+                        ErrorCode::LimitStoreUnavailable,
+                        "The shared state store is unavailable.",
+                    )
+                })?;
+                if record.is_some_and(|r| {
+                    r.backend == *backend.name && filters::objects::visible(&r, &caller, now)
+                }) {
+                    kept.push(e);
+                }
+            }
+        }
+        let body = Bytes::from(objects::merge_list(kept, limit, after).to_string());
+        let o = &mut ctx.outcome;
+        o.ending = Ending::Answered(200);
+        d.send_full(&json_head(200, o.request_id), &body)
+            .await
+            .map_err(client_gone)
+    }
+
     /// Identity, before any body byte is read: the caller, or why its credentials fail
     /// (logged with the method it presented).
     async fn authenticate<D: Downstream>(
@@ -398,7 +589,7 @@ impl Gateway {
         ctx: &Ctx,
         snap: &Snapshot,
         (operation, rest): (Operation, &str),
-        stored: bool,
+        route: &route::Route<'_>,
     ) -> Result<Option<RequestBody>, Failure> {
         let raw = timeout_at(
             ctx.deadline(snap),
@@ -417,10 +608,15 @@ impl Gateway {
         if operation == Operation::ModelsRead {
             return Ok(None);
         }
-        if stored {
-            return Ok(Some(RequestBody::passthrough(raw)));
-        }
         let ct = head.get_str(Name::ContentType).unwrap_or("");
+        match route {
+            route::Route::Stored { .. } | route::Route::List { .. } => {
+                return Ok(Some(RequestBody::passthrough(raw)))
+            }
+            route::Route::Upload => return Ok(Some(RequestBody::inspect_upload(raw, ct)?)),
+            route::Route::CreateBatch => return Ok(Some(RequestBody::inspect_batch(raw)?)),
+            _ => {}
+        }
         Ok(Some(RequestBody::inspect(raw, operation, rest, ct)?))
     }
 
@@ -571,4 +767,44 @@ fn unix_secs(t: SystemTime) -> i64 {
 fn bearer(head: &Head) -> Option<&str> {
     head.get_str(Name::Authorization)
         .and_then(|v| v.split_once(' ').map(|(_, t)| t.trim()))
+}
+
+/// The value of the query parameter `name` (as sent, not decoded).
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .find_map(|p| {
+            p.split_once('=')
+                .filter(|(k, _)| *k == name)
+                .map(|(_, v)| v)
+        })
+        .filter(|v| !v.is_empty())
+}
+
+/// The query without the parameter `name` (`None` when nothing is left).
+fn without_param(query: Option<&str>, name: &str) -> Option<String> {
+    let kept: Vec<&str> = query?
+        .split('&')
+        .filter(|p| !p.is_empty() && p.split_once('=').map_or(*p, |(k, _)| k) != name)
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params() {
+        let q = Some("api-version=2024-10-21&deployment=gpt-4o&x");
+        assert_eq!(query_param(q, "deployment"), Some("gpt-4o"));
+        assert_eq!(query_param(q, "limit"), None);
+        assert_eq!(query_param(Some("deployment="), "deployment"), None);
+        assert_eq!(
+            without_param(q, "deployment").as_deref(),
+            Some("api-version=2024-10-21&x")
+        );
+        assert_eq!(without_param(Some("deployment=a"), "deployment"), None);
+        assert_eq!(without_param(None, "deployment"), None);
+    }
 }

@@ -18,16 +18,28 @@ use crate::pipeline::route::{ObjectAction, Route};
 pub struct Refs<'a> {
     pub path: Option<(&'a str, ObjectAction)>,
     pub previous: Option<&'a str>,
+    /// A new batch's `input_file_id`.
+    pub input_file: Option<&'a str>,
+    /// The `file_id`s of a Responses body.
+    pub files: &'a [String],
 }
 
 impl<'a> Refs<'a> {
     pub fn is_empty(&self) -> bool {
-        self.path.is_none() && self.previous.is_none()
+        self.path.is_none()
+            && self.previous.is_none()
+            && self.input_file.is_none()
+            && self.files.is_empty()
     }
 
     /// Every id named, path first.
     pub fn ids(&self) -> impl Iterator<Item = &'a str> {
-        self.path.map(|(id, _)| id).into_iter().chain(self.previous)
+        self.path
+            .map(|(id, _)| id)
+            .into_iter()
+            .chain(self.previous)
+            .chain(self.input_file)
+            .chain(self.files.iter().map(String::as_str))
     }
 }
 
@@ -39,7 +51,89 @@ pub fn refs<'a>(route: &Route<'a>, body: Option<&'a RequestBody>) -> Refs<'a> {
             _ => None,
         },
         previous: body.and_then(|b| b.previous_response_id()),
+        input_file: body.and_then(|b| b.input_file_id()),
+        files: body.map_or(&[], |b| b.file_ids()),
     }
+}
+
+/// The files a batch's answer names (`output_file_id`, `error_file_id`): they belong to the
+/// batch's owner, on the batch's backend.
+pub fn batch_files(answer: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(answer) else {
+        return Vec::new();
+    };
+    ["output_file_id", "error_file_id"]
+        .iter()
+        .filter_map(|k| v.get(*k).and_then(|i| i.as_str()))
+        .filter_map(|id| usable_id(id.as_bytes()))
+        .collect()
+}
+
+/// `limit` and `after` of a list request's query (`limit` 1 to 10,000; default 20 for
+/// batches, 10,000 for files, as the backends).
+pub fn list_params(
+    query: Option<&str>,
+    default_limit: usize,
+) -> Result<(usize, Option<&str>), GatewayError> {
+    let mut limit = default_limit;
+    let mut after = None;
+    for pair in query.unwrap_or("").split('&') {
+        match pair.split_once('=') {
+            Some(("limit", v)) => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| {
+                        GatewayError::with_message(
+                            ErrorCode::InvalidRequestBody,
+                            "`limit` must be a number from 1 to 10000.",
+                        )
+                    })?;
+            }
+            Some(("after", v)) if !v.is_empty() => after = Some(v),
+            _ => {}
+        }
+    }
+    Ok((limit, after))
+}
+
+/// A list answer from the caller's own entries (`kept`, from every backend): newest first
+/// (`created_at`, then id), those after the entry `after` (none when it is not among
+/// them), at most `limit`.
+pub fn merge_list(
+    mut kept: Vec<serde_json::Value>,
+    limit: usize,
+    after: Option<&str>,
+) -> serde_json::Value {
+    let key = |v: &serde_json::Value| {
+        (
+            v.get("created_at").and_then(|c| c.as_i64()).unwrap_or(0),
+            v.get("id")
+                .and_then(|i| i.as_str())
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    kept.sort_by_key(|v| std::cmp::Reverse(key(v)));
+    let start = match after {
+        Some(a) => kept
+            .iter()
+            .position(|v| v.get("id").and_then(|i| i.as_str()) == Some(a))
+            .map_or(kept.len(), |i| i + 1),
+        None => 0,
+    };
+    let rest: Vec<_> = kept.into_iter().skip(start).collect();
+    let has_more = rest.len() > limit;
+    let data: Vec<_> = rest.into_iter().take(limit).collect();
+    let id = |v: Option<&serde_json::Value>| v.and_then(|v| v.get("id")).cloned();
+    serde_json::json!({
+        "object": "list",
+        "data": data,
+        "first_id": id(data.first()),
+        "last_id": id(data.last()),
+        "has_more": has_more,
+    })
 }
 
 /// Where a request that names objects goes: the backend that holds them, and the deployment
@@ -419,9 +513,75 @@ mod tests {
         assert!(refs(&chat, None).is_empty());
         let r = refs(&create, Some(&chained));
         assert_eq!(r.ids().collect::<Vec<_>>(), ["resp_1"]);
+        let with_file = body(
+            r#"{"model":"m","previous_response_id":"resp_1","input":[{"role":"user","content":[{"type":"input_file","file_id":"file-1"},{"type":"input_text","text":"file_id"}]}]}"#,
+        );
+        let r = refs(&create, Some(&with_file));
+        assert_eq!(r.ids().collect::<Vec<_>>(), ["resp_1", "file-1"]);
+        // Spelled with escapes, the backend reads the same key.
+        let escaped = body(r#"{"model":"m","input":[{"content":[{"file\u005fid":"file-2"}]}]}"#);
+        assert_eq!(
+            refs(&create, Some(&escaped)).ids().collect::<Vec<_>>(),
+            ["file-2"]
+        );
+        assert!(RequestBody::inspect(
+            Bytes::from_static(br#"{"model":"m","input":[{"file_id":5}]}"#),
+            Operation::Responses,
+            "",
+            "application/json"
+        )
+        .is_err());
         let r = refs(&get, None);
         assert_eq!(r.path, Some(("resp_9", ObjectAction::Retrieve)));
         assert_eq!(r.ids().collect::<Vec<_>>(), ["resp_9"]);
+    }
+
+    #[test]
+    fn lists_are_merged_newest_first_and_paged() {
+        use serde_json::json;
+        let e = |id: &str, t: i64| json!({"id": id, "created_at": t});
+        let kept = vec![e("a", 1), e("c", 3), e("b", 2), e("d", 3)];
+        let ids = |v: &serde_json::Value| -> Vec<String> {
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let all = merge_list(kept.clone(), 10, None);
+        assert_eq!(ids(&all), ["d", "c", "b", "a"]);
+        assert_eq!(all["has_more"], false);
+        assert_eq!(all["object"], "list");
+        let first = merge_list(kept.clone(), 2, None);
+        assert_eq!(ids(&first), ["d", "c"]);
+        assert_eq!(first["has_more"], true);
+        assert_eq!(first["last_id"], "c");
+        let next = merge_list(kept.clone(), 2, Some("c"));
+        assert_eq!(ids(&next), ["b", "a"]);
+        assert_eq!(next["has_more"], false);
+        assert!(ids(&merge_list(kept, 2, Some("someone-elses"))).is_empty());
+        assert_eq!(
+            list_params(Some("limit=5&after=x"), 20).unwrap(),
+            (5, Some("x"))
+        );
+        assert_eq!(list_params(None, 20).unwrap(), (20, None));
+        assert!(list_params(Some("limit=0"), 20).is_err());
+        assert!(list_params(Some("limit=x"), 20).is_err());
+    }
+
+    #[test]
+    fn a_batchs_files() {
+        assert_eq!(
+            batch_files(br#"{"id":"b","output_file_id":"file-1","error_file_id":null}"#),
+            ["file-1"]
+        );
+        assert_eq!(
+            batch_files(br#"{"output_file_id":"file-1","error_file_id":"file-2"}"#),
+            ["file-1", "file-2"]
+        );
+        assert!(batch_files(br#"{"output_file_id":"../x"}"#).is_empty());
+        assert!(batch_files(b"nope").is_empty());
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub fn operation<'a>(route: &Route<'a>) -> Result<(Operation, &'a str), GatewayE
         Route::Models | Route::Model { .. } => Ok((Operation::ModelsRead, "")),
         Route::InBody { operation, rest } => Ok((operation, rest)),
         Route::Stored { operation, .. } => Ok((operation, "")),
+        Route::Upload => Ok((Operation::Files, "")),
+        Route::CreateBatch => Ok((Operation::Batches, "")),
+        Route::List { operation } => Ok((operation, "")),
         Route::Realtime { .. } => Ok((Operation::Realtime, "")),
         Route::InPath {
             operation, rest, ..
@@ -53,6 +56,16 @@ pub enum Plan<'a> {
         action: ObjectAction,
         path: &'a str,
     },
+    /// A file upload to a member of `deployment` (the one its batch lines name, `?deployment=`,
+    /// or the first the caller may use); the path goes upstream as sent.
+    Upload {
+        deployment: Arc<Deployment>,
+        path: &'a str,
+    },
+    /// A new batch: pinned to its input file's holder (the record decides).
+    CreateBatch { path: &'a str },
+    /// The caller's own files or batches, gathered from the backends.
+    List { operation: Operation, path: &'a str },
 }
 
 /// The deployment a request is for — named in its path, else in the body's `model` — looked
@@ -71,6 +84,15 @@ pub fn plan<'a>(
         Route::Models => return Ok(Plan::Models),
         Route::Model { id } => return Ok(Plan::Model { id }),
         Route::Stored { id, action, .. } => return Ok(Plan::Stored { id, action, path }),
+        Route::CreateBatch => return Ok(Plan::CreateBatch { path }),
+        Route::List { operation } => return Ok(Plan::List { operation, path }),
+        Route::Upload => {
+            let name = model.ok_or_else(|| GatewayError::new(ErrorCode::DeploymentNotAllowed))?;
+            return match lookup(name) {
+                Some(deployment) => Ok(Plan::Upload { deployment, path }),
+                None => Err(GatewayError::new(ErrorCode::DeploymentNotFound)),
+            };
+        }
         Route::InPath {
             deployment, rest, ..
         } => (deployment, Path::Deployment { rest }),
@@ -123,6 +145,11 @@ mod tests {
             Ok(Plan::Model { id }) => Ok(format!("model {id}")),
             Ok(Plan::Stored { id, action, path }) => Ok(format!("{id} {action:?} {path}")),
             Ok(Plan::Forward { deployment, path }) => Ok(format!("{} {path:?}", deployment.name)),
+            Ok(Plan::Upload { deployment, path }) => {
+                Ok(format!("upload {} {path}", deployment.name))
+            }
+            Ok(Plan::CreateBatch { path }) => Ok(format!("batch {path}")),
+            Ok(Plan::List { operation, path }) => Ok(format!("list {operation:?} {path}")),
             Err(e) => Err(e.code),
         }
     }
@@ -181,7 +208,32 @@ mod tests {
                 None,
                 Err(InvalidRequestBody),
             ),
-            ("POST", "/openai/files", None, Err(OperationNotSupported)),
+            (
+                "POST",
+                "/openai/files",
+                Some("gpt-4o"),
+                Ok("upload gpt-4o /openai/files".into()),
+            ),
+            (
+                "POST",
+                "/openai/files",
+                Some("gpt-5"),
+                Err(DeploymentNotFound),
+            ),
+            ("POST", "/openai/v1/files", None, Err(DeploymentNotAllowed)),
+            (
+                "POST",
+                "/openai/batches",
+                None,
+                Ok("batch /openai/batches".into()),
+            ),
+            (
+                "GET",
+                "/openai/v1/files",
+                None,
+                Ok("list Files /openai/v1/files".into()),
+            ),
+            ("PUT", "/openai/files", None, Err(OperationNotSupported)),
             (
                 "GET",
                 "/openai/v1/responses/resp_1",

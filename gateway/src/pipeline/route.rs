@@ -27,6 +27,15 @@ pub enum Route<'a> {
         id: &'a str,
         action: ObjectAction,
     },
+    /// `POST /openai/files`, `/openai/v1/files`: a file upload (SPEC §11).
+    Upload,
+    /// `POST /openai/batches`, `/openai/v1/batches`: a new batch on an uploaded file.
+    CreateBatch,
+    /// `GET /openai/files`, `/openai/batches` (and under `/openai/v1`): the caller's own,
+    /// gathered by the gateway.
+    List {
+        operation: Operation,
+    },
     /// Answered by the gateway itself.
     Models,
     /// `GET /openai/models/{id}`, `/openai/v1/models/{id}`: answered by the gateway itself.
@@ -52,6 +61,8 @@ pub enum ObjectAction {
     Cancel,
     /// `GET …/{id}/input_items`
     InputItems,
+    /// `GET /openai/files/{id}/content`
+    Content,
 }
 
 /// An object id as Azure makes them (`resp_…`): letters, digits, `_` and `-`, at most 256.
@@ -88,6 +99,46 @@ fn stored_response<'a>(method: &str, path: &'a str) -> Option<Route<'a>> {
     })
 }
 
+/// `/openai/files…` and `/openai/batches…` (also under `/openai/v1/`); `None` for other paths.
+fn files_or_batches<'a>(method: &str, path: &'a str) -> Option<Route<'a>> {
+    let rest = path
+        .strip_prefix("/openai/v1/")
+        .or_else(|| path.strip_prefix("/openai/"))?;
+    let (operation, tail) = if let Some(t) = rest.strip_prefix("files") {
+        (Operation::Files, t)
+    } else {
+        (Operation::Batches, rest.strip_prefix("batches")?)
+    };
+    if tail.is_empty() {
+        return Some(match (method, operation) {
+            ("POST", Operation::Files) => Route::Upload,
+            ("POST", _) => Route::CreateBatch,
+            ("GET", _) => Route::List { operation },
+            _ => Route::NotSupported,
+        });
+    }
+    let tail = tail.strip_prefix('/')?;
+    let (id, action) = match tail.split_once('/') {
+        Some((id, a)) => (id, Some(a)),
+        None => (tail, None),
+    };
+    if !object_id(id) {
+        return Some(Route::NotSupported);
+    }
+    let action = match (operation, method, action) {
+        (_, "GET", None) => ObjectAction::Retrieve,
+        (Operation::Files, "DELETE", None) => ObjectAction::Delete,
+        (Operation::Files, "GET", Some("content")) => ObjectAction::Content,
+        (Operation::Batches, "POST", Some("cancel")) => ObjectAction::Cancel,
+        _ => return Some(Route::NotSupported),
+    };
+    Some(Route::Stored {
+        operation,
+        id,
+        action,
+    })
+}
+
 /// An absolute path of non-empty segments, none of them `.` or `..`, with no `%` or `\\`
 /// (it runs for every request: the two bytes are searched for vectorized, segments are
 /// found by their slashes).
@@ -115,6 +166,9 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Route<'a> {
     let post = method == "POST";
     if path.starts_with("/openai/v1/responses/") || path.starts_with("/openai/responses/") {
         return stored_response(method, path).unwrap_or(Route::NotSupported);
+    }
+    if let Some(r) = files_or_batches(method, path) {
+        return r;
     }
     if method == "GET" {
         return match path {
@@ -384,10 +438,67 @@ mod tests {
     }
 
     #[test]
+    fn files_and_batches_paths() {
+        use ObjectAction::*;
+        use Operation::{Batches, Files};
+        for v in ["/openai", "/openai/v1"] {
+            assert_eq!(classify("POST", &format!("{v}/files")), Route::Upload);
+            assert_eq!(
+                classify("POST", &format!("{v}/batches")),
+                Route::CreateBatch
+            );
+            assert_eq!(
+                classify("GET", &format!("{v}/files")),
+                Route::List { operation: Files }
+            );
+            assert_eq!(
+                classify("GET", &format!("{v}/batches")),
+                Route::List { operation: Batches }
+            );
+        }
+        for (m, p, op, id, action) in [
+            ("GET", "/openai/files/file-1", Files, "file-1", Retrieve),
+            (
+                "GET",
+                "/openai/v1/files/file-1/content",
+                Files,
+                "file-1",
+                Content,
+            ),
+            ("DELETE", "/openai/files/file-1", Files, "file-1", Delete),
+            (
+                "GET",
+                "/openai/batches/batch_1",
+                Batches,
+                "batch_1",
+                Retrieve,
+            ),
+            ("POST", "/openai/v1/batches/b/cancel", Batches, "b", Cancel),
+        ] {
+            assert_eq!(
+                classify(m, p),
+                Route::Stored {
+                    operation: op,
+                    id,
+                    action
+                },
+                "{m} {p}"
+            );
+        }
+    }
+
+    #[test]
     fn everything_else_is_not_supported() {
         for (m, p) in [
-            ("POST", "/openai/files"),
-            ("GET", "/openai/batches"),
+            ("PUT", "/openai/files"),
+            ("DELETE", "/openai/batches"),
+            ("POST", "/openai/filesx"),
+            ("GET", "/openai/files/f/other"),
+            ("POST", "/openai/files/f"),
+            ("DELETE", "/openai/batches/b"),
+            ("GET", "/openai/batches/b/cancel"),
+            ("GET", "/openai/files/a.b"),
+            ("GET", "/openai/v2/files"),
             ("POST", "/openai/deployments/x/fine_tuning/jobs"),
             ("POST", "/openai/deployments/../files/chat/completions"),
             ("POST", "/openai/deployments/x/../../files"),

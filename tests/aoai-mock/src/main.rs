@@ -6,6 +6,7 @@
 
 mod body;
 mod builders;
+mod files;
 mod oidc;
 mod realtime;
 mod state;
@@ -138,6 +139,8 @@ struct State {
     ids: util::IdGen,
     /// The responses this resource stores.
     responses: stored::Responses,
+    /// The files and batches this resource keeps.
+    files: files::Files,
 }
 
 impl State {
@@ -290,6 +293,8 @@ enum Op {
     AudioSpeech,
     /// GET/DELETE/cancel/input_items of a stored response.
     ResponseFollowUp,
+    /// Files and batches (`files.rs`).
+    Files,
     NotFound,
 }
 
@@ -316,6 +321,7 @@ impl Op {
                 | Op::AudioTranscriptions
                 | Op::AudioTranslations
                 | Op::ResponseFollowUp
+                | Op::Files
                 | Op::NotFound
         )
     }
@@ -341,6 +347,7 @@ impl Op {
             Op::AudioTranslations => "Translations_Create",
             Op::AudioSpeech => "Speech_Create",
             Op::ResponseFollowUp => "Responses_Get",
+            Op::Files => "Files_Get",
             Op::NotFound => "Unknown",
         }
     }
@@ -459,9 +466,22 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
     };
     let path = parts.uri.path();
     let stored_req = stored::parse(&parts.method, path);
-    let (op, dep) = match &stored_req {
-        Some(_) => (Op::ResponseFollowUp, None),
-        None => parse_route(&parts.method, path),
+    let files_req = files::parse(&parts.method, path);
+    let (op, dep) = match (&stored_req, &files_req) {
+        (Some(_), _) => (Op::ResponseFollowUp, None),
+        (_, Some(_)) => (Op::Files, None),
+        _ => parse_route(&parts.method, path),
+    };
+    let upload = match files_req {
+        Some(files::Req::Upload) => {
+            let ct = parts
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            files::read_upload(ct, body.clone()).await.ok()
+        }
+        _ => None,
     };
     let content_json = parts.headers.get(CONTENT_TYPE).is_some_and(|v| {
         v.as_bytes()
@@ -534,6 +554,11 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
                 Some(st.json(400, builders::unrecognized_argument_body("stream_options")))
             }
             Fault::None => Some(match &stored_req {
+                None if files_req.is_some() => {
+                    let req = files_req.as_ref().unwrap_or(&files::Req::List);
+                    let (status, ctype, b) = st.files.answer(req, upload.as_ref(), &body);
+                    st.respond(status, ctype, MockBody::full(b))
+                }
                 Some((action, id)) => {
                     let q = parts.uri.query().map(form_pairs).unwrap_or_default();
                     let a = st.responses.follow_up(*action, id, &st.reply, &q);
@@ -765,7 +790,7 @@ fn answer(
             );
             st.respond(200, "audio/mpeg", MockBody::full(Bytes::from(audio)))
         }
-        Op::ResponseFollowUp | Op::NotFound => {
+        Op::ResponseFollowUp | Op::Files | Op::NotFound => {
             st.json(404, builders::error_body("404", "Resource not found"))
         }
     }
@@ -1060,6 +1085,7 @@ fn run(cli: Cli) -> Result<(), String> {
             stats: Stats::default(),
             ids: util::IdGen::new(),
             responses: stored::Responses::new(Duration::from_millis(cli.background_delay_ms)),
+            files: files::Files::new(Duration::from_millis(cli.background_delay_ms)),
         });
         {
             let mut out = io::stdout().lock();
@@ -1146,6 +1172,7 @@ mod tests {
             stats: Stats::default(),
             ids: util::IdGen::new(),
             responses: stored::Responses::new(Duration::from_millis(10)),
+            files: files::Files::new(Duration::from_millis(10)),
         }
     }
 

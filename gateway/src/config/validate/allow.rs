@@ -81,7 +81,7 @@ mod tests {
     fn errors_have_their_paths() {
         let ops = Operation::ALL.map(|o| o.as_str()).join(", ");
         let unknown = |o: &str| format!("unknown operation `{o}` (one of: {ops}, or \"*\")");
-        let (files, nope) = (unknown("files"), unknown("Chat.Completions"));
+        let (files, nope) = (unknown("fine_tuning"), unknown("Chat.Completions"));
         let cases: &[(&str, &[(&str, &str)])] = &[
             ("{deployments: [d], operations: [chat.completions]}", &[]),
             (
@@ -94,7 +94,7 @@ mod tests {
             // "*" anywhere allows all and the other names are not looked at.
             ("{deployments: [e, '*'], operations: [files, '*']}", &[]),
             (
-                "{deployments: ['*'], operations: [embeddings, files, Chat.Completions]}",
+                "{deployments: ['*'], operations: [embeddings, fine_tuning, Chat.Completions]}",
                 &[
                     ("clients[0].allow.operations[1]", files.as_str()),
                     ("clients[0].allow.operations[2]", nope.as_str()),

@@ -243,7 +243,7 @@ mod tests {
         ),
         (
             "identity.oidc[1].unlisted_clients.allow.operations[1]",
-            "unknown operation `bogus` (one of: chat.completions, completions, embeddings, responses, images, audio, models.read, realtime, or \"*\")",
+            "unknown operation `bogus` (one of: chat.completions, completions, embeddings, responses, images, audio, models.read, realtime, files, batches, or \"*\")",
         ),
         (
             "identity.oidc[1].unlisted_clients.limits.tokens_per_day",
@@ -273,7 +273,7 @@ mod tests {
             format!("- {{id: a, tokens: [{{provider: entra, client: c}}, {{provider: okta, client: c}}, {{provider: entra, client: c}}], {ALLOW}}}"),
             format!("- {{id: a, certificates: [{{sha256: '{colons}'}}, {{sha256: {}}}, {{sha256: 'AA:BB'}}], {ALLOW}}}", "aa".repeat(32)),
             format!("- {{id: a, certificates: [{{subject: CN=x}}, {{subject: CN=x}}, {{}}, {{sha256: {h1}, subject: CN=y}}], {ALLOW}}}"),
-            "- {id: a, tokens: [{provider: entra, client: c}], allow: {deployments: [e], operations: [files]}, limits: {requests_per_minute: 0}}".to_string(),
+            "- {id: a, tokens: [{provider: entra, client: c}], allow: {deployments: [e], operations: [fine_tuning]}, limits: {requests_per_minute: 0}}".to_string(),
         ];
         let expected: [&[(&str, &str)]; 8] = [
             &[("clients[0].id", "must be a name (not empty, `anonymous` or `unlisted:…`)")],
@@ -305,7 +305,7 @@ mod tests {
             ],
             &[
                 ("clients[0].allow.deployments[0]", "unknown deployment `e`"),
-                ("clients[0].allow.operations[0]", "unknown operation `files` (one of: chat.completions, completions, embeddings, responses, images, audio, models.read, realtime, or \"*\")"),
+                ("clients[0].allow.operations[0]", "unknown operation `fine_tuning` (one of: chat.completions, completions, embeddings, responses, images, audio, models.read, realtime, files, batches, or \"*\")"),
                 ("clients[0].limits.requests_per_minute", "must be at least 1 (omit it for no limit)"),
             ],
         ];
