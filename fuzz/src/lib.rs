@@ -659,8 +659,8 @@ pub fn check_body_fields(data: &[u8]) {
         let model = body.model().map(str::to_string);
         // Whether the api-version takes `stream_options` comes from the data too.
         let accepts = data.len() % 2 == 0;
-        let added = body.ensure_stream_usage(op, || accepts)
-            == filters::tokens::StreamUsage::Injected;
+        let added =
+            body.ensure_stream_usage(op, || accepts) == filters::tokens::StreamUsage::Injected;
         let up = body.for_upstream(model.as_deref().unwrap_or("m"), "backend-name");
         if added || (model.is_some() && is_json) {
             // What goes upstream is JSON again, with the backend's name.
@@ -756,7 +756,10 @@ pub fn check_sse_usage(data: &[u8]) {
     );
     assert_eq!(whole.0, split.0);
     assert_eq!(whole.1, split.1, "usage differs when split at {cuts:?}");
-    assert_eq!(whole.2, split.2, "completion text differs when split at {cuts:?}");
+    assert_eq!(
+        whole.2, split.2,
+        "completion text differs when split at {cuts:?}"
+    );
     // Byte by byte too.
     if stream.len() <= 512 {
         let every: Vec<usize> = (1..stream.len()).collect();
@@ -860,7 +863,10 @@ fn multer_read(body: &[u8], boundary: &str) -> Result<(usize, Option<Vec<u8>>), 
         while let Some(f) = m.next_field().await.map_err(|e| e.to_string())? {
             let name = f.name().map(str::to_string);
             let data = f.bytes().await.map_err(|e| e.to_string())?;
-            if name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case("model")) {
+            if name
+                .as_deref()
+                .is_some_and(|n| n.eq_ignore_ascii_case("model"))
+            {
                 models += 1;
             }
             if name.as_deref() == Some("model") {

@@ -84,6 +84,14 @@ pub fn find_field(
         let mut headers = [httparse::EMPTY_HEADER; 16];
         let (head_len, name, is_file) = match httparse::parse_headers(&body[pos..], &mut headers) {
             Ok(httparse::Status::Complete((n, hs))) => {
+                // httparse takes a bare LF for a line end; multipart readers that look for
+                // CRLF CRLF (multer) would read the part otherwise: CRLF only.
+                let block = &body[pos..pos + n];
+                let bare_lf =
+                    memchr::memchr_iter(b'\n', block).any(|i| i == 0 || block[i - 1] != b'\r');
+                if bare_lf {
+                    return Err("a part's header lines do not end with CRLF");
+                }
                 let (name, is_file) = part_name(hs)?;
                 (n, name, is_file)
             }
@@ -405,6 +413,17 @@ mod tests {
             (
                 "folded header",
                 form(&[part("form-data;\r\n name=\"model\"", "", b"x")]),
+            ),
+            // Found by the fuzz target: httparse ends the headers at a bare LF, multer does not.
+            (
+                "bare LF after the headers",
+                format!("--{B}\r\nContent-Disposition: form-data; name=\"model\"\r\n\nx\r\n--{B}--")
+                    .into_bytes(),
+            ),
+            (
+                "bare LF between headers",
+                format!("--{B}\r\nContent-Type: a/b\nContent-Disposition: form-data; name=\"model\"\r\n\r\nx\r\n--{B}--")
+                    .into_bytes(),
             ),
             (
                 "boundary in content",
