@@ -877,16 +877,18 @@ def test_audit_log_is_reopened_after_rotation(cluster):
     rotated = gw.audit_path.with_name(gw.audit_path.name + ".1")
     os.rename(gw.audit_path, rotated)
     r2 = chat(gw)  # still written to the open (moved) file
+
+    def rotated_ids():
+        return [json.loads(l)["request_id"] for l in rotated.read_text().splitlines() if l.strip()]
+
+    # The audit writer is asynchronous: r2's line is in the moved file before the reopen.
+    agw.wait_until(lambda: len(rotated_ids()) == 2, 10, "r2's line in the moved file")
     sighup_and_wait(gw)
     r3 = chat(gw)
     line3 = gw.audit_for(r3.headers["x-request-id"])
     assert line3["status"] == 200
     new_ids = [l["request_id"] for l in gw.audit_lines()]
     assert new_ids == [r3.headers["x-request-id"]], f"new file at the original path: {new_ids}"
-
-    def rotated_ids():
-        return [json.loads(l)["request_id"] for l in rotated.read_text().splitlines() if l.strip()]
-
     agw.wait_until(lambda: len(rotated_ids()) == 2, 10, "the moved file to hold the first two lines")
     assert rotated_ids() == [r1.headers["x-request-id"], r2.headers["x-request-id"]]
 
