@@ -100,6 +100,14 @@ fn file_ids(v: &Value, out: &mut Vec<String>) -> Result<(), ()> {
     }
 }
 
+/// A multipart form the strict reader refused ([`crate::multipart`]).
+fn form_error(why: &str) -> GatewayError {
+    GatewayError::with_message(
+        ErrorCode::InvalidRequestBody,
+        format!("The multipart form could not be read: {why}."),
+    )
+}
+
 fn invalid(message: &'static str) -> GatewayError {
     GatewayError::with_message(ErrorCode::InvalidRequestBody, message)
 }
@@ -111,18 +119,7 @@ impl RequestBody {
         rest: &str,
         content_type: &str,
     ) -> Result<RequestBody, GatewayError> {
-        let mut body = RequestBody {
-            raw,
-            is_json: false,
-            model: None,
-            include_usage: false,
-            json: std::sync::OnceLock::new(),
-            rewritten: None,
-            form_model: None,
-            stream: false,
-            stored: None,
-            objects: None,
-        };
+        let mut body = RequestBody::passthrough(raw);
         if is_form(operation, rest) {
             body.inspect_form(content_type)?;
             return Ok(body);
@@ -201,12 +198,7 @@ impl RequestBody {
         let boundary = crate::multipart::boundary(content_type).ok_or_else(|| {
             invalid("The request body must be multipart/form-data with a boundary.")
         })?;
-        let range = crate::multipart::find_model(&self.raw, boundary).map_err(|why| {
-            GatewayError::with_message(
-                ErrorCode::InvalidRequestBody,
-                format!("The multipart form could not be read: {why}."),
-            )
-        })?;
+        let range = crate::multipart::find_model(&self.raw, boundary).map_err(form_error)?;
         if let Some(r) = range {
             let name = ByteString::try_from(self.raw.slice(r.clone()))
                 .map_err(|_| invalid("The form's `model` field is not UTF-8 text."))?;
@@ -241,12 +233,6 @@ impl RequestBody {
         let boundary = crate::multipart::boundary(content_type).ok_or_else(|| {
             invalid("The request body must be multipart/form-data with a boundary.")
         })?;
-        let form_error = |why: &str| {
-            GatewayError::with_message(
-                ErrorCode::InvalidRequestBody,
-                format!("The multipart form could not be read: {why}."),
-            )
-        };
         let purpose =
             crate::multipart::find_field(&raw, boundary, b"purpose", false).map_err(form_error)?;
         let file =

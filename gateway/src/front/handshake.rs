@@ -28,7 +28,9 @@ pub struct TlsListener {
 
 /// Every TLS listener, by the address it listens on.
 pub struct Handshakes {
-    listeners: Vec<(SocketAddr, TlsListener)>,
+    /// The listeners' addresses, in the order of `listeners` (looked up per connection).
+    addrs: Vec<SocketAddr>,
+    listeners: Vec<TlsListener>,
     /// `tls_handshakes_per_thread × threads` turns.
     turns: Semaphore,
     timeout: Duration,
@@ -50,7 +52,9 @@ impl Handshakes {
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Handshakes {
+        let (addrs, listeners) = listeners.into_iter().unzip();
         Handshakes {
+            addrs,
             listeners,
             turns: Semaphore::new(turns.clamp(1, Semaphore::MAX_PERMITS)),
             timeout,
@@ -68,8 +72,7 @@ impl Handshakes {
             .local_addr()?
             .as_inet()
             .copied()?;
-        let addrs: Vec<SocketAddr> = self.listeners.iter().map(|(a, _)| *a).collect();
-        listener_for(local, &addrs).map(|i| &self.listeners[i].1)
+        listener_for(local, &self.addrs).map(|i| &self.listeners[i])
     }
 
     /// A plain connection is passed as it is; a connection to a TLS listener comes back after

@@ -220,10 +220,11 @@ mod tests {
                 ],
             ),
             (
-                "listeners: [{address: 127.0.0.1:1}]\nheader_timeout_seconds: 0\nbackend_idle_seconds: 0",
+                "listeners: [{address: 127.0.0.1:1}]\nheader_timeout_seconds: 0\nbackend_idle_seconds: 0\ntls_handshakes_per_thread: 0",
                 &[
                     ("server.header_timeout_seconds", "must be at least 1"),
                     ("server.backend_idle_seconds", "must be at least 1"),
+                    ("server.tls_handshakes_per_thread", "must be at least 1"),
                 ],
             ),
             (
