@@ -541,7 +541,14 @@ def test_handshakes_are_counted_and_abandoned_ones_are_not_errors(module_cluster
                 metric(gw, "aoai_gateway_downstream_handshakes_total", result="failure") or 0,
                 metric(gw, "aoai_gateway_downstream_errors_total", kind="handshake") or 0)
 
+    # The harness's readiness probe (a connect and close) is counted asynchronously: the
+    # baseline is taken once the counts have settled.
     ok0, failed0, abandoned0 = counts()
+    for _ in range(20):
+        time.sleep(0.3)
+        if counts() == (ok0, failed0, abandoned0):
+            break
+        ok0, failed0, abandoned0 = counts()
     # Connected and closed at once; half a ClientHello, then closed.
     for partial in [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]:
         for _ in range(3):
