@@ -286,6 +286,11 @@ pub struct BackendFile {
     pub api_key: Option<String>,
     #[serde(default)]
     pub ca_file: Option<String>,
+    /// How long a capacity report (`x-ratelimit-remaining-*`) of this backend's deployments
+    /// is believed (default 60: Azure's quota is per minute); 0 turns capacity-aware routing
+    /// off for this backend.
+    #[serde(default)]
+    pub capacity_window_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]

@@ -204,6 +204,8 @@ impl Gateway {
                     tried: t
                         || (snap.cfg.backends[m.backend].credential == Credential::Forward
                             && caller_jwt.is_none()),
+                    // Realtime sessions reserve no tokens up front: capacity is not checked.
+                    short: None,
                 })
                 .collect();
             let i = match failover::next_member(attempt, &cands, now_ms(), rand::random()) {
