@@ -160,6 +160,22 @@ pub struct OidcFile {
     pub user_claim: Option<String>,
     #[serde(default)]
     pub unlisted_clients: Option<UnlistedClientsFile>,
+    /// Claims that grant: when set, a token's permissions are its client's `allow`
+    /// intersected with the union of the grants its claims match (none: 403).
+    #[serde(default)]
+    pub grants: Option<Vec<GrantFile>>,
+}
+
+/// One `identity.oidc[].grants` entry: a claim value and what it permits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantFile {
+    /// `roles` (an array claim), `scp` (a space-separated string), or any claim of either form.
+    pub claim: String,
+    pub value: String,
+    pub operations: Vec<String>,
+    /// Names, `*`, or prefixes ending in `*` (`gpt-4o*`).
+    pub deployments: Vec<String>,
 }
 
 fn default_algorithms() -> Vec<String> {
