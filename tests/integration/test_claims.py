@@ -4,9 +4,12 @@ JWKS of a key generated here, tokens minted with PyJWT (jwt_util.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 import agw
 from agw import assert_error
 from jwt_util import SigningKey, claims, jwks, mint
+from redisutil import RedisServer
 
 AUD = "api://aoai-gateway"
 KEY = SigningKey.rsa("claims-rsa-1")
@@ -107,3 +110,73 @@ def test_grants_narrow_allow_by_roles_and_scopes(mock, gateway):
     assert [q for q in backend.data_requests() if "emb" in q["path"] or
             q["path"].endswith("/responses")] == []
     assert len([q for q in backend.data_requests() if q["path"].endswith("/chat/completions")]) == 1
+
+
+# --------------------------------------------------------------------------------------
+# per-user limits
+
+
+def per_user_config(idp: agw.Mock, backend: agw.Mock, **sections) -> dict:
+    return agw.make_config(
+        deployments={"gpt-4o": [agw.member("b1")]},
+        backends=[agw.backend("b1", backend)],
+        identity={"oidc": [provider(idp)]},
+        clients=[{
+            "id": "app",
+            "tokens": [{"provider": "contoso", "client": "app-listed"}],
+            "allow": {"deployments": ["*"], "operations": ["*"]},
+            # 3 a minute for the application, 2 for each of its users.
+            "limits": {"requests_per_minute": 3, "per_user": {"requests_per_minute": 2}},
+        }],
+        **sections,
+    )
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_per_user_limits_hold_each_user_and_the_client_limit_holds_across_them(
+        store, cluster, tmp_path):
+    idp = cluster.mock("idp", oidc=True)
+    serve_jwks(idp)
+    backend = cluster.mock("backend")
+    sections = {}
+    redis = None
+    if store == "redis":
+        redis = RedisServer(tmp_path / "redis").start()
+        sections["state"] = {"store": "redis", "redis_url": redis.url}
+    try:
+        cfg = per_user_config(idp, backend, **sections)
+        # With Redis, two gateways: the users' windows are shared like the client's.
+        gws = [cluster.gateway(cfg)] + ([cluster.gateway(cfg)] if redis else [])
+        alice = token(idp, oid="user-alice")
+        bob = token(idp, oid="user-bob")
+
+        def chat(i: int, t: str):
+            return gws[i % len(gws)].http.post(
+                agw.chat_path("gpt-4o"), headers=bearer(t), json=agw.chat_body())
+
+        for i in range(2):
+            r = chat(i, alice)
+            assert r.status_code == 200, r.text
+        r = chat(2, alice)
+        assert_error(r, 429, "RateLimitExceeded", secrets=[alice])
+        assert r.headers.get("retry-after") and r.headers.get("retry-after-ms"), r.headers
+        # Her refusal consumed nothing: bob, another user of the same client, still passes...
+        r = chat(3, bob)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ratelimit-remaining-requests"] == "0", "the client's, the tightest"
+        # ...until the client's own limit (3 across its users) is reached, though bob has one
+        # left of his own.
+        assert_error(chat(4, bob), 429, "RateLimitExceeded", secrets=[bob])
+        line = gws[0].wait_audit(lambda l: l.get("status") == 429, what="a 429")
+        assert line["client"] == "app" and line["user"] in ("user-alice", "user-bob"), line
+        # Metric labels stay the configured ones: never a user value.
+        text = "".join(g.admin.get("/metrics").text for g in gws)
+        assert "user-alice" not in text and "user-bob" not in text
+        assert len([q for q in backend.data_requests()
+                    if q["path"].endswith("/chat/completions")]) == 3
+        if redis:
+            keys = redis.keys()
+            assert any(":u:user-alice:" in k for k in keys), keys
+    finally:
+        if redis:
+            redis.stop()

@@ -264,6 +264,10 @@ pub struct LimitsFile {
     pub tokens_per_day: Option<u64>,
     #[serde(default)]
     pub deployments: BTreeMap<String, LimitSpecFile>,
+    /// Each distinct user of the client (its `user_claim` value) held to these limits (the
+    /// same keys, less `per_user`) on top of the client's.
+    #[serde(default)]
+    pub per_user: Option<Box<LimitsFile>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -133,6 +133,7 @@ impl Gateway {
         let gov = Governor {
             limiter: &snap.limiter,
             client_id: &identity.client_id,
+            user: identity.user.as_deref(),
             deployment: &deployment.name,
             limits: &snap.cfg.clients[identity.client].limits,
             session: session.as_ref(),
