@@ -440,8 +440,9 @@ mod tests {
 
     #[test]
     fn when_every_member_is_short_the_roomiest_is_tried() {
-        let table: &[(&[(u32, Option<u64>, bool, u64)], Pick)] = &[
-            // (priority, short, tried, cooling_until) per member
+        // (priority, short, tried, cooling_until) per member
+        type Member = (u32, Option<u64>, bool, u64);
+        let table: &[(&[Member], Pick)] = &[
             (
                 &[(1, Some(10), false, 0), (2, Some(50), false, 0)],
                 Pick::Member(1),
