@@ -119,13 +119,25 @@ fn candidates(
     }
 }
 
-/// Whether some member of the deployment holds a capacity report younger than its window.
-fn capacity_reported(snap: &Snapshot, f: &Forward<'_>, caps: &[Arc<Capacity>], now: u64) -> bool {
-    f.deployment
-        .members
-        .iter()
-        .zip(caps)
-        .any(|(m, c)| c.live(now, snap.cfg.backends[m.backend].capacity_window_ms))
+/// Output tokens a request is taken to reserve at most when deciding whether its exact
+/// reservation must be computed for routing (the largest output of today's models).
+const OUTPUT_BOUND: u64 = 131_072;
+
+/// Whether some member's capacity report (younger than its window) could be short for a
+/// request reserving up to `bound` tokens: only then is the exact reservation worth computing.
+/// With Azure's usual reports (far more room than any one request) this is a few atomic
+/// loads per member and no tokenizing.
+fn capacity_may_bind(
+    snap: &Snapshot,
+    f: &Forward<'_>,
+    caps: &[Arc<Capacity>],
+    now: u64,
+    bound: u64,
+) -> bool {
+    f.deployment.members.iter().zip(caps).any(|(m, c)| {
+        let window = snap.cfg.backends[m.backend].capacity_window_ms;
+        shortfall(c.report(), now, window, bound).is_some()
+    })
 }
 
 /// Whether a member may be tried for a request: a `forward` backend only with the caller's
@@ -190,8 +202,19 @@ impl Gateway {
             } else {
                 now_ms()
             };
-            if need.is_none() && capacity_reported(snap, f, caps, now) {
-                need = Some(self.routing_reservation(ctx, snap, f).await);
+            if need.is_none() {
+                // The reservation the limits computed, else an upper bound of it (the body's
+                // bytes and the largest output) until a report makes the exact one matter.
+                let reserved = ctx.outcome.reserved;
+                let bound = if reserved > 0 {
+                    reserved
+                } else {
+                    let default = snap.cfg.limits.default_completion_reservation;
+                    (f.body.byte_len() as u64).saturating_add(OUTPUT_BOUND.max(default))
+                };
+                if capacity_may_bind(snap, f, caps, now, bound) {
+                    need = Some(self.routing_reservation(ctx, snap, f).await);
+                }
             }
             candidates(snap, f, cools, (caps, need, now), cands);
             let i = match failover::next_member(attempt, cands, now, rand::random()) {
@@ -356,14 +379,15 @@ impl Gateway {
         // Every answer's capacity report is kept, but a 429's: its retry headers say when
         // to come back (the cooldown), and its "0 remaining" would outlast them.
         if head.status != 429 {
-            if let (t @ Some(_), r) | (t, r @ Some(_)) = parse_report(head.named(Name::RateLimit)) {
+            let (tokens, requests) = parse_report(head.named(Name::RateLimit));
+            if tokens.is_some() || requests.is_some() {
                 if let Some(cap) = snap
                     .pool
                     .capacity
                     .get(&*f.deployment.name)
                     .and_then(|c| c.get(i))
                 {
-                    cap.record(t, r, now_ms());
+                    cap.record(tokens, requests, now_ms());
                 }
             }
         }
