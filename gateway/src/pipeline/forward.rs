@@ -81,9 +81,9 @@ struct Answer {
 }
 
 /// The chooser's view of every member now; `tried` carries over between attempts (and
-/// `forward` members count as tried for a caller without a JWT). `need`: the request's
-/// token reservation, when some member holds a live capacity report (else capacity is not
-/// looked at).
+/// `forward` members count as tried for a caller without a JWT). `room`: the members'
+/// capacity reports, the request's token reservation (`None` until some report could be
+/// short for it: capacity is then not looked at) and the time.
 fn candidates(
     snap: &Snapshot,
     f: &Forward<'_>,
@@ -180,7 +180,7 @@ impl Gateway {
             .capacity
             .get(&*f.deployment.name)
             .map_or(&[][..], |c| &c[..]);
-        // The reservation routing compares with capacity reports (only once one is held).
+        // The reservation routing compares with capacity reports (once one could bind).
         let mut need: Option<u64> = None;
         // Members already counted as skipped for capacity in this request.
         let mut skipped: u64 = 0;

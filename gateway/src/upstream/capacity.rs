@@ -66,13 +66,6 @@ impl Capacity {
             at_ms,
         })
     }
-
-    /// Whether a report younger than `window_ms` is held (what makes a request compute its
-    /// reservation for routing).
-    pub fn live(&self, now_ms: u64, window_ms: u64) -> bool {
-        let at = self.at_ms.load(Ordering::Relaxed);
-        at != 0 && window_ms != 0 && now_ms < at.saturating_add(window_ms)
-    }
 }
 
 /// The remaining tokens and requests an answer's head announces (`x-ratelimit-remaining-*`
@@ -203,12 +196,10 @@ mod tests {
     fn the_atomics_keep_the_last_report() {
         let c = Capacity::default();
         assert_eq!(c.report(), None);
-        assert!(!c.live(5, 60_000));
         c.record(None, None, 5);
         assert_eq!(c.report(), None, "no header, no report");
         c.record(Some(100), None, 10);
         assert_eq!(c.report(), rep(Some(100), None, 10));
-        assert!(c.live(10, 60_000) && !c.live(60_010, 60_000) && !c.live(10, 0));
         c.record(None, Some(0), 20);
         assert_eq!(c.report(), rep(None, Some(0), 20));
     }
