@@ -180,3 +180,51 @@ def test_per_user_limits_hold_each_user_and_the_client_limit_holds_across_them(
     finally:
         if redis:
             redis.stop()
+
+
+# --------------------------------------------------------------------------------------
+# `aoai-gateway check` on the new keys
+
+
+BAD = """\
+server:
+  listeners: [{address: 127.0.0.1:18080}]
+identity:
+  oidc:
+    - name: contoso
+      issuer: https://login.example/t/v2.0
+      audiences: [api://aoai-gateway]
+      grants:
+        - {claim: roles, value: AOAI.Chat, operations: [chat.completions], deployments: ["gpt-*-mini"]}
+        - {claim: scp, value: "Chat Read", operations: [chat.completions], deployments: [o1*]}
+clients:
+  - id: app
+    api_keys: [{sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08}]
+    allow: {deployments: ["*"], operations: ["*"]}
+    limits:
+      per_user: {requests_per_minute: 0, per_user: {}}
+deployments:
+  gpt-4o: [{backend: b1}]
+backends:
+  - {name: b1, url: "http://127.0.0.1:9", credential: forward, capacity_window_seconds: 601}
+"""
+
+
+def test_check_reports_the_new_keys_with_their_paths(tmp_path):
+    import subprocess
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+    p = subprocess.run([str(agw.GATEWAY_BIN), "check", "-c", str(path)],
+                       capture_output=True, text=True, timeout=60, env=agw.clean_env())
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    for want in [
+        "line 9: identity.oidc[0].grants[0].deployments[0]: `gpt-*-mini`: `*` may only stand alone",
+        "line 10: identity.oidc[0].grants[1].value: must be one word",
+        "line 10: identity.oidc[0].grants[1].deployments[0]: `o1*` matches no configured deployment",
+        "clients[0].limits.per_user.requests_per_minute: must be at least 1",
+        "clients[0].limits.per_user.per_user: per_user limits are per user already",
+        "backends[0].capacity_window_seconds: must be at most 600",
+    ]:
+        assert want in out, f"{want!r} not in:\n{out}"
