@@ -75,6 +75,11 @@ def test_a_ptu_short_of_capacity_spills_to_paygo_without_a_429(mock, gateway):
                                 backend="ptu", code="429") is None, "a 429 happened"
     assert opsutil.metric_value(samples, "aoai_gateway_upstream_skips_total",
                                 backend="paygo") is None
+    # /status shows the reports the gateway steers by.
+    status = gw.admin.get("/status").json()
+    reports = {(c["backend"], c["deployment"]): c for c in status["capacity"]}
+    assert reports[("ptu", "gpt-4o-ptu")]["remaining_tokens"] == 50, status["capacity"]
+    assert reports[("paygo", "gpt-4o")]["remaining_tokens"] == 999_000, status["capacity"]
 
     # A newer report with room puts it back at once: a small request still fits, the PTU
     # now reports plenty, and the next large request goes there.
