@@ -277,7 +277,8 @@ mod tests {
 
     #[test]
     fn diffs() {
-        let table: [(&[&str], &[&str], &[&str], &[&str]); 4] = [
+        type Ids<'a> = &'a [&'a str];
+        let table: [(Ids, Ids, Ids, Ids); 4] = [
             (&[], &[], &[], &[]),
             (&[], &["b", "a"], &["a", "b"], &[]),
             (&["a", "b"], &["b", "c"], &["c"], &["a"]),

@@ -73,9 +73,7 @@ impl Fleet {
     pub fn new(metrics: &Metrics) -> Arc<Fleet> {
         let (outbox, inbox) = mpsc::channel(OUTBOX);
         let gauge = |name: &str, help: &str| {
-            let g = prometheus::IntGauge::new(name, help).unwrap_or_else(|_| {
-                prometheus::IntGauge::new("invalid", "-").unwrap_or_else(|_| unreachable!())
-            });
+            let g = prometheus::IntGauge::new(name, help).expect("a constant, valid metric name");
             if let Err(e) = metrics.registry.register(Box::new(g.clone())) {
                 log::debug!("metric {name}: {e}");
             }
@@ -212,6 +210,9 @@ enum End {
     Reconfigured,
 }
 
+/// A member across the fleet: (backend, client-facing deployment, upstream deployment).
+type MemberName = (Arc<str>, Arc<str>, Arc<str>);
+
 /// Reachability as last logged.
 #[derive(Default)]
 struct Link {
@@ -220,7 +221,7 @@ struct Link {
     /// The store epoch last seen (see `filters::fleet`).
     epoch: Option<String>,
     /// Cooldowns started while Redis was away, published on return if still running.
-    pending: HashMap<(Arc<str>, Arc<str>, Arc<str>), u64>,
+    pending: HashMap<MemberName, u64>,
 }
 
 /// The background task.
@@ -520,8 +521,13 @@ impl BackgroundService for FleetSync {
         let mut link = Link::default();
         loop {
             let Some(url) = redis_url(&self.state.load().cfg) else {
-                // memory: nothing to share; cooldowns stay local.
-                self.fleet().store_up.set(1);
+                // memory: nothing to share; cooldowns stay local, and no key can be revoked
+                // (a reload from redis to memory forgets the revocations read there).
+                let fleet = self.fleet();
+                fleet.store_up.set(1);
+                if !fleet.revoked.is_empty() {
+                    fleet.set_revoked(HashSet::new());
+                }
                 tokio::select! {
                     c = inbox.recv() => if c.is_none() { return },
                     _ = tokio::time::sleep(RETRY) => {}

@@ -73,6 +73,12 @@ def wait_all(gws: list[agw.Gateway], status: int, key: str = KEY) -> float:
     return time.monotonic() - t0
 
 
+def redis_commands(redis: RedisServer) -> int:
+    info = redis.command("INFO", "stats")
+    return int(next(l.split(":")[1] for l in info.splitlines()
+                    if l.startswith("total_commands_processed:")))
+
+
 def cooling_ms(gw: agw.Gateway, backend: str) -> int:
     status = gw.admin.get("/status").json()
     return next(m["cooldown_remaining_ms"] for m in status["deployments"]["gpt-4o"]
@@ -161,6 +167,16 @@ def test_a_revoked_key_is_refused_by_every_gateway_within_a_second_until_unrevok
         assert metric_value(scrape(g), "aoai_gateway_revoked_keys") == 1
         # the other client's key is untouched
         assert chat(g, key=OTHER_KEY).status_code == 200
+
+    # The identity check is local: traffic makes no Redis round trips (only the background
+    # task's reads every 2 s per gateway do).
+    commands = redis_commands(redis_server)
+    for n in range(90):
+        assert chat(gws[n % 3], key=OTHER_KEY).status_code == 200
+    assert chat(gws[0]).status_code == 401
+    delta = redis_commands(redis_server) - commands - 1  # the INFO itself
+    print(f"Redis commands during 91 requests on 3 gateways: {delta}")
+    assert delta < 25, delta
 
     p = keys_cli(gws[0], "revoked")
     assert p.returncode == 0 and p.stdout.startswith(KEY_ID) and "app-1" in p.stdout, p
