@@ -28,9 +28,9 @@ def redis_server(tmp_path):
     r.stop()
 
 
-def fleet_config(a: agw.Mock, b: agw.Mock, redis: RedisServer) -> dict:
+def fleet_config(a: agw.Mock, b: agw.Mock, redis: RedisServer, limits: dict | None = None) -> dict:
     """gpt-4o on `east` (priority 1, mock a) then `sweden` (priority 2, mock b); two clients,
-    the second with OTHER_KEY; the state store on `redis`."""
+    the second with OTHER_KEY; the state store on `redis`; `limits` for the first client."""
     return agw.make_config(
         deployments={
             "gpt-4o": [agw.member("east", priority=1), agw.member("sweden", priority=2)]
@@ -39,7 +39,8 @@ def fleet_config(a: agw.Mock, b: agw.Mock, redis: RedisServer) -> dict:
             agw.backend("east", a, region="eastus"),
             agw.backend("sweden", b, region="swedencentral"),
         ],
-        clients=[agw.client("app-1"), agw.client("app-2", keys=[agw.OTHER_KEY_SHA256])],
+        clients=[agw.client("app-1", **({"limits": limits} if limits else {})),
+                 agw.client("app-2", keys=[agw.OTHER_KEY_SHA256])],
         state={"store": "redis", "redis_url": redis.url},
     )
 
@@ -210,7 +211,9 @@ def test_memory_store_refuses_revocations_with_a_clear_message(cluster):
 def test_redis_killed_and_restarted_mid_traffic_loses_no_request_and_no_revocation(
         cluster, redis_server):
     a, b = cluster.mock("eastus-a"), cluster.mock("sweden-b")
-    cfg = fleet_config(a, b, redis_server)
+    # The traffic's client has a (generous) limit: its counters live in the same Redis, and
+    # while Redis is away they are kept per gateway (on_store_failure: local, the default).
+    cfg = fleet_config(a, b, redis_server, limits={"requests_per_minute": 100000})
     gws = [cluster.gateway(cfg) for _ in range(2)]
     # OTHER_KEY is revoked; KEY carries the traffic.
     p = keys_cli(gws[0], "revoke", "--key-id", agw.OTHER_KEY_SHA256[:8])
@@ -265,8 +268,14 @@ def test_redis_killed_and_restarted_mid_traffic_loses_no_request_and_no_revocati
     assert chat(late, key=OTHER_KEY).status_code == 401
     assert chat(late).status_code == 200
 
-    # One warning on loss and one line on recovery per gateway, not one per attempt.
+    assert redis_server.keys("agw:lim:*"), "the limit counters went back to Redis"
+
+    # One warning on loss and one line on recovery per gateway and user of the store (the
+    # fleet task; the limiter's connection), not one per attempt or request.
     for g in gws:
         err = g.proc.stderr()
         assert err.count("Redis is unreachable") == 1, err[-3000:]
-        assert err.count("Redis answers again") == 1, err[-3000:]
+        assert err.count("Redis answers again;") == 1, err[-3000:]
+        warns = [l for l in err.splitlines() if " WARN " in l and "filters::store" in l]
+        assert len(warns) == 1, warns
+        assert err.count("state store: Redis answers again (") == 1, err[-3000:]
