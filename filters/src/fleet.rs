@@ -205,15 +205,7 @@ pub mod cli {
 
     /// Every revoked key id with the unix seconds of its revocation (`None` if unreadable).
     pub fn list(url: &str) -> Result<BTreeMap<String, Option<i64>>, String> {
-        list_with_timeout(url, TIMEOUT)
-    }
-
-    /// [`list`], each round trip bounded by `timeout`.
-    pub fn list_with_timeout(
-        url: &str,
-        timeout: Duration,
-    ) -> Result<BTreeMap<String, Option<i64>>, String> {
-        let mut con = connect(url, timeout)?;
+        let mut con = connect(url, TIMEOUT)?;
         let all: BTreeMap<String, String> = redis::cmd("HGETALL")
             .arg(REVOKED_KEY)
             .query(&mut con)
@@ -222,6 +214,24 @@ pub mod cli {
             .into_iter()
             .map(|(k, v)| (k, v.parse::<i64>().ok()))
             .collect())
+    }
+
+    /// The store's epoch and the revoked key ids, each round trip bounded by `timeout`: what
+    /// a gateway reads before it serves.
+    pub fn read_state(
+        url: &str,
+        timeout: Duration,
+    ) -> Result<(Option<String>, HashSet<String>), String> {
+        let mut con = connect(url, timeout)?;
+        let epoch: Option<String> = redis::cmd("GET")
+            .arg(EPOCH_KEY)
+            .query(&mut con)
+            .map_err(|e| format!("Redis GET: {e}"))?;
+        let ids: HashSet<String> = redis::cmd("HKEYS")
+            .arg(REVOKED_KEY)
+            .query(&mut con)
+            .map_err(|e| format!("Redis HKEYS: {e}"))?;
+        Ok((epoch, ids))
     }
 }
 

@@ -62,6 +62,8 @@ pub struct Fleet {
     pub revoked: Arc<RevokedKeys>,
     outbox: mpsc::Sender<Cooled>,
     inbox: Mutex<Option<mpsc::Receiver<Cooled>>>,
+    /// The store epoch read before serving ([`initial_sync`]).
+    start_epoch: Mutex<Option<String>>,
     /// `aoai_gateway_state_store_up` (extension): 1 while Redis answers (always 1 with
     /// `state.store: memory`).
     store_up: prometheus::IntGauge,
@@ -93,6 +95,7 @@ impl Fleet {
             revoked: Arc::default(),
             outbox,
             inbox: Mutex::new(Some(inbox)),
+            start_epoch: Mutex::new(None),
             store_up,
             revoked_keys,
         })
@@ -122,10 +125,10 @@ impl Fleet {
         let d = self.revoked.replace(ids);
         self.revoked_keys.set(self.revoked.len() as i64);
         for id in &d.added {
-            log::warn!("API key {id} is revoked: refused from now on");
+            log::info!("API key {id} is revoked: refused from now on");
         }
         for id in &d.removed {
-            log::warn!("API key {id} is no longer revoked");
+            log::info!("API key {id} is no longer revoked");
         }
         d
     }
@@ -192,9 +195,12 @@ pub fn initial_sync(snap: &Snapshot) {
     let Some(url) = redis_url(&snap.cfg) else {
         return;
     };
-    match filters::fleet::cli::list_with_timeout(&url, Duration::from_secs(1)) {
-        Ok(all) => {
-            snap.fleet.set_revoked(all.into_keys().collect());
+    match filters::fleet::cli::read_state(&url, Duration::from_secs(1)) {
+        Ok((epoch, ids)) => {
+            snap.fleet.set_revoked(ids);
+            // The task starts from this epoch: should Redis lose its data before the task
+            // connects, what was read here is written back.
+            *snap.fleet.start_epoch.lock().unwrap_or_else(|e| e.into_inner()) = epoch;
         }
         Err(e) => log::warn!(
             "state store: cannot read the revoked keys at start ({e}); starting without, reading them when Redis answers"
@@ -518,7 +524,15 @@ impl BackgroundService for FleetSync {
         else {
             return;
         };
-        let mut link = Link::default();
+        let mut link = Link {
+            epoch: self
+                .fleet()
+                .start_epoch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+            ..Link::default()
+        };
         loop {
             let Some(url) = redis_url(&self.state.load().cfg) else {
                 // memory: nothing to share; cooldowns stay local, and no key can be revoked
