@@ -78,6 +78,10 @@ pub fn status_json(snap: &Snapshot) -> serde_json::Value {
         "deployments": deployments,
         "oidc_providers": snap.oidc.as_ref().map(|o| o.status().len()).unwrap_or(0),
         "clients": snap.cfg.clients.len(),
+        "fleet": {
+            "state_store_up": snap.fleet.store_up(),
+            "revoked_keys": snap.fleet.revoked.len(),
+        },
     })
 }
 

@@ -121,6 +121,11 @@ impl Fleet {
         });
     }
 
+    /// Whether the state store answers (`/status`).
+    pub fn store_up(&self) -> bool {
+        self.store_up.get() == 1
+    }
+
     fn set_revoked(&self, ids: HashSet<String>) -> filters::fleet::Diff {
         let d = self.revoked.replace(ids);
         self.revoked_keys.set(self.revoked.len() as i64);

@@ -173,6 +173,8 @@ def test_a_revoked_key_is_refused_by_every_gateway_within_a_second_until_unrevok
                              reason="unauthenticated")
         assert after >= before[i] + 2
         assert metric_value(scrape(g), "aoai_gateway_revoked_keys") == 1
+        assert g.admin.get("/status").json()["fleet"] == {"state_store_up": True,
+                                                          "revoked_keys": 1}
         # the other client's key is untouched
         assert chat(g, key=OTHER_KEY).status_code == 200
 
@@ -249,6 +251,7 @@ def test_redis_killed_and_restarted_mid_traffic_loses_no_request_and_no_revocati
         for g in gws:
             agw.wait_until(lambda: metric_value(scrape(g), "aoai_gateway_state_store_up") == 0,
                            5, "the gateway to notice Redis is away")
+            assert g.admin.get("/status").json()["fleet"]["state_store_up"] is False
             # What it knew holds: the revoked key stays refused.
             assert chat(g, key=OTHER_KEY).status_code == 401
         time.sleep(2.5)  # several reconnection attempts
