@@ -89,6 +89,26 @@ pub fn parse_key_id(s: &str) -> Result<String, String> {
     }
 }
 
+/// What a gateway makes of the store's epoch when it reads the revoked set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epoch {
+    /// It had read none yet: it adopts this one, and has nothing of its own to write back.
+    First,
+    /// The same store as before: the revoked hash is the truth.
+    Same,
+    /// Redis lost its data since the last read (restarted without persistence): the
+    /// revocations this gateway knew are written back before the hash is read.
+    Changed,
+}
+
+pub fn check_epoch(known: Option<&str>, current: &str) -> Epoch {
+    match known {
+        None => Epoch::First,
+        Some(k) if k == current => Epoch::Same,
+        Some(_) => Epoch::Changed,
+    }
+}
+
 /// What changed between two revoked sets.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Diff {
@@ -283,6 +303,13 @@ mod tests {
         for bad in ["", "abc", "0123abcd0", "0123abcg", " 0123abc", "agw_0123"] {
             assert!(parse_key_id(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn epochs() {
+        assert_eq!(check_epoch(None, "e1"), Epoch::First);
+        assert_eq!(check_epoch(Some("e1"), "e1"), Epoch::Same);
+        assert_eq!(check_epoch(Some("e1"), "e2"), Epoch::Changed);
     }
 
     #[test]

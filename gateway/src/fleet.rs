@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use filters::fleet::{cooldown_key, Message, RevokedKeys, CHANNEL, EPOCH_KEY, REVOKED_KEY};
+use filters::fleet::{
+    check_epoch, cooldown_key, Epoch, Message, RevokedKeys, CHANNEL, EPOCH_KEY, REVOKED_KEY,
+};
 use futures::StreamExt;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -298,7 +300,7 @@ impl FleetSync {
             epoch = bounded("GET", redis::cmd("GET").arg(EPOCH_KEY).query_async(conn)).await?;
         }
         let epoch = epoch.unwrap_or_default();
-        if link.epoch.as_ref().is_some_and(|e| *e != epoch) {
+        if check_epoch(link.epoch.as_deref(), &epoch) == Epoch::Changed {
             let known = fleet.revoked.snapshot();
             if !known.is_empty() {
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
