@@ -289,3 +289,29 @@ def test_redis_killed_and_restarted_mid_traffic_loses_no_request_and_no_revocati
         warns = [l for l in err.splitlines() if " WARN " in l and "filters::store" in l]
         assert len(warns) == 1, warns
         assert err.count("state store: Redis answers again (") == 1, err[-3000:]
+
+
+def test_a_hung_redis_is_noticed_and_requests_do_not_wait_for_it(cluster, redis_server):
+    """SIGSTOP: Redis keeps its connections open and answers nothing (a half-open peer). The
+    fleet task notices at its next read, requests are not slowed, the revoked key stays
+    refused, and all is back when Redis answers."""
+    a, b = cluster.mock("eastus-a"), cluster.mock("sweden-b")
+    gw = cluster.gateway(fleet_config(a, b, redis_server))
+    p = keys_cli(gw, "revoke", "--key-id", agw.OTHER_KEY_SHA256[:8])
+    assert p.returncode == 0, p.stderr
+    wait_all([gw], 401, key=OTHER_KEY)
+    redis_server.pause()
+    try:
+        agw.wait_until(lambda: metric_value(scrape(gw), "aoai_gateway_state_store_up") == 0,
+                       6, "the gateway to notice the hung Redis")
+        for n in range(20):
+            t = time.monotonic()
+            assert chat(gw, content=f"h{n}").status_code == 200
+            assert chat(gw, key=OTHER_KEY).status_code == 401
+            assert time.monotonic() - t < 1.0, "a request waited for the hung Redis"
+    finally:
+        redis_server.resume()
+    agw.wait_until(lambda: metric_value(scrape(gw), "aoai_gateway_state_store_up") == 1,
+                   10, "the gateway to use Redis again")
+    assert chat(gw, key=OTHER_KEY).status_code == 401
+    assert gw.proc.stderr().count("Redis is unreachable") == 1
