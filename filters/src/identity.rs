@@ -161,6 +161,8 @@ pub struct IdentityResolver {
     pub jwt: Option<Arc<dyn JwtVerifier>>,
     /// Configured client ids, by index.
     pub client_ids: Vec<Arc<str>>,
+    /// Revoked key ids (SPEC §14), kept current by the gateway's fleet task.
+    pub revoked: Arc<crate::fleet::RevokedKeys>,
 }
 
 impl IdentityResolver {
@@ -185,6 +187,11 @@ impl IdentityResolver {
         }
         if let Some(key) = &p.api_key {
             let rec = self.keys.lookup(key, now_unix)?;
+            if self.revoked.is_revoked(&rec.key_id) {
+                return Err(FilterError::RevokedKey {
+                    key_id: rec.key_id.clone(),
+                });
+            }
             let mut id = self.identity(rec.client, None, AuthMethod::ApiKey);
             id.key_id = Some(rec.key_id.clone());
             agree(id)?;
@@ -274,6 +281,7 @@ mod tests {
             tokens,
             jwt: Some(Arc::new(FakeJwt)),
             client_ids: vec![Arc::from("a"), Arc::from("b"), Arc::from("unlisted")],
+            revoked: Default::default(),
         }
     }
 
@@ -324,6 +332,24 @@ mod tests {
         assert_eq!(&*id.client_id, "a");
         assert_eq!(id.key_id.as_deref(), Some("aaaaaaaa"));
         assert_eq!(id.auth, AuthMethod::ApiKey);
+    }
+
+    #[test]
+    fn a_revoked_key_fails_with_its_id_until_unrevoked() {
+        let r = resolver();
+        let p = Presented::from_headers(Some(b"agw_a"), None).unwrap();
+        r.revoked.replace(["aaaaaaaa".to_string()].into());
+        assert_eq!(
+            rt(r.resolve(&p, 0)),
+            Err(FilterError::RevokedKey {
+                key_id: "aaaaaaaa".into()
+            })
+        );
+        // Another revoked id does not touch this key.
+        r.revoked.replace(["bbbbbbbb".to_string()].into());
+        assert_eq!(&*rt(r.resolve(&p, 0)).unwrap().client_id, "a");
+        r.revoked.replace(Default::default());
+        assert_eq!(&*rt(r.resolve(&p, 0)).unwrap().client_id, "a");
     }
 
     #[test]

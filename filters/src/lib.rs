@@ -12,6 +12,7 @@ pub mod authz;
 pub mod bpe;
 pub mod cert;
 pub mod estimate;
+pub mod fleet;
 pub mod grants;
 pub mod identity;
 pub mod json;
@@ -53,6 +54,10 @@ pub enum FilterError {
     MissingCredential,
     #[error("the credential is not valid")]
     InvalidCredential,
+    /// A configured API key whose id is revoked (SPEC §14): answered as
+    /// [`FilterError::InvalidCredential`]; the id goes to the audit line.
+    #[error("the credential is not valid")]
+    RevokedKey { key_id: std::sync::Arc<str> },
     #[error("the caller is not allowed to use this gateway")]
     Forbidden,
     #[error("the caller may not use this deployment")]

@@ -13,7 +13,7 @@
 //! connection).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,9 @@ pub struct RedisConn {
     epoch: Instant,
     /// Until when (ms since `epoch`) callers skip Redis after a failure.
     skip_until_ms: AtomicU64,
+    /// Set by a failure, cleared by the next success: one warning when Redis is lost and
+    /// one line when it answers again, not one per failed attempt.
+    down: AtomicBool,
 }
 
 impl std::fmt::Debug for RedisConn {
@@ -88,6 +91,7 @@ impl RedisConn {
             retry_interval: options.retry_interval,
             epoch: Instant::now(),
             skip_until_ms: AtomicU64::new(0),
+            down: AtomicBool::new(false),
         }))
     }
 
@@ -126,10 +130,17 @@ impl RedisConn {
             *guard = None;
             let until = self.elapsed_ms() + self.retry_interval.as_millis() as u64;
             self.skip_until_ms.store(until, Ordering::Release);
-            log::warn!(
-                "state store: Redis {what} failed ({error}); retrying in {:?}",
-                self.retry_interval
-            );
+            if self.down.swap(true, Ordering::AcqRel) {
+                log::debug!(
+                    "state store: Redis {what} failed again ({error}); retrying in {:?}",
+                    self.retry_interval
+                );
+            } else {
+                log::warn!(
+                    "state store: Redis {what} failed ({error}); retrying every {:?} (logged again when it answers)",
+                    self.retry_interval
+                );
+            }
         }
     }
 
@@ -143,7 +154,12 @@ impl RedisConn {
     {
         let (generation, conn) = self.connection()?;
         match tokio::time::timeout(self.timeout, f(conn)).await {
-            Ok(Ok(v)) => Some(v),
+            Ok(Ok(v)) => {
+                if self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::AcqRel) {
+                    log::info!("state store: Redis answers again ({what})");
+                }
+                Some(v)
+            }
             Ok(Err(e)) => {
                 self.failed(generation, what, &e);
                 None

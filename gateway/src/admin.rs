@@ -79,6 +79,10 @@ pub fn status_json(snap: &Snapshot) -> serde_json::Value {
         "oidc_providers": snap.oidc.as_ref().map(|o| o.status().len()).unwrap_or(0),
         "clients": snap.cfg.clients.len(),
         "capacity": capacity_json(snap, now),
+        "fleet": {
+            "state_store_up": snap.fleet.store_up(),
+            "revoked_keys": snap.fleet.revoked.len(),
+        },
     })
 }
 

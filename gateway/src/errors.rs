@@ -202,7 +202,9 @@ impl From<FilterError> for GatewayError {
     fn from(e: FilterError) -> Self {
         match e {
             FilterError::MissingCredential => GatewayError::new(ErrorCode::MissingCredential),
-            FilterError::InvalidCredential => GatewayError::new(ErrorCode::InvalidCredential),
+            FilterError::InvalidCredential | FilterError::RevokedKey { .. } => {
+                GatewayError::new(ErrorCode::InvalidCredential)
+            }
             FilterError::Forbidden => GatewayError::new(ErrorCode::Forbidden),
             FilterError::DeploymentNotAllowed => GatewayError::new(ErrorCode::DeploymentNotAllowed),
             FilterError::OperationNotAllowed => GatewayError::new(ErrorCode::OperationNotAllowed),

@@ -9,6 +9,7 @@ pub mod body;
 pub mod config;
 mod deadline;
 mod errors;
+mod fleet;
 mod front;
 pub mod http1;
 pub mod keys;

@@ -59,6 +59,49 @@ enum KeysCommand {
     },
     /// Read one key on stdin and print its SHA-256 (hex).
     Hash,
+    /// Revoke a key on every gateway sharing the configuration's Redis (state.store: redis).
+    Revoke {
+        /// The key's id: the first 8 hex of its SHA-256, as the audit log's key_id.
+        #[arg(long = "key-id")]
+        key_id: String,
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+    },
+    /// Lift a revocation.
+    Unrevoke {
+        #[arg(long = "key-id")]
+        key_id: String,
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+    },
+    /// List the revoked key ids: id, revoked at, owning client(s).
+    Revoked {
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+    },
+}
+
+/// `keys revoke|unrevoke|revoked`: loads FILE (for its state store and keys) and runs it.
+fn revocation(path: &std::path::Path, what: keys::Revocation, key_id: Option<&str>) -> ExitCode {
+    let cfg = match config::load_file(path) {
+        Ok(cfg) => cfg,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{}: {e}", path.display());
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    match keys::revocation(&cfg, what, key_id) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -107,6 +150,15 @@ fn main() -> ExitCode {
             print!("{}", keys::new_key_text(client.as_deref()));
             ExitCode::SUCCESS
         }
+        Command::Keys {
+            command: KeysCommand::Revoke { key_id, config },
+        } => revocation(&config, keys::Revocation::Revoke, Some(&key_id)),
+        Command::Keys {
+            command: KeysCommand::Unrevoke { key_id, config },
+        } => revocation(&config, keys::Revocation::Unrevoke, Some(&key_id)),
+        Command::Keys {
+            command: KeysCommand::Revoked { config },
+        } => revocation(&config, keys::Revocation::List, None),
         Command::Keys {
             command: KeysCommand::Hash,
         } => {

@@ -168,6 +168,8 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
     };
     let server_cfg = cfg.server.clone();
     let snap = Snapshot::build(cfg, None, &metrics)?;
+    // Revoked keys are refused from the first request (SPEC §14).
+    crate::fleet::initial_sync(&snap);
     let state = Arc::new(ArcSwap::from_pointee(snap));
     metrics.read_pool_with({
         let state = state.clone();
@@ -271,6 +273,12 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
             state: state.clone(),
             token: token.clone(),
             connector: Connector::new(None),
+        },
+    ));
+    server.add_service(background_service(
+        "fleet",
+        crate::fleet::FleetSync {
+            state: state.clone(),
         },
     ));
     server.add_service(background_service(

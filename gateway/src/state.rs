@@ -33,6 +33,9 @@ pub struct Snapshot {
     /// Stored-object records (SPEC §11), on the same store as the limiter's counters.
     pub objects: Arc<ObjectStore>,
     pub oidc: Option<Arc<OidcVerifier>>,
+    /// Shared with the other gateways of the fleet (SPEC §14): one per process, kept across
+    /// reloads.
+    pub fleet: Arc<crate::fleet::Fleet>,
 }
 
 /// Lets the identity filter verify JWTs with the OIDC module.
@@ -157,6 +160,10 @@ impl Snapshot {
                 OidcVerifier::new(cfg.oidc.clone())?.with_token_cache(cfg.token_cache_entries),
             )),
         };
+        let fleet = match prev {
+            Some(p) => p.fleet.clone(),
+            None => crate::fleet::Fleet::new(metrics),
+        };
         let resolver = IdentityResolver {
             keys: cfg.keys.clone(),
             certs: cfg.certs.clone(),
@@ -165,6 +172,7 @@ impl Snapshot {
                 .clone()
                 .map(|v| Arc::new(OidcJwt(v)) as Arc<dyn JwtVerifier>),
             client_ids: cfg.clients.iter().map(|c| c.id.clone()).collect(),
+            revoked: fleet.revoked.clone(),
         };
         let chain = FilterChain::new(
             IdentityFilter { resolver },
@@ -186,6 +194,7 @@ impl Snapshot {
             limiter,
             objects,
             oidc,
+            fleet,
         };
         if prev.is_none() {
             snap.set_key_expiry_gauges(metrics);

@@ -716,7 +716,7 @@ def test_fifty_concurrent_requests_against_rpm_10_admit_exactly_10(cluster, tmp_
         assert remaining[0] == 0 and remaining[-1] == 9, remaining
         assert len(m.data_requests()) == 10
         if redis is not None:
-            assert redis.keys(), "store: redis, but nothing was written to Redis"
+            assert redis.keys("agw:lim:*"), "store: redis, but nothing was written to Redis"
             assert metric(gw, "aoai_gateway_limit_store_errors_total") == 0
     finally:
         if redis is not None:
@@ -769,7 +769,7 @@ def test_two_gateways_on_one_redis_share_a_clients_limits(cluster, redis_server)
     assert 8 <= len(admitted) <= 9, (
         f"{len(admitted)} of 30 admitted by two gateways sharing rpm 10 (8 left), took {took:.1f}s")
     assert len(m.data_requests()) == 2 + len(admitted)
-    assert redis_server.keys(), "nothing in Redis"
+    assert redis_server.keys("agw:lim:*"), "nothing in Redis"
     for g in (g1, g2):
         assert metric(g, "aoai_gateway_limit_store_errors_total") == 0
 
@@ -783,7 +783,7 @@ def test_redis_down_with_on_store_failure_local_keeps_serving_and_recovers(clust
                                 limits=_redis_limits(redis_server, "local")))
     c = sdk(gw)
     assert ok(chat(c)).rl()[:2] == (3, 2)
-    assert redis_server.keys(), "the first request was not counted in Redis"
+    assert redis_server.keys("agw:lim:*"), "the first request was not counted in Redis"
     assert metric(gw, "aoai_gateway_limit_store_errors_total") == 0
 
     redis_server.kill()
@@ -801,7 +801,7 @@ def test_redis_down_with_on_store_failure_local_keeps_serving_and_recovers(clust
     assert len(m.data_requests()) == 4
 
     redis_server.start()
-    assert redis_server.keys() == []
+    assert redis_server.keys("agw:lim:*") == []
 
     def back():
         r = chat(c)
@@ -809,7 +809,7 @@ def test_redis_down_with_on_store_failure_local_keeps_serving_and_recovers(clust
 
     r = agw.wait_until(back, 10, "the gateway to use the restarted Redis", interval=0.3)
     assert r.rl()[:2] == (3, 2), f"first request after recovery should be counted in the fresh Redis: {r.rl()}"
-    assert redis_server.keys(), "recovered, but nothing written to Redis"
+    assert redis_server.keys("agw:lim:*"), "recovered, but nothing written to Redis"
     e = metric(gw, "aoai_gateway_limit_store_errors_total")
     assert [ok(chat(c)).rl()[1] for _ in range(2)] == [1, 0]
     retry_ms(chat(c))

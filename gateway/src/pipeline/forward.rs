@@ -266,7 +266,9 @@ impl Gateway {
                 Verdict::Deliver => return self.deliver(d, ctx, snap, answer, f).await,
                 Verdict::Retry { cool } => {
                     if let Some(cool) = cool {
-                        cools[i].cool_until(now_ms() + cool.as_millis() as u64);
+                        let until = now_ms() + cool.as_millis() as u64;
+                        cools[i].cool_until(until);
+                        snap.fleet.cooled(&snap.cfg, f.deployment, i, until);
                     }
                     last = Some(self.keep(answer, ctx.deadline(snap)).await);
                 }

@@ -574,7 +574,17 @@ impl Gateway {
             presented: &presented,
             now: ctx.started,
         };
-        let identity = snap.chain.authenticate(&credentials).await?;
+        let identity = snap
+            .chain
+            .authenticate(&credentials)
+            .await
+            .inspect_err(|e| {
+                // A revoked key (SPEC §14) is answered as an unknown one; its audit line
+                // names the key id.
+                if let filters::FilterError::RevokedKey { key_id } = e {
+                    ctx.outcome.caller.key_id = Some(key_id.clone());
+                }
+            })?;
         let label = self.metrics.client_label(&identity.client_id);
         ctx.outcome.caller = Caller::identified(&identity, label, auth);
         Ok(identity)

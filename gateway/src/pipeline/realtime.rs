@@ -316,7 +316,9 @@ impl Gateway {
                     ) {
                         Verdict::Retry { cool } => {
                             if let Some(cool) = cool {
-                                cools[i].cool_until(now_ms() + cool.as_millis() as u64);
+                                let until = now_ms() + cool.as_millis() as u64;
+                                cools[i].cool_until(until);
+                                snap.fleet.cooled(&snap.cfg, deployment, i, until);
                             }
                         }
                         Verdict::Deliver => return Err(refused_by_backend(status).into()),
