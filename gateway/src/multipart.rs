@@ -68,22 +68,16 @@ pub fn find_field(
     scanner.push(body);
     let (mut pos, mut found, mut start) = (0, None, None);
     while let Some(piece) = scanner.next(true)? {
-        match &piece {
-            Piece::Head {
-                name,
-                file: is_file,
-                ..
-            } => {
-                if watched(name, *is_file, field, file, found.is_some())? {
-                    start = Some(pos + piece.len());
-                }
-            }
-            Piece::PartEnd(_) => {
-                if let Some(s) = start.take() {
-                    found = Some(s..pos);
-                }
-            }
-            _ => {}
+        let is_field = match &piece {
+            Piece::Head { name, file: f, .. } => watched(name, *f, field, file, found.is_some())?,
+            _ => false,
+        };
+        if is_field {
+            start = Some(pos + piece.len());
+        }
+        if let (Piece::PartEnd(_), Some(s)) = (&piece, start) {
+            found = Some(s..pos);
+            start = None;
         }
         pos += piece.len();
     }
@@ -193,9 +187,9 @@ impl Scanner {
         self.at == At::Done
     }
 
-    /// Bytes pushed and not yet given out as pieces.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
+    /// Bytes pushed and not yet given out as pieces (taken: the scanner is not used after).
+    pub fn take_buffered(&mut self) -> Bytes {
+        self.buf.split().freeze()
     }
 
     /// The next piece; `None` when more bytes are needed (or, with `eof`, when the form was

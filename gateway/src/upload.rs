@@ -23,7 +23,11 @@ const MAX_FIELD: usize = 1024;
 /// Which form: a media upload (`model` field) or a file upload (`purpose`, `file`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FormKind {
+    /// `/openai/v1/audio/transcriptions` …: the `model` field names the deployment.
     Media,
+    /// `/openai/deployments/{d}/audio/transcriptions` …: the path names it; the `model`
+    /// field keeps the form's rules but routes nothing.
+    MediaInPath,
     Upload,
 }
 
@@ -96,6 +100,7 @@ impl Checker {
     pub fn ready(&self) -> bool {
         match self.kind {
             FormKind::Media => self.model_done,
+            FormKind::MediaInPath => true,
             FormKind::Upload => match &self.purpose {
                 None => false,
                 Some(_) if self.is_batch() => self.model.is_some(),
@@ -159,7 +164,7 @@ impl Checker {
             watched(name, file, field, want_file, seen).map_err(UploadError::Form)
         };
         match self.kind {
-            FormKind::Media => {
+            FormKind::Media | FormKind::MediaInPath => {
                 if watch(b"model", false, self.seen[0])? {
                     self.seen[0] = true;
                     return Ok(Part::Model);
@@ -312,7 +317,9 @@ pub fn upstream_length(
 ) -> Option<u64> {
     let n = declared?;
     match kind {
-        FormKind::Media => (n + upstream.len() as u64).checked_sub(model.len() as u64),
+        FormKind::Media | FormKind::MediaInPath => {
+            (n + upstream.len() as u64).checked_sub(model.len() as u64)
+        }
         FormKind::Upload if batch => None,
         FormKind::Upload => Some(n),
     }
