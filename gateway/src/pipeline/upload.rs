@@ -128,6 +128,7 @@ impl Gateway {
         let server = &snap.cfg.server;
         let declared = d.declared_length();
         if declared.is_some_and(|n| n > server.max_upload_bytes) {
+            drain(d).await;
             return Err(GatewayError::new(ErrorCode::RequestTooLarge).into());
         }
         let max_line = server.max_request_body_bytes;
@@ -142,15 +143,39 @@ impl Gateway {
             max_line,
         };
         let deadline = ctx.deadline(snap);
+        let max_held = server.max_request_body_bytes as u64;
+        let held = Self::read_prefix(d, &mut form, deadline, max_held).await;
+        match held {
+            Ok(true) => Ok(Held::Streamed(Box::new(form))),
+            Ok(false) => {
+                // The whole body is here: the usual way.
+                let rest = form.scanner.take_buffered();
+                Ok(Held::Whole(concat(&form.held, &rest)))
+            }
+            Err(failure) => {
+                if let Failure::Answer(_) = failure {
+                    drain(d).await;
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    /// Reads until what routing needs is known and [`crate::upload::STREAM_FROM`] bytes are
+    /// held (`true`: stream), or the body ends (`false`: held whole).
+    async fn read_prefix<D: Downstream>(
+        d: &mut D,
+        form: &mut StreamedForm,
+        deadline: Instant,
+        max_held: u64,
+    ) -> Result<bool, Failure> {
         loop {
             let chunk = timeout_at(deadline, d.read_chunk())
                 .await
                 .map_err(|_| Failure::ClientTimeout)?
                 .map_err(read_failure)?;
             let Some(chunk) = chunk else {
-                // The whole body is here: the usual way.
-                let rest = form.scanner.take_buffered();
-                return Ok(Held::Whole(concat(&form.held, &rest)));
+                return Ok(false);
             };
             form.read += chunk.len() as u64;
             form.scanner.push(&chunk);
@@ -159,9 +184,9 @@ impl Gateway {
                 form.held.push((part, p));
             }
             if form.checker.ready() && form.read >= crate::upload::STREAM_FROM as u64 {
-                return Ok(Held::Streamed(Box::new(form)));
+                return Ok(true);
             }
-            if form.read > server.max_request_body_bytes as u64 {
+            if form.read > max_held {
                 return Err(refused(UploadError::FieldsFirst));
             }
         }
@@ -435,8 +460,12 @@ impl Gateway {
         match streamed {
             Ok(()) => {}
             Err(Broken::Client(failure)) => {
-                // `up` is dropped unfinished: the member never sees a whole request.
+                // The member never sees a whole request: its connection is closed unfinished.
+                drop(up);
                 error();
+                if let Failure::Answer(_) = failure {
+                    drain(d).await;
+                }
                 return Err(failure);
             }
             Err(Broken::Upstream(why)) => {
@@ -546,6 +575,18 @@ impl Gateway {
             Ok(Ok(())) => Ok(()),
         }
     }
+}
+
+/// How long the rest of a refused upload is still read (and dropped) before the answer, so
+/// that a client still sending reads the answer rather than a connection reset.
+const DRAIN_AFTER_REFUSAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops what the client still sends of its body, for a bounded time.
+async fn drain<D: Downstream>(d: &mut D) {
+    let rest = async {
+        while let Ok(Some(_)) = d.read_chunk().await {}
+    };
+    let _ = tokio::time::timeout(DRAIN_AFTER_REFUSAL, rest).await;
 }
 
 async fn timed_write(
