@@ -59,6 +59,8 @@ def env(module_cluster) -> Env:
         },
         backends=[agw.backend("east", east), agw.backend("west", west, region="westus")],
         server={"request_timeout_seconds": 180},
+        # A debug-built mock busy reading 100 MB must not be taken for down.
+        health_checks={"interval_seconds": 2, "timeout_seconds": 2, "failures_before_down": 30},
     )
     return Env(module_cluster.gateway(cfg), east, west)
 
@@ -110,7 +112,8 @@ def test_a_large_batch_file_streams_through_with_bounded_memory_and_is_rewritten
         file=("big.jsonl", io.BytesIO(data)), purpose="batch")
     peak = status_kib(pid, "VmHWM")
     growth_mib = (peak - before) / 1024
-    assert growth_mib < 48, f"the gateway's peak RSS grew {growth_mib:.0f} MiB for a {len(data) / MiB:.0f} MiB file"
+    print(f"peak RSS growth {growth_mib:.1f} MiB for {len(data) / MiB:.0f} MiB")
+    assert growth_mib < 32, f"the gateway's peak RSS grew {growth_mib:.0f} MiB for a {len(data) / MiB:.0f} MiB file"
     [(where, q)] = env.uploads()
     # The rewritten lines change length: the member gets the body chunked.
     assert q["headers"].get("transfer-encoding") == "chunked", q["headers"]
