@@ -202,6 +202,19 @@ def test_streamed_audio_in_chunks_has_its_model_renamed_and_arrives_intact(env):
     assert q["headers"].get("transfer-encoding") == "chunked"
 
 
+def test_a_large_transcription_on_a_deployment_path_renames_the_form_model_like_the_path(env):
+    env.clear()
+    audio = b"RIFF" + os.urandom(2 * MiB)
+    client = agw.azure_client(env.gw, timeout=60)
+    r = client.audio.transcriptions.with_raw_response.create(model="whisper", file=("a.wav", audio))
+    assert r.parse().text.startswith("model=whisper-east file=")
+    [q] = env.east.data_requests()
+    assert q["path"] == "/openai/deployments/whisper-east/audio/transcriptions"
+    assert q["model"] == "whisper-east"
+    assert q["body_len"] == int(r.http_request.headers["content-length"]) + len("-east")
+    assert int(q["headers"]["content-length"]) == q["body_len"]
+
+
 def test_a_second_model_field_after_the_streamed_file_is_refused(env):
     env.clear()
 
@@ -249,3 +262,38 @@ def test_limits_model_after_a_large_file_and_the_upload_size(module_cluster, env
     r = post_chunked(gw, parts(), "/openai/v1/audio/transcriptions")
     assert r.status_code == 413, r.text
     assert env.east.data_requests() == []
+
+
+def test_a_large_form_over_http2_streams_too(module_cluster, env, tmp_path):
+    """HTTP/2 clients (ALPN h2 on a TLS listener) reach the same streaming through Pingora's
+    session: curl uploads an audio file with `-F`, `model` first."""
+    import subprocess
+
+    from pki import Pki
+
+    pki = Pki(tmp_path / "pki")
+    listener = {"address": f"127.0.0.1:{agw.free_port()}",
+                "tls": {"certificate": str(pki.server.chain), "private_key": str(pki.server.key)}}
+    cfg = agw.make_config(
+        deployments={"whisper": [agw.member("east", "whisper-east")]},
+        backends=[agw.backend("east", env.east)],
+        server={"listeners": [listener]},
+        health_checks={"interval_seconds": 3600},
+    )
+    gw = module_cluster.gateway(cfg)
+    env.clear()
+    audio = b"RIFF" + os.urandom(3 * MiB)
+    wav = tmp_path / "a.wav"
+    wav.write_bytes(audio)
+    r = subprocess.run(
+        ["curl", "-sS", "--http2", "--max-time", "60", "--cacert", str(pki.server_ca.crt),
+         "-H", f"api-key: {KEY}", "-F", "model=whisper", "-F", f"file=@{wav};type=audio/wav",
+         "-w", "\n%{http_version} %{http_code}",
+         f"https://{gw.listeners[0]}/openai/v1/audio/transcriptions"],
+        capture_output=True, text=True, timeout=90, env=agw.clean_env())
+    body, _, status = r.stdout.rpartition("\n")
+    assert status == "2 200", (status, body, r.stderr)
+    sha = hashlib.sha256(audio).hexdigest()
+    assert json.loads(body)["text"] == f'model=whisper-east file="a.wav" {len(audio)} "{sha}"'
+    [q] = env.east.data_requests()
+    assert q["model"] == "whisper-east"

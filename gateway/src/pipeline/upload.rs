@@ -377,8 +377,9 @@ impl Gateway {
         let upstream = &*member.upstream_deployment;
         let model = form.model().unwrap_or_default().to_string();
         let batch = form.is_batch();
-        // The `model` field is renamed only where it names the deployment (not a path's).
-        let renamed = if form.kind == FormKind::MediaInPath || model != *f.deployment.name {
+        // The `model` field is renamed only where it names the deployment (on a deployment
+        // path the SDKs send it too; another name there passes as sent).
+        let renamed = if model != *f.deployment.name {
             model.as_str()
         } else {
             upstream
@@ -406,8 +407,13 @@ impl Gateway {
             Renderer::new(renamed, None, form.max_line)
         };
         let mut out = Vec::with_capacity(WRITE_AT + 1024);
-        for (part, p) in &form.held {
-            renderer.render(*part, p, &mut out).map_err(refused)?;
+        let held = form
+            .held
+            .iter()
+            .try_for_each(|(part, p)| renderer.render(*part, p, &mut out));
+        if let Err(e) = held {
+            drain(d).await;
+            return Err(refused(e));
         }
         let peer = snap.peers[member.backend].load_full();
         let started = Instant::now();
@@ -583,9 +589,7 @@ const DRAIN_AFTER_REFUSAL: std::time::Duration = std::time::Duration::from_secs(
 
 /// Reads and drops what the client still sends of its body, for a bounded time.
 async fn drain<D: Downstream>(d: &mut D) {
-    let rest = async {
-        while let Ok(Some(_)) = d.read_chunk().await {}
-    };
+    let rest = async { while let Ok(Some(_)) = d.read_chunk().await {} };
     let _ = tokio::time::timeout(DRAIN_AFTER_REFUSAL, rest).await;
 }
 
