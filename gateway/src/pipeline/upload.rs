@@ -619,3 +619,56 @@ async fn write_body(up: &mut Upstream, data: &[u8], chunked: bool) -> std::io::R
         up.io.write_all(data).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_bodies_are_forms() {
+        let in_body = |operation, rest| Route::InBody { operation, rest };
+        let in_path = |operation, rest| Route::InPath {
+            operation,
+            deployment: "d",
+            rest,
+        };
+        use Operation::*;
+        for (route, op, rest, want) in [
+            (Route::Upload, Files, "", Some(FormKind::Upload)),
+            (
+                in_body(Audio, "/audio/transcriptions"),
+                Audio,
+                "/audio/transcriptions",
+                Some(FormKind::Media),
+            ),
+            (
+                in_body(Images, "/images/edits"),
+                Images,
+                "/images/edits",
+                Some(FormKind::Media),
+            ),
+            (
+                in_path(Audio, "/audio/translations"),
+                Audio,
+                "/audio/translations",
+                Some(FormKind::MediaInPath),
+            ),
+            // JSON bodies keep the whole-body read.
+            (
+                in_body(Audio, "/audio/speech"),
+                Audio,
+                "/audio/speech",
+                None,
+            ),
+            (
+                in_body(ChatCompletions, "/chat/completions"),
+                ChatCompletions,
+                "/chat/completions",
+                None,
+            ),
+            (Route::CreateBatch, Batches, "", None),
+        ] {
+            assert_eq!(form_kind(&route, op, rest), want, "{route:?}");
+        }
+    }
+}
