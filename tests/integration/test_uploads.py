@@ -297,3 +297,35 @@ def test_a_large_form_over_http2_streams_too(module_cluster, env, tmp_path):
     assert json.loads(body)["text"] == f'model=whisper-east file="a.wav" {len(audio)} "{sha}"'
     [q] = env.east.data_requests()
     assert q["model"] == "whisper-east"
+
+
+def test_failover_before_the_streamed_body_only_and_the_upload_is_never_sent_twice(module_cluster, env):
+    """Members in priority order: a resource that refuses connections, east, west. The dead
+    one fails before any byte after the held start was read, so east is tried; east's 500 to a
+    streamed upload is the answer (a whole-body request would move on to west)."""
+    dead = f"http://127.0.0.1:{agw.free_port()}"
+    cfg = agw.make_config(
+        deployments={"whisper": [agw.member("dead", "whisper-dead", priority=1),
+                                 agw.member("east", "whisper-east", priority=2),
+                                 agw.member("west", "whisper-west", priority=3)]},
+        backends=[agw.backend("dead", dead), agw.backend("east", env.east),
+                  agw.backend("west", env.west)],
+        health_checks={"interval_seconds": 3600},
+    )
+    gw = module_cluster.gateway(cfg)
+    audio = b"RIFF" + os.urandom(1 * MiB)
+    client = agw.openai_client(gw, timeout=60).audio.transcriptions
+    env.clear()
+    r = client.with_raw_response.create(model="whisper", file=("a.wav", audio))
+    assert r.parse().text.startswith("model=whisper-east file=")
+    assert [q["model"] for q in env.east.data_requests()] == ["whisper-east"]
+    assert env.west.data_requests() == []
+    line = gw.audit_for(r.headers["x-request-id"])
+    assert line["attempts"] == 2 and line["backend"] == "east", line
+
+    env.clear()
+    env.east.faults(fail_status=500, fail_count=1)
+    with pytest.raises(openai.InternalServerError):
+        client.create(model="whisper", file=("a.wav", audio))
+    assert len(env.east.data_requests()) == 1
+    assert env.west.data_requests() == [], "a streamed upload went to a second member"
