@@ -119,12 +119,14 @@ impl Gateway {
         kind: FormKind,
         content_type: &str,
     ) -> Result<Held, Failure> {
-        let boundary = crate::multipart::boundary(content_type).ok_or_else(|| {
-            Failure::Answer(GatewayError::with_message(
+        let Some(boundary) = crate::multipart::boundary(content_type) else {
+            drain(d).await;
+            return Err(GatewayError::with_message(
                 ErrorCode::InvalidRequestBody,
                 "The request body must be multipart/form-data with a boundary.",
-            ))
-        })?;
+            )
+            .into());
+        };
         let server = &snap.cfg.server;
         let declared = d.declared_length();
         if declared.is_some_and(|n| n > server.max_upload_bytes) {
@@ -467,8 +469,8 @@ impl Gateway {
             Ok(()) => {}
             Err(Broken::Client(failure)) => {
                 // The member never sees a whole request: its connection is closed unfinished.
+                // (The client's doing: not counted as the backend's error.)
                 drop(up);
-                error();
                 if let Failure::Answer(_) = failure {
                     drain(d).await;
                 }
