@@ -248,6 +248,11 @@ impl Scanner {
             At::Headers => {
                 let mut headers = [httparse::EMPTY_HEADER; 16];
                 match httparse::parse_headers(b, &mut headers) {
+                    // Refused whole as in pieces: a block longer than the limit is refused
+                    // however it arrives.
+                    Ok(httparse::Status::Complete((n, _))) if n > MAX_PART_HEAD => {
+                        Err("a part's headers are too large")
+                    }
                     Ok(httparse::Status::Complete((n, hs))) => {
                         // httparse takes a bare LF for a line end; multipart readers that look
                         // for CRLF CRLF (multer) would read the part otherwise: CRLF only.
@@ -713,6 +718,8 @@ mod tests {
             &[b'\r'; 40],
         )]));
         bodies.push(b"--xYzZY--".to_vec());
+        let long = format!("X-Pad: {}\r\n", "p".repeat(MAX_PART_HEAD));
+        bodies.push(form(&[part(r#"form-data; name="model""#, &long, b"m")]));
         bodies.push(b"--xYzZY--\r".to_vec());
         bodies.push(b"--xYzZY-".to_vec());
         for body in bodies {

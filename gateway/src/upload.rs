@@ -437,7 +437,12 @@ mod tests {
 
     #[test]
     fn batch_lines_are_checked_and_rewritten_as_they_stream() {
-        let file = format!("{}\r\n\n{}\n{}", line("d", 0), line("d", 1), line("d", 2));
+        let file = format!(
+            "\n\r\n{}\r\n\n{}\n{}",
+            line("d", 0),
+            line("d", 1),
+            line("d", 2)
+        );
         let body = form(&[
             ("purpose", None, b"batch"),
             ("file", Some("b.jsonl"), file.as_bytes()),
