@@ -854,7 +854,10 @@ pub fn check_multipart_model(data: &[u8]) {
     // (The whole-body reader also applies the `model` rules, which the scanner leaves to
     // its caller: accepted whole means scanned in pieces.)
     if found.is_ok() {
-        assert!(scanned.is_ok(), "accepted whole, refused in pieces of {split}");
+        assert!(
+            scanned.is_ok(),
+            "accepted whole, refused in pieces of {split}"
+        );
     }
     let Ok(found) = found else {
         return;
