@@ -60,7 +60,11 @@ impl<'a> crate::RequestFilter<crate::Planned<'a>> for AuthzFilter {
     type Pass = ();
 
     async fn apply(&self, p: &crate::Planned<'a>) -> Result<(), FilterError> {
-        self.policies[p.identity.client].check(p.operation, p.deployment)
+        self.policies[p.identity.client].check(p.operation, p.deployment)?;
+        match &p.identity.grants {
+            Some(g) => g.check(p.operation, p.deployment),
+            None => Ok(()),
+        }
     }
 }
 

@@ -85,6 +85,8 @@ pub struct VerifiedJwt {
     /// Value of the provider's `client_claim`.
     pub client_value: String,
     pub user: Option<String>,
+    /// The provider's grants the token matched (`None`: the provider has none).
+    pub grants: Option<crate::grants::Granted>,
 }
 
 /// Verifies JWTs (the OIDC module implements it; tests use fakes).
@@ -107,6 +109,9 @@ pub struct Identity {
     pub provider: Option<Arc<str>>,
     /// The request was authenticated by a JWT (it may then be forwarded to `forward` backends).
     pub jwt_authenticated: bool,
+    /// What the token's claims were granted (`identity.oidc[].grants`): narrows the
+    /// client's `allow`. `None`: `allow` alone decides.
+    pub grants: Option<crate::grants::Granted>,
 }
 
 /// Maps OIDC applications to clients.
@@ -190,6 +195,7 @@ impl IdentityResolver {
             let (c, unlisted_id) = self.tokens.client_of(&v)?;
             let mut id = self.identity(c, unlisted_id, AuthMethod::Oidc);
             id.user = v.user;
+            id.grants = v.grants;
             id.provider = Some(v.provider);
             id.jwt_authenticated = true;
             agree(id)?;
@@ -208,6 +214,7 @@ impl IdentityResolver {
             user: None,
             provider: None,
             jwt_authenticated: false,
+            grants: None,
         }
     }
 }
@@ -239,6 +246,7 @@ mod tests {
                     provider: Arc::from("idp"),
                     client_value: app.to_string(),
                     user: Some("u1".into()),
+                    grants: None,
                 }),
                 Some(("noroles", _)) => Err(FilterError::Forbidden),
                 _ => Err(FilterError::InvalidCredential),

@@ -12,6 +12,7 @@ pub mod authz;
 pub mod bpe;
 pub mod cert;
 pub mod estimate;
+pub mod grants;
 pub mod identity;
 pub mod json;
 pub mod limits;

@@ -9,16 +9,17 @@ use crate::{FilterError, Planned, RequestFilter};
 
 /// Whether any limit applies to this client and deployment.
 pub fn has_limits(l: &ClientLimits, deployment: &str) -> bool {
-    !l.client.is_empty()
-        || l.per_deployment
-            .get(deployment)
-            .is_some_and(|s| !s.is_empty())
+    l.applies_to(deployment)
 }
 
 /// Whether a token limit applies (then the prompt must be estimated).
 pub fn has_token_limits(l: &ClientLimits, deployment: &str) -> bool {
     let any = |s: &LimitSpec| s.tokens_per_minute.is_some() || s.tokens_per_day.is_some();
-    any(&l.client) || l.per_deployment.get(deployment).is_some_and(any)
+    any(&l.client)
+        || l.per_deployment.get(deployment).is_some_and(any)
+        || l.per_user
+            .as_ref()
+            .is_some_and(|u| has_token_limits(u, deployment))
 }
 
 pub struct LimitsFilter {
@@ -41,7 +42,14 @@ impl<'a> RequestFilter<Planned<'a>> for LimitsFilter {
             return Ok(None);
         }
         self.limiter
-            .admit(&id.client_id, deployment, limits, p.reserve_tokens, p.now)
+            .admit_user(
+                &id.client_id,
+                id.user.as_deref(),
+                deployment,
+                limits,
+                p.reserve_tokens,
+                p.now,
+            )
             .await
             .map(Some)
     }
@@ -68,5 +76,18 @@ mod tests {
         l.client.requests_per_minute = Some(1);
         assert!(has_limits(&l, "other"));
         assert!(!has_token_limits(&l, "other"));
+        // Per-user limits count too.
+        let mut l = ClientLimits::default();
+        let mut user = ClientLimits::default();
+        user.per_deployment.insert(
+            "d".into(),
+            LimitSpec {
+                tokens_per_day: Some(5),
+                ..Default::default()
+            },
+        );
+        l.per_user = Some(Box::new(user));
+        assert!(has_limits(&l, "d") && has_token_limits(&l, "d"));
+        assert!(!has_limits(&l, "other") && !has_token_limits(&l, "other"));
     }
 }

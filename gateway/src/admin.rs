@@ -1,5 +1,5 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (as on every listener) and
-//! `/status` (backends, health, cooldowns — no secrets).
+//! `/status` (backends, health, cooldowns, capacity reports — no secrets).
 
 use std::sync::Arc;
 
@@ -78,7 +78,38 @@ pub fn status_json(snap: &Snapshot) -> serde_json::Value {
         "deployments": deployments,
         "oidc_providers": snap.oidc.as_ref().map(|o| o.status().len()).unwrap_or(0),
         "clients": snap.cfg.clients.len(),
+        "capacity": capacity_json(snap, now),
     })
+}
+
+/// The last capacity report of every (backend, upstream deployment) pair that has one:
+/// `[{backend, deployment, remaining_tokens, remaining_requests, age_ms}]` (SPEC §14).
+fn capacity_json(snap: &Snapshot, now: u64) -> serde_json::Value {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for name in &snap.cfg.deployment_names {
+        let (Some(d), Some(caps)) = (
+            snap.cfg.deployments.get(&**name),
+            snap.pool.capacity.get(&**name),
+        ) else {
+            continue;
+        };
+        for (m, c) in d.members.iter().zip(caps) {
+            let backend = &*snap.cfg.backends[m.backend].name;
+            let (Some(r), true) = (c.report(), seen.insert((backend, &*m.upstream_deployment)))
+            else {
+                continue;
+            };
+            out.push(serde_json::json!({
+                "backend": backend,
+                "deployment": &*m.upstream_deployment,
+                "remaining_tokens": r.tokens,
+                "remaining_requests": r.requests,
+                "age_ms": now.saturating_sub(r.at_ms),
+            }));
+        }
+    }
+    serde_json::Value::Array(out)
 }
 
 #[async_trait]

@@ -317,6 +317,11 @@ impl RequestBody {
             .as_ref()
     }
 
+    /// The body's size in bytes (an upper bound of its prompt's tokens).
+    pub fn byte_len(&self) -> usize {
+        self.raw.len()
+    }
+
     /// The body's `model`, if it is a non-empty string.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()

@@ -46,6 +46,7 @@ impl JwtVerifier for OidcJwt {
             provider: v.provider,
             client_value: v.client_value,
             user: v.user,
+            grants: v.grants,
         })
     }
 }

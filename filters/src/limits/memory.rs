@@ -31,6 +31,51 @@ struct Shard {
 struct Subject {
     client: Windows,
     deployments: HashMap<String, Windows>,
+    /// `per_user` windows, by user key (its `user_claim` value; "" without one).
+    users: HashMap<String, UserWindows>,
+}
+
+/// One user's windows: client-wide and per deployment.
+#[derive(Default)]
+struct UserWindows {
+    all: Windows,
+    deployments: HashMap<String, Windows>,
+}
+
+impl UserWindows {
+    fn idle(&self, now: i64) -> bool {
+        self.all.idle(now) && self.deployments.values().all(|w| w.idle(now))
+    }
+}
+
+/// The windows of `key` in `map`, made when `create` (else `None` when absent).
+fn windows_in<'a>(
+    map: &'a mut HashMap<String, Windows>,
+    key: &str,
+    create: bool,
+) -> Option<&'a mut Windows> {
+    if !map.contains_key(key) {
+        if !create {
+            return None;
+        }
+        map.insert(key.to_owned(), Windows::default());
+    }
+    map.get_mut(key)
+}
+
+/// The windows of user `key`, made when `create`.
+fn user_in<'a>(
+    map: &'a mut HashMap<String, UserWindows>,
+    key: &str,
+    create: bool,
+) -> Option<&'a mut UserWindows> {
+    if !map.contains_key(key) {
+        if !create {
+            return None;
+        }
+        map.insert(key.to_owned(), UserWindows::default());
+    }
+    map.get_mut(key)
 }
 
 /// The windows of one scope: per-minute `tat`s (µs) and the day's count.
@@ -72,7 +117,9 @@ impl Windows {
 
 impl Subject {
     fn idle(&self, now: i64) -> bool {
-        self.client.idle(now) && self.deployments.values().all(|w| w.idle(now))
+        self.client.idle(now)
+            && self.deployments.values().all(|w| w.idle(now))
+            && self.users.values().all(|u| u.idle(now))
     }
 }
 
@@ -94,6 +141,7 @@ impl MemoryStore {
     pub(crate) fn admit_now(
         &self,
         subject: &str,
+        user: &str,
         deployment: &str,
         plan: &Plan,
         now: i64,
@@ -101,42 +149,51 @@ impl MemoryStore {
         let today = day_index(now);
         let mut shard = self.shard(subject);
         shard.maybe_sweep(now);
-        let (mut client, mut dep) = match shard.subjects.get(subject) {
-            Some(s) => (
-                s.client,
-                s.deployments.get(deployment).copied().unwrap_or_default(),
-            ),
-            None => (Windows::default(), Windows::default()),
+        // Client, deployment, user, user's deployment.
+        let mut w = [Windows::default(); 4];
+        if let Some(s) = shard.subjects.get(subject) {
+            w[0] = s.client;
+            w[1] = s.deployments.get(deployment).copied().unwrap_or_default();
+            if let Some(u) = s.users.get(user) {
+                w[2] = u.all;
+                w[3] = u.deployments.get(deployment).copied().unwrap_or_default();
+            }
+        }
+        let slot = |scope: Scope| match scope {
+            Scope::Client => 0,
+            Scope::Deployment => 1,
+            Scope::User => 2,
+            Scope::UserDeployment => 3,
         };
         let mut current = [0i64; MAX_CHECKS];
         for (i, c) in plan.checks().iter().enumerate() {
-            let w = match c.scope {
-                Scope::Client => &client,
-                Scope::Deployment => &dep,
-            };
-            current[i] = w.get(c.kind, today);
+            current[i] = w[slot(c.scope)].get(c.kind, today);
         }
         let after = evaluate(plan, &current, now)?;
-        let mut has_dep = false;
+        let mut used = [false; 4];
         for (i, c) in plan.checks().iter().enumerate() {
-            match c.scope {
-                Scope::Client => client.set(c.kind, today, after[i]),
-                Scope::Deployment => {
-                    has_dep = true;
-                    dep.set(c.kind, today, after[i]);
-                }
-            }
+            used[slot(c.scope)] = true;
+            w[slot(c.scope)].set(c.kind, today, after[i]);
         }
         let entry = match shard.subjects.get_mut(subject) {
             Some(s) => s,
             None => shard.subjects.entry(subject.to_owned()).or_default(),
         };
-        entry.client = client;
-        if has_dep {
-            match entry.deployments.get_mut(deployment) {
-                Some(w) => *w = dep,
-                None => {
-                    entry.deployments.insert(deployment.to_owned(), dep);
+        entry.client = w[0];
+        if used[1] {
+            if let Some(d) = windows_in(&mut entry.deployments, deployment, true) {
+                *d = w[1];
+            }
+        }
+        if used[2] || used[3] {
+            if let Some(u) = user_in(&mut entry.users, user, true) {
+                if used[2] {
+                    u.all = w[2];
+                }
+                if used[3] {
+                    if let Some(d) = windows_in(&mut u.deployments, deployment, true) {
+                        *d = w[3];
+                    }
                 }
             }
         }
@@ -146,6 +203,7 @@ impl MemoryStore {
     pub(crate) fn reconcile_now(
         &self,
         subject: &str,
+        user: &str,
         deployment: &str,
         day: i64,
         corrections: &[Correction],
@@ -161,22 +219,17 @@ impl MemoryStore {
             None => return,
         };
         for c in corrections {
+            // A window that is gone has nothing to refund; a surcharge starts it anew.
+            let create = c.delta > 0;
             let w = match c.scope {
-                Scope::Client => &mut subject.client,
-                Scope::Deployment => {
-                    if !subject.deployments.contains_key(deployment) {
-                        if c.delta <= 0 {
-                            continue;
-                        }
-                        subject
-                            .deployments
-                            .insert(deployment.to_owned(), Windows::default());
-                    }
-                    match subject.deployments.get_mut(deployment) {
-                        Some(w) => w,
-                        None => continue,
-                    }
-                }
+                Scope::Client => Some(&mut subject.client),
+                Scope::Deployment => windows_in(&mut subject.deployments, deployment, create),
+                Scope::User => user_in(&mut subject.users, user, create).map(|u| &mut u.all),
+                Scope::UserDeployment => user_in(&mut subject.users, user, create)
+                    .and_then(|u| windows_in(&mut u.deployments, deployment, create)),
+            };
+            let Some(w) = w else {
+                continue;
             };
             match c.kind {
                 Kind::Requests => {}
@@ -227,6 +280,10 @@ impl Shard {
         self.last_sweep = now;
         self.subjects.retain(|_, s| {
             s.deployments.retain(|_, w| !w.idle(now));
+            s.users.retain(|_, u| {
+                u.deployments.retain(|_, w| !w.idle(now));
+                !u.idle(now)
+            });
             !s.idle(now)
         });
     }

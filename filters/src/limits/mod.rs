@@ -51,6 +51,25 @@ impl LimitSpec {
 pub struct ClientLimits {
     pub client: LimitSpec,
     pub per_deployment: HashMap<String, LimitSpec>,
+    /// `limits.per_user`: each distinct user of the client (its `user_claim` value) held to
+    /// these on top (their own `per_user` is always `None`). Requests without a user value
+    /// share one bucket of the client.
+    pub per_user: Option<Box<ClientLimits>>,
+}
+
+impl ClientLimits {
+    /// Whether any limit of this set applies to `deployment` (per-user ones included).
+    pub fn applies_to(&self, deployment: &str) -> bool {
+        !self.client.is_empty()
+            || self
+                .per_deployment
+                .get(deployment)
+                .is_some_and(|s| !s.is_empty())
+            || self
+                .per_user
+                .as_ref()
+                .is_some_and(|u| u.applies_to(deployment))
+    }
 }
 
 pub use crate::store::StoreKind;
@@ -122,6 +141,8 @@ pub struct Admission {
 #[derive(Debug)]
 struct Ticket {
     subject: String,
+    /// The user key (see [`user_key`]) when the plan has per-user windows, else empty.
+    user: String,
     deployment: String,
     plan: Plan,
     /// Each window's value right after admission (`tat` µs, or the day's count).
@@ -157,7 +178,7 @@ impl Admission {
 // ---------------------------------------------------------------------------------------------
 // The plan: which windows apply to one request, without allocating.
 
-pub(crate) const MAX_CHECKS: usize = 6;
+pub(crate) const MAX_CHECKS: usize = 12;
 /// Limits and amounts are capped at 2^52 (far beyond any real limit) so that every count stays
 /// exact in Lua's doubles and fits an `i64`.
 pub(crate) const MAX_UNITS: u64 = 1 << 52;
@@ -166,6 +187,16 @@ pub(crate) const MAX_UNITS: u64 = 1 << 52;
 pub(crate) enum Scope {
     Client,
     Deployment,
+    /// The client's windows for one user (`limits.per_user`).
+    User,
+    /// One user's windows for one deployment (`limits.per_user.deployments`).
+    UserDeployment,
+}
+
+/// The key of a user's windows: its `user_claim` value; requests without one share the
+/// empty key (a user value is never empty: such a claim counts as absent).
+pub(crate) fn user_key(user: Option<&str>) -> &str {
+    user.unwrap_or("")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,6 +240,12 @@ impl Plan {
                 plan.add(Scope::Deployment, spec, reserve);
             }
         }
+        if let Some(user) = &limits.per_user {
+            plan.add(Scope::User, &user.client, reserve);
+            if let Some(spec) = user.per_deployment.get(deployment) {
+                plan.add(Scope::UserDeployment, spec, reserve);
+            }
+        }
         plan
     }
 
@@ -236,7 +273,15 @@ impl Plan {
     }
 
     fn has_deployment_checks(&self) -> bool {
-        self.checks().iter().any(|c| c.scope == Scope::Deployment)
+        self.checks()
+            .iter()
+            .any(|c| matches!(c.scope, Scope::Deployment | Scope::UserDeployment))
+    }
+
+    fn has_user_checks(&self) -> bool {
+        self.checks()
+            .iter()
+            .any(|c| matches!(c.scope, Scope::User | Scope::UserDeployment))
     }
 }
 
@@ -414,6 +459,7 @@ pub(crate) trait LimitStore: Send + Sync {
     fn admit(
         &self,
         subject: &str,
+        user: &str,
         deployment: &str,
         plan: &Plan,
         now: i64,
@@ -422,6 +468,7 @@ pub(crate) trait LimitStore: Send + Sync {
     fn reconcile(
         &self,
         subject: &str,
+        user: &str,
         deployment: &str,
         day: i64,
         corrections: &[Correction],
@@ -433,22 +480,24 @@ impl LimitStore for MemoryStore {
     async fn admit(
         &self,
         subject: &str,
+        user: &str,
         deployment: &str,
         plan: &Plan,
         now: i64,
     ) -> Option<Result<[i64; MAX_CHECKS], FilterError>> {
-        Some(self.admit_now(subject, deployment, plan, now))
+        Some(self.admit_now(subject, user, deployment, plan, now))
     }
 
     async fn reconcile(
         &self,
         subject: &str,
+        user: &str,
         deployment: &str,
         day: i64,
         corrections: &[Correction],
         now: i64,
     ) -> bool {
-        self.reconcile_now(subject, deployment, day, corrections, now);
+        self.reconcile_now(subject, user, deployment, day, corrections, now);
         true
     }
 }
@@ -546,6 +595,23 @@ impl Limiter {
         reserve_tokens: u64,
         now: SystemTime,
     ) -> Result<Admission, FilterError> {
+        self.admit_user(subject, None, deployment, limits, reserve_tokens, now)
+            .await
+    }
+
+    /// [`Limiter::admit`] for a request of `user` (the `user_claim` value, if any): the
+    /// client's `per_user` windows of that user are checked and counted with the others, all
+    /// or nothing. Requests without a user value share one per-user bucket of the client.
+    pub async fn admit_user(
+        &self,
+        subject: &str,
+        user: Option<&str>,
+        deployment: &str,
+        limits: &ClientLimits,
+        reserve_tokens: u64,
+        now: SystemTime,
+    ) -> Result<Admission, FilterError> {
+        let user = user_key(user);
         let plan = Plan::build(limits, deployment, reserve_tokens);
         if plan.len == 0 {
             return Ok(Admission::unlimited());
@@ -557,10 +623,11 @@ impl Limiter {
         let decider = match &self.redis {
             None => Decider::Memory,
             Some(redis) => {
-                if let Some(result) = redis.admit(subject, deployment, &plan, now).await {
+                if let Some(result) = redis.admit(subject, user, deployment, &plan, now).await {
                     let after = result?;
                     return Ok(self.admission(
                         subject,
+                        user,
                         deployment,
                         plan,
                         after,
@@ -575,13 +642,17 @@ impl Limiter {
                 }
             }
         };
-        let after = self.local.admit_now(subject, deployment, &plan, now)?;
-        Ok(self.admission(subject, deployment, plan, after, now, decider))
+        let after = self
+            .local
+            .admit_now(subject, user, deployment, &plan, now)?;
+        Ok(self.admission(subject, user, deployment, plan, after, now, decider))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn admission(
         &self,
         subject: &str,
+        user: &str,
         deployment: &str,
         plan: Plan,
         after: [i64; MAX_CHECKS],
@@ -597,6 +668,11 @@ impl Limiter {
             headers: headers(&plan, &after, now),
             ticket: Some(Box::new(Ticket {
                 subject: subject.to_owned(),
+                user: if plan.has_user_checks() {
+                    user.to_owned()
+                } else {
+                    String::new()
+                },
                 deployment: if plan.has_deployment_checks() {
                     deployment.to_owned()
                 } else {
@@ -621,6 +697,7 @@ impl Limiter {
     pub async fn settle(
         &self,
         subject: &str,
+        user: Option<&str>,
         deployment: &str,
         limits: &ClientLimits,
         reserved: u64,
@@ -639,6 +716,7 @@ impl Limiter {
         };
         let mut admission = self.admission(
             subject,
+            user_key(user),
             deployment,
             plan,
             [0; MAX_CHECKS],
@@ -694,6 +772,7 @@ impl Limiter {
                 let ok = redis
                     .reconcile(
                         &ticket.subject,
+                        &ticket.user,
                         &ticket.deployment,
                         ticket.day,
                         corrections,
@@ -706,6 +785,7 @@ impl Limiter {
             }
             _ => self.local.reconcile_now(
                 &ticket.subject,
+                &ticket.user,
                 &ticket.deployment,
                 ticket.day,
                 corrections,
@@ -738,16 +818,27 @@ impl Limiter {
         match (ticket.decider, &self.redis) {
             (Decider::Redis, Some(redis)) => {
                 let ok = redis
-                    .reconcile(&ticket.subject, &ticket.deployment, day, corrections, now)
+                    .reconcile(
+                        &ticket.subject,
+                        &ticket.user,
+                        &ticket.deployment,
+                        day,
+                        corrections,
+                        now,
+                    )
                     .await;
                 if !ok {
                     (self.on_store_error)();
                 }
             }
-            _ => {
-                self.local
-                    .reconcile_now(&ticket.subject, &ticket.deployment, day, corrections, now)
-            }
+            _ => self.local.reconcile_now(
+                &ticket.subject,
+                &ticket.user,
+                &ticket.deployment,
+                day,
+                corrections,
+                now,
+            ),
         }
     }
 }

@@ -133,14 +133,34 @@ impl RedisStore {
         }
     }
 
-    fn key(&self, subject: &str, deployment: &str, scope: Scope, kind: Kind, day: i64) -> String {
-        let mut k =
-            String::with_capacity(self.prefix.len() + subject.len() + deployment.len() + 24);
+    fn key(
+        &self,
+        subject: &str,
+        user: &str,
+        deployment: &str,
+        scope: Scope,
+        kind: Kind,
+        day: i64,
+    ) -> String {
+        let mut k = String::with_capacity(
+            self.prefix.len() + subject.len() + user.len() + deployment.len() + 28,
+        );
         k.push_str(&self.prefix);
         k.push('{');
         escape_into(&mut k, subject);
         k.push_str("}:");
-        if scope == Scope::Deployment {
+        // A user's windows: `u:<user>:` (`nouser:` for requests without a user value; `:`
+        // is escaped in names, so neither can be mistaken for the other or a deployment's).
+        if matches!(scope, Scope::User | Scope::UserDeployment) {
+            if user.is_empty() {
+                k.push_str("nouser:");
+            } else {
+                k.push_str("u:");
+                escape_into(&mut k, user);
+                k.push(':');
+            }
+        }
+        if matches!(scope, Scope::Deployment | Scope::UserDeployment) {
             k.push_str("dep:");
             escape_into(&mut k, deployment);
             k.push(':');
@@ -163,6 +183,7 @@ impl LimitStore for RedisStore {
     async fn admit(
         &self,
         subject: &str,
+        user: &str,
         deployment: &str,
         plan: &Plan,
         now: i64,
@@ -172,7 +193,7 @@ impl LimitStore for RedisStore {
         let mut inv = self.admit.prepare_invoke();
         inv.arg(now);
         for c in plan.checks() {
-            inv.key(self.key(subject, deployment, c.scope, c.kind, day));
+            inv.key(self.key(subject, user, deployment, c.scope, c.kind, day));
             match c.kind {
                 Kind::Requests | Kind::Tokens => {
                     inv.arg("g")
@@ -216,6 +237,7 @@ impl LimitStore for RedisStore {
     async fn reconcile(
         &self,
         subject: &str,
+        user: &str,
         deployment: &str,
         day: i64,
         corrections: &[Correction],
@@ -225,7 +247,7 @@ impl LimitStore for RedisStore {
         let mut inv = self.reconcile.prepare_invoke();
         inv.arg(now);
         for c in corrections {
-            inv.key(self.key(subject, deployment, c.scope, c.kind, day));
+            inv.key(self.key(subject, user, deployment, c.scope, c.kind, day));
             let kind = if c.kind == Kind::Day { "d" } else { "g" };
             inv.arg(kind).arg(c.delta).arg(c.cap).arg(ttl_ms.max(1));
         }
@@ -248,12 +270,20 @@ mod tests {
         let s = RedisStore::new(conn, "agw:lim:");
         let day = 20_000; // 2024-10-04
         assert_eq!(
-            s.key("support-bot", "gpt-4o", Scope::Client, Kind::Requests, day),
+            s.key(
+                "support-bot",
+                "u",
+                "gpt-4o",
+                Scope::Client,
+                Kind::Requests,
+                day
+            ),
             "agw:lim:{support-bot}:r"
         );
         assert_eq!(
             s.key(
                 "unlisted:contoso:a{b}",
+                "",
                 "gpt:4o",
                 Scope::Deployment,
                 Kind::Day,
@@ -262,8 +292,25 @@ mod tests {
             "agw:lim:{unlisted%3Acontoso%3Aa%7Bb%7D}:dep:gpt%3A4o:d:20241004"
         );
         assert_eq!(
-            s.key("a", "x", Scope::Client, Kind::Tokens, day),
+            s.key("a", "", "x", Scope::Client, Kind::Tokens, day),
             "agw:lim:{a}:t"
+        );
+        // Per user: the user's own keys under the client's hash tag.
+        assert_eq!(
+            s.key("a", "oid:1", "x", Scope::User, Kind::Requests, day),
+            "agw:lim:{a}:u:oid%3A1:r"
+        );
+        assert_eq!(
+            s.key("a", "oid", "g:4", Scope::UserDeployment, Kind::Day, day),
+            "agw:lim:{a}:u:oid:dep:g%3A4:d:20241004"
+        );
+        assert_eq!(
+            s.key("a", "", "x", Scope::User, Kind::Tokens, day),
+            "agw:lim:{a}:nouser:t"
+        );
+        assert_eq!(
+            s.key("a", "", "x", Scope::UserDeployment, Kind::Tokens, day),
+            "agw:lim:{a}:nouser:dep:x:t"
         );
     }
 }

@@ -28,6 +28,7 @@ fn client(rpm: Option<u64>, tpm: Option<u64>, tpd: Option<u64>) -> ClientLimits 
     ClientLimits {
         client: spec(rpm, tpm, tpd),
         per_deployment: HashMap::new(),
+        per_user: None,
     }
 }
 
@@ -369,12 +370,30 @@ async fn settle_replaces_an_earlier_reservation(l: &Limiter, s: &str) {
     l.reconcile_at(&a, None, at(created + S)).await;
     let probe = ok(l, s, "d", &lim, 0, created + 2 * S).await;
     assert_eq!(probe.headers.remaining_tokens, Some(700));
-    l.settle(s, "d", &lim, 300, 100, at(created), at(created + 3 * S))
-        .await;
+    l.settle(
+        s,
+        None,
+        "d",
+        &lim,
+        300,
+        100,
+        at(created),
+        at(created + 3 * S),
+    )
+    .await;
     let probe = ok(l, s, "d", &lim, 0, created + 3 * S).await;
     assert_eq!(probe.headers.remaining_tokens, Some(900), "refund of 200");
-    l.settle(s, "d", &lim, 100, 400, at(created), at(created + 3 * S))
-        .await;
+    l.settle(
+        s,
+        None,
+        "d",
+        &lim,
+        100,
+        400,
+        at(created),
+        at(created + 3 * S),
+    )
+    .await;
     let probe = ok(l, s, "d", &lim, 0, created + 3 * S).await;
     assert_eq!(
         probe.headers.remaining_tokens,
@@ -384,10 +403,81 @@ async fn settle_replaces_an_earlier_reservation(l: &Limiter, s: &str) {
     // Created yesterday: today's day count is not corrected.
     let (a2, _) = (ok(l, s, "d", &lim, 0, T0 + DAY_US).await, ());
     let before = a2.headers.remaining_tokens;
-    l.settle(s, "d", &lim, 300, 0, at(created), at(T0 + DAY_US))
+    l.settle(s, None, "d", &lim, 300, 0, at(created), at(T0 + DAY_US))
         .await;
     let after = ok(l, s, "d", &lim, 0, T0 + DAY_US).await;
     assert_eq!(after.headers.remaining_tokens, before);
+}
+
+async fn per_user_limits_hold_each_user_on_top_of_the_client(l: &Limiter, s: &str) {
+    // The client: 5 requests per minute; each user 2, and 100 tokens a minute on `d`.
+    let mut lim = client(Some(5), None, None);
+    let mut user = client(Some(2), None, None);
+    user.per_deployment
+        .insert("d".into(), spec(None, Some(100), None));
+    lim.per_user = Some(Box::new(user));
+    let adm = |u: Option<&'static str>, d: &'static str, n: u64, now: i64| {
+        let lim = lim.clone();
+        async move { l.admit_user(s, u, d, &lim, n, at(now)).await }
+    };
+    for _ in 0..2 {
+        adm(Some("alice"), "e", 0, T0).await.unwrap();
+    }
+    // Her own limit: 2 a minute, 30 s apart.
+    assert_eq!(
+        adm(Some("alice"), "e", 0, T0).await.unwrap_err(),
+        rate(30_000, false)
+    );
+    // Bob is another user: his own bucket.
+    let a = adm(Some("bob"), "e", 0, T0).await.unwrap();
+    assert_eq!(a.headers.remaining_requests, Some(1), "his, the tightest");
+    adm(Some("bob"), "e", 0, T0).await.unwrap();
+    // Requests without a user value share one bucket.
+    adm(None, "e", 0, T0).await.unwrap();
+    // The client's own limit holds across all of them (5 so far: alice 2, bob 2, one
+    // without a user): a sixth request is refused for a fresh user too.
+    assert_eq!(
+        adm(Some("carol"), "e", 0, T0).await.unwrap_err(),
+        rate(12_000, false)
+    );
+    // Carol's refused request consumed nothing of hers: a minute later she has both.
+    for _ in 0..2 {
+        adm(Some("carol"), "e", 0, T0 + 60 * S).await.unwrap();
+    }
+
+    // Per user and deployment, with no client-wide limit at all: tokens reserved and
+    // reconciled in the user's own window.
+    let s2 = format!("{s}-tokens");
+    let mut lim = ClientLimits::default();
+    let mut user = ClientLimits::default();
+    user.per_deployment
+        .insert("d".into(), spec(None, Some(100), None));
+    lim.per_user = Some(Box::new(user));
+    let a = l
+        .admit_user(&s2, Some("dave"), "d", &lim, 80, at(T0))
+        .await
+        .unwrap();
+    assert_eq!(a.headers.remaining_tokens, Some(20));
+    let e = l
+        .admit_user(&s2, Some("dave"), "d", &lim, 30, at(T0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, FilterError::RateLimitExceeded { tokens: true, .. }),
+        "{e:?}"
+    );
+    // Another deployment, or another user: not limited by dave's window.
+    l.admit_user(&s2, Some("dave"), "e", &lim, 500, at(T0))
+        .await
+        .unwrap();
+    l.admit_user(&s2, Some("erin"), "d", &lim, 100, at(T0))
+        .await
+        .unwrap();
+    // Dave's 80 were 10 in the end: 90 fit again.
+    l.reconcile_at(&a, Some(10), at(T0)).await;
+    l.admit_user(&s2, Some("dave"), "d", &lim, 90, at(T0))
+        .await
+        .unwrap();
 }
 
 async fn all_scenarios(l: &Limiter, prefix: &str) {
@@ -406,6 +496,7 @@ async fn all_scenarios(l: &Limiter, prefix: &str) {
     headers_show_the_tightest_limit(l, &s("headers")).await;
     a_token_limit_sets_the_tokens_flag(l, &s("flag")).await;
     settle_replaces_an_earlier_reservation(l, &s("settle")).await;
+    per_user_limits_hold_each_user_on_top_of_the_client(l, &s("peruser")).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -189,6 +189,7 @@ mod tests {
             client_value: format!("app-{n}"),
             user: None,
             expires_at: 10_000,
+            grants: None,
         }
     }
 

@@ -64,6 +64,8 @@ pub struct OidcProviderConfig {
     /// `azp` | `appid` | `client_id` | `sub` | any claim.
     pub client_claim: String,
     pub user_claim: Option<String>,
+    /// `grants` (validated by the loader): `None` = not configured, `allow` alone decides.
+    pub grants: Option<Arc<crate::grants::Grants>>,
 }
 
 /// Checks one provider at load. Returns every problem as `(field, message)`, the field
@@ -155,6 +157,8 @@ pub struct VerifiedToken {
     pub user: Option<String>,
     /// The token's `exp` (Unix seconds).
     pub expires_at: u64,
+    /// The provider's grants the token's claims match (`None`: the provider has none).
+    pub grants: Option<crate::grants::Granted>,
 }
 
 /// Why a token was refused. Never carries the token nor any of its content.
@@ -169,13 +173,16 @@ pub enum OidcError {
     /// The provider's `client_claim` is absent (or not a non-empty string): 401.
     #[error("the token has no client claim")]
     ClientClaimMissing,
+    /// The provider has `grants` and the token's claims match none of them: 403.
+    #[error("the token's claims match none of the provider's grants")]
+    NoGrant,
 }
 
 impl From<OidcError> for FilterError {
     fn from(err: OidcError) -> Self {
         match err {
             OidcError::Invalid(_) | OidcError::ClientClaimMissing => FilterError::InvalidCredential,
-            OidcError::ClaimsNotSatisfied => FilterError::Forbidden,
+            OidcError::ClaimsNotSatisfied | OidcError::NoGrant => FilterError::Forbidden,
         }
     }
 }
@@ -212,6 +219,7 @@ struct Provider {
     required_claims: Vec<(String, Vec<String>)>,
     client_claim: String,
     user_claim: Option<String>,
+    grants: Option<Arc<crate::grants::Grants>>,
     source: Arc<dyn JwksSource>,
     /// Current keys; swapped whole, never held across an await.
     keys: RwLock<Arc<KeySet>>,
@@ -305,6 +313,7 @@ impl OidcVerifier {
                 required_claims: cfg.required_claims.into_iter().collect(),
                 client_claim: cfg.client_claim,
                 user_claim: cfg.user_claim,
+                grants: cfg.grants,
                 source,
                 keys: RwLock::new(Arc::new(KeySet::default())),
                 fetch: tokio::sync::Mutex::new(FetchState::default()),
@@ -663,6 +672,10 @@ fn check_claims(
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         _ => return Err(OidcError::ClientClaimMissing),
     };
+    let grants = match &provider.grants {
+        Some(g) => Some(crate::grants::Granted::new(g.clone(), claims).ok_or(OidcError::NoGrant)?),
+        None => None,
+    };
     let user = provider
         .user_claim
         .as_ref()
@@ -675,5 +688,6 @@ fn check_claims(
         client_value,
         user,
         expires_at: exp,
+        grants,
     })
 }

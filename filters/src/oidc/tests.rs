@@ -245,6 +245,7 @@ async fn rs256_token_is_accepted() {
             client_value: "app-1".into(),
             user: Some("user-1".into()),
             expires_at: T0 + 3600,
+            grants: None,
         }
     );
     assert_eq!(source.fetches(), 1, "no fetch on a key hit");
@@ -741,6 +742,48 @@ fn errors_map_to_filter_errors() {
         FilterError::from(OidcError::ClaimsNotSatisfied),
         FilterError::Forbidden
     );
+    assert_eq!(
+        FilterError::from(OidcError::NoGrant),
+        FilterError::Forbidden
+    );
+}
+
+#[tokio::test]
+async fn grants_come_with_the_token_and_a_token_matching_none_is_refused() {
+    use crate::authz::AllowSet;
+    use crate::grants::{Grant, Grants, Pattern};
+    let source = FakeSource::serving(jwks(&[rsa1()]));
+    let mut cfg = config();
+    cfg.grants = Some(Arc::new(Grants {
+        list: vec![Grant {
+            claim: "scp".into(),
+            value: "Chat.Read".into(),
+            operations: AllowSet::Only([crate::Operation::ChatCompletions].into_iter().collect()),
+            deployments: vec![Pattern::All],
+        }],
+    }));
+    let v = verifier_with(cfg, &source, &FakeClock::new());
+    let got = v
+        .verify(&token(
+            rsa1(),
+            &with(claims(), "scp", json!("openid Chat.Read")),
+        ))
+        .await
+        .unwrap();
+    let g = got.grants.expect("the matched grants");
+    assert_eq!(
+        g.check(crate::Operation::ChatCompletions, Some("d")),
+        Ok(())
+    );
+    assert_eq!(
+        g.check(crate::Operation::Embeddings, Some("d")),
+        Err(FilterError::OperationNotAllowed)
+    );
+    assert_eq!(
+        v.verify(&token(rsa1(), &claims())).await,
+        Err(OidcError::NoGrant),
+        "no scp claim: no grant"
+    );
 }
 
 // ---------------------------------------------------------------- JWKS cache and refetch
@@ -1017,6 +1060,7 @@ fn validate_provider_reports_every_problem() {
         required_claims: BTreeMap::from([("roles".into(), vec![])]),
         client_claim: String::new(),
         user_claim: Some(String::new()),
+        grants: None,
     };
     assert_eq!(
         fields(&cfg),

@@ -166,6 +166,22 @@ pub struct OidcFile {
     pub user_claim: Option<String>,
     #[serde(default)]
     pub unlisted_clients: Option<UnlistedClientsFile>,
+    /// Claims that grant: when set, a token's permissions are its client's `allow`
+    /// intersected with the union of the grants its claims match (none: 403).
+    #[serde(default)]
+    pub grants: Option<Vec<GrantFile>>,
+}
+
+/// One `identity.oidc[].grants` entry: a claim value and what it permits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantFile {
+    /// `roles` (an array claim), `scp` (a space-separated string), or any claim of either form.
+    pub claim: String,
+    pub value: String,
+    pub operations: Vec<String>,
+    /// Names, `*`, or prefixes ending in `*` (`gpt-4o*`).
+    pub deployments: Vec<String>,
 }
 
 fn default_algorithms() -> Vec<String> {
@@ -254,6 +270,10 @@ pub struct LimitsFile {
     pub tokens_per_day: Option<u64>,
     #[serde(default)]
     pub deployments: BTreeMap<String, LimitSpecFile>,
+    /// Each distinct user of the client (its `user_claim` value) held to these limits (the
+    /// same keys, less `per_user`) on top of the client's.
+    #[serde(default)]
+    pub per_user: Option<Box<LimitsFile>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,6 +312,11 @@ pub struct BackendFile {
     pub api_key: Option<String>,
     #[serde(default)]
     pub ca_file: Option<String>,
+    /// How long a capacity report (`x-ratelimit-remaining-*`) of this backend's deployments
+    /// is believed (default 60: Azure's quota is per minute); 0 turns capacity-aware routing
+    /// off for this backend.
+    #[serde(default)]
+    pub capacity_window_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]

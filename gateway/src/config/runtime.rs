@@ -109,6 +109,8 @@ pub struct Backend {
     pub region: Arc<str>,
     pub credential: Credential,
     pub ca_file: Option<String>,
+    /// How long a capacity report is believed, in ms (0: capacity-aware routing off).
+    pub capacity_window_ms: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -457,6 +457,19 @@ impl Head {
             .map(|f| self.slice(f.value))
     }
 
+    /// The name and value of every header recognized as `kind`, from its first (nothing to
+    /// walk when there is none).
+    pub fn named(&self, kind: Name) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let from = match self.first[kind as usize] {
+            0 => self.fields.len(),
+            i => i as usize - 1,
+        };
+        self.fields[from..]
+            .iter()
+            .filter(move |f| f.kind == kind)
+            .map(|f| (self.slice(f.name), self.slice(f.value)))
+    }
+
     /// Whether a `Connection` header lists this option.
     fn connection_has(&self, option: &str) -> bool {
         self.values(Name::Connection).any(|v| {

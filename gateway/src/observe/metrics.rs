@@ -30,6 +30,9 @@ pub struct Metrics {
     pub token_details: IntCounterVec,
     pub rejections: IntCounterVec,
     pub upstream_attempts: IntCounterVec,
+    /// `aoai_gateway_upstream_skips_total{backend,deployment,reason}` (SPEC §14): members
+    /// passed over for a request; `reason` is `capacity`.
+    pub upstream_skips: IntCounterVec,
     /// Where `backend_healthy` and `backend_cooldown_seconds` are read from.
     pool_reader: Arc<RwLock<Option<PoolReader>>>,
     pub cert_expiry: IntGaugeVec,
@@ -303,6 +306,14 @@ impl Metrics {
             &["backend", "deployment", "code"],
         )
         .unwrap();
+        let upstream_skips = IntCounterVec::new(
+            Opts::new(
+                "aoai_gateway_upstream_skips_total",
+                "Members passed over for a request; reason `capacity`: their last capacity report could not cover it.",
+            ),
+            &["backend", "deployment", "reason"],
+        )
+        .unwrap();
         let pool_reader = Arc::new(RwLock::new(None));
         let cert_expiry = IntGaugeVec::new(
             Opts::new(
@@ -394,6 +405,7 @@ impl Metrics {
             Box::new(token_details.clone()),
             Box::new(rejections.clone()),
             Box::new(upstream_attempts.clone()),
+            Box::new(upstream_skips.clone()),
             Box::new(PoolGauges::new(pool_reader.clone())),
             Box::new(cert_expiry.clone()),
             Box::new(key_expiry.clone()),
@@ -425,6 +437,7 @@ impl Metrics {
             token_details,
             rejections,
             upstream_attempts,
+            upstream_skips,
             pool_reader,
             cert_expiry,
             key_expiry,

@@ -131,6 +131,7 @@ mod tests {
             healthy,
             cooling_until_ms,
             tried,
+            short: None,
         }
     }
 

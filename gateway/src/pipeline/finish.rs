@@ -65,6 +65,7 @@ impl Gateway {
             snap.limiter
                 .settle(
                     &ctx.outcome.caller.client,
+                    ctx.outcome.caller.user.as_deref(),
                     &s.deployment,
                     &snap.cfg.clients[s.client].limits,
                     s.reserved,

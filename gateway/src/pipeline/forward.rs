@@ -25,9 +25,10 @@ use crate::front::downstream::Downstream;
 use crate::http1::{BodyReader, Collected, Framing, H1Error, Head, Name, Text};
 use crate::observe::metrics::status_label;
 use crate::state::Snapshot;
+use crate::upstream::capacity::{parse_report, shortfall, Capacity};
 use crate::upstream::pool::{Upstream, Upstreams};
 use crate::upstream::request::{exchange, Auth, Request, Send, SendError, Target};
-use crate::upstream::select::{now_ms, unix_ms, Candidate, Cooldown};
+use crate::upstream::select::{capacity_skips, now_ms, unix_ms, Candidate, Cooldown};
 
 /// The kept body of a retried answer is capped at this size.
 const MAX_KEPT_ERROR_BODY: usize = 256 * 1024;
@@ -80,13 +81,17 @@ pub(super) struct Answer {
 }
 
 /// The chooser's view of every member now; `tried` carries over between attempts (and
-/// `forward` members count as tried for a caller without a JWT).
+/// `forward` members count as tried for a caller without a JWT). `room`: the members'
+/// capacity reports, the request's token reservation (`None` until some report could be
+/// short for it: capacity is then not looked at) and the time.
 pub(super) fn candidates(
     snap: &Snapshot,
     f: &Forward<'_>,
     cools: &[Arc<Cooldown>],
+    room: (&[Arc<Capacity>], Option<u64>, u64),
     cands: &mut [Candidate],
 ) {
+    let (caps, need, now) = room;
     for (i, (m, c)) in f
         .deployment
         .members
@@ -94,16 +99,45 @@ pub(super) fn candidates(
         .zip(cands.iter_mut())
         .enumerate()
     {
-        let forward_only = snap.cfg.backends[m.backend].credential == Credential::Forward;
+        let backend = &snap.cfg.backends[m.backend];
+        let forward_only = backend.credential == Credential::Forward;
         let unusable = !usable(m.backend, forward_only, f.caller_jwt.is_some(), f.pinned);
+        let short = match (need, caps.get(i)) {
+            (Some(need), Some(cap)) => {
+                shortfall(cap.report(), now, backend.capacity_window_ms, need)
+            }
+            _ => None,
+        };
         *c = Candidate {
             priority: m.priority,
             weight: m.weight,
             healthy: snap.pool.health[m.backend].is_healthy(),
             cooling_until_ms: cools[i].until_ms(),
             tried: c.tried || unusable,
+            short,
         };
     }
+}
+
+/// Output tokens a request is taken to reserve at most when deciding whether its exact
+/// reservation must be computed for routing (the largest output of today's models).
+const OUTPUT_BOUND: u64 = 131_072;
+
+/// Whether some member's capacity report (younger than its window) could be short for a
+/// request reserving up to `bound` tokens: only then is the exact reservation worth computing.
+/// With Azure's usual reports (far more room than any one request) this is a few atomic
+/// loads per member and no tokenizing.
+fn capacity_may_bind(
+    snap: &Snapshot,
+    f: &Forward<'_>,
+    caps: &[Arc<Capacity>],
+    now: u64,
+    bound: u64,
+) -> bool {
+    f.deployment.members.iter().zip(caps).any(|(m, c)| {
+        let window = snap.cfg.backends[m.backend].capacity_window_ms;
+        shortfall(c.report(), now, window, bound).is_some()
+    })
 }
 
 /// Whether a member may be tried for a request: a `forward` backend only with the caller's
@@ -141,6 +175,15 @@ impl Gateway {
     ) -> Result<(), Failure> {
         let members = &f.deployment.members;
         let cools = &snap.pool.cooldowns[&*f.deployment.name];
+        let caps = snap
+            .pool
+            .capacity
+            .get(&*f.deployment.name)
+            .map_or(&[][..], |c| &c[..]);
+        // The reservation routing compares with capacity reports (once one could bind).
+        let mut need: Option<u64> = None;
+        // Members already counted as skipped for capacity in this request.
+        let mut skipped: u64 = 0;
         let mut inline = [Candidate::default(); INLINE];
         let mut spilled = Vec::new();
         let cands: &mut [Candidate] = if members.len() <= INLINE {
@@ -153,13 +196,27 @@ impl Gateway {
         // A managed-identity member was skipped: the gateway has no valid token.
         let mut no_token = false;
         for attempt in 0..snap.cfg.retries.max_attempts {
-            candidates(snap, f, cools, cands);
             // The first attempt goes out at the request's start, as far as cooldowns go.
             let now = if attempt == 0 {
                 unix_ms(ctx.started)
             } else {
                 now_ms()
             };
+            if need.is_none() {
+                // The reservation the limits computed, else an upper bound of it (the body's
+                // bytes and the largest output) until a report makes the exact one matter.
+                let reserved = ctx.outcome.reserved;
+                let bound = if reserved > 0 {
+                    reserved
+                } else {
+                    let default = snap.cfg.limits.default_completion_reservation;
+                    (f.body.byte_len() as u64).saturating_add(OUTPUT_BOUND.max(default))
+                };
+                if capacity_may_bind(snap, f, caps, now, bound) {
+                    need = Some(self.routing_reservation(ctx, snap, f).await);
+                }
+            }
+            candidates(snap, f, cools, (caps, need, now), cands);
             let i = match failover::next_member(attempt, cands, now, rand::random()) {
                 Next::Try(i) => i,
                 // Only the holder can answer: it being unavailable is 503, whatever the reason.
@@ -173,6 +230,22 @@ impl Gateway {
                 Next::Refuse(e) => return Err(e.into()),
                 Next::Stop => break,
             };
+            if need.is_some() {
+                for j in capacity_skips(cands, i, now) {
+                    if j >= 64 || skipped & (1 << j) == 0 {
+                        skipped |= 1u64.checked_shl(j as u32).unwrap_or(0);
+                        let m = &members[j];
+                        self.metrics
+                            .upstream_skips
+                            .with_label_values(&[
+                                &snap.cfg.backends[m.backend].name,
+                                &f.deployment.name,
+                                "capacity",
+                            ])
+                            .inc();
+                    }
+                }
+            }
             cands[i].tried = true;
             let answer = match self.attempt(d.head(), ctx, snap, f, i).await? {
                 Attempt::Answered(a) => a,
@@ -208,6 +281,23 @@ impl Gateway {
             .into()),
             None => Err(GatewayError::new(ErrorCode::BadGateway).into()),
         }
+    }
+
+    /// The token reservation that capacity reports are compared with: the one the limits
+    /// computed, else (no token limit applies to this client) computed now the same way.
+    async fn routing_reservation(&self, ctx: &Ctx, snap: &Snapshot, f: &Forward<'_>) -> u64 {
+        if ctx.outcome.reserved > 0 {
+            return ctx.outcome.reserved;
+        }
+        let hint = f
+            .deployment
+            .members
+            .first()
+            .map_or(&*f.deployment.name, |m| &*m.upstream_deployment);
+        let default = snap.cfg.limits.default_completion_reservation;
+        f.body
+            .reservation(&snap.estimator, f.operation, hint, default)
+            .await
     }
 
     /// One attempt on member `i`: its credential, the request encoded for it, one send.
@@ -286,6 +376,21 @@ impl Gateway {
             }
         };
         let head_at = Instant::now();
+        // Every answer's capacity report is kept, but a 429's: its retry headers say when
+        // to come back (the cooldown), and its "0 remaining" would outlast them.
+        if head.status != 429 {
+            let (tokens, requests) = parse_report(head.named(Name::RateLimit));
+            if tokens.is_some() || requests.is_some() {
+                if let Some(cap) = snap
+                    .pool
+                    .capacity
+                    .get(&*f.deployment.name)
+                    .and_then(|c| c.get(i))
+                {
+                    cap.record(tokens, requests, now_ms());
+                }
+            }
+        }
         let series = self.metrics.attempt_series(
             &backend.name,
             &f.deployment.name,

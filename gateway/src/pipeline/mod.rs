@@ -235,8 +235,8 @@ impl Gateway {
                 let chosen = query_param(head.query(), "deployment").or_else(|| {
                     policy
                         .visible(snap.cfg.deployment_names.iter().map(|n| &**n))
-                        .first()
-                        .copied()
+                        .into_iter()
+                        .find(|n| granted(&identity, n))
                 });
                 if let Some(name) = chosen {
                     b.set_model(name);
@@ -248,13 +248,13 @@ impl Gateway {
             Plan::Models => {
                 self.admit_limits(ctx, snap, &identity, operation, None, None)
                     .await?;
-                self.answer_models(d, &mut ctx.outcome, snap, identity.client, None)
+                self.answer_models(d, &mut ctx.outcome, snap, &identity, None)
                     .await
             }
             Plan::Model { id } => {
                 self.admit_limits(ctx, snap, &identity, operation, None, None)
                     .await?;
-                self.answer_models(d, &mut ctx.outcome, snap, identity.client, Some(id))
+                self.answer_models(d, &mut ctx.outcome, snap, &identity, Some(id))
                     .await
             }
             Plan::Forward { deployment, path } => {
@@ -714,11 +714,12 @@ impl Gateway {
         d: &mut D,
         o: &mut Outcome,
         snap: &Snapshot,
-        client: usize,
+        identity: &Identity,
         id: Option<&str>,
     ) -> Result<(), Failure> {
-        let policy = &snap.cfg.clients[client].policy;
-        let names = policy.visible(snap.cfg.deployment_names.iter().map(|n| &**n));
+        let policy = &snap.cfg.clients[identity.client].policy;
+        let mut names = policy.visible(snap.cfg.deployment_names.iter().map(|n| &**n));
+        names.retain(|n| granted(identity, n));
         let object = |n: &str| serde_json::json!({"id": n, "object": "model", "created": 0, "owned_by": "aoai-gateway", "model": n, "status": "succeeded"});
         let body = match id {
             Some(id) => {
@@ -784,6 +785,11 @@ fn admit_client_ip<D: Downstream>(d: &D, snap: &Snapshot) -> Option<std::net::Ip
         head.all_str(Name::XAzureClientIp),
         head.all_str(Name::XForwardedFor),
     ))
+}
+
+/// Whether the caller's token grants (if its provider has `grants`) name this deployment.
+fn granted(identity: &Identity, deployment: &str) -> bool {
+    identity.grants.as_ref().is_none_or(|g| g.shows(deployment))
 }
 
 /// The owner of the objects a caller creates, and the only one who sees them.

@@ -133,6 +133,7 @@ impl Gateway {
         let gov = Governor {
             limiter: &snap.limiter,
             client_id: &identity.client_id,
+            user: identity.user.as_deref(),
             deployment: &deployment.name,
             limits: &snap.cfg.clients[identity.client].limits,
             session: session.as_ref(),
@@ -204,6 +205,8 @@ impl Gateway {
                     tried: t
                         || (snap.cfg.backends[m.backend].credential == Credential::Forward
                             && caller_jwt.is_none()),
+                    // Realtime sessions reserve no tokens up front: capacity is not checked.
+                    short: None,
                 })
                 .collect();
             let i = match failover::next_member(attempt, &cands, now_ms(), rand::random()) {

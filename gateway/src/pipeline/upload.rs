@@ -299,12 +299,13 @@ impl Gateway {
         };
         let head = d.head().clone();
         for attempt in 0..snap.cfg.retries.max_attempts {
-            candidates(snap, f, cools, cands);
             let now = if attempt == 0 {
                 unix_ms(ctx.started)
             } else {
                 now_ms()
             };
+            // An upload reserves no tokens: members' capacity reports are not looked at.
+            candidates(snap, f, cools, (&[], None, now), cands);
             let i = match failover::next_member(attempt, cands, now, rand::random()) {
                 Next::Try(i) => i,
                 Next::Refuse(e) => return Err(e.into()),

@@ -52,6 +52,8 @@ pub fn ws_config(r: &Realtime) -> WebSocketConfig {
 pub struct Governor<'a> {
     pub limiter: &'a Limiter,
     pub client_id: &'a str,
+    /// The caller's `user_claim` value (its `limits.per_user` windows).
+    pub user: Option<&'a str>,
     pub deployment: &'a str,
     pub limits: &'a ClientLimits,
     /// The session's own admission (`None`: no limit applies): usage is charged to it.
@@ -277,8 +279,9 @@ async fn finish_side<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream
 async fn admit_response(gov: &Governor<'_>) -> Option<FilterError> {
     gov.session?;
     gov.limiter
-        .admit(
+        .admit_user(
             gov.client_id,
+            gov.user,
             gov.deployment,
             gov.limits,
             0,
@@ -365,6 +368,7 @@ mod tests {
                 ..Default::default()
             },
             per_deployment: HashMap::new(),
+            per_user: None,
         }
     }
 
@@ -420,6 +424,7 @@ mod tests {
         let gov = Governor {
             limiter: &limiter,
             client_id: "c",
+            user: None,
             deployment: "d",
             limits: &lim,
             session: Some(&session),
@@ -502,6 +507,7 @@ mod tests {
         let gov = Governor {
             limiter: &limiter,
             client_id: "c",
+            user: None,
             deployment: "d",
             limits: &lim,
             session: None,
@@ -569,6 +575,7 @@ mod tests {
             let gov = Governor {
                 limiter: &limiter,
                 client_id: "c",
+                user: None,
                 deployment: "d",
                 limits: &lim,
                 session: None,

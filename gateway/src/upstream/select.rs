@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::runtime::{Config, RetrySettings};
 use crate::observe::metrics::PoolReading;
+use crate::upstream::capacity::Capacity;
 
 pub fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
@@ -110,6 +111,9 @@ pub struct PoolState {
     pub health: Vec<Arc<BackendHealth>>,
     /// By deployment name, one per member (same order as the deployment's members).
     pub cooldowns: HashMap<String, Vec<Arc<Cooldown>>, foldhash::fast::RandomState>,
+    /// By deployment name, one per member: the last capacity report of its (backend,
+    /// upstream deployment) pair, shared by every client-facing deployment on that pair.
+    pub capacity: HashMap<String, Vec<Arc<Capacity>>, foldhash::fast::RandomState>,
 }
 
 impl PoolState {
@@ -161,7 +165,12 @@ impl PoolState {
                 (name.clone(), cs)
             })
             .collect();
-        PoolState { health, cooldowns }
+        let capacity = capacity_for(cfg, prev, prev_cfg);
+        PoolState {
+            health,
+            cooldowns,
+            capacity,
+        }
     }
 
     /// Health of every backend and remaining cooldown of every member of `cfg` (the
@@ -192,6 +201,46 @@ impl PoolState {
     }
 }
 
+/// The capacity reports for `cfg`: one per (backend, upstream deployment) pair, kept from
+/// `prev` where the pair was already there.
+fn capacity_for(
+    cfg: &Config,
+    prev: Option<&PoolState>,
+    prev_cfg: Option<&Config>,
+) -> HashMap<String, Vec<Arc<Capacity>>, foldhash::fast::RandomState> {
+    let mut pairs: HashMap<(Arc<str>, Arc<str>), Arc<Capacity>> = HashMap::new();
+    if let (Some(p), Some(pc)) = (prev, prev_cfg) {
+        for (name, d) in &pc.deployments {
+            if let Some(cs) = p.capacity.get(name) {
+                for (m, c) in d.members.iter().zip(cs) {
+                    let key = (
+                        pc.backends[m.backend].name.clone(),
+                        Arc::from(&*m.upstream_deployment),
+                    );
+                    pairs.insert(key, c.clone());
+                }
+            }
+        }
+    }
+    cfg.deployments
+        .iter()
+        .map(|(name, d)| {
+            let cs = d
+                .members
+                .iter()
+                .map(|m| {
+                    let key = (
+                        cfg.backends[m.backend].name.clone(),
+                        Arc::from(&*m.upstream_deployment),
+                    );
+                    pairs.entry(key).or_default().clone()
+                })
+                .collect();
+            (name.clone(), cs)
+        })
+        .collect()
+}
+
 /// What the chooser knows of one member.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Candidate {
@@ -200,6 +249,10 @@ pub struct Candidate {
     pub healthy: bool,
     pub cooling_until_ms: u64,
     pub tried: bool,
+    /// Its last capacity report says it cannot take this request: `Some(room)` (see
+    /// [`crate::upstream::capacity::shortfall`]). Skipped as if cooling, unless every member
+    /// that could be tried is short.
+    pub short: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,9 +269,12 @@ pub enum Pick {
 }
 
 /// The best priority tier with an available member; a weighted choice inside it.
-/// `rand` is any uniformly random number.
+/// `rand` is any uniformly random number. A member short of capacity is not available;
+/// when every member that could be tried is short, the one with the most room is tried
+/// (better tier first on a tie): Azure may still take it, and a 429 fails over as usual.
 pub fn pick(cands: &[Candidate], now_ms: u64, rand: u64) -> Pick {
-    let available = |c: &Candidate| !c.tried && c.healthy && c.cooling_until_ms <= now_ms;
+    let open = |c: &Candidate| !c.tried && c.healthy && c.cooling_until_ms <= now_ms;
+    let available = |c: &Candidate| open(c) && c.short.is_none();
     let best = cands
         .iter()
         .filter(|c| available(c))
@@ -240,6 +296,15 @@ pub fn pick(cands: &[Candidate], now_ms: u64, rand: u64) -> Pick {
             }
         }
     }
+    let roomiest = cands
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| open(c))
+        .filter_map(|(i, c)| c.short.map(|room| (room, std::cmp::Reverse(c.priority), i)))
+        .max_by_key(|&(room, prio, i)| (room, prio, std::cmp::Reverse(i)));
+    if let Some((_, _, i)) = roomiest {
+        return Pick::Member(i);
+    }
     let untried: Vec<&Candidate> = cands.iter().filter(|c| !c.tried).collect();
     if untried.is_empty() {
         return Pick::Exhausted;
@@ -255,6 +320,28 @@ pub fn pick(cands: &[Candidate], now_ms: u64, rand: u64) -> Pick {
     }
 }
 
+/// The members skipped for capacity when `chosen` was picked: short, otherwise available,
+/// and in a tier at least as good as the chosen one's (those it would have competed with).
+/// None when the chosen member is itself short (every one was: nothing was skipped).
+pub fn capacity_skips(
+    cands: &[Candidate],
+    chosen: usize,
+    now_ms: u64,
+) -> impl Iterator<Item = usize> + '_ {
+    let c = cands[chosen];
+    let tier = c.priority;
+    let any = c.short.is_none();
+    cands.iter().enumerate().filter_map(move |(i, m)| {
+        (any && i != chosen
+            && m.short.is_some()
+            && !m.tried
+            && m.healthy
+            && m.cooling_until_ms <= now_ms
+            && m.priority <= tier)
+            .then_some(i)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +353,7 @@ mod tests {
             healthy: true,
             cooling_until_ms: 0,
             tried: false,
+            short: None,
         }
     }
 
@@ -326,6 +414,87 @@ mod tests {
         let mut cs = [c(1, 1)];
         cs[0].tried = true;
         assert_eq!(pick(&cs, 0, 0), Pick::Exhausted);
+    }
+
+    #[test]
+    fn members_short_of_capacity_spill_to_the_next() {
+        // Tier 1: a PTU member; tier 2: pay-as-you-go.
+        let mut cs = [c(1, 1), c(2, 1)];
+        cs[0].short = Some(100);
+        for r in 0..5 {
+            assert_eq!(pick(&cs, 0, r), Pick::Member(1), "spills to tier 2");
+        }
+        assert_eq!(capacity_skips(&cs, 1, 0).collect::<Vec<_>>(), [0]);
+        // Room again (a new report, or the window passed): used again.
+        cs[0].short = None;
+        assert_eq!(pick(&cs, 0, 0), Pick::Member(0));
+        assert_eq!(capacity_skips(&cs, 0, 0).count(), 0);
+        // Inside a tier: the other member takes it all.
+        let mut cs = [c(1, 5), c(1, 1), c(2, 1)];
+        cs[0].short = Some(0);
+        for r in 0..12 {
+            assert_eq!(pick(&cs, 0, r), Pick::Member(1));
+        }
+        assert_eq!(capacity_skips(&cs, 1, 0).collect::<Vec<_>>(), [0]);
+    }
+
+    #[test]
+    fn when_every_member_is_short_the_roomiest_is_tried() {
+        // (priority, short, tried, cooling_until) per member
+        type Member = (u32, Option<u64>, bool, u64);
+        let table: &[(&[Member], Pick)] = &[
+            (
+                &[(1, Some(10), false, 0), (2, Some(50), false, 0)],
+                Pick::Member(1),
+            ),
+            // A tie on room: the better tier, then the first.
+            (
+                &[(2, Some(10), false, 0), (1, Some(10), false, 0)],
+                Pick::Member(1),
+            ),
+            (
+                &[(1, Some(0), false, 0), (1, Some(0), false, 0)],
+                Pick::Member(0),
+            ),
+            // Cooling or tried members are not candidates for the fallback.
+            (
+                &[(1, Some(90), false, 5_000), (2, Some(5), false, 0)],
+                Pick::Member(1),
+            ),
+            (
+                &[(1, Some(90), true, 0), (2, Some(5), false, 0)],
+                Pick::Member(1),
+            ),
+            // A member with room wins over any short one, whatever its tier.
+            (
+                &[(1, Some(90), false, 0), (3, None, false, 0)],
+                Pick::Member(1),
+            ),
+            // Short and cooling everywhere: cooling answers as before.
+            (
+                &[(1, Some(90), false, 5_000)],
+                Pick::AllCooling {
+                    retry_after_ms: 4_000,
+                },
+            ),
+        ];
+        for (members, want) in table {
+            let cs: Vec<Candidate> = members
+                .iter()
+                .map(|&(p, short, tried, cool)| Candidate {
+                    short,
+                    tried,
+                    cooling_until_ms: cool,
+                    ..c(p, 1)
+                })
+                .collect();
+            assert_eq!(pick(&cs, 1_000, 7), *want, "{members:?}");
+            if let Pick::Member(i) = want {
+                if cs[*i].short.is_some() {
+                    assert_eq!(capacity_skips(&cs, *i, 1_000).count(), 0);
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod body;
 mod builders;
+mod capacity;
 mod files;
 mod oidc;
 mod realtime;
@@ -104,6 +105,13 @@ struct Cli {
     /// A `background: true` response completes this long after it was created.
     #[arg(long, default_value_t = 500)]
     background_delay_ms: u64,
+    /// `x-ratelimit-remaining-tokens` announced on answers (`PUT /_mock/capacity` changes
+    /// it per deployment at run time).
+    #[arg(long, default_value_t = 999_000)]
+    remaining_tokens: u64,
+    /// `x-ratelimit-remaining-requests` announced on answers.
+    #[arg(long, default_value_t = 9_999)]
+    remaining_requests: u64,
 }
 
 const RECORD_CAPACITY: usize = 1000;
@@ -141,6 +149,8 @@ struct State {
     responses: stored::Responses,
     /// The files and batches this resource keeps.
     files: files::Files,
+    /// The remaining capacity each deployment announces.
+    capacity: capacity::Capacity,
 }
 
 impl State {
@@ -571,6 +581,22 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
         }
     };
 
+    // The capacity this deployment announces (a 429 keeps its own "0 remaining").
+    let mut result = result;
+    if let Some(r) = result
+        .as_mut()
+        .filter(|r| r.status() != StatusCode::TOO_MANY_REQUESTS)
+    {
+        let model = jv.and_then(|v| v.get("model")).and_then(Value::as_str);
+        let a = st.capacity.announce(dep.or(model));
+        let h = r.headers_mut();
+        h.insert(X_RL_TOKENS.clone(), HeaderValue::from(a.remaining_tokens));
+        h.insert(
+            X_RL_REQUESTS.clone(),
+            HeaderValue::from(a.remaining_requests),
+        );
+    }
+
     st.recorder.push(Record {
         seq: 0,
         method: parts.method.as_str().to_string(),
@@ -934,7 +960,30 @@ async fn control(st: &State, rest: &str, req: Request<Incoming>) -> Response<Moc
             st.stats.clear();
             st.no_content()
         }
+        ("capacity", Method::GET) => st.plain(200, st.capacity.to_json().to_string()),
+        ("capacity", Method::POST | Method::PUT | Method::PATCH) => {
+            let body = match read_limited(req.into_body()).await {
+                Ok(b) => b,
+                Err(e) => return control_error(st, 400, &e),
+            };
+            match serde_json::from_slice::<capacity::Patch>(&body) {
+                Ok(p) => {
+                    st.capacity.apply(p);
+                    st.plain(200, st.capacity.to_json().to_string())
+                }
+                Err(e) => control_error(
+                    st,
+                    400,
+                    &format!("body must be {{\"DEPLOYMENT or *\": {{\"remaining_tokens\": N, \"remaining_requests\": N}} or null}}: {e}"),
+                ),
+            }
+        }
+        ("capacity", Method::DELETE) => {
+            st.capacity.clear();
+            st.no_content()
+        }
         ("reset", Method::POST) => {
+            st.capacity.clear();
             let _ = st.faults.set(&st.initial_faults);
             st.recorder.clear();
             st.stats.clear();
@@ -1088,6 +1137,10 @@ fn run(cli: Cli) -> Result<(), String> {
             ids: util::IdGen::new(),
             responses: stored::Responses::new(Duration::from_millis(cli.background_delay_ms)),
             files: files::Files::new(Duration::from_millis(cli.background_delay_ms)),
+            capacity: capacity::Capacity::new(capacity::Announce {
+                remaining_tokens: cli.remaining_tokens,
+                remaining_requests: cli.remaining_requests,
+            }),
         });
         {
             let mut out = io::stdout().lock();
@@ -1175,6 +1228,10 @@ mod tests {
             ids: util::IdGen::new(),
             responses: stored::Responses::new(Duration::from_millis(10)),
             files: files::Files::new(Duration::from_millis(10)),
+            capacity: capacity::Capacity::new(capacity::Announce {
+                remaining_tokens: 999_000,
+                remaining_requests: 9_999,
+            }),
         }
     }
 

@@ -42,7 +42,11 @@ fn allowed_deployments(
     AllowSet::Only(names.iter().cloned().collect())
 }
 
-fn allowed_operations(names: &[String], path: &str, errs: &mut Errors) -> AllowSet<Operation> {
+pub(super) fn allowed_operations(
+    names: &[String],
+    path: &str,
+    errs: &mut Errors,
+) -> AllowSet<Operation> {
     if names.iter().any(|o| o == "*") {
         return AllowSet::All;
     }

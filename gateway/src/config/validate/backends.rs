@@ -42,6 +42,15 @@ fn backend(b: &BackendFile, path: &str, errs: &mut Errors) -> Backend {
             errs.at(format!("{path}.ca_file"), format!("cannot read {ca}"));
         }
     }
+    let window = b
+        .capacity_window_seconds
+        .unwrap_or(DEFAULT_CAPACITY_WINDOW_SECONDS);
+    if window > MAX_CAPACITY_WINDOW_SECONDS {
+        errs.at(
+            format!("{path}.capacity_window_seconds"),
+            format!("must be at most {MAX_CAPACITY_WINDOW_SECONDS} (0 turns the check off)"),
+        );
+    }
     let default_port = if tls { 443 } else { 80 };
     let host_header = if port == default_port {
         host.clone()
@@ -57,8 +66,13 @@ fn backend(b: &BackendFile, path: &str, errs: &mut Errors) -> Backend {
         region: Arc::from(b.region.as_deref().unwrap_or("")),
         credential,
         ca_file: b.ca_file.clone(),
+        capacity_window_ms: window.min(MAX_CAPACITY_WINDOW_SECONDS) * 1000,
     }
 }
+
+/// Azure's token quota is per minute: a report says nothing after a minute.
+const DEFAULT_CAPACITY_WINDOW_SECONDS: u64 = 60;
+const MAX_CAPACITY_WINDOW_SECONDS: u64 = 600;
 
 /// `api_key` is required with `credential: api_key` and refused with the others.
 fn credential(b: &BackendFile, path: &str, errs: &mut Errors) -> Credential {
@@ -181,6 +195,13 @@ mod tests {
                     ("backends[0].ca_file", "cannot read /nonexistent/ca"),
                 ],
             ),
+            (
+                "[{name: a, url: 'https://a', credential: forward, capacity_window_seconds: 0}, {name: b, url: 'https://b', credential: forward, capacity_window_seconds: 601}]",
+                &[(
+                    "backends[1].capacity_window_seconds",
+                    "must be at most 600 (0 turns the check off)",
+                )],
+            ),
         ];
         assert_cases(cases, |b: &Vec<BackendFile>, errs: &mut Errors| {
             backends(b, errs).0
@@ -213,6 +234,10 @@ mod tests {
             ["a.example", "127.0.0.1:9000", "c", "c:80"]
         );
         assert_eq!(&*bs[0].region, "r");
+        assert_eq!(
+            bs[0].capacity_window_ms, 60_000,
+            "Azure's minute by default"
+        );
         assert_eq!(bs[1].credential, Credential::ApiKey("k".into()));
         assert!(!bs[1].tls);
         assert_eq!(index["c"], 3, "the last of a duplicated name");

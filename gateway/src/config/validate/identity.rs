@@ -1,14 +1,20 @@
 //! `identity.oidc`: the token issuers clients may present tokens of. Their unlisted-clients
 //! templates are validated with the clients ([`super::clients`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
+use filters::grants::{Grant, Grants, Pattern, MAX_GRANTS};
 use filters::oidc::OidcProviderConfig;
 
-use crate::config::file::OidcFile;
+use crate::config::file::{GrantFile, MemberFile, OidcFile};
 use crate::config::load::Errors;
 
-pub(super) fn oidc_providers(file: &[OidcFile], errs: &mut Errors) -> Vec<OidcProviderConfig> {
+pub(super) fn oidc_providers(
+    file: &[OidcFile],
+    deployments: &BTreeMap<String, Vec<MemberFile>>,
+    errs: &mut Errors,
+) -> Vec<OidcProviderConfig> {
     let mut oidc = Vec::new();
     let mut names = HashSet::new();
     for (i, p) in file.iter().enumerate() {
@@ -31,6 +37,10 @@ pub(super) fn oidc_providers(file: &[OidcFile], errs: &mut Errors) -> Vec<OidcPr
             required_claims: p.required_claims.clone(),
             client_claim: p.client_claim.clone(),
             user_claim: p.user_claim.clone(),
+            grants: p
+                .grants
+                .as_ref()
+                .map(|g| Arc::new(grants(g, &format!("{path}.grants"), deployments, errs))),
         };
         for (field, msg) in filters::oidc::validate_provider(&cfg) {
             errs.at(format!("{path}.{field}"), msg);
@@ -38,6 +48,71 @@ pub(super) fn oidc_providers(file: &[OidcFile], errs: &mut Errors) -> Vec<OidcPr
         oidc.push(cfg);
     }
     oidc
+}
+
+/// `identity.oidc[].grants`: each needs a claim, a value (one word: `scp` is split on
+/// spaces), operations, and deployment patterns that name configured deployments.
+fn grants(
+    file: &[GrantFile],
+    path: &str,
+    deployments: &BTreeMap<String, Vec<MemberFile>>,
+    errs: &mut Errors,
+) -> Grants {
+    if file.is_empty() {
+        errs.at(
+            path,
+            "list at least one grant (or omit grants: allow alone decides)",
+        );
+    }
+    if file.len() > MAX_GRANTS {
+        errs.at(path, format!("at most {MAX_GRANTS} grants per provider"));
+    }
+    let mut list = Vec::new();
+    for (i, g) in file.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        if g.claim.trim().is_empty() {
+            errs.at(format!("{p}.claim"), "must not be empty");
+        }
+        if g.value.is_empty() || g.value.chars().any(char::is_whitespace) {
+            errs.at(
+                format!("{p}.value"),
+                "must be one word (a role or scope name, without spaces)",
+            );
+        }
+        if g.operations.is_empty() {
+            errs.at(
+                format!("{p}.operations"),
+                "list at least one operation (or \"*\")",
+            );
+        }
+        if g.deployments.is_empty() {
+            errs.at(
+                format!("{p}.deployments"),
+                "list at least one deployment (or \"*\")",
+            );
+        }
+        let operations = super::allow::allowed_operations(&g.operations, &p, errs);
+        let mut patterns = Vec::new();
+        for (j, d) in g.deployments.iter().enumerate() {
+            let at = format!("{p}.deployments[{j}]");
+            match Pattern::parse(d) {
+                Ok(pat) => {
+                    if !deployments.keys().any(|name| pat.matches(name)) {
+                        errs.at(at, format!("`{d}` matches no configured deployment"));
+                    }
+                    patterns.push(pat);
+                }
+                Err(why) => errs.at(at, why),
+            }
+        }
+        list.push(Grant {
+            claim: g.claim.clone(),
+            value: g.value.clone(),
+            operations,
+            deployments: patterns,
+        });
+    }
+    Grants { list }
 }
 
 #[cfg(test)]
@@ -76,15 +151,86 @@ mod tests {
             ),
         ];
         assert_cases(cases, |f: &Vec<OidcFile>, errs: &mut Errors| {
-            oidc_providers(f, errs)
+            oidc_providers(f, &deployments(), errs)
         });
+    }
+
+    fn deployments() -> BTreeMap<String, Vec<MemberFile>> {
+        ["gpt-4o", "gpt-4o-mini", "emb"]
+            .into_iter()
+            .map(|d| (d.to_string(), Vec::new()))
+            .collect()
+    }
+
+    #[test]
+    fn grant_errors_have_their_paths() {
+        const P: &str = "{name: a, issuer: 'https://a', audiences: [x], grants: ";
+        let case = |g: &str| format!("[{P}{g}}}]");
+        let ok = case("[{claim: roles, value: AOAI.Chat, operations: [chat.completions, responses], deployments: ['gpt-4o*']}, {claim: scp, value: Chat.Read, operations: ['*'], deployments: ['*', emb]}]");
+        let empty = case("[]");
+        let bad = case("[{claim: '', value: 'two words', operations: [], deployments: []}, {claim: roles, value: x, operations: [chat], deployments: ['gpt-*-mini', 'o1*', nope]}]");
+        let ops = filters::Operation::ALL.map(|o| o.as_str()).join(", ");
+        let chat = format!("unknown operation `chat` (one of: {ops}, or \"*\")");
+        let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+            (&ok, vec![]),
+            (
+                &empty,
+                vec![(
+                    "identity.oidc[0].grants",
+                    "list at least one grant (or omit grants: allow alone decides)",
+                )],
+            ),
+            (
+                &bad,
+                vec![
+                    ("identity.oidc[0].grants[0].claim", "must not be empty"),
+                    (
+                        "identity.oidc[0].grants[0].value",
+                        "must be one word (a role or scope name, without spaces)",
+                    ),
+                    (
+                        "identity.oidc[0].grants[0].operations",
+                        "list at least one operation (or \"*\")",
+                    ),
+                    (
+                        "identity.oidc[0].grants[0].deployments",
+                        "list at least one deployment (or \"*\")",
+                    ),
+                    ("identity.oidc[0].grants[1].operations[0]", &chat),
+                    (
+                        "identity.oidc[0].grants[1].deployments[0]",
+                        "`gpt-*-mini`: `*` may only stand alone or end a name (`gpt-4o*`)",
+                    ),
+                    (
+                        "identity.oidc[0].grants[1].deployments[1]",
+                        "`o1*` matches no configured deployment",
+                    ),
+                    (
+                        "identity.oidc[0].grants[1].deployments[2]",
+                        "`nope` matches no configured deployment",
+                    ),
+                ],
+            ),
+        ];
+        let cases: Vec<(&str, &[(&str, &str)])> = cases.iter().map(|(y, e)| (*y, &e[..])).collect();
+        assert_cases(&cases, |f: &Vec<OidcFile>, errs: &mut Errors| {
+            oidc_providers(f, &deployments(), errs)
+        });
+        let (oidc, errs) = run(&ok, |f: &Vec<OidcFile>, errs: &mut Errors| {
+            oidc_providers(f, &deployments(), errs)
+        });
+        assert_eq!(errs, []);
+        let g = oidc[0].grants.as_ref().expect("grants");
+        assert_eq!(g.list.len(), 2);
+        assert_eq!(g.list[0].deployments, [Pattern::Prefix("gpt-4o".into())]);
+        assert_eq!(oidc[0].user_claim, None);
     }
 
     #[test]
     fn values_are_carried_over() {
         let yaml = "[{name: a, issuer: 'https://a', audiences: [x], user_claim: upn}]";
         let (oidc, errs) = run(yaml, |f: &Vec<OidcFile>, errs: &mut Errors| {
-            oidc_providers(f, errs)
+            oidc_providers(f, &deployments(), errs)
         });
         assert_eq!(errs, []);
         assert_eq!(oidc[0].client_claim, "azp");

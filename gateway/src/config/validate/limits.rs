@@ -35,9 +35,22 @@ pub(super) fn client_limits(
         }
         per_deployment.insert(d.clone(), parse_limits(spec, &p, errs));
     }
+    let per_user = l.per_user.as_ref().map(|u| {
+        let p = format!("{path}.per_user");
+        if u.per_user.is_some() {
+            errs.at(
+                format!("{p}.per_user"),
+                "per_user limits are per user already: it cannot be nested",
+            );
+        }
+        let mut user = client_limits(u, &p, deployments, errs);
+        user.per_user = None;
+        Box::new(user)
+    });
     ClientLimits {
         client,
         per_deployment,
+        per_user,
     }
 }
 
@@ -149,6 +162,17 @@ mod tests {
                     ("clients[0].limits.deployments.e.tokens_per_minute", ZERO),
                 ],
             ),
+            (
+                "{per_user: {requests_per_minute: 0, deployments: {e: {tokens_per_day: 1}}, per_user: {}}}",
+                &[
+                    (
+                        "clients[0].limits.per_user.per_user",
+                        "per_user limits are per user already: it cannot be nested",
+                    ),
+                    ("clients[0].limits.per_user.requests_per_minute", ZERO),
+                    ("clients[0].limits.per_user.deployments.e", "unknown deployment `e`"),
+                ],
+            ),
         ];
         assert_cases(cases, check);
     }
@@ -163,6 +187,16 @@ mod tests {
         assert_eq!(l.client.tokens_per_day, Some(5));
         assert_eq!(l.client.requests_per_minute, None);
         assert_eq!(l.per_deployment["d"].requests_per_minute, Some(2));
+        assert!(l.per_user.is_none());
+        let (l, errs) = run(
+            "{requests_per_minute: 10, per_user: {requests_per_minute: 2, deployments: {d: {tokens_per_minute: 7}}}}",
+            check,
+        );
+        assert_eq!(errs, []);
+        let u = l.per_user.expect("per_user");
+        assert_eq!(u.client.requests_per_minute, Some(2));
+        assert_eq!(u.per_deployment["d"].tokens_per_minute, Some(7));
+        assert_eq!(l.client.requests_per_minute, Some(10));
     }
 
     /// `state` and `limits` given as one mapping `{state: …, limits: …}`.

@@ -28,7 +28,7 @@ pub fn validate(f: FileConfig, mut errs: Errors) -> Result<Config, Vec<ConfigErr
     let (backends, backend_index) = backends::backends(&f.backends, &mut errs);
     let (deployments, deployment_names) =
         deployments::deployments(&f.deployments, &backend_index, &mut errs);
-    let oidc = identity::oidc_providers(&f.identity.oidc, &mut errs);
+    let oidc = identity::oidc_providers(&f.identity.oidc, &f.deployments, &mut errs);
     let clients = clients::clients(&f.clients, &f.identity.oidc, &f.deployments, &mut errs);
     clients::warn_if_certificates_unused(&f.clients, &server.listeners);
     let retries = retries::retries(&f.retries, &mut errs);
