@@ -827,7 +827,39 @@ pub fn check_multipart_model(data: &[u8]) {
         return;
     };
     let boundary = ["b", "xYzZY", "----0123456789"][usize::from(ctl % 3)];
-    let Ok(found) = gateway::multipart::find_model(body, boundary) else {
+    // A streamed upload reads the same form in pieces (here of 1 to 8 bytes, from the
+    // control byte): the same verdict, and the pieces are the body byte for byte.
+    let split = usize::from(ctl / 3 % 8) + 1;
+    let mut scanner = gateway::multipart::Scanner::new(boundary);
+    let mut pieces = Vec::new();
+    let mut scanned = body.chunks(split).try_for_each(|c| {
+        scanner.push(c);
+        while let Some(p) = scanner.next(false)? {
+            pieces.extend_from_slice(p.raw());
+        }
+        Ok::<(), &str>(())
+    });
+    if scanned.is_ok() {
+        scanned = (|| {
+            while let Some(p) = scanner.next(true)? {
+                pieces.extend_from_slice(p.raw());
+            }
+            Ok(())
+        })();
+    }
+    let found = gateway::multipart::find_model(body, boundary);
+    if scanned.is_ok() {
+        assert_eq!(pieces, body, "the pieces are not the body");
+    }
+    // (The whole-body reader also applies the `model` rules, which the scanner leaves to
+    // its caller: accepted whole means scanned in pieces.)
+    if found.is_ok() {
+        assert!(
+            scanned.is_ok(),
+            "accepted whole, refused in pieces of {split}"
+        );
+    }
+    let Ok(found) = found else {
         return;
     };
     let read = |b: &[u8]| multer_read(b, boundary);

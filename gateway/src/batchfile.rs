@@ -8,20 +8,52 @@ use serde_json::Value;
 pub fn model_of(file: &[u8]) -> Result<String, &'static str> {
     let mut model: Option<String> = None;
     for line in lines(file) {
-        let v: Value = serde_json::from_slice(line).map_err(|_| "a line is not valid JSON")?;
-        let m = v
-            .get("body")
-            .and_then(|b| b.get("model"))
-            .and_then(Value::as_str)
-            .filter(|m| !m.is_empty())
-            .ok_or("a line has no `body.model`")?;
+        let (_, m) = parse_line(line)?;
         match &model {
-            Some(first) if first != m => return Err("the lines name different deployments"),
+            Some(first) if *first != m => return Err("the lines name different deployments"),
             Some(_) => {}
-            None => model = Some(m.to_string()),
+            None => model = Some(m),
         }
     }
     model.ok_or("the file has no lines")
+}
+
+/// One non-blank line: the request, and the deployment its `body.model` names.
+pub fn parse_line(line: &[u8]) -> Result<(Value, String), &'static str> {
+    let v: Value = serde_json::from_slice(line).map_err(|_| "a line is not valid JSON")?;
+    let m = v
+        .get("body")
+        .and_then(|b| b.get("model"))
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty())
+        .ok_or("a line has no `body.model`")?
+        .to_string();
+    Ok((v, m))
+}
+
+/// A line whose text is blank (dropped from the file that goes upstream).
+pub fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
+/// Checks one line (`\n` and `\r` stripped) against the file's deployment `model` and
+/// appends it, with `body.model` set to `upstream` and a newline, to `out`.
+pub fn rewrite_line(
+    line: &[u8],
+    model: &str,
+    upstream: &str,
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
+    let (mut v, m) = parse_line(line)?;
+    if m != model {
+        return Err("the lines name different deployments");
+    }
+    if let Some(body) = v.get_mut("body").and_then(Value::as_object_mut) {
+        body.insert("model".into(), Value::String(upstream.to_string()));
+    }
+    serde_json::to_writer(&mut *out, &v).map_err(|_| "a line cannot be written")?;
+    out.push(b'\n');
+    Ok(())
 }
 
 /// `file` with every line's `body.model` set to `upstream` (lines already checked by

@@ -16,7 +16,7 @@ use crate::errors::{ErrorCode, GatewayError};
 
 /// Whether an operation's body is a `multipart/form-data` upload (its `model` field is
 /// found, and renamed for the backend; the rest passes untouched).
-fn is_form(operation: Operation, rest: &str) -> bool {
+pub(crate) fn is_form(operation: Operation, rest: &str) -> bool {
     match operation {
         Operation::Images => rest == "/images/edits",
         Operation::Audio => rest == "/audio/transcriptions" || rest == "/audio/translations",

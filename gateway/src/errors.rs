@@ -198,6 +198,20 @@ impl GatewayError {
     }
 }
 
+impl From<crate::upload::UploadError> for GatewayError {
+    fn from(e: crate::upload::UploadError) -> Self {
+        use crate::upload::UploadError;
+        let message = match e {
+            UploadError::Form(why) => format!("The multipart form could not be read: {why}."),
+            UploadError::Batch(why) => format!(
+                "The batch file is refused: {why}; every line must be JSON naming one deployment in `body.model`."
+            ),
+            UploadError::FieldsFirst => "A large form must send its `model` field (or `purpose`, and a batch file's first line) before the file, within `server.max_request_body_bytes`: the gateway streams the file to the backend.".to_string(),
+        };
+        GatewayError::with_message(ErrorCode::InvalidRequestBody, message)
+    }
+}
+
 impl From<FilterError> for GatewayError {
     fn from(e: FilterError) -> Self {
         match e {

@@ -21,4 +21,5 @@ pub mod realtime;
 pub mod server;
 mod state;
 mod tls;
+pub mod upload;
 mod upstream;

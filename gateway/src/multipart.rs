@@ -15,6 +15,8 @@
 
 use std::ops::Range;
 
+use bytes::{Bytes, BytesMut};
+
 /// The `boundary` of a `multipart/form-data` content type.
 pub fn boundary(content_type: &str) -> Option<&str> {
     let mut params = content_type.split(';');
@@ -54,66 +56,262 @@ pub fn find_model(body: &[u8], boundary: &str) -> Result<Option<Range<usize>>, &
 
 /// Where the value of the field named `field` is in `body` (`None` when there is none), read
 /// with the same rules as `model`: a part whose name is `field` in any letter case must be the
-/// only one, named exactly `field`, and a file exactly when `file` is true.
+/// only one, named exactly `field`, and a file exactly when `file` is true. The whole body
+/// goes through the same [`Scanner`] that reads a streamed form.
 pub fn find_field(
     body: &[u8],
     boundary: &str,
     field: &[u8],
     file: bool,
 ) -> Result<Option<Range<usize>>, &'static str> {
-    let dash = [b"--", boundary.as_bytes()].concat();
-    let delimiter = [b"\r\n", &dash[..]].concat();
-    let finder = memchr::memmem::Finder::new(&delimiter);
-    if !body.starts_with(&dash) {
-        return Err("the body does not start with the boundary");
+    let mut scanner = Scanner::new(boundary);
+    scanner.push(body);
+    let (mut pos, mut found, mut start) = (0, None, None);
+    while let Some(piece) = scanner.next(true)? {
+        let is_field = match &piece {
+            Piece::Head { name, file: f, .. } => watched(name, *f, field, file, found.is_some())?,
+            _ => false,
+        };
+        if is_field {
+            start = Some(pos + piece.len());
+        }
+        if let (Piece::PartEnd(_), Some(s)) = (&piece, start) {
+            found = Some(s..pos);
+            start = None;
+        }
+        pos += piece.len();
     }
-    let mut pos = dash.len();
-    let mut model = None;
-    loop {
-        let rest = &body[pos..];
-        if let Some(after) = rest.strip_prefix(b"--") {
-            return match after {
-                b"" | b"\r\n" => Ok(model),
-                _ => Err("data after the closing boundary"),
-            };
+    Ok(found)
+}
+
+/// Whether a part named `name` is the watched field `field`: a part whose name is `field` in
+/// any letter case must be the only one (`seen`: one was found before), named exactly
+/// `field`, and a file exactly when `want_file` is true.
+pub fn watched(
+    name: &[u8],
+    is_file: bool,
+    field: &[u8],
+    want_file: bool,
+    seen: bool,
+) -> Result<bool, &'static str> {
+    if !name.eq_ignore_ascii_case(field) {
+        return Ok(false);
+    }
+    if name != field || is_file != want_file || seen {
+        return Err(if field == b"model" {
+            "the form must have one `model` field"
+        } else {
+            "a form field is repeated, or a file where text was expected (or the reverse)"
+        });
+    }
+    Ok(true)
+}
+
+/// A part's header block larger than this is refused.
+pub const MAX_PART_HEAD: usize = 16 * 1024;
+
+/// One piece of a form as it is read; the pieces, concatenated, are the body byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Framing: the first boundary, the CRLF after a boundary, the closing `--` and CRLF.
+    Frame(Bytes),
+    /// A part's header block (to its empty line), with the part's name and whether it is a
+    /// file.
+    Head { raw: Bytes, name: Bytes, file: bool },
+    /// Some of the current part's content.
+    Content(Bytes),
+    /// The delimiter (`CRLF --boundary`) that ends the current part.
+    PartEnd(Bytes),
+}
+
+impl Piece {
+    pub fn len(&self) -> usize {
+        self.raw().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The piece's bytes as they were in the body.
+    pub fn raw(&self) -> &Bytes {
+        match self {
+            Piece::Frame(b) | Piece::Content(b) | Piece::PartEnd(b) => b,
+            Piece::Head { raw, .. } => raw,
         }
-        if !rest.starts_with(b"\r\n") {
-            return Err("a boundary is not followed by CRLF");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    Start,
+    AfterBoundary,
+    Headers,
+    Content,
+    Closing,
+    Done,
+}
+
+/// Reads a form as it arrives, strictly (the rules of this module), in [`Piece`]s: bytes are
+/// [`Scanner::push`]ed in any split, pieces taken with [`Scanner::next`]. What it holds is at
+/// most one part's header block or a delimiter's length of content.
+#[derive(Debug)]
+pub struct Scanner {
+    dash: Vec<u8>,
+    delimiter: Vec<u8>,
+    finder: memchr::memmem::Finder<'static>,
+    buf: BytesMut,
+    at: At,
+}
+
+impl Scanner {
+    pub fn new(boundary: &str) -> Scanner {
+        let dash = [b"--", boundary.as_bytes()].concat();
+        let delimiter = [b"\r\n", &dash[..]].concat();
+        let finder = memchr::memmem::Finder::new(&delimiter).into_owned();
+        Scanner {
+            dash,
+            delimiter,
+            finder,
+            buf: BytesMut::new(),
+            at: At::Start,
         }
-        pos += 2;
-        let mut headers = [httparse::EMPTY_HEADER; 16];
-        let (head_len, name, is_file) = match httparse::parse_headers(&body[pos..], &mut headers) {
-            Ok(httparse::Status::Complete((n, hs))) => {
-                // httparse takes a bare LF for a line end; multipart readers that look for
-                // CRLF CRLF (multer) would read the part otherwise: CRLF only.
-                let block = &body[pos..pos + n];
-                let bare_lf =
-                    memchr::memchr_iter(b'\n', block).any(|i| i == 0 || block[i - 1] != b'\r');
-                if bare_lf {
-                    return Err("a part's header lines do not end with CRLF");
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Whether the form was read to its close.
+    pub fn is_done(&self) -> bool {
+        self.at == At::Done
+    }
+
+    /// Bytes pushed and not yet given out as pieces (taken: the scanner is not used after).
+    pub fn take_buffered(&mut self) -> Bytes {
+        self.buf.split().freeze()
+    }
+
+    /// The next piece; `None` when more bytes are needed (or, with `eof`, when the form was
+    /// read to its close). `eof`: nothing more will be pushed.
+    pub fn next(&mut self, eof: bool) -> Result<Option<Piece>, &'static str> {
+        let b = &self.buf;
+        match self.at {
+            At::Start => {
+                let n = b.len().min(self.dash.len());
+                if b[..n] != self.dash[..n] {
+                    return Err("the body does not start with the boundary");
                 }
-                let (name, is_file) = part_name(hs)?;
-                (n, name, is_file)
+                if n < self.dash.len() {
+                    return if eof {
+                        Err("the body does not start with the boundary")
+                    } else {
+                        Ok(None)
+                    };
+                }
+                self.at = At::AfterBoundary;
+                Ok(Some(Piece::Frame(self.buf.split_to(n).freeze())))
             }
-            Ok(httparse::Status::Partial) => return Err("a part's headers do not end"),
-            Err(_) => return Err("a part's headers are malformed"),
-        };
-        let start = pos + head_len;
-        let Some(len) = finder.find(&body[start..]) else {
-            return Err("a part does not end with the boundary");
-        };
-        let end = start + len;
-        if name.eq_ignore_ascii_case(field) {
-            if name != field || is_file != file || model.is_some() {
-                return Err(if field == b"model" {
-                    "the form must have one `model` field"
+            At::AfterBoundary => {
+                if b.len() < 2 {
+                    let partial = b.is_empty() || b[0] == b'-' || b[0] == b'\r';
+                    return if eof || !partial {
+                        Err("a boundary is not followed by CRLF")
+                    } else {
+                        Ok(None)
+                    };
+                }
+                self.at = match &b[..2] {
+                    b"--" => At::Closing,
+                    b"\r\n" => At::Headers,
+                    _ => return Err("a boundary is not followed by CRLF"),
+                };
+                Ok(Some(Piece::Frame(self.buf.split_to(2).freeze())))
+            }
+            At::Closing => {
+                let ok = b[..] == b"\r\n"[..b.len().min(2)] && b.len() <= 2;
+                if !ok {
+                    return Err("data after the closing boundary");
+                }
+                if !eof {
+                    return Ok(None);
+                }
+                self.at = At::Done;
+                if b.is_empty() {
+                    return Ok(None);
+                }
+                if b.len() != 2 {
+                    return Err("data after the closing boundary");
+                }
+                Ok(Some(Piece::Frame(self.buf.split().freeze())))
+            }
+            At::Headers => {
+                let mut headers = [httparse::EMPTY_HEADER; 16];
+                match httparse::parse_headers(b, &mut headers) {
+                    // Refused whole as in pieces: a block longer than the limit is refused
+                    // however it arrives.
+                    Ok(httparse::Status::Complete((n, _))) if n > MAX_PART_HEAD => {
+                        Err("a part's headers are too large")
+                    }
+                    Ok(httparse::Status::Complete((n, hs))) => {
+                        // httparse takes a bare LF for a line end; multipart readers that look
+                        // for CRLF CRLF (multer) would read the part otherwise: CRLF only.
+                        let block = &b[..n];
+                        let bare_lf = memchr::memchr_iter(b'\n', block)
+                            .any(|i| i == 0 || block[i - 1] != b'\r');
+                        if bare_lf {
+                            return Err("a part's header lines do not end with CRLF");
+                        }
+                        let (name, file) = part_name(hs)?;
+                        let name = name.to_vec();
+                        let raw = self.buf.split_to(n).freeze();
+                        self.at = At::Content;
+                        Ok(Some(Piece::Head {
+                            raw,
+                            name: Bytes::from(name),
+                            file,
+                        }))
+                    }
+                    Ok(httparse::Status::Partial) => {
+                        if b.len() > MAX_PART_HEAD {
+                            Err("a part's headers are too large")
+                        } else if eof {
+                            Err("a part's headers do not end")
+                        } else {
+                            Ok(None)
+                        }
+                    }
+                    Err(_) => Err("a part's headers are malformed"),
+                }
+            }
+            At::Content => match self.finder.find(b) {
+                Some(0) => {
+                    self.at = At::AfterBoundary;
+                    let n = self.delimiter.len();
+                    Ok(Some(Piece::PartEnd(self.buf.split_to(n).freeze())))
+                }
+                Some(i) => Ok(Some(Piece::Content(self.buf.split_to(i).freeze()))),
+                None => {
+                    // Whatever cannot be the start of the delimiter is content.
+                    let keep = self.delimiter.len() - 1;
+                    if b.len() > keep {
+                        let n = b.len() - keep;
+                        Ok(Some(Piece::Content(self.buf.split_to(n).freeze())))
+                    } else if eof {
+                        Err("a part does not end with the boundary")
+                    } else {
+                        Ok(None)
+                    }
+                }
+            },
+            At::Done => {
+                if b.is_empty() {
+                    Ok(None)
                 } else {
-                    "a form field is repeated, or a file where text was expected (or the reverse)"
-                });
+                    Err("data after the closing boundary")
+                }
             }
-            model = Some(start..end);
         }
-        pos = end + delimiter.len();
     }
 }
 
@@ -492,6 +690,54 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Scans `body` pushed in pieces of `split` bytes: the pieces, or the first refusal.
+    fn scan_split(body: &[u8], split: usize) -> Result<Vec<Piece>, &'static str> {
+        let mut s = Scanner::new(B);
+        let mut out = Vec::new();
+        for chunk in body.chunks(split.max(1)) {
+            s.push(chunk);
+            while let Some(p) = s.next(false)? {
+                out.push(p);
+            }
+        }
+        while let Some(p) = s.next(true)? {
+            out.push(p);
+        }
+        assert!(s.is_done());
+        Ok(out)
+    }
+
+    #[test]
+    fn a_form_read_in_pieces_reads_as_a_whole() {
+        let mut bodies = generated();
+        bodies.push(form(&[part(
+            r#"form-data; name="file"; filename="a""#,
+            "",
+            &[b'\r'; 40],
+        )]));
+        bodies.push(b"--xYzZY--".to_vec());
+        let long = format!("X-Pad: {}\r\n", "p".repeat(MAX_PART_HEAD));
+        bodies.push(form(&[part(r#"form-data; name="model""#, &long, b"m")]));
+        bodies.push(b"--xYzZY--\r".to_vec());
+        bodies.push(b"--xYzZY-".to_vec());
+        for body in bodies {
+            let whole = scan_split(&body, body.len());
+            for split in [1, 2, 3, 11] {
+                let pieces = scan_split(&body, split);
+                assert_eq!(
+                    whole.is_ok(),
+                    pieces.is_ok(),
+                    "{split} {:?}",
+                    String::from_utf8_lossy(&body)
+                );
+                if let Ok(pieces) = pieces {
+                    let joined: Vec<u8> = pieces.iter().flat_map(|p| p.raw().to_vec()).collect();
+                    assert_eq!(joined, body);
+                }
+            }
+        }
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub struct ServerFile {
     pub threads: Option<usize>,
     #[serde(default = "default_max_body")]
     pub max_request_body_bytes: usize,
+    /// The largest streamed upload (`POST /openai/files`, multipart audio and image edits).
+    #[serde(default = "default_max_upload")]
+    pub max_upload_bytes: u64,
     #[serde(default = "default_request_timeout")]
     pub request_timeout_seconds: u64,
     /// From a request head's first byte to its end (slow heads get 408 and a close).
@@ -51,6 +54,9 @@ pub struct ServerFile {
 
 fn default_max_body() -> usize {
     26_214_400
+}
+fn default_max_upload() -> u64 {
+    512 * 1024 * 1024
 }
 fn default_request_timeout() -> u64 {
     600

@@ -43,6 +43,8 @@ pub struct Server {
     pub admin_address: Option<String>,
     pub threads: usize,
     pub max_request_body_bytes: usize,
+    /// The largest streamed upload (multipart forms: files, audio, image edits).
+    pub max_upload_bytes: u64,
     pub request_timeout: Duration,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,

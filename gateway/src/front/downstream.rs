@@ -32,6 +32,11 @@ pub trait Downstream: Send {
     /// The whole body, refused above `max` bytes (by a declared length before reading
     /// anything, else while reading). A refused body closes the connection afterwards.
     fn read_body(&mut self, max: usize) -> impl Future<Output = Result<Bytes, ReadError>> + Send;
+    /// The body's length as the client declared it (`None`: chunked, or not said).
+    fn declared_length(&self) -> Option<u64>;
+    /// The next piece of the body as it arrives (`None` at its end), for a body streamed
+    /// to the backend rather than read whole. The caller bounds the total.
+    fn read_chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, ReadError>> + Send;
     /// A response with its whole body (`content-length`).
     fn send_full(
         &mut self,

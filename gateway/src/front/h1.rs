@@ -192,6 +192,8 @@ pub struct H1<'a> {
     /// A body that is not read must not be taken for the next request: close then.
     body_read: bool,
     streaming: OutFraming,
+    /// The body read piece by piece ([`Downstream::read_chunk`]).
+    reader: Option<BodyReader>,
 }
 
 impl<'a> H1<'a> {
@@ -218,6 +220,7 @@ impl<'a> H1<'a> {
             body_read: framing == Ok(Framing::Length(0)),
             framing,
             streaming: OutFraming::None,
+            reader: None,
         }
     }
 
@@ -232,6 +235,28 @@ impl<'a> H1<'a> {
 
     fn head_only(&self) -> bool {
         self.head.method() == "HEAD"
+    }
+
+    /// `Expect: 100-continue` from an HTTP/1.1 client that has sent nothing yet: told to go on.
+    async fn continue_if_expected(&mut self) -> Result<(), ReadError> {
+        let expects_continue = self
+            .head
+            .get(Name::Expect)
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue && self.head.minor == 1 && !self.conn.has_buffered() {
+            self.conn
+                .send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .map_err(|e| ReadError::Io(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+fn read_error(e: H1Error) -> ReadError {
+    match e {
+        H1Error::Malformed(why) => ReadError::Malformed(why),
+        e => ReadError::Io(e.to_string()),
     }
 }
 
@@ -262,16 +287,7 @@ impl Downstream for H1<'_> {
                 return Ok(Bytes::new());
             }
         }
-        let expects_continue = self
-            .head
-            .get(Name::Expect)
-            .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
-        if expects_continue && self.head.minor == 1 && !self.conn.has_buffered() {
-            self.conn
-                .send(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .map_err(|e| ReadError::Io(e.to_string()))?;
-        }
+        self.continue_if_expected().await?;
         let declared = match framing {
             Framing::Length(n) => n as usize,
             _ => 0,
@@ -289,6 +305,32 @@ impl Downstream for H1<'_> {
         }
         self.body_read = true;
         Ok(body.freeze())
+    }
+
+    fn declared_length(&self) -> Option<u64> {
+        match self.framing {
+            Ok(Framing::Length(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    async fn read_chunk(&mut self) -> Result<Option<Bytes>, ReadError> {
+        let framing = self.framing.map_err(ReadError::Malformed)?;
+        if self.body_read {
+            return Ok(None);
+        }
+        let reader = match &mut self.reader {
+            Some(r) => r,
+            None => {
+                self.continue_if_expected().await?;
+                self.reader.insert(BodyReader::new(framing))
+            }
+        };
+        let piece = reader.next(self.conn).await.map_err(read_error)?;
+        if piece.is_none() {
+            self.body_read = true;
+        }
+        Ok(piece)
     }
 
     fn can_upgrade(&self) -> bool {

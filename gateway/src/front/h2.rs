@@ -138,6 +138,19 @@ impl Downstream for Session2<'_> {
         Ok(body.freeze())
     }
 
+    fn declared_length(&self) -> Option<u64> {
+        self.head
+            .get_str(Name::ContentLength)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    }
+
+    async fn read_chunk(&mut self) -> Result<Option<Bytes>, ReadError> {
+        self.session
+            .read_request_body()
+            .await
+            .map_err(|e| ReadError::Io(e.to_string()))
+    }
+
     async fn send_full(&mut self, resp: &ResponseHead, body: &[u8]) -> io::Result<()> {
         let head = Self::response(resp, Some(body.len()))?;
         self.session

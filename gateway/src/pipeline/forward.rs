@@ -36,7 +36,7 @@ const MAX_KEPT_ERROR_BODY: usize = 256 * 1024;
 /// larger one is kept to read its usage.
 const USAGE_TAIL: usize = 64 * 1024;
 /// Members whose candidates live on the stack.
-const INLINE: usize = 8;
+pub(super) const INLINE: usize = 8;
 /// The start of a long JSON answer searched for its `id`.
 const JSON_ID_WINDOW: usize = 4096;
 
@@ -71,20 +71,20 @@ pub(super) struct Forward<'a> {
 }
 
 /// An answer from one member.
-struct Answer {
-    up: Upstream,
-    head: Head,
-    framing: Framing,
+pub(super) struct Answer {
+    pub(super) up: Upstream,
+    pub(super) head: Head,
+    pub(super) framing: Framing,
     /// Where its connection goes back to, and since when it has been quiet.
-    key: u64,
-    head_at: Instant,
+    pub(super) key: u64,
+    pub(super) head_at: Instant,
 }
 
 /// The chooser's view of every member now; `tried` carries over between attempts (and
 /// `forward` members count as tried for a caller without a JWT). `room`: the members'
 /// capacity reports, the request's token reservation (`None` until some report could be
 /// short for it: capacity is then not looked at) and the time.
-fn candidates(
+pub(super) fn candidates(
     snap: &Snapshot,
     f: &Forward<'_>,
     cools: &[Arc<Cooldown>],
@@ -453,7 +453,7 @@ impl Gateway {
 
     /// The chosen answer to the client: a plain answer of known length (the usual JSON, or
     /// none: 204, 304) in one write, anything else streamed.
-    async fn deliver<D: Downstream>(
+    pub(super) async fn deliver<D: Downstream>(
         &self,
         d: &mut D,
         ctx: &mut Ctx,

@@ -28,6 +28,7 @@ pub mod plan;
 mod realtime;
 pub mod respond;
 pub mod route;
+mod upload;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -198,9 +199,34 @@ impl Gateway {
         if let route::Route::Realtime { v1 } = route {
             return self.realtime(d, ctx, snap, &head, &identity, v1).await;
         }
-        let mut body = self
-            .read_body(d, &head, ctx, snap, (operation, rest), &route)
-            .await?;
+        let mut body = match upload::form_kind(&route, operation, rest) {
+            // A multipart form: streamed to the backend when it is large (SPEC §11, §13).
+            Some(kind) => {
+                let ct = head.get_str(Name::ContentType).unwrap_or("");
+                match self.read_form(d, ctx, snap, kind, ct).await? {
+                    upload::Held::Whole(raw) => {
+                        Self::inspect_body(raw, &head, (operation, rest), &route)?
+                    }
+                    upload::Held::Streamed(form) => {
+                        return self
+                            .streamed_form(
+                                d,
+                                ctx,
+                                snap,
+                                &head,
+                                &identity,
+                                (operation, &route),
+                                form,
+                            )
+                            .await
+                    }
+                }
+            }
+            None => {
+                self.read_body(d, &head, ctx, snap, (operation, rest), &route)
+                    .await?
+            }
+        };
         if route == route::Route::Upload {
             // A file of another purpose than `batch` goes to `?deployment=D`, else to the
             // first deployment (file order) the caller may use.
@@ -615,6 +641,16 @@ impl Gateway {
             )),
             ReadError::Io(e) => Failure::ClientGone(e),
         })?;
+        Self::inspect_body(raw, head, (operation, rest), route)
+    }
+
+    /// A body read whole, inspected for the operation (`None` for `models.read`).
+    fn inspect_body(
+        raw: Bytes,
+        head: &Head,
+        (operation, rest): (Operation, &str),
+        route: &route::Route<'_>,
+    ) -> Result<Option<RequestBody>, Failure> {
         if operation == Operation::ModelsRead {
             return Ok(None);
         }

@@ -52,7 +52,20 @@ impl Request<'_> {
     /// the gateway sets itself, then host, length and the backend's credential — and the body
     /// when it is small, so that all of it leaves in one `send`.
     pub fn encode(&self) -> Vec<u8> {
-        let with_body = self.body.len() <= ONE_WRITE_MAX_BODY;
+        self.encode_with(Length::Body)
+    }
+
+    /// The head alone, for a body streamed after it: `Some(n)` bytes (`content-length`), or
+    /// `None` for `transfer-encoding: chunked`. (`self.body` is not sent.)
+    pub fn encode_head(&self, length: Option<u64>) -> Vec<u8> {
+        self.encode_with(match length {
+            Some(n) => Length::Streamed(n),
+            None => Length::Chunked,
+        })
+    }
+
+    fn encode_with(&self, length: Length) -> Vec<u8> {
+        let with_body = length == Length::Body && self.body.len() <= ONE_WRITE_MAX_BODY;
         // Room for what is forwarded of the client's head (at most all of it) and what is
         // added, so that it is allocated once and no larger than needed.
         let added = match self.target {
@@ -93,10 +106,17 @@ impl Request<'_> {
             line(name, &[value]);
         }
         line(b"host", &[self.host.as_bytes()]);
-        line(
-            b"content-length",
-            &[itoa::Buffer::new().format(self.body.len()).as_bytes()],
-        );
+        match length {
+            Length::Body => line(
+                b"content-length",
+                &[itoa::Buffer::new().format(self.body.len()).as_bytes()],
+            ),
+            Length::Streamed(n) => line(
+                b"content-length",
+                &[itoa::Buffer::new().format(n).as_bytes()],
+            ),
+            Length::Chunked => line(b"transfer-encoding", &[b"chunked"]),
+        }
         match self.auth {
             Auth::ApiKey(k) => line(b"api-key", &[k.as_bytes()]),
             Auth::Authorization(v) => line(b"authorization", &[v.as_bytes()]),
@@ -109,6 +129,17 @@ impl Request<'_> {
         }
         out
     }
+}
+
+/// How the upstream request's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Length {
+    /// `self.body`, whole.
+    Body,
+    /// Streamed after the head, this many bytes.
+    Streamed(u64),
+    /// Streamed after the head, in chunks.
+    Chunked,
 }
 
 /// Where and when one attempt sends.
@@ -169,7 +200,7 @@ pub async fn exchange(
 /// The backend's final answer head and its framing, past at most [`MAX_INTERIM`] interim
 /// (1xx) answers. A `101` to a request that asked for no upgrade, or framing that cannot be
 /// trusted, is a bad answer: the attempt fails and the connection is dropped.
-async fn final_head(up: &mut Upstream) -> Result<(Head, Framing), H1Error> {
+pub async fn final_head(up: &mut Upstream) -> Result<(Head, Framing), H1Error> {
     for _ in 0..=MAX_INTERIM {
         match up.read_head(true).await? {
             None => return Err(H1Error::Closed),
@@ -262,5 +293,29 @@ mod tests {
         let text = String::from_utf8(wire).unwrap();
         assert!(text.starts_with("POST /openai/v1/chat/completions HTTP/1.1\r\n"));
         assert!(text.ends_with(&format!("content-length: {}\r\n\r\n", body.len())));
+    }
+
+    #[test]
+    fn streamed_heads_carry_the_given_length_or_chunked_and_no_body() {
+        let head = client_head();
+        let r = Request {
+            head: &head,
+            target: Target::AsSent("/openai/files"),
+            query: None,
+            host: "h",
+            body: b"not sent",
+            auth: Auth::None,
+        };
+        let text = String::from_utf8(r.encode_head(Some(12345))).unwrap();
+        assert!(
+            text.ends_with("host: h\r\ncontent-length: 12345\r\n\r\n"),
+            "{text}"
+        );
+        let text = String::from_utf8(r.encode_head(None)).unwrap();
+        assert!(
+            text.ends_with("host: h\r\ntransfer-encoding: chunked\r\n\r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("content-length"));
     }
 }

@@ -501,16 +501,18 @@ async fn data_plane(conn: &Conn, req: Request<Incoming>) -> Result<Response<Mock
     let parsed: Option<Result<Value, serde_json::Error>> =
         (op.json_body() || content_json).then(|| serde_json::from_slice(&body));
     // A multipart upload is read like Azure reads it (fields and files), with `multer`.
-    let form: Option<Result<Value, String>> = if !op.json_body() && op != Op::NotFound {
-        let ct = parts
-            .headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        Some(form_fields(ct, body.clone()).await)
-    } else {
-        None
-    };
+    // (A file upload was read above: not a second time, it may be hundreds of MB.)
+    let form: Option<Result<Value, String>> =
+        if !op.json_body() && op != Op::NotFound && files_req != Some(files::Req::Upload) {
+            let ct = parts
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            Some(form_fields(ct, body.clone()).await)
+        } else {
+            None
+        };
     let parsed = match &form {
         Some(Ok(v)) => Some(Ok(v.clone())),
         _ => parsed,

@@ -40,6 +40,9 @@ pub(super) fn server(f: &ServerFile, errs: &mut Errors) -> Server {
             errs.at(format!("server.{key}"), "must be at least 1");
         }
     }
+    if f.max_upload_bytes < 65_536 {
+        errs.at("server.max_upload_bytes", "must be at least 65536");
+    }
     if f.tls_handshakes_per_thread == 0 {
         errs.at("server.tls_handshakes_per_thread", "must be at least 1");
     }
@@ -58,6 +61,7 @@ pub(super) fn server(f: &ServerFile, errs: &mut Errors) -> Server {
                 .unwrap_or(1)
         }),
         max_request_body_bytes: f.max_request_body_bytes,
+        max_upload_bytes: f.max_upload_bytes,
         request_timeout: Duration::from_secs(f.request_timeout_seconds),
         header_timeout: Duration::from_secs(f.header_timeout_seconds),
         idle_timeout: Duration::from_secs(f.idle_timeout_seconds),
