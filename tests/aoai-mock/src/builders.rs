@@ -18,6 +18,7 @@ pub struct Reply {
 }
 
 impl Reply {
+    #[cfg(test)]
     pub fn new(name: &str) -> Self {
         Self::with_pieces(name, 4)
     }
