@@ -5,7 +5,7 @@
 # second binary, one thread): N streamed chat completions started within RAMP_MS, each checked
 # for status 200, `data: [DONE]` and the end of the body; time to the first `data:` byte.
 # Memory: the proxy's peak RSS (VmHWM, reset before each run through /proc/PID/clear_refs), the
-# increase over its RSS just before the run divided by N, and its RSS 30 s after the run ended.
+# increase over its idle RSS (after the warm-up) divided by N, and its RSS 30 s after the run.
 # nginx's figures are its worker's. Targets alternate: gateway, nginx, direct, for each N.
 # Usage: load-tests/sse.sh [BIN_DIR]   (default target/release: needs aoai-gateway, aoai-mock
 #   and sse-load, `cargo build --release --workspace`)   env: STREAMS="1000 2000" RAMP_MS=300
@@ -44,6 +44,9 @@ for port in "$GPORT" "$NPORT" "$MOCK"; do
   case "$out" in *"completed=50 "*) ;; *) echo "warm-up on port $port: $out" >&2; cat "$DIR/gw.err" >&2; exit 1 ;; esac
 done
 sleep 2
+# Idle RSS of each target after its warm-up: the base of "per stream" in every run (what an
+# earlier run left allocated counts against the later one, as it would in service).
+declare -A IDLE=([gateway]=$(rss_kib "$gw_pid") [nginx]=$(rss_kib "$proxy_worker") [direct]=$(rss_kib "$mock_pid"))
 field() { echo "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1==k {print $2}'; }
 measure() { # name pid port streams -> "name|line|before_kib|peak_kib" and the run's end time in $DIR/end-name
   local before peak line
@@ -68,21 +71,21 @@ for n in $STREAMS; do
   g_after=$(after gateway "$gw_pid"); n_after=$(after nginx "$proxy_worker")
   echo
   echo "== $n concurrent streams (20 chunks x 50 ms), connects spread over ${RAMP_MS} ms"
-  printf '%-24s %-10s %-16s %-20s %-16s %-14s %s\n' target completed "TTFT p50/p99 ms" "RSS before/peak MiB" "KiB per stream" "RSS +${AFTER}s MiB" "wall s"
+  printf '%-24s %-10s %-16s %-20s %-16s %-14s %s\n' target completed "TTFT p50/p99 ms" "RSS before/peak MiB" "KiB/stream (idle)" "RSS +${AFTER}s MiB" "wall s"
   while IFS='|' read -r name line before peak; do
     c=$(field "$line" completed); f=$(field "$line" failed)
     t="$(field "$line" ttft_p50_ms)/$(field "$line" ttft_p99_ms)"
-    per=$(awk -v a="$peak" -v b="$before" -v n="$n" 'BEGIN {printf "%.1f", (a-b)/n}')
+    per=$(awk -v a="$peak" -v b="${IDLE[$name]}" -v n="$n" 'BEGIN {printf "%.1f", (a-b)/n}')
     case $name in gateway) a=$g_after ;; nginx) a=$n_after ;; *) a="" ;; esac
     label=$name; [ "$name" = direct ] && label="direct (mock's RSS)"; [ "$name" = nginx ] && label="nginx (worker)"
     printf '%-24s %-10s %-16s %-20s %-16s %-14s %s\n' "$label" "$c/$n$([ "$f" = 0 ] || echo " ($f failed)")" "$t" \
       "$((before / 1024)) / $((peak / 1024))" "$per" "${a:+$((a / 1024))}" "$(field "$line" wall_s)"
   done <"$DIR/rows-$n"
   g=$(grep '^gateway|' "$DIR/rows-$n"); ng=$(grep '^nginx|' "$DIR/rows-$n")
-  gper=$(echo "$g" | awk -F'|' -v n="$n" '{printf "%.1f", ($4-$3)/n}')
-  nper=$(echo "$ng" | awk -F'|' -v n="$n" '{printf "%.1f", ($4-$3)/n}')
+  gper=$(echo "$g" | awk -F'|' -v n="$n" -v i="${IDLE[gateway]}" '{printf "%.1f", ($4-i)/n}')
+  nper=$(echo "$ng" | awk -F'|' -v n="$n" -v i="${IDLE[nginx]}" '{printf "%.1f", ($4-i)/n}')
   echo "gateway / nginx: RSS per stream $(ratio "$gper" "$nper")x; TTFT p50 $(ratio "$(field "$(echo "$g" | cut -d'|' -f2)" ttft_p50_ms)" "$(field "$(echo "$ng" | cut -d'|' -f2)" ttft_p50_ms)")x"
-  echo "gateway RSS ${AFTER}s after: $((g_after / 1024)) MiB (before the run: $(($(echo "$g" | cut -d'|' -f3) / 1024)) MiB)"
+  echo "RSS ${AFTER}s after: gateway $((g_after / 1024)) MiB, nginx $((n_after / 1024)) MiB (idle after warm-up: $((IDLE[gateway] / 1024)) and $((IDLE[nginx] / 1024)) MiB)"
 done
 echo
 echo "gateway WARN/ERROR log lines: $(grep -cE 'WARN|ERROR' "$DIR/gw.err" || true); audit lines by status:"
