@@ -54,6 +54,6 @@ for cm in "10 1" "2 32"; do
 done
 echo
 echo "gateway: RSS $(( $(rss_kib "$gw_pid") / 1024 )) MiB; WARN/ERROR log lines: $(grep -cE 'WARN|ERROR' "$DIR/gw.err" || true)"
-grep -E 'WARN|ERROR' "$DIR/gw.err" | sed 's/^[^ ]* //' | cut -c1-160 | sort | uniq -c | sort -rn | head -3
+grep -E 'WARN|ERROR' "$DIR/gw.err" | sed 's/^[^ ]* //' | cut -c1-160 | sort | uniq -c | sort -rn | head -3 || true
 curl -s "http://127.0.0.1:$GADMIN/metrics" | grep -E '^aoai_gateway_downstream_errors_total' || true
 echo "audit lines by status:"; grep -o '"status":[0-9]*' "$DIR/gw-audit.log" | sort | uniq -c | sort -rn | head -5
