@@ -5,11 +5,11 @@
 # nginx proxies (1 worker each) under the same two wrk; the same nginx mock behind all.
 # Redis round trips per request: the calls of `INFO commandstats` (without INFO itself) before
 # and after each gateway round, divided by the requests of that round. Targets alternate.
-# Usage: load-tests/fleet.sh [BIN_DIR]   (default target/release)   env: ROUNDS=2 DURATION=5 (s)
+# Usage: load-tests/fleet.sh [BIN_DIR]   (default target/release)   env: ROUNDS=3 DURATION=5 (s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 [ -x "$BIN/aoai-gateway" ] || { echo "no $BIN/aoai-gateway (cargo build --release)" >&2; exit 1; }
 . load-tests/common.sh

@@ -3,11 +3,11 @@
 # http2`), the same nginx mock behind both (HTTP/1.1 upstream), API-key auth, the chat body of
 # post.lua. Two cases, targets alternating each round, medians printed with the ratio:
 #   one stream per connection (c=10, m=1) and multiplexed (2 connections x 32 streams).
-# Usage: load-tests/h2.sh [BIN_DIR]   (default target/release)   env: ROUNDS=2 DURATION=5 (s)
+# Usage: load-tests/h2.sh [BIN_DIR]   (default target/release)   env: ROUNDS=3 DURATION=5 (s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 [ -x "$BIN/aoai-gateway" ] || { echo "no $BIN/aoai-gateway (cargo build --release)" >&2; exit 1; }
 . load-tests/common.sh

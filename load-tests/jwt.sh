@@ -9,13 +9,13 @@
 # Goals (issue 18): 10,000 tokens >= 0.9x the one-token rate; 100,000 tokens >= 0.9x the ceiling.
 # Each case: a warm-up pass (every token seen once), then ROUNDS alternating nginx/gateway runs.
 # Usage: load-tests/jwt.sh [BIN_DIR]   (default target/release)
-#   env: ROUNDS=2 DURATION=5 (s) COUNTS="1 10000 100000"
+#   env: ROUNDS=3 DURATION=5 (s) COUNTS="1 10000 100000"
 #        JWT_CACHE=dir keeps the signed tokens there and reuses them while younger than 2 h
 #        (signing 100,000 takes ~30 s of CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 COUNTS=${COUNTS:-"1 10000 100000"}
 [ -x "$BIN/aoai-gateway" ] || { echo "no $BIN/aoai-gateway (cargo build --release)" >&2; exit 1; }

@@ -8,11 +8,11 @@
 #      (handshakes/s). The storm runs against one gateway per `server.tls_handshakes_per_thread`
 #      value in HS_VALUES (all started at once, so the rounds alternate).
 # Usage: load-tests/tls.sh [BIN_DIR]   (default target/release)
-#   env: ROUNDS=2 DURATION=5 (seconds) HS_VALUES="4 16 64"
+#   env: ROUNDS=3 DURATION=5 (seconds) HS_VALUES="4 16 64"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 HS_VALUES=${HS_VALUES:-"4 16 64"}
 [ -x "$BIN/aoai-gateway" ] || { echo "no $BIN/aoai-gateway (cargo build --release)" >&2; exit 1; }
