@@ -35,11 +35,11 @@ start_nginx_mock() {
   wait_port "$1" "the nginx mock"
 }
 # The yardstick proxy (nginx-proxy.conf, one worker) on LISTEN in front of UPSTREAM (host:port);
-# SSL=1 adds TLS with $DIR/cert.pem ($SSL_LISTEN_EXTRA, e.g. "http2", after `ssl`).
+# SSL=1 adds TLS with $DIR/cert.pem and TLS 1.3 (nginx 1.22 offers only up to 1.2 by default; the gateway 1.3) ($SSL_LISTEN_EXTRA, e.g. "http2", after `ssl`).
 # start_nginx_proxy NAME PORT UPSTREAM (sets proxy_pid to the master, proxy_worker to its worker).
 start_nginx_proxy() {
   local listen="listen 127.0.0.1:$2 backlog=4096;"
-  if [ "${SSL:-0}" = 1 ]; then listen="listen 127.0.0.1:$2 ssl ${SSL_LISTEN_EXTRA:-} backlog=4096; ssl_certificate $DIR/cert.pem; ssl_certificate_key $DIR/key.pem;"; fi
+  if [ "${SSL:-0}" = 1 ]; then listen="listen 127.0.0.1:$2 ssl ${SSL_LISTEN_EXTRA:-} backlog=4096; ssl_certificate $DIR/cert.pem; ssl_certificate_key $DIR/key.pem; ssl_protocols TLSv1.2 TLSv1.3;"; fi
   sed -e "s#listen 127.0.0.1:18090 backlog=4096;#$listen#" -e "s#server 127.0.0.1:18080;#server $3;#" \
     -e "s#/proxy\.pid#/$1.pid#" -e "s#/proxy-error\.log#/$1-error.log#" "$DIR/proxy.conf" >"$DIR/$1.conf"
   nginx -c "$DIR/$1.conf" -p "$DIR" & pids+=($!); proxy_pid=$!

@@ -27,6 +27,12 @@ for port in "$NPORT" "$GPORT"; do
   [ "$code" = "200 2" ] || { echo "target on port $port answered '$code' (want 200 over HTTP/2)" >&2; cat "$DIR/gw.err" >&2; exit 1; }
 done
 
+# Both must speak the same TLS (1.3): a comparison of 1.2 against 1.3 handshakes is no comparison.
+for port in "$NPORT" "$GPORT"; do
+  proto=$(echo | openssl s_client -connect "127.0.0.1:$port" 2>/dev/null | awk '/^ *Protocol *:/ {print $NF; exit}')
+  [ "$proto" = TLSv1.3 ] || { echo "port $port negotiated '$proto', not TLSv1.3" >&2; exit 1; }
+done
+
 h2() { # port conns streams -> "rps mean_latency failed+errored non2xx"
   h2load -c "$2" -m "$3" -D "$DURATION" --warm-up-time=1 -d "$DIR/body.json" \
     -H "api-key: $KEY" -H 'content-type: application/json' "https://127.0.0.1:$1$PATH_CHAT" >"$DIR/h2.out" 2>&1 || true

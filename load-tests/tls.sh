@@ -37,6 +37,12 @@ for port in "$NPORT" "${GPORT[@]}"; do
   [ "$code" = 200 ] || { echo "target on port $port answered $code" >&2; cat "$DIR"/gw*.err >&2; exit 1; }
 done
 
+# Both must speak the same TLS (1.3): a comparison of 1.2 against 1.3 handshakes is no comparison.
+for port in "$NPORT" "${GPORT[@]}"; do
+  proto=$(echo | openssl s_client -connect "127.0.0.1:$port" 2>/dev/null | awk '/^ *Protocol *:/ {print $NF; exit}')
+  [ "$proto" = TLSv1.3 ] || { echo "port $port negotiated '$proto', not TLSv1.3" >&2; exit 1; }
+done
+
 wrk_run() { # out port conns seconds [close]
   local hdr=()
   [ "${5:-}" = close ] && hdr=(-H "Connection: close")
