@@ -39,7 +39,7 @@ done
 
 # Both must speak the same TLS (1.3): a comparison of 1.2 against 1.3 handshakes is no comparison.
 for port in "$NPORT" "${GPORT[@]}"; do
-  proto=$(echo | openssl s_client -connect "127.0.0.1:$port" 2>/dev/null | awk '/^ *Protocol *:/ {print $NF; exit}')
+  proto=$(echo | openssl s_client -brief -connect "127.0.0.1:$port" 2>&1 | awk '/^Protocol version:/ {print $NF; exit}')
   [ "$proto" = TLSv1.3 ] || { echo "port $port negotiated '$proto', not TLSv1.3" >&2; exit 1; }
 done
 
