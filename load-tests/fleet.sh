@@ -46,7 +46,7 @@ redis_trips() { redis_stats | awk '$1 != "get" && $1 != "set" {s += $2} END {pri
 
 pair() { # name portA portB -> "rpsA+rpsB p50A p50B requests errors"
   wrk -t1 -c10 -d"${DURATION}s" --latency -s load-tests/post.lua "http://127.0.0.1:$2$PATH_CHAT" >"$DIR/wa" 2>&1 &
-  local wa=$!
+  local wa=$!; pids+=($wa)
   wrk -t1 -c10 -d"${DURATION}s" --latency -s load-tests/post.lua "http://127.0.0.1:$3$PATH_CHAT" >"$DIR/wb" 2>&1 || true
   wait "$wa" || true
   read -r ra pa _ na ea < <(wrk_fig "$DIR/wa"); read -r rb pb _ nb eb < <(wrk_fig "$DIR/wb")

@@ -72,7 +72,7 @@ echo
 echo "== 3: keep-alive c=10 during a handshake storm (c=64, Connection: close); ${DURATION}s measured, medians of $ROUNDS alternating rounds"
 storm() { # name port
   wrk_run "$DIR/storm" "$2" 64 $((DURATION + 2)) close &
-  local sp=$!
+  local sp=$!; pids+=($sp)
   sleep 1
   wrk_run "$DIR/ka" "$2" 10 "$DURATION"
   wait "$sp"
