@@ -580,7 +580,7 @@ def test_h2_client_gone_mid_stream_is_normal_traffic(required_gw, pki, backend):
     a 500 on the dead stream."""
     backend.faults(chunk_delay_ms=400)
     try:
-        log_before = len(required_gw.stderr())
+        log_before = len(required_gw.proc.stderr())
         closed = metric(required_gw, "aoai_gateway_downstream_errors_total",
                         kind="client_closed") or 0.0
         leaf = pki.leaf["fp-device"]
@@ -597,7 +597,7 @@ def test_h2_client_gone_mid_stream_is_normal_traffic(required_gw, pki, backend):
         assert (line["status"], line["error_code"]) == (499, "ClientClosedRequest"), line
         assert metric(required_gw, "aoai_gateway_downstream_errors_total",
                       kind="client_closed") == closed + 1
-        new_log = required_gw.stderr()[log_before:]
+        new_log = required_gw.proc.stderr()[log_before:]
         assert not re.search(r"\b(WARN|ERROR)\b", new_log), new_log
     finally:
         backend.faults(chunk_delay_ms=0)
