@@ -84,7 +84,7 @@ for n in $STREAMS; do
   g=$(grep '^gateway|' "$DIR/rows-$n"); ng=$(grep '^nginx|' "$DIR/rows-$n")
   gper=$(echo "$g" | awk -F'|' -v n="$n" -v i="${IDLE[gateway]}" '{printf "%.1f", ($4-i)/n}')
   nper=$(echo "$ng" | awk -F'|' -v n="$n" -v i="${IDLE[nginx]}" '{printf "%.1f", ($4-i)/n}')
-  echo "gateway / nginx: RSS per stream $(ratio "$gper" "$nper")x; TTFT p50 $(ratio "$(field "$(echo "$g" | cut -d'|' -f2)" ttft_p50_ms)" "$(field "$(echo "$ng" | cut -d'|' -f2)" ttft_p50_ms)")x"
+  echo "gateway / nginx (lower is better): RSS per stream $(ratio "$gper" "$nper")x; TTFT p50 $(ratio "$(field "$(echo "$g" | cut -d'|' -f2)" ttft_p50_ms)" "$(field "$(echo "$ng" | cut -d'|' -f2)" ttft_p50_ms)")x"
   echo "RSS ${AFTER}s after: gateway $((g_after / 1024)) MiB, nginx $((n_after / 1024)) MiB (idle after warm-up: $((IDLE[gateway] / 1024)) and $((IDLE[nginx] / 1024)) MiB)"
 done
 echo
