@@ -571,3 +571,33 @@ def test_handshakes_are_counted_and_abandoned_ones_are_not_errors(module_cluster
     noisy = [l for l in gw.proc.stderr().splitlines()
              if ("ERROR" in l or "WARN" in l) and "andshake" in l]
     assert noisy == [], noisy
+
+
+def test_h2_client_gone_mid_stream_is_normal_traffic(required_gw, pki, backend):
+    """An HTTP/2 client that goes away in the middle of a stream (as h2load does at the end of
+    a run) is normal traffic (SPEC §8): audited as 499, counted as `client_closed`, and nothing
+    logged at WARN or ERROR — Pingora used to log the broken response twice at ERROR and try
+    a 500 on the dead stream."""
+    backend.faults(chunk_delay_ms=400)
+    try:
+        log_before = len(required_gw.proc.stderr())
+        closed = metric(required_gw, "aoai_gateway_downstream_errors_total",
+                        kind="client_closed") or 0.0
+        leaf = pki.leaf["fp-device"]
+        r = subprocess.run(
+            ["curl", "-sS", "--http2", "--max-time", "1", "--cacert", str(pki.server_ca.crt),
+             "--cert", str(leaf.crt), "--key", str(leaf.key), "-o", "/dev/null",
+             "-D", "/dev/stderr", "-H", "content-type: application/json",
+             "--data", json.dumps(dict(BODY, stream=True)), https(required_gw) + CHAT],
+            capture_output=True, text=True, timeout=30, env=agw.clean_env())
+        assert r.returncode == 28, (r.returncode, r.stderr)   # curl gave up mid-stream
+        assert "HTTP/2 200" in r.stderr, r.stderr
+        rid = re.search(r"(?im)^x-request-id:\s*(\S+)", r.stderr).group(1)
+        line = required_gw.audit_for(rid)
+        assert (line["status"], line["error_code"]) == (499, "ClientClosedRequest"), line
+        assert metric(required_gw, "aoai_gateway_downstream_errors_total",
+                      kind="client_closed") == closed + 1
+        new_log = required_gw.proc.stderr()[log_before:]
+        assert not re.search(r"\b(WARN|ERROR)\b", new_log), new_log
+    finally:
+        backend.faults(chunk_delay_ms=0)

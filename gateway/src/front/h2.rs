@@ -37,8 +37,14 @@ impl ProxyHttp for H2Gateway {
         if self.0.serve(&mut d, ctx).await {
             Ok(true)
         } else {
-            Err(pingora::Error::new_str("response broke off"))
+            Err(broke_off())
         }
+    }
+
+    /// The pipeline has already counted and logged (below warn, SPEC §8) a response that broke
+    /// off; Pingora must not log it again as an error.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &pingora::Error) -> bool {
+        is_broke_off(e)
     }
 
     async fn upstream_peer(
@@ -53,6 +59,26 @@ impl ProxyHttp for H2Gateway {
     async fn logging(&self, _session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
         self.0.finish(ctx).await;
     }
+}
+
+const BROKE_OFF: &str = "response broke off";
+
+/// A response that broke off (its client went away, or its backend mid-stream): a downstream
+/// `ConnectionClosed`, for which Pingora's `fail_to_proxy` sends no error answer on the dead
+/// stream (the stream is reset).
+fn broke_off() -> Box<pingora::Error> {
+    pingora::Error::create(
+        pingora::ErrorType::ConnectionClosed,
+        pingora::ErrorSource::Downstream,
+        Some(BROKE_OFF.into()),
+        None,
+    )
+}
+
+fn is_broke_off(e: &pingora::Error) -> bool {
+    e.etype() == &pingora::ErrorType::ConnectionClosed
+        && e.esource() == &pingora::ErrorSource::Downstream
+        && e.context.as_ref().is_some_and(|c| c.as_str() == BROKE_OFF)
 }
 
 /// One request on Pingora's session (HTTP/2).
@@ -194,5 +220,22 @@ impl Downstream for Session2<'_> {
             .write_response_body(Some(last), true)
             .await
             .map_err(io_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_off_response_is_recognized_and_nothing_else() {
+        assert!(is_broke_off(&broke_off()));
+        assert!(!is_broke_off(&pingora::Error::new_str(BROKE_OFF)));
+        assert!(!is_broke_off(&pingora::Error::create(
+            pingora::ErrorType::ConnectionClosed,
+            pingora::ErrorSource::Downstream,
+            Some("other".into()),
+            None,
+        )));
     }
 }

@@ -18,13 +18,20 @@ pub struct Reply {
 }
 
 impl Reply {
+    #[cfg(test)]
     pub fn new(name: &str) -> Self {
-        let chunks = [
-            "Hello".to_string(),
-            " from".to_string(),
-            format!(" {name}"),
-            ".".to_string(),
-        ];
+        Self::with_pieces(name, 4)
+    }
+
+    /// "Hello from {name}." in `pieces` streamed chunks (at least 4): past 4, " again" is
+    /// repeated before the final "." (the benchmarks' long streams: `--stream-chunks`).
+    pub fn with_pieces(name: &str, pieces: usize) -> Self {
+        let mut chunks = vec!["Hello".to_string(), " from".to_string(), format!(" {name}")];
+        chunks.extend(std::iter::repeat_n(
+            " again".to_string(),
+            pieces.saturating_sub(4),
+        ));
+        chunks.push(".".to_string());
         let content: String = chunks.concat();
         Reply {
             content_json: json_str(&content),
@@ -635,6 +642,24 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<String>(&r.content_json).unwrap(),
             whole
+        );
+    }
+
+    #[test]
+    fn reply_in_more_pieces() {
+        let r = Reply::with_pieces("m", 20);
+        assert_eq!(r.completion_tokens, 20);
+        assert_eq!(r.chunks_json.len(), 20);
+        let whole: String = r
+            .chunks_json
+            .iter()
+            .map(|c| serde_json::from_str::<String>(c).unwrap())
+            .collect();
+        assert_eq!(whole, format!("Hello from m{}.", " again".repeat(16)));
+        // Fewer than 4 is the plain reply.
+        assert_eq!(
+            Reply::with_pieces("m", 2).chunks_json,
+            Reply::new("m").chunks_json
         );
     }
 

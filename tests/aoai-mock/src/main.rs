@@ -57,6 +57,9 @@ struct Cli {
     /// Pause between streamed content chunks.
     #[arg(long, default_value_t = 0)]
     chunk_delay_ms: u64,
+    /// Content chunks of a stream (at least 4; more repeat " again" before the final ".").
+    #[arg(long, default_value_t = 4)]
+    stream_chunks: usize,
     /// Data-plane requests must carry `Authorization: Bearer TOKEN`.
     #[arg(long)]
     require_bearer: Option<String>,
@@ -1122,7 +1125,7 @@ fn run(cli: Cli) -> Result<(), String> {
             None
         };
         let st = Arc::new(State {
-            reply: Reply::new(&cli.name),
+            reply: Reply::with_pieces(&cli.name, cli.stream_chunks),
             name_hv,
             require_bearer: cli.require_bearer,
             require_api_key: cli.require_api_key,

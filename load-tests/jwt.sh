@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# JWT auth: the gateway (1 thread) vs nginx (1 worker, which checks nothing), the same nginx
+# mock behind both, wrk -t1 -c10 with `Authorization: Bearer` tokens taken in turn from a file
+# (jwt.lua): one token, 10,000 and 100,000 distinct tokens (RS256, one RSA-2048 key whose JWKS
+# the gateway reads from `jwks_url` on loopback). The gateway's cache of verified tokens is
+# `identity.token_cache_entries` (default 65,536). The RSA-2048 verify ceiling is measured in
+# the same run: `openssl speed rsa2048` gives the verify cost v, the one-token run the cost of
+# a request without a verify (1/R1), so ceiling = 1 / (1/R1 + v).
+# Goals (issue 18): 10,000 tokens >= 0.9x the one-token rate; 100,000 tokens >= 0.9x the ceiling.
+# Each case: a warm-up pass (every token seen once), then ROUNDS alternating nginx/gateway runs.
+# Usage: load-tests/jwt.sh [BIN_DIR]   (default target/release)
+#   env: ROUNDS=3 DURATION=5 (s) COUNTS="1 10000 100000"
+#        JWT_CACHE=dir keeps the signed tokens there and reuses them while younger than 2 h
+#        (signing 100,000 takes ~30 s of CPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${1:-target/release}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+COUNTS=${COUNTS:-"1 10000 100000"}
+[ -x "$BIN/aoai-gateway" ] || { echo "no $BIN/aoai-gateway (cargo build --release)" >&2; exit 1; }
+. load-tests/common.sh
+need nginx wrk openssl curl python3
+python3 -c 'import jwt, cryptography' 2>/dev/null || { echo "needs PyJWT and cryptography (pip install -r tests/integration/requirements.txt)" >&2; exit 1; }
+load_note
+MAX=$(echo "$COUNTS" | tr ' ' '\n' | sort -n | tail -1)
+ISSUER=https://bench-issuer.invalid/v2.0
+TOK=$DIR/tokens
+if [ -n "${JWT_CACHE:-}" ] && [ -f "$JWT_CACHE/tokens.txt" ] && [ "$(wc -l <"$JWT_CACHE/tokens.txt")" -ge "$MAX" ] &&
+   [ -n "$(find "$JWT_CACHE/tokens.txt" -mmin -120)" ]; then
+  TOK=$JWT_CACHE; echo "tokens: reused from $JWT_CACHE"
+else
+  [ -n "${JWT_CACHE:-}" ] && TOK=$JWT_CACHE
+  mkdir -p "$TOK"; t0=$(date +%s)
+  python3 load-tests/jwt_tokens.py "$TOK" "$MAX" "$ISSUER" 10800
+  echo "tokens: $MAX signed in $(( $(date +%s) - t0 )) s"
+fi
+JWKS_PORT=$(free_port)
+mkdir -p "$DIR/jwks"; cp "$TOK/jwks.json" "$DIR/jwks/"
+python3 -m http.server "$JWKS_PORT" --bind 127.0.0.1 --directory "$DIR/jwks" >/dev/null 2>&1 & pids+=($!)
+wait_port "$JWKS_PORT" "the JWKS server"
+
+MOCK=$(free_port); start_nginx_mock "$MOCK"
+NPORT=$(free_port); start_nginx_proxy pjwt "$NPORT" "127.0.0.1:$MOCK"
+GPORT=$(free_port); GADMIN=$(free_port)
+CLIENT_EXTRA=$(printf '    tokens:\n      - provider: bench\n        client: bench-app')
+TOP_EXTRA=$(printf 'identity:\n  oidc:\n    - name: bench\n      issuer: %s\n      audiences: [api://aoai-gateway]\n      jwks_url: http://127.0.0.1:%s/jwks.json\n      algorithms: [RS256]\n      client_claim: azp' "$ISSUER" "$JWKS_PORT")
+CLIENT_EXTRA=$CLIENT_EXTRA TOP_EXTRA=$TOP_EXTRA gateway_yaml gw "$GPORT" "$GADMIN" "http://127.0.0.1:$MOCK"
+start_gateway gw "$GPORT"
+PATH_CHAT=/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21
+first=$(head -1 "$TOK/tokens.txt")
+for port in "$NPORT" "$GPORT"; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$port$PATH_CHAT" \
+    -H "authorization: Bearer $first" -H 'content-type: application/json' -d '{"messages":[]}')
+  [ "$code" = 200 ] || { echo "target on port $port answered $code to a token" >&2; cat "$DIR/gw.err" >&2; exit 1; }
+done
+
+wrk_run() { # out port count seconds
+  JWT_TOKENS=$TOK/tokens.txt JWT_COUNT=$3 wrk -t1 -c10 -d"${4}s" --latency -s load-tests/jwt.lua \
+    "http://127.0.0.1:$2$PATH_CHAT" >"$1" 2>&1 || true
+}
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+med() { local m; m=$(cut -d' ' -f1 "$1" | median); grep "^$m " "$1" | head -1; }
+
+for n in $COUNTS; do
+  : >"$DIR/n-$n.txt"; : >"$DIR/g-$n.txt"
+  # Warm-up: long enough for every token to be presented once at ~10k requests/s.
+  wrk_run "$DIR/w" "$GPORT" "$n" $(( n / 8000 + 2 ))
+  for _ in $(seq 1 "$ROUNDS"); do
+    wrk_run "$DIR/w" "$NPORT" "$n" "$DURATION"; wrk_fig "$DIR/w" >>"$DIR/n-$n.txt"
+    wrk_run "$DIR/w" "$GPORT" "$n" "$DURATION"; wrk_fig "$DIR/w" >>"$DIR/g-$n.txt"
+  done
+done
+verify_s=$(openssl speed -seconds 3 rsa2048 2>/dev/null | awk '/^rsa 2048 bits/ {print $NF}')
+echo
+printf '%-22s %-28s %-28s %-9s %s\n' "tokens cycling" "nginx RPS (p50/p99) errs" "gateway RPS (p50/p99) errs" "/ nginx" "rounds (gateway)"
+for n in $COUNTS; do
+  read -r nr n50 n99 _ ne < <(med "$DIR/n-$n.txt"); read -r gr g50 g99 _ ge < <(med "$DIR/g-$n.txt")
+  printf '%-22s %-28s %-28s %-9s %s\n' "$n" "$nr ($n50/$n99) $ne" "$gr ($g50/$g99) $ge" "$(ratio "$gr" "$nr")" "$(cut -d' ' -f1 "$DIR/g-$n.txt" | tr '\n' ' ')"
+  eval "G_$n=$gr"
+done
+first_n=$(echo "$COUNTS" | awk '{print $1}')
+r1=$(eval echo "\$G_$first_n")
+echo
+echo "openssl speed rsa2048: $verify_s verifies/s ($(awk -v v="$verify_s" 'BEGIN {printf "%.1f", 1e6/v}') us each)"
+ceiling=$(awk -v r="$r1" -v v="$verify_s" 'BEGIN {printf "%.0f", 1/(1/r + 1/v)}')
+echo "ceiling = 1/(1/$r1 + 1/$verify_s) = $ceiling requests/s"
+[ -n "${G_10000:-}" ] && echo "10,000 tokens / one token: $(ratio "$G_10000" "$r1")  (goal >= 0.9)"
+[ -n "${G_100000:-}" ] && echo "100,000 tokens / ceiling: $(ratio "$G_100000" "$ceiling")  (goal >= 0.9)"
+echo "gateway: RSS $(( $(rss_kib "$gw_pid") / 1024 )) MiB; WARN/ERROR log lines: $(grep -cE 'WARN|ERROR' "$DIR/gw.err" || true)"
+echo "audit lines by status:"; grep -o '"status":[0-9]*' "$DIR/gw-audit.log" | sort | uniq -c | sort -rn | head -5
