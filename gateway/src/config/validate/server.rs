@@ -67,6 +67,7 @@ pub(super) fn server(f: &ServerFile, errs: &mut Errors) -> Server {
         idle_timeout: Duration::from_secs(f.idle_timeout_seconds),
         backend_idle: Duration::from_secs(f.backend_idle_seconds),
         tls_handshakes_per_thread: f.tls_handshakes_per_thread,
+        tls_handshake_pacing: f.tls_handshake_pacing,
         shutdown_grace: Duration::from_secs(f.shutdown_grace_seconds),
         realtime: Realtime {
             idle: Duration::from_secs(f.realtime_idle_seconds),
