@@ -5,16 +5,19 @@
 #   3. the mixed storm: keep-alive clients (c=10) measured while a handshake storm runs
 #      (c=64, `Connection: close`) against the same target; the keep-alive clients' RPS and
 #      p50 beside nginx's, their ratio (issue 18's goal: >= 0.8x), and the storm's own rate
-#      (handshakes/s). The storm runs against one gateway per `server.tls_handshakes_per_thread`
-#      value in HS_VALUES (all started at once, so the rounds alternate).
+#      (handshakes/s). The storm runs against one gateway per `server.tls_handshake_pacing`
+#      value in PACING and `server.tls_handshakes_per_thread` value in HS_VALUES (all started
+#      at once, so the rounds alternate).
 # Usage: load-tests/tls.sh [BIN_DIR]   (default target/release)
-#   env: ROUNDS=3 DURATION=5 (seconds) HS_VALUES="4 16 64"
+#   env: ROUNDS=3 DURATION=5 (seconds) PACING="per_pass none" HS_VALUES="4 16"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
-HS_VALUES=${HS_VALUES:-"4 16 64"}
+PACING=${PACING:-"per_pass none"}
+HS_VALUES=${HS_VALUES:-"4 16"}
+VARIANTS=""; for p in $PACING; do for v in $HS_VALUES; do VARIANTS="$VARIANTS ${p}_$v"; done; done
 [ -x "$BIN/aoai-gateway" ] || { echo "no $BIN/aoai-gateway (cargo build --release)" >&2; exit 1; }
 . load-tests/common.sh
 need nginx wrk openssl curl python3
@@ -24,12 +27,13 @@ make_cert
 MOCK=$(free_port); start_nginx_mock "$MOCK"
 NPORT=$(free_port); SSL=1 start_nginx_proxy ptls "$NPORT" "127.0.0.1:$MOCK"
 declare -A GPORT GADMIN GPID
-for v in $HS_VALUES; do
+for v in $VARIANTS; do
   GPORT[$v]=$(free_port); GADMIN[$v]=$(free_port)
-  TLS=1 SERVER_EXTRA="  tls_handshakes_per_thread: $v" gateway_yaml "gw$v" "${GPORT[$v]}" "${GADMIN[$v]}" "http://127.0.0.1:$MOCK"
+  TLS=1 SERVER_EXTRA=$(printf '  tls_handshakes_per_thread: %s\n  tls_handshake_pacing: %s' "${v##*_}" "${v%_*}") \
+    gateway_yaml "gw$v" "${GPORT[$v]}" "${GADMIN[$v]}" "http://127.0.0.1:$MOCK"
   start_gateway "gw$v" "${GPORT[$v]}"; GPID[$v]=$gw_pid
 done
-DEFAULT_HS=16; [ -n "${GPORT[16]:-}" ] || DEFAULT_HS=$(echo "$HS_VALUES" | awk '{print $1}')
+DEFAULT_HS=per_pass_16; [ -n "${GPORT[$DEFAULT_HS]:-}" ] || DEFAULT_HS=$(echo "$VARIANTS" | awk '{print $1}')
 PATH_CHAT=/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21
 for port in "$NPORT" "${GPORT[@]}"; do
   code=$(curl -sk -o /dev/null -w '%{http_code}' -X POST "https://127.0.0.1:$port$PATH_CHAT" \
@@ -53,7 +57,7 @@ median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 med() { local m; m=$(cut -d' ' -f1 "$1" | median); grep "^$m " "$1" | head -1; }
 
 echo
-echo "== 1, 2: keep-alive and a handshake per request (c=10, medians of $ROUNDS alternating rounds; gateway: tls_handshakes_per_thread $DEFAULT_HS)"
+echo "== 1, 2: keep-alive and a handshake per request (c=10, medians of $ROUNDS alternating rounds; gateway: $DEFAULT_HS, i.e. pacing_handshakes-per-thread)"
 for mode in keepalive close; do
   : >"$DIR/n-$mode.txt"; : >"$DIR/g-$mode.txt"
   for _ in $(seq 1 "$ROUNDS"); do
@@ -78,26 +82,26 @@ storm() { # name port
   wait "$sp"
   echo "$(wrk_fig "$DIR/ka") $(wrk_fig "$DIR/storm")" >>"$DIR/storm-$1.txt"
 }
-targets="nginx"; for v in $HS_VALUES; do targets="$targets gw$v"; done
+targets="nginx"; for v in $VARIANTS; do targets="$targets gw$v"; done
 for t in $targets; do : >"$DIR/storm-$t.txt"; done
 for _ in $(seq 1 "$ROUNDS"); do
   storm nginx "$NPORT"
-  for v in $HS_VALUES; do storm "gw$v" "${GPORT[$v]}"; done
+  for v in $VARIANTS; do storm "gw$v" "${GPORT[$v]}"; done
 done
 read -r nka n50 _ _ _ nst _ _ _ nse < <(med "$DIR/storm-nginx.txt")
 printf '%-34s %-24s %-10s %-22s %s\n' "target" "keep-alive RPS (p50)" "ka ratio" "storm handshakes/s" "storm ratio (errors)"
 printf '%-34s %-24s %-10s %-22s %s\n' "nginx, 1 worker" "$nka ($n50)" "1.00" "$nst" "1.00 ($nse)"
-for v in $HS_VALUES; do
+for v in $VARIANTS; do
   read -r gka g50 _ _ _ gst _ _ _ gse < <(med "$DIR/storm-gw$v.txt")
-  printf '%-34s %-24s %-10s %-22s %s\n' "gateway, tls_handshakes_per_thread $v" "$gka ($g50)" "$(ratio "$gka" "$nka")" "$gst" "$(ratio "$gst" "$nst") ($gse)"
+  printf '%-34s %-24s %-10s %-22s %s\n' "gateway, $v" "$gka ($g50)" "$(ratio "$gka" "$nka")" "$gst" "$(ratio "$gst" "$nst") ($gse)"
 done
 echo "(every round, nginx then each gateway: keep-alive RPS / storm RPS)"
 for t in $targets; do echo "  $t: $(awk '{printf "%s/%s  ", $1, $6}' "$DIR/storm-$t.txt")"; done
 
 echo
 echo "== the gateways' own counters and log"
-for v in $HS_VALUES; do
+for v in $VARIANTS; do
   m=$(curl -s "http://127.0.0.1:${GADMIN[$v]}/metrics" | grep -E '^aoai_gateway_downstream_(handshakes|errors)' | tr '\n' ' ')
-  echo "tls_handshakes_per_thread $v: $m"
+  echo "$v: $m"
   echo "  RSS $(( $(rss_kib "${GPID[$v]}") / 1024 )) MiB; WARN/ERROR log lines: $(grep -cE 'WARN|ERROR' "$DIR/gw$v.err" || true)"
 done

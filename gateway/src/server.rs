@@ -239,6 +239,8 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
     let handshakes = Handshakes::new(
         tls_listeners,
         server_cfg.tls_handshakes_per_thread * server_cfg.threads,
+        server_cfg.tls_handshake_pacing,
+        server_cfg.threads,
         server_cfg.header_timeout,
         metrics.clone(),
     );

@@ -55,11 +55,12 @@ def mtls_clients(pki: Pki) -> list[dict]:
     ]
 
 
-def start(cluster, pki: Pki, mock, mode: str | None, **kw) -> agw.Gateway:
+def start(cluster, pki: Pki, mock, mode: str | None, server_extra: dict | None = None,
+          **kw) -> agw.Gateway:
     cfg = agw.single(
         mock, deployment=DEPLOYMENT,
         clients=mtls_clients(pki),
-        server={"listeners": [tls_listener(pki, mode, **kw)]},
+        server={"listeners": [tls_listener(pki, mode, **kw)], **(server_extra or {})},
         health_checks={"interval_seconds": 3600},
     )
     return cluster.gateway(cfg)
@@ -530,10 +531,14 @@ def test_crl_update_takes_effect_on_graceful_upgrade(cluster, tmp_path):
     admin.close()
 
 
-def test_handshakes_are_counted_and_abandoned_ones_are_not_errors(module_cluster, pki, backend):
+@pytest.mark.parametrize("pacing", ["per_pass", "none"])
+def test_handshakes_are_counted_and_abandoned_ones_are_not_errors(module_cluster, pki, backend,
+                                                                  pacing):
     """SPEC §8: handshakes by result, those under way, and a client that gives up in the middle
-    of one is `downstream_errors_total{kind="handshake"}`, logged below warn."""
-    gw = start(module_cluster, pki, backend, None)
+    of one is `downstream_errors_total{kind="handshake"}`, logged below warn — with the
+    handshakes paced (`server.tls_handshake_pacing`, the default) and without."""
+    gw = start(module_cluster, pki, backend, None,
+               server_extra={"tls_handshake_pacing": pacing})
     host, port = gw.listeners[0].rsplit(":", 1)
 
     def counts() -> tuple[float, float, float]:

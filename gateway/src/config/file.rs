@@ -33,6 +33,10 @@ pub struct ServerFile {
     /// TLS handshakes under way at once per worker thread; more wait for a turn.
     #[serde(default = "default_tls_handshakes_per_thread")]
     pub tls_handshakes_per_thread: usize,
+    /// How a worker thread interleaves the CPU-heavy first step of new TLS handshakes with
+    /// the connections it already serves.
+    #[serde(default)]
+    pub tls_handshake_pacing: HandshakePacing,
     /// On SIGTERM or an upgrade, how long open realtime sessions (and requests) may still
     /// run (SPEC §12).
     #[serde(default = "default_shutdown_grace")]
@@ -73,6 +77,20 @@ fn default_backend_idle() -> u64 {
 fn default_tls_handshakes_per_thread() -> usize {
     16
 }
+/// `server.tls_handshake_pacing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandshakePacing {
+    /// One handshake's first step (ClientHello in, signed server flight out) per event-loop
+    /// pass per worker thread, after the tasks that were ready before it (nginx's
+    /// `multi_accept off`, one connection per pass).
+    #[default]
+    PerPass,
+    /// Handshakes run as soon as they are scheduled, bounded only by
+    /// `tls_handshakes_per_thread` (the behaviour before pacing; kept for comparison).
+    None,
+}
+
 fn default_shutdown_grace() -> u64 {
     300
 }

@@ -13,7 +13,9 @@ use filters::identity::TokenMap;
 use filters::limits::ClientLimits;
 use filters::oidc::OidcProviderConfig;
 
-use super::file::{IdentitySource, OnStoreFailureFile, PromptEstimateFile, StoreKindFile};
+use super::file::{
+    HandshakePacing, IdentitySource, OnStoreFailureFile, PromptEstimateFile, StoreKindFile,
+};
 pub use super::validate::{parse_backend_url, validate};
 
 /// A listener as configured.
@@ -50,6 +52,7 @@ pub struct Server {
     pub idle_timeout: Duration,
     pub backend_idle: Duration,
     pub tls_handshakes_per_thread: usize,
+    pub tls_handshake_pacing: HandshakePacing,
     pub shutdown_grace: Duration,
     pub realtime: Realtime,
     pub front_door_ids: Vec<String>,

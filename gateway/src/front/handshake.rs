@@ -5,9 +5,20 @@
 //! cannot take a worker away from the connections it already serves), and so that a client
 //! that gives up in the middle of one — normal traffic — is counted as
 //! `downstream_errors_total{kind="handshake"}` and logged at debug, not as an error.
+//!
+//! The cap on handshakes in flight does not bound the CPU they take from one pass of the
+//! event loop: each one's first step (the ClientHello in, the signed server flight out) is a
+//! millisecond or more of CPU, and a burst of them queues ahead of the established
+//! connections' ready reads. So by default ([`HandshakePacing::PerPass`]) a [`Pacer`] lets
+//! one handshake per worker thread take that step, and only after a pass of the event loop:
+//! the tasks that were ready before it (keep-alive requests) run first, as under nginx's
+//! `multi_accept off`.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use log::debug;
@@ -15,9 +26,10 @@ use openssl::ssl::SslAcceptor;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::server::{handshake, handshake_with_callback};
-use pingora::protocols::Stream;
+use pingora::protocols::{Peek, Stream};
 use tokio::sync::Semaphore;
 
+use crate::config::file::HandshakePacing;
 use crate::observe::metrics::Metrics;
 
 /// The TLS side of one listener ([`crate::tls::tls_listener`]).
@@ -33,6 +45,8 @@ pub struct Handshakes {
     listeners: Vec<TlsListener>,
     /// `tls_handshakes_per_thread × threads` turns.
     turns: Semaphore,
+    /// `None` with `tls_handshake_pacing: none`.
+    pacer: Option<Pacer>,
     timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -49,6 +63,8 @@ impl Handshakes {
     pub fn new(
         listeners: Vec<(SocketAddr, TlsListener)>,
         turns: usize,
+        pacing: HandshakePacing,
+        threads: usize,
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Handshakes {
@@ -57,6 +73,10 @@ impl Handshakes {
             addrs,
             listeners,
             turns: Semaphore::new(turns.clamp(1, Semaphore::MAX_PERMITS)),
+            pacer: match pacing {
+                HandshakePacing::PerPass => Some(Pacer::new(threads)),
+                HandshakePacing::None => None,
+            },
             timeout,
             metrics,
         }
@@ -85,12 +105,23 @@ impl Handshakes {
         m.downstream_handshakes_in_progress.inc();
         let result = tokio::time::timeout(self.timeout, async {
             let _turn = self.turns.acquire().await;
-            let l4: Box<L4Stream> = stream.into_any().downcast().map_err(|_| "not a socket")?;
-            let done = match &tls.callbacks {
-                Some(cb) => handshake_with_callback(&tls.acceptor, *l4, cb.as_ref()).await,
-                None => handshake(&tls.acceptor, *l4).await,
-            };
-            done.map_err(|e| {
+            let mut l4: Box<L4Stream> = stream.into_any().downcast().map_err(|_| "not a socket")?;
+            if let Some(pacer) = &self.pacer {
+                // Wait (holding no pass) until the ClientHello is here, so that the paced
+                // first step is the one that does the work rather than a read that would block.
+                l4.try_peek(&mut [0u8; 1]).await.map_err(|e| {
+                    debug!("TLS handshake failed before the ClientHello: {e}");
+                    "failed"
+                })?;
+                let mut done = pin!(shake(tls, *l4));
+                match pacer.first_step(done.as_mut()).await {
+                    Poll::Ready(done) => done,
+                    Poll::Pending => done.await,
+                }
+            } else {
+                shake(tls, *l4).await
+            }
+            .map_err(|e| {
                 debug!("TLS handshake failed: {e}");
                 "failed"
             })
@@ -123,9 +154,100 @@ impl Handshakes {
     }
 }
 
+async fn shake(
+    tls: &TlsListener,
+    l4: L4Stream,
+) -> pingora::Result<pingora::protocols::tls::SslStream<L4Stream>> {
+    match &tls.callbacks {
+        Some(cb) => handshake_with_callback(&tls.acceptor, l4, cb.as_ref()).await,
+        None => handshake(&tls.acceptor, l4).await,
+    }
+}
+
+/// One CPU-heavy step at a time per worker thread (`threads` passes), each taken only after a
+/// pass of the event loop.
+pub struct Pacer {
+    passes: Semaphore,
+}
+
+impl Pacer {
+    pub fn new(threads: usize) -> Pacer {
+        Pacer {
+            passes: Semaphore::new(threads.clamp(1, Semaphore::MAX_PERMITS)),
+        }
+    }
+
+    /// Polls `fut` once, on a pass: `yield_now` puts this task behind the IO driver's next
+    /// poll and every task ready by then, so between two paced steps on a thread the tasks
+    /// that were waiting run. The pass is given back after the step, whatever it returned.
+    pub async fn first_step<F: Future>(&self, mut fut: Pin<&mut F>) -> Poll<F::Output> {
+        // The semaphore is never closed: an error here is not reachable, and would only mean
+        // running unpaced.
+        let _pass = self.passes.acquire().await;
+        tokio::task::yield_now().await;
+        std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// Eight handshakes arrive at once beside an established connection that is ready on
+    /// every pass: paced, no two handshake steps run without the connection's turn between
+    /// them; unpaced (the control), they run back to back.
+    #[tokio::test(flavor = "current_thread")]
+    async fn paced_steps_take_turns_with_the_ready_connections() {
+        for paced in [true, false] {
+            let log = Arc::new(Mutex::new(String::new()));
+            let pacer = Arc::new(Pacer::new(1));
+            let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let keep_alive = {
+                let (log, done) = (log.clone(), done.clone());
+                tokio::spawn(async move {
+                    while done.load(std::sync::atomic::Ordering::SeqCst) < 8 {
+                        log.lock().unwrap().push('k');
+                        tokio::task::yield_now().await;
+                    }
+                })
+            };
+            let shakes: Vec<_> = (0..8)
+                .map(|_| {
+                    let (log, pacer, done) = (log.clone(), pacer.clone(), done.clone());
+                    tokio::spawn(async move {
+                        let step = pin!(async {
+                            log.lock().unwrap().push('h');
+                        });
+                        if paced {
+                            assert!(pacer.first_step(step).await.is_ready());
+                        } else {
+                            step.await;
+                        }
+                        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    })
+                })
+                .collect();
+            for s in shakes {
+                s.await.unwrap();
+            }
+            keep_alive.await.unwrap();
+            let log = log.lock().unwrap().clone();
+            assert_eq!(log.matches('h').count(), 8, "{log}");
+            assert_eq!(!log.contains("hh"), paced, "paced {paced}: {log}");
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_step_that_is_not_done_comes_back_pending_and_gives_the_pass_back() {
+        let pacer = Pacer::new(1);
+        let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
+        let mut waiting = pin!(rx);
+        assert!(pacer.first_step(waiting.as_mut()).await.is_pending());
+        assert_eq!(pacer.passes.available_permits(), 1);
+        tx.send(7).unwrap();
+        assert_eq!(waiting.await.unwrap(), 7);
+    }
 
     #[test]
     fn a_connection_belongs_to_the_listener_of_its_port_and_address() {

@@ -67,6 +67,7 @@ pub(super) fn server(f: &ServerFile, errs: &mut Errors) -> Server {
         idle_timeout: Duration::from_secs(f.idle_timeout_seconds),
         backend_idle: Duration::from_secs(f.backend_idle_seconds),
         tls_handshakes_per_thread: f.tls_handshakes_per_thread,
+        tls_handshake_pacing: f.tls_handshake_pacing,
         shutdown_grace: Duration::from_secs(f.shutdown_grace_seconds),
         realtime: Realtime {
             idle: Duration::from_secs(f.realtime_idle_seconds),
@@ -282,5 +283,28 @@ front_door_ids: [afd]
             ]
         );
         assert_eq!(s.front_door_ids, ["afd"]);
+        assert_eq!(
+            s.tls_handshake_pacing,
+            crate::config::file::HandshakePacing::PerPass
+        );
+    }
+
+    #[test]
+    fn handshake_pacing_is_per_pass_or_none() {
+        for (value, want) in [
+            ("per_pass", crate::config::file::HandshakePacing::PerPass),
+            ("none", crate::config::file::HandshakePacing::None),
+        ] {
+            let yaml =
+                format!("listeners: [{{address: 127.0.0.1:1}}]\ntls_handshake_pacing: {value}\n");
+            let (s, errs) = run::<ServerFile, _>(&yaml, server);
+            assert_eq!(errs, []);
+            assert_eq!(s.tls_handshake_pacing, want);
+        }
+        let bad = "listeners: [{address: 127.0.0.1:1}]\ntls_handshake_pacing: sometimes\n";
+        let err = serde_norway::from_str::<ServerFile>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls_handshake_pacing"), "{err}");
     }
 }
