@@ -1543,3 +1543,34 @@ fn unusable_key_material_is_skipped_at_load() {
     let kids: Vec<_> = keys.iter().map(|k| k.kid.clone().unwrap()).collect();
     assert_eq!(kids, ["rsa-2"]);
 }
+
+/// Cost of the signature step, per verify: jsonwebtoken's `crypto::verify` (the RSA key
+/// rebuilt from `{n, e}` each call) against the key parsed once. Timing only; run with
+/// `cargo test --release -p filters --lib -- --ignored --nocapture signature_step_timings`.
+#[test]
+#[ignore]
+fn signature_step_timings() {
+    use jsonwebtoken::jwk::Jwk;
+    use jsonwebtoken::DecodingKey;
+    use std::time::Instant;
+    const N: u32 = 20_000;
+    let token = token(rsa1(), &claims());
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    let jwk: Jwk = serde_json::from_value(rsa1().jwk.clone()).unwrap();
+    let theirs = DecodingKey::from_jwk(&jwk).unwrap();
+    let ours = keys::parse_jwks(&jwks(&[rsa1()])).unwrap();
+    let mut ok = 0;
+    let started = Instant::now();
+    for _ in 0..N {
+        ok += jsonwebtoken::crypto::verify(sig, input.as_bytes(), &theirs, Algorithm::RS256)
+            .unwrap_or(false) as u32;
+    }
+    let jwt = started.elapsed() / N;
+    let started = Instant::now();
+    for _ in 0..N {
+        ok += ours[0].verify(Algorithm::RS256, input.as_bytes(), sig) as u32;
+    }
+    let parsed = started.elapsed() / N;
+    assert_eq!(ok, 2 * N);
+    println!("RS256 verify: jsonwebtoken {jwt:?}, parsed key {parsed:?}");
+}
