@@ -12,8 +12,10 @@
 //! * Client-wide windows, and per (client, deployment) windows on top; a request must fit
 //!   every applicable window and is counted in all of them or in none.
 //! * Stores: [`StoreKind::Memory`] (per process, sharded mutexes) or [`StoreKind::Redis`]
-//!   (shared by every gateway on the same Redis; one Lua script round trip to admit, one to
-//!   reconcile). See `redis_store.rs` for failure handling and the clock choice.
+//!   (shared by every gateway on the same Redis; one Lua script round trip to admit, which also
+//!   carries the corrections of requests finished since; what no admission carried within
+//!   10 ms is sent in one call for all). See `redis_store.rs` for failure handling, the clock
+//!   choice and what the batching changes.
 
 mod memory;
 mod redis_store;
@@ -95,6 +97,9 @@ pub struct LimiterOptions {
     pub retry_interval: Duration,
     /// Prefix of every Redis key. Default `agw:lim:`.
     pub key_prefix: String,
+    /// Longest a reconciliation waits for an admission to carry it to Redis before it is sent
+    /// on its own (with every other one queued). Default 10 ms.
+    pub flush_delay: Duration,
 }
 
 impl Default for LimiterOptions {
@@ -103,6 +108,7 @@ impl Default for LimiterOptions {
             command_timeout: Duration::from_millis(250),
             retry_interval: Duration::from_secs(1),
             key_prefix: "agw:lim:".to_owned(),
+            flush_delay: redis_store::FLUSH_DELAY,
         }
     }
 }
@@ -549,11 +555,12 @@ impl Limiter {
             retry_interval: options.retry_interval,
         };
         let store = crate::store::Store::open(store, &conn)?;
-        Ok(Self::on_store(
+        Ok(Self::build(
             &store,
             on_failure,
             on_store_error,
             &options.key_prefix,
+            options.flush_delay,
         ))
     }
 
@@ -565,10 +572,26 @@ impl Limiter {
         on_store_error: Arc<dyn Fn() + Send + Sync>,
         key_prefix: &str,
     ) -> Self {
+        Self::build(
+            store,
+            on_failure,
+            on_store_error,
+            key_prefix,
+            redis_store::FLUSH_DELAY,
+        )
+    }
+
+    fn build(
+        store: &crate::store::Store,
+        on_failure: OnStoreFailure,
+        on_store_error: Arc<dyn Fn() + Send + Sync>,
+        key_prefix: &str,
+        flush_delay: Duration,
+    ) -> Self {
         Limiter {
-            redis: store
-                .redis()
-                .map(|c| RedisStore::new(c.clone(), key_prefix)),
+            redis: store.redis().map(|c| {
+                RedisStore::new(c.clone(), key_prefix, on_store_error.clone(), flush_delay)
+            }),
             local: MemoryStore::new(),
             on_failure,
             on_store_error,
@@ -747,7 +770,9 @@ impl Limiter {
     ///   empty). Per day: only while the same UTC day lasts.
     /// * Higher than reserved: the difference is charged as well (per minute from now on, so
     ///   the client may be in debt and wait longer; per day only while the same day lasts).
-    /// * The correction goes to the store that admitted the request. When Redis fails here it
+    /// * The correction goes to the store that admitted the request. Redis: it is queued and
+    ///   carried by this limiter's next admission, or sent at most `flush_delay` (10 ms) later
+    ///   with every other one queued, applied as of `now` either way. When that call fails it
     ///   is dropped (the reservation stands) and `on_store_error` is called.
     pub async fn reconcile_at(
         &self,

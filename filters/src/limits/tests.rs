@@ -696,6 +696,7 @@ fn redis_limiter(
             command_timeout: timeout,
             retry_interval: Duration::from_millis(200),
             key_prefix: "test:".into(),
+            flush_delay: redis_store::FLUSH_DELAY,
         },
     )
     .unwrap()
@@ -755,7 +756,15 @@ async fn two_gateways_share_one_limit_exactly() {
         rate(30_000, true)
     );
     a.reconcile_at(&adm, Some(500), at(T0)).await;
-    ok(&b, "tok", "d", &lim, 500, T0).await;
+    // Queued in `a` for its next admission or the flush at most FLUSH_DELAY later.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.admit("tok", "d", &lim, 500, at(T0)).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the correction never reached Redis"
+        );
+        tokio::time::sleep(redis_store::FLUSH_DELAY).await;
+    }
 
     // 50 concurrent admissions across both gateways: exactly 10.
     let lim = Arc::new(client(Some(10), None, None));
@@ -777,6 +786,88 @@ async fn two_gateways_share_one_limit_exactly() {
         }
     }
     assert_eq!(admitted, 10);
+    assert_eq!(errors.load(Ordering::Relaxed), 0);
+}
+
+/// Scripts Redis ran so far (`EVALSHA` and `EVAL` calls, from `INFO commandstats`).
+async fn script_calls(server: &RedisServer) -> u64 {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            let calls = l.split_once("calls=")?.1;
+            calls.split(',').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliations_ride_on_the_next_admission_or_one_flush() {
+    let server = RedisServer::start();
+    let (errors, on_error) = counter();
+    // A flush that never fires on its own: what reaches Redis is what admissions carry.
+    let l = Limiter::with_options(
+        StoreKind::Redis { url: server.url() },
+        OnStoreFailure::Reject,
+        on_error.clone(),
+        LimiterOptions {
+            command_timeout: Duration::from_secs(5),
+            retry_interval: Duration::from_millis(200),
+            key_prefix: "test:".into(),
+            flush_delay: Duration::from_secs(3600),
+        },
+    )
+    .unwrap();
+    let other = redis_limiter(
+        &server,
+        OnStoreFailure::Reject,
+        on_error,
+        Duration::from_secs(5),
+    );
+    let lim = client(Some(100), Some(1000), Some(100_000));
+    ok(&l, "warm", "d", &lim, 0, T0).await; // loads the script
+    let calls = script_calls(&server).await;
+
+    let a = ok(&l, "c", "d", &lim, 1000, T0).await;
+    l.reconcile_at(&a, Some(100), at(T0)).await; // queued: no call
+    assert_eq!(script_calls(&server).await - calls, 1);
+    // Not in Redis yet: the other gateway still sees the full reservation.
+    assert_eq!(
+        refused(&other, "c", "d", &lim, 800, T0).await,
+        rate(48_000, true)
+    );
+    // The next admission here (of any client) carries it: 800 fits only after the refund.
+    let b = ok(&l, "someone-else", "d", &lim, 0, T0).await;
+    let c = ok(&other, "c", "d", &lim, 800, T0).await;
+    assert_eq!(
+        script_calls(&server).await - calls,
+        4,
+        "admit, refused, carry, admit"
+    );
+
+    // Without admissions, the flush sends every queued request's corrections in one call.
+    l.reconcile_at(&b, Some(0), at(T0)).await;
+    other.reconcile_at(&c, Some(50), at(T0)).await; // `other` flushes on its own, after 10 ms
+    let d = ok(&l, "c", "d", &lim, 0, T0).await; // carries nothing (b had no correction)
+    l.reconcile_at(&d, Some(30), at(T0)).await;
+    let e = ok(&l, "e", "d", &lim, 10, T0).await; // carries d's surcharge of 30
+    l.reconcile_at(&e, Some(10), at(T0)).await; // no correction: nothing queued
+    l.redis.as_ref().unwrap().flush_now().await; // nothing left: no call
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // c: 800 reconciled to 50; a: 100; d: 30 → 820 free of 1000 once other's flush landed.
+    while other.admit("c", "d", &lim, 820, at(T0)).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the other gateway's flush never came"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(errors.load(Ordering::Relaxed), 0);
 }
 

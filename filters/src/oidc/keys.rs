@@ -3,9 +3,10 @@
 
 use std::str::FromStr;
 
+use aws_lc_rs::signature::{self as sig, ParsedPublicKey, RsaPublicKeyComponents};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use jsonwebtoken::{Algorithm, DecodingKey};
+use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -54,18 +55,60 @@ pub(crate) fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
     }
 }
 
+/// The algorithms an RSA key may verify (when its JWK names no `alg`).
+const RSA_ALGORITHMS: [Algorithm; 6] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+
+/// RSA verification parameters of a JWS algorithm: the same as jsonwebtoken's aws-lc backend
+/// (moduli of 2048 to 8192 bits, checked at every verify).
+fn rsa_parameters(alg: Algorithm) -> Option<&'static sig::RsaParameters> {
+    Some(match alg {
+        Algorithm::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+        Algorithm::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+        Algorithm::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
+        Algorithm::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
+        Algorithm::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
+        Algorithm::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
+        _ => return None,
+    })
+}
+
 /// One key of a provider's JWKS, ready to verify signatures.
+///
+/// The key is parsed once per JWKS fetch into aws-lc's `ParsedPublicKey`, one per algorithm
+/// the key may verify (aws-lc binds a parsed key to one algorithm): a verify then runs the
+/// signature operation alone. jsonwebtoken's `crypto::verify` rebuilt the RSA key from
+/// `{n, e}` — and its Montgomery constants — on every call, about half of a verify's cost.
 pub(crate) struct VerifyKey {
     pub(crate) kid: Option<String>,
     pub(crate) key_type: KeyType,
     /// The JWK's own `alg`, when it names one: tokens must then use exactly that algorithm.
     pub(crate) alg: Option<Algorithm>,
-    pub(crate) key: DecodingKey,
+    /// One parsed key per algorithm this key accepts (see [`VerifyKey::accepts`]).
+    parsed: Vec<(Algorithm, ParsedPublicKey)>,
 }
 
 impl VerifyKey {
     fn accepts(&self, alg: Algorithm) -> bool {
         self.key_type.fits(alg) && self.alg.is_none_or(|a| a == alg)
+    }
+
+    /// Whether `signature_b64` (base64url, no padding) is a valid `alg` signature of
+    /// `signing_input` by this key. `false` for an algorithm the key does not accept.
+    pub(crate) fn verify(&self, alg: Algorithm, signing_input: &[u8], signature_b64: &str) -> bool {
+        let Some((_, key)) = self.parsed.iter().find(|(a, _)| *a == alg) else {
+            return false;
+        };
+        let Ok(signature) = URL_SAFE_NO_PAD.decode(signature_b64) else {
+            return false;
+        };
+        key.verify_sig(signing_input, &signature).is_ok()
     }
 }
 
@@ -191,7 +234,7 @@ fn parse_jwk(item: &Value) -> Result<VerifyKey, String> {
         None => None,
         Some(name) => Some(parse_algorithm(name)?),
     };
-    let (key_type, key) = match jwk.kty.as_str() {
+    let (key_type, parsed) = match jwk.kty.as_str() {
         "RSA" => {
             let n = b64("n", jwk.n.as_ref())?;
             let e = b64("e", jwk.e.as_ref())?;
@@ -204,12 +247,34 @@ fn parse_jwk(item: &Value) -> Result<VerifyKey, String> {
             if e.is_empty() || e.len() > 8 {
                 return Err("RSA exponent out of range".to_string());
             }
-            (KeyType::Rsa, DecodingKey::from_rsa_raw_components(n, e))
+            let components = RsaPublicKeyComponents { n, e };
+            let mut parsed = Vec::with_capacity(RSA_ALGORITHMS.len());
+            for alg in RSA_ALGORITHMS
+                .into_iter()
+                .filter(|a| alg.is_none_or(|x| x == *a))
+            {
+                let params = rsa_parameters(alg).ok_or("no RSA parameters")?;
+                let key = components
+                    .to_parsed_public_key(params)
+                    .map_err(|e| format!("RSA key rejected: {e}"))?;
+                parsed.push((alg, key));
+            }
+            (KeyType::Rsa, parsed)
         }
         "EC" => {
-            let (key_type, len) = match jwk.crv.as_deref() {
-                Some("P-256") => (KeyType::EcP256, 32),
-                Some("P-384") => (KeyType::EcP384, 48),
+            let (key_type, len, ec_alg, params) = match jwk.crv.as_deref() {
+                Some("P-256") => (
+                    KeyType::EcP256,
+                    32,
+                    Algorithm::ES256,
+                    &sig::ECDSA_P256_SHA256_FIXED,
+                ),
+                Some("P-384") => (
+                    KeyType::EcP384,
+                    48,
+                    Algorithm::ES384,
+                    &sig::ECDSA_P384_SHA384_FIXED,
+                ),
                 other => return Err(format!("unsupported curve {other:?}")),
             };
             let x = b64("x", jwk.x.as_ref())?;
@@ -221,7 +286,9 @@ fn parse_jwk(item: &Value) -> Result<VerifyKey, String> {
             point.push(0x04);
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
-            (key_type, DecodingKey::from_ec_der(&point))
+            let key = ParsedPublicKey::new(params, &point)
+                .map_err(|e| format!("EC key rejected: {e}"))?;
+            (key_type, vec![(ec_alg, key)])
         }
         other => return Err(format!("key type {other:?} is not used")),
     };
@@ -234,7 +301,7 @@ fn parse_jwk(item: &Value) -> Result<VerifyKey, String> {
         kid: jwk.kid,
         key_type,
         alg,
-        key,
+        parsed,
     })
 }
 

@@ -484,14 +484,7 @@ impl OidcVerifier {
         loop {
             match keys.find(kid, alg) {
                 Lookup::Found(key) => {
-                    let ok = jsonwebtoken::crypto::verify(
-                        parsed.signature,
-                        parsed.signing_input.as_bytes(),
-                        &key.key,
-                        alg,
-                    )
-                    .unwrap_or(false);
-                    if !ok {
+                    if !key.verify(alg, parsed.signing_input.as_bytes(), parsed.signature) {
                         return Err(OidcError::Invalid("bad signature"));
                     }
                     break;

@@ -1397,3 +1397,180 @@ fn verifier_is_shareable_and_verify_is_send() {
     send(&v.verify("a.b.c"));
     send(&Arc::new(v).start());
 }
+
+// ---------------------------------------------------------------- the signature step
+
+/// Oracle: the verify path of keys parsed once per JWKS (aws-lc `ParsedPublicKey`) agrees
+/// with jsonwebtoken's `crypto::verify` (the key rebuilt from the JWK at every call) on valid,
+/// tampered, wrong-key and wrong-algorithm tokens, for every algorithm this module verifies.
+#[test]
+fn parsed_keys_verify_exactly_like_jsonwebtoken() {
+    use jsonwebtoken::jwk::Jwk;
+    use jsonwebtoken::DecodingKey;
+
+    fn theirs(jwk: &Value, alg: Algorithm, input: &str, sig: &str) -> bool {
+        let jwk: Jwk = serde_json::from_value(jwk.clone()).unwrap();
+        let key = DecodingKey::from_jwk(&jwk).unwrap();
+        jsonwebtoken::crypto::verify(sig, input.as_bytes(), &key, alg).unwrap_or(false)
+    }
+    fn ours(jwk: &Value, alg: Algorithm, input: &str, sig: &str) -> bool {
+        let keys = keys::parse_jwks(&json!({"keys": [jwk]})).unwrap();
+        keys[0].verify(alg, input.as_bytes(), sig)
+    }
+    fn flip(s: &str, at: usize) -> String {
+        let mut b = s.as_bytes().to_vec();
+        b[at] = if b[at] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(b).unwrap()
+    }
+
+    // (signing key, its algorithm, another key of the same type)
+    let signers: [(&TestKey, Algorithm, &TestKey); 8] = [
+        (rsa1(), Algorithm::RS256, rsa2()),
+        (rsa1(), Algorithm::RS384, rsa2()),
+        (rsa1(), Algorithm::RS512, rsa2()),
+        (rsa1(), Algorithm::PS256, rsa2()),
+        (rsa1(), Algorithm::PS384, rsa2()),
+        (rsa1(), Algorithm::PS512, rsa2()),
+        (ec1(), Algorithm::ES256, ec384()),
+        (ec384(), Algorithm::ES384, ec1()),
+    ];
+    let mut checked = 0;
+    for (key, alg, other) in signers {
+        let token = sign_raw(
+            &json!({"alg": format!("{alg:?}"), "kid": key.kid}),
+            &claims(),
+            &key.signing,
+            alg,
+        );
+        let (input, sig) = token.rsplit_once('.').unwrap();
+        let (header, payload) = input.split_once('.').unwrap();
+        let other_alg = match alg {
+            Algorithm::RS256 => Algorithm::PS256,
+            Algorithm::ES256 => Algorithm::ES384,
+            Algorithm::ES384 => Algorithm::ES256,
+            _ => Algorithm::RS256,
+        };
+        // (what, JWK to verify with, algorithm, signing input, signature, valid?)
+        let cases: Vec<(&str, &Value, Algorithm, String, String, bool)> = vec![
+            (
+                "valid",
+                &key.jwk,
+                alg,
+                input.to_string(),
+                sig.to_string(),
+                true,
+            ),
+            (
+                "tampered payload",
+                &key.jwk,
+                alg,
+                format!("{header}.{}", flip(payload, 5)),
+                sig.to_string(),
+                false,
+            ),
+            (
+                "tampered signature",
+                &key.jwk,
+                alg,
+                input.to_string(),
+                flip(sig, 10),
+                false,
+            ),
+            (
+                "truncated signature",
+                &key.jwk,
+                alg,
+                input.to_string(),
+                sig[..sig.len() - 4].to_string(),
+                false,
+            ),
+            (
+                "signature not base64url",
+                &key.jwk,
+                alg,
+                input.to_string(),
+                format!("{sig}*"),
+                false,
+            ),
+            (
+                "wrong key",
+                &other.jwk,
+                alg,
+                input.to_string(),
+                sig.to_string(),
+                false,
+            ),
+            (
+                "wrong algorithm",
+                &key.jwk,
+                other_alg,
+                input.to_string(),
+                sig.to_string(),
+                false,
+            ),
+        ];
+        for (what, jwk, verify_alg, input, sig, valid) in cases {
+            let (o, t) = (
+                ours(jwk, verify_alg, &input, &sig),
+                theirs(jwk, verify_alg, &input, &sig),
+            );
+            assert_eq!(o, t, "{alg:?}, {what}: ours {o}, jsonwebtoken {t}");
+            assert_eq!(o, valid, "{alg:?}, {what}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 8 * 7);
+
+    // An algorithm of another key type, or one the JWK's own `alg` excludes, never verifies
+    // (the key lookup refuses these before; the verify step refuses them too).
+    let token = token(rsa1(), &claims());
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    assert!(!ours(&rsa1().jwk, Algorithm::ES256, input, sig));
+    let pinned = with(rsa1().jwk.clone(), "alg", json!("PS256"));
+    assert!(!ours(&pinned, Algorithm::RS256, input, sig));
+    let pinned = with(rsa1().jwk.clone(), "alg", json!("RS256"));
+    assert!(ours(&pinned, Algorithm::RS256, input, sig));
+}
+
+/// An EC point that aws-lc refuses (off its curve) is skipped when the JWKS is read (before:
+/// accepted, and every token naming it failed at verify).
+#[test]
+fn unusable_key_material_is_skipped_at_load() {
+    let mut off_curve = ec1().jwk.clone();
+    off_curve["y"] = json!(URL_SAFE_NO_PAD.encode([0x11u8; 32]));
+    off_curve["kid"] = json!("off");
+    let keys = keys::parse_jwks(&json!({"keys": [off_curve, rsa2().jwk.clone()]})).unwrap();
+    let kids: Vec<_> = keys.iter().map(|k| k.kid.clone().unwrap()).collect();
+    assert_eq!(kids, ["rsa-2"]);
+}
+
+/// Cost of the signature step, per verify: jsonwebtoken's `crypto::verify` (the RSA key
+/// rebuilt from `{n, e}` each call) against the key parsed once. Timing only; run with
+/// `cargo test --release -p filters --lib -- --ignored --nocapture signature_step_timings`.
+#[test]
+#[ignore]
+fn signature_step_timings() {
+    use jsonwebtoken::jwk::Jwk;
+    use jsonwebtoken::DecodingKey;
+    use std::time::Instant;
+    const N: u32 = 20_000;
+    let token = token(rsa1(), &claims());
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    let jwk: Jwk = serde_json::from_value(rsa1().jwk.clone()).unwrap();
+    let theirs = DecodingKey::from_jwk(&jwk).unwrap();
+    let ours = keys::parse_jwks(&jwks(&[rsa1()])).unwrap();
+    let mut ok = 0;
+    let started = Instant::now();
+    for _ in 0..N {
+        ok += jsonwebtoken::crypto::verify(sig, input.as_bytes(), &theirs, Algorithm::RS256)
+            .unwrap_or(false) as u32;
+    }
+    let jwt = started.elapsed() / N;
+    let started = Instant::now();
+    for _ in 0..N {
+        ok += ours[0].verify(Algorithm::RS256, input.as_bytes(), sig) as u32;
+    }
+    let parsed = started.elapsed() / N;
+    assert_eq!(ok, 2 * N);
+    println!("RS256 verify: jsonwebtoken {jwt:?}, parsed key {parsed:?}");
+}
