@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::connectors::http::v1::Connector;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -24,6 +24,10 @@ use crate::state::Snapshot;
 use crate::upstream::health::HealthChecker;
 use crate::upstream::pool::Upstreams;
 use crate::upstream::token::UpstreamToken;
+
+/// The read buffer of a TLS client connection: one whole TLS record (2^14 bytes of data plus
+/// its header and the cipher's expansion) per read.
+const TLS_READ_BUFFER: usize = 16 * 1024 + 512;
 
 /// Re-reads the configuration on SIGHUP; keeps the upstream token fresh; starts OIDC key
 /// refresh for each loaded configuration.
@@ -253,7 +257,12 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
             // read buffer and writes whole responses: Pingora's 64 KiB read buffer in front of
             // it would only add a copy per read. TLS reads records: the buffer saves syscalls.
             None => listener.l4_buffer(L4BufferSettings::unbuffered()),
-            Some(_) => listener,
+            // One TLS record (16 KiB and its framing) per read rather than Pingora's default
+            // of 64 KiB, which every open TLS connection would hold for its whole life.
+            Some(_) => listener.l4_buffer(L4BufferSettings::new(
+                TLS_READ_BUFFER,
+                DEFAULT_L4_WRITE_BUFFER_SIZE,
+            )),
         });
     }
     server.add_service(proxy);

@@ -28,6 +28,24 @@ use crate::pipeline::Gateway;
 /// supervisor waits longer than this before it checks that nothing is in flight).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
 
+/// The response buffer a connection starts with: room for a response head and a small answer
+/// or SSE event. An open stream holds this, not more (issue 18: memory per open stream).
+const OUT_FIRST: usize = 1024;
+/// A response buffer grown past this (an answer sent whole, a large chunk) is given back
+/// after the message has gone, rather than kept for the connection's life.
+const OUT_KEEP: usize = 32 * 1024;
+
+/// Gives back a response buffer grown past [`OUT_KEEP`] (the pure decision: `true` when
+/// `out` was replaced by a new one of [`OUT_FIRST`]).
+fn trim_out(out: &mut Vec<u8>) -> bool {
+    if out.capacity() > OUT_KEEP {
+        *out = Vec::with_capacity(OUT_FIRST);
+        true
+    } else {
+        false
+    }
+}
+
 /// Serves the requests of one HTTP/1.x connection, one after the other (pipelined ones
 /// included), until the client closes, asks to close, stays idle for
 /// `server.idle_timeout_seconds` (N to 2N), takes longer than
@@ -47,7 +65,7 @@ pub async fn serve_connection(gw: &Gateway, stream: Stream, shutdown: &ShutdownW
     let mut conn = Conn::new(stream);
     conn.set_head_timeout(header_timeout);
     let mut clocks = Clocks::new(shutdown, idle);
-    let mut out = Vec::with_capacity(4096);
+    let mut out = Vec::with_capacity(OUT_FIRST);
     loop {
         let head = match clocks.next_head(&mut conn).await {
             Some(Ok(Some(h))) => h,
@@ -355,7 +373,9 @@ impl Downstream for H1<'_> {
         if !self.head_only() && framing != OutFraming::None {
             self.out.extend_from_slice(body);
         }
-        self.conn.send(self.out).await
+        let sent = self.conn.send(self.out).await;
+        trim_out(self.out);
+        sent
     }
 
     async fn send_stream_head(&mut self, resp: &ResponseHead) -> io::Result<()> {
@@ -375,6 +395,9 @@ impl Downstream for H1<'_> {
             self.streaming,
             close,
         );
+        // The client is not read while its answer streams (a large request body may have
+        // grown the buffer): nothing is kept for it meanwhile.
+        self.conn.release_idle_buffer();
         self.conn.send(self.out).await
     }
 
@@ -397,6 +420,25 @@ impl Downstream for H1<'_> {
         self.out.clear();
         encode_chunk(self.out, &last);
         self.out.extend_from_slice(b"0\r\n\r\n");
-        self.conn.send(self.out).await
+        let sent = self.conn.send(self.out).await;
+        trim_out(self.out);
+        sent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_response_buffer_grown_past_the_limit_is_given_back() {
+        let mut out = Vec::with_capacity(OUT_FIRST);
+        out.extend_from_slice(&[b'x'; 600]);
+        assert!(!trim_out(&mut out), "a small answer keeps its buffer");
+        assert_eq!(out.len(), 600);
+        out.extend_from_slice(&[b'x'; OUT_KEEP]);
+        assert!(trim_out(&mut out), "a large answer's buffer goes");
+        assert!(out.is_empty());
+        assert!((OUT_FIRST..OUT_KEEP).contains(&out.capacity()));
     }
 }

@@ -52,7 +52,16 @@ impl ServerApp for Front {
         if stream.selected_alpn_proto() == Some(ALPN::H2) {
             return self.h2.process_new(stream, shutdown).await;
         }
-        h1::serve_connection(&self.gateway, stream, shutdown).await;
+        let serving = h1::serve_connection(&self.gateway, stream, shutdown);
+        // The size of one HTTP/1 connection's state (its task), once: memory per connection.
+        static SIZE_LOGGED: std::sync::Once = std::sync::Once::new();
+        SIZE_LOGGED.call_once(|| {
+            log::debug!(
+                "an HTTP/1 connection's state: {} bytes",
+                std::mem::size_of_val(&serving)
+            )
+        });
+        serving.await;
         None
     }
 }

@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::head::{span_of, Field, Head, Name};
-use super::{H1Error, MAX_HEAD, MAX_HEADERS, READ_CHUNK};
+use super::{H1Error, MAX_HEAD, MAX_HEADERS, READ_CHUNK, READ_MIN_FREE, READ_SMALL};
 use crate::deadline::timeout_at;
 
 /// One HTTP/1.x connection: the stream and its read buffer (bytes read past the current
@@ -19,15 +19,60 @@ pub struct Conn<S> {
     head_timeout: Option<Duration>,
     /// When the first byte of the head being read arrived (set only once it has to wait).
     head_started: Option<Instant>,
+    /// The last read filled all the room it had: more is likely waiting (a large body), so
+    /// the next reads get [`READ_CHUNK`] bytes of room rather than [`READ_SMALL`].
+    bulk: bool,
+    /// The size of the read buffer's allocation (made here, so known here: `BytesMut`
+    /// shows only the room past its own view).
+    alloc: usize,
+}
+
+/// How the read buffer is readied for the next read ([`prep_read`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Prep {
+    /// Read into the room there is.
+    Keep,
+    /// Room for this many more bytes: the buffer's own allocation when the pieces split
+    /// from it are gone and it is large enough, else a new one of the buffered bytes plus
+    /// this many (the old one is freed with its last piece).
+    Room(usize),
+    /// Nothing is buffered and the allocation is larger than the reads now need (a large
+    /// body went by, a stream trickles): a new one of this size.
+    Shrink(usize),
+}
+
+/// The pure decision before every read: `len` bytes buffered, `free` bytes of room after
+/// them, `alloc` the allocation's size, `bulk` whether the last read filled its room. Small
+/// reads (a request head and its small body, a chat answer, an SSE event) get
+/// [`READ_SMALL`] bytes of room, and a connection waiting between them holds that much; a
+/// read that filled its room asks for [`READ_CHUNK`].
+pub(super) fn prep_read(len: usize, free: usize, alloc: usize, bulk: bool) -> Prep {
+    let want = if bulk { READ_CHUNK } else { READ_SMALL };
+    if len == 0 && alloc > want {
+        Prep::Shrink(want)
+    } else if free < READ_MIN_FREE {
+        Prep::Room(want)
+    } else {
+        Prep::Keep
+    }
+}
+
+/// Whether reads are in bulk after one of `n` bytes into `room`: it filled its room, or
+/// reads were in bulk and this one was not small (a socket that has a little less than the
+/// room now and then does not send the buffer back and forth between the two sizes).
+pub(super) fn bulk_after(n: usize, room: usize, bulk: bool) -> bool {
+    n == room || (bulk && n >= READ_SMALL)
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn new(io: S) -> Self {
         Conn {
             io,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            rbuf: BytesMut::new(),
             head_timeout: None,
             head_started: None,
+            bulk: false,
+            alloc: 0,
         }
     }
 
@@ -41,7 +86,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// The bytes read past the last head, taken out (the connection is handed over to
     /// another protocol: a WebSocket session), and the read buffer released.
     pub fn take_buffered(&mut self) -> Vec<u8> {
+        self.alloc = 0;
         std::mem::take(&mut self.rbuf).to_vec()
+    }
+
+    /// Frees the read buffer when nothing is buffered: a connection that will not be read
+    /// for a while (a client's, while its answer streams) keeps no room it does not use.
+    /// The pieces split from the buffer (the head, the body) keep their bytes.
+    pub fn release_idle_buffer(&mut self) {
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+            self.alloc = 0;
+        }
     }
 
     pub fn has_buffered(&self) -> bool {
@@ -49,10 +105,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     pub(super) async fn fill(&mut self) -> Result<usize, H1Error> {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            self.rbuf.reserve(READ_CHUNK);
+        let len = self.rbuf.len();
+        match prep_read(len, self.rbuf.capacity() - len, self.alloc, self.bulk) {
+            Prep::Keep => {}
+            Prep::Room(n) => {
+                if !self.rbuf.try_reclaim(n) {
+                    let mut grown = BytesMut::with_capacity(len + n);
+                    grown.extend_from_slice(&self.rbuf);
+                    self.rbuf = grown;
+                    self.alloc = len + n;
+                }
+            }
+            Prep::Shrink(n) => {
+                self.rbuf = BytesMut::with_capacity(n);
+                self.alloc = n;
+            }
         }
-        Ok(self.io.read_buf(&mut self.rbuf).await?)
+        let room = self.rbuf.capacity() - self.rbuf.len();
+        let n = self.io.read_buf(&mut self.rbuf).await?;
+        self.bulk = bulk_after(n, room, self.bulk);
+        Ok(n)
+    }
+
+    /// The size of the read buffer's allocation (for tests).
+    #[cfg(test)]
+    pub(super) fn allocated(&self) -> usize {
+        self.alloc
     }
 
     /// Reads a request head (`response: false`) or a response head. `Ok(None)`: the peer

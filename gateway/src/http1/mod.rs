@@ -36,7 +36,14 @@ pub use head::{Head, HeaderKey, Name, Text};
 /// The largest request or response head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
 pub(crate) const MAX_HEADERS: usize = 128;
+/// Room for a read while the messages come in large pieces (the last read filled its room).
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
+/// Room for a read otherwise: a connection's first read, a request head and its small body,
+/// an answer's head, an SSE event. A stream that waits holds this much, not [`READ_CHUNK`]
+/// (issue 18: memory per open stream).
+pub(crate) const READ_SMALL: usize = 4 * 1024;
+/// Less room than this after the buffered bytes and the buffer is made room in before a read.
+pub(crate) const READ_MIN_FREE: usize = 1024;
 
 #[derive(Debug)]
 pub enum H1Error {

@@ -496,3 +496,109 @@ async fn a_status_below_100_is_refused() {
         );
     }
 }
+
+#[test]
+fn read_room_is_small_unless_reads_fill_it() {
+    use super::conn::{bulk_after, prep_read, Prep};
+    // A connection's first read: a small buffer.
+    assert_eq!(prep_read(0, 0, 0, false), Prep::Room(READ_SMALL));
+    // Room enough: read into it, with or without bytes buffered.
+    assert_eq!(
+        prep_read(0, READ_SMALL - 300, READ_SMALL, false),
+        Prep::Keep
+    );
+    assert_eq!(prep_read(500, READ_MIN_FREE, READ_SMALL, false), Prep::Keep);
+    // Too little room: made (the allocation reclaimed, or a new one), small, or large after
+    // a read that filled its room.
+    assert_eq!(
+        prep_read(0, READ_MIN_FREE - 1, READ_SMALL, false),
+        Prep::Room(READ_SMALL)
+    );
+    assert_eq!(
+        prep_read(3000, 100, READ_SMALL, true),
+        Prep::Room(READ_CHUNK)
+    );
+    // A large allocation with nothing buffered while reads are small: a small new one ...
+    assert_eq!(
+        prep_read(0, READ_CHUNK - 300, READ_CHUNK, false),
+        Prep::Shrink(READ_SMALL)
+    );
+    assert_eq!(prep_read(0, 0, 40_000, true), Prep::Shrink(READ_CHUNK));
+    // ... but not while reads fill their room, and never with bytes buffered.
+    assert_eq!(prep_read(0, READ_CHUNK - 300, READ_CHUNK, true), Prep::Keep);
+    assert_eq!(
+        prep_read(1, READ_CHUNK - 300, READ_CHUNK, false),
+        Prep::Keep
+    );
+    assert_eq!(prep_read(1, 10, READ_CHUNK, false), Prep::Room(READ_SMALL));
+    // Bulk: a read that fills its room starts it; a small one ends it.
+    assert!(bulk_after(READ_SMALL, READ_SMALL, false));
+    assert!(!bulk_after(READ_SMALL - 1, READ_SMALL, false));
+    assert!(bulk_after(READ_CHUNK - 10, READ_CHUNK, true));
+    assert!(!bulk_after(READ_SMALL - 1, READ_CHUNK, true));
+    assert!(!bulk_after(0, READ_CHUNK, true));
+}
+
+/// A backend's chunked stream: a large chunk read in large reads, then small events that
+/// trickle in, as an SSE stream does — which leaves the connection with a small buffer.
+#[tokio::test]
+async fn a_trickling_stream_after_a_large_body_holds_a_small_read_buffer() {
+    let (a, mut b) = duplex(1 << 20);
+    let mut c = Conn::new(a);
+    let big = vec![b'x'; 100 * 1024];
+    b.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    b.write_all(format!("{:x}\r\n", big.len()).as_bytes())
+        .await
+        .unwrap();
+    b.write_all(&big).await.unwrap();
+    let h = c.read_head(true).await.unwrap().unwrap();
+    assert_eq!(h.status, 200);
+    assert!(c.allocated() <= READ_SMALL, "a head: {}", c.allocated());
+    let mut r = BodyReader::new(Framing::Chunked);
+    let (mut got, mut largest) = (0, 0);
+    while got < big.len() {
+        let piece = r.next(&mut c).await.unwrap().unwrap();
+        got += piece.len();
+        largest = largest.max(piece.len());
+    }
+    assert_eq!(got, big.len());
+    assert!(largest > READ_SMALL, "bulk reads get large room: {largest}");
+    assert!(c.allocated() > READ_SMALL);
+    drop(h);
+    for i in 0..20 {
+        let event = format!("data: {{\"n\":{i}}}\n\n");
+        let end = if i == 0 { "\r\n" } else { "" };
+        b.write_all(format!("{end}{:x}\r\n{event}\r\n", event.len()).as_bytes())
+            .await
+            .unwrap();
+        let piece = r.next(&mut c).await.unwrap().unwrap();
+        assert_eq!(&piece[..], event.as_bytes());
+        // The first small read ends the bulk; from the next one on, the buffer is small.
+        assert!(
+            i == 0 || c.allocated() <= READ_SMALL,
+            "event {i}: a waiting stream holds {} bytes",
+            c.allocated()
+        );
+    }
+    b.write_all(b"0\r\n\r\n").await.unwrap();
+    assert!(r.next(&mut c).await.unwrap().is_none());
+}
+
+/// Many small messages on one connection reuse one small allocation (reclaimed once the
+/// pieces split from it are gone), never growing it.
+#[tokio::test]
+async fn keep_alive_requests_reuse_one_small_read_buffer() {
+    let (a, mut b) = duplex(1 << 20);
+    let mut c = Conn::new(a);
+    for i in 0..200 {
+        b.write_all(b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}")
+            .await
+            .unwrap();
+        let h = c.read_head(false).await.unwrap().unwrap();
+        assert_eq!(body_of(&mut c, Framing::Length(2)).await.unwrap(), b"{}");
+        drop(h);
+        assert_eq!(c.allocated(), READ_SMALL, "request {i}");
+    }
+}
