@@ -273,7 +273,11 @@ mod tests {
             ("agw_good", 5_000),
         ];
         for (key, now) in cases {
-            assert_eq!(s.lookup(key, now), s.lookup_uncached(key, now), "{key} at {now}");
+            assert_eq!(
+                s.lookup(key, now),
+                s.lookup_uncached(key, now),
+                "{key} at {now}"
+            );
         }
         // The two configured keys, each once; unknown keys never.
         assert_eq!(s.remembered(), 2);
