@@ -1110,6 +1110,35 @@ def test_reload_drops_series_of_removed_keys_and_backends(cluster):
     assert stale == [], f"series of removed configuration left on /metrics: {stale}"
 
 
+def test_a_key_removed_by_reload_is_refused_right_after_it_was_served(cluster):
+    """Accepted keys are remembered (so that a known key is not hashed with SHA-256 on every
+    request): the memory belongs to the configuration, so a key that a reload removes is
+    refused from the first request after it, however often it was served before, and a key
+    that stays keeps working."""
+    east, west = cluster.mock("east"), cluster.mock("west")
+    gone = agw.make_key("removed by the reload")
+    cfg = two_region_config(east, west, clients=[
+        agw.client(), agw.client("leaving", keys=[agw.sha256_hex(gone)]),
+    ])
+    gw = cluster.gateway(cfg)
+    for key in (gone, KEY) * 5:
+        r = chat(gw, key=key)
+        assert r.status_code == 200, r.text
+    after = dict(cfg)
+    after["clients"] = [agw.client()]
+    write_config(gw, after)
+    sighup_and_wait(gw)
+    for _ in range(3):
+        r = chat(gw, key=gone)
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "InvalidCredential"
+        r = chat(gw, key=KEY)
+        assert r.status_code == 200, r.text
+    # A key one character off from a served one is unknown, not a remembered near-match.
+    r = chat(gw, key=KEY[:-1] + ("A" if KEY[-1] != "A" else "B"))
+    assert r.status_code == 401, r.text
+
+
 def test_audit_log_reopened_on_sighup_even_when_the_reload_fails(cluster):
     """logrotate's SIGHUP must reopen the audit file even if the configuration file happens to
     be broken at that moment (the reload fails, the old configuration stays)."""

@@ -146,17 +146,28 @@ fn clean(path: &str) -> bool {
     let Some(rest) = path.as_bytes().strip_prefix(b"/") else {
         return false;
     };
-    if memchr::memchr2(b'%', b'\\', rest).is_some() {
-        return false;
+    // One pass over the bytes (paths are short: a scalar loop costs less than setting up
+    // vectorized searches per segment). The current segment so far: empty, ".", ".." or
+    // anything else (which is the only kind a segment may end as).
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Seg {
+        Empty,
+        Dot,
+        DotDot,
+        Other,
     }
-    let mut start = 0;
-    for end in memchr::memchr_iter(b'/', rest).chain([rest.len()]) {
-        if matches!(&rest[start..end], b"" | b"." | b"..") {
-            return false;
-        }
-        start = end + 1;
+    let mut seg = Seg::Empty;
+    for &b in rest {
+        seg = match (b, seg) {
+            (b'%' | b'\\', _) => return false,
+            (b'/', Seg::Other) => Seg::Empty,
+            (b'/', _) => return false,
+            (b'.', Seg::Empty) => Seg::Dot,
+            (b'.', Seg::Dot) => Seg::DotDot,
+            _ => Seg::Other,
+        };
     }
-    true
+    seg == Seg::Other
 }
 
 pub fn classify<'a>(method: &str, path: &'a str) -> Route<'a> {
@@ -164,6 +175,13 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Route<'a> {
         return Route::NotSupported;
     }
     let post = method == "POST";
+    // The usual request first: no other route below starts with this prefix, so trying it
+    // first answers as the full order does (`same_routes_as_the_full_order` checks).
+    if post {
+        if let Some(after) = path.strip_prefix("/openai/deployments/") {
+            return in_path(after);
+        }
+    }
     if path.starts_with("/openai/v1/responses/") || path.starts_with("/openai/responses/") {
         return stored_response(method, path).unwrap_or(Route::NotSupported);
     }
@@ -202,10 +220,15 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Route<'a> {
     if let Some((operation, rest)) = body_op {
         return Route::InBody { operation, rest };
     }
-    let Some(after) = path.strip_prefix("/openai/deployments/") else {
-        return Route::NotSupported;
-    };
-    let Some(slash) = after.find('/') else {
+    match path.strip_prefix("/openai/deployments/") {
+        Some(after) => in_path(after),
+        None => Route::NotSupported,
+    }
+}
+
+/// `{deployment}/{operation path}`, what follows `/openai/deployments/` in a POST.
+fn in_path(after: &str) -> Route<'_> {
+    let Some(slash) = memchr::memchr(b'/', after.as_bytes()) else {
         return Route::NotSupported;
     };
     let (deployment, rest) = after.split_at(slash);
@@ -340,6 +363,134 @@ mod tests {
         for p in ["/openai/deployments", "/openai/models", "/openai/v1/models"] {
             assert_eq!(classify("GET", p), Route::Models);
         }
+    }
+
+    /// `classify` as it was before the deployment fast path (session 7): the oracle.
+    fn classify_full_order<'a>(method: &str, path: &'a str) -> Route<'a> {
+        if !clean(path) {
+            return Route::NotSupported;
+        }
+        if path.starts_with("/openai/v1/responses/") || path.starts_with("/openai/responses/") {
+            return stored_response(method, path).unwrap_or(Route::NotSupported);
+        }
+        if let Some(r) = files_or_batches(method, path) {
+            return r;
+        }
+        if method == "GET" {
+            return match path {
+                "/openai/deployments" | "/openai/models" | "/openai/v1/models" => Route::Models,
+                "/openai/realtime" => Route::Realtime { v1: false },
+                "/openai/v1/realtime" => Route::Realtime { v1: true },
+                _ => match path
+                    .strip_prefix("/openai/models/")
+                    .or_else(|| path.strip_prefix("/openai/v1/models/"))
+                {
+                    Some(id) if !id.contains('/') => Route::Model { id },
+                    _ => Route::NotSupported,
+                },
+            };
+        }
+        if method != "POST" {
+            return Route::NotSupported;
+        }
+        let body_op = match path {
+            "/openai/v1/chat/completions" => {
+                Some((Operation::ChatCompletions, "/chat/completions"))
+            }
+            "/openai/v1/completions" => Some((Operation::Completions, "/completions")),
+            "/openai/v1/embeddings" => Some((Operation::Embeddings, "/embeddings")),
+            "/openai/v1/responses" | "/openai/responses" => {
+                Some((Operation::Responses, "/responses"))
+            }
+            "/openai/v1/images/generations" => Some((Operation::Images, "/images/generations")),
+            "/openai/v1/images/edits" => Some((Operation::Images, "/images/edits")),
+            "/openai/v1/audio/speech" => Some((Operation::Audio, "/audio/speech")),
+            "/openai/v1/audio/transcriptions" => Some((Operation::Audio, "/audio/transcriptions")),
+            "/openai/v1/audio/translations" => Some((Operation::Audio, "/audio/translations")),
+            _ => None,
+        };
+        if let Some((operation, rest)) = body_op {
+            return Route::InBody { operation, rest };
+        }
+        let Some(after) = path.strip_prefix("/openai/deployments/") else {
+            return Route::NotSupported;
+        };
+        let Some(slash) = after.find('/') else {
+            return Route::NotSupported;
+        };
+        let (deployment, rest) = after.split_at(slash);
+        let operation = match rest {
+            "/chat/completions" => Operation::ChatCompletions,
+            "/completions" => Operation::Completions,
+            "/embeddings" => Operation::Embeddings,
+            "/images/generations" | "/images/edits" => Operation::Images,
+            "/audio/transcriptions" | "/audio/translations" | "/audio/speech" => Operation::Audio,
+            _ => return Route::NotSupported,
+        };
+        Route::InPath {
+            operation,
+            deployment,
+            rest,
+        }
+    }
+
+    #[test]
+    fn same_routes_as_the_full_order() {
+        // Every prefix a route starts with, followed by every tail, under every method.
+        let prefixes = [
+            "/openai/deployments/",
+            "/openai/deployments",
+            "/openai/",
+            "/openai/v1/",
+            "/openai/v1/responses/",
+            "/openai/responses/",
+            "/openai/deployments/files/",
+            "/openai/deployments/batches/",
+            "/openai/deployments/responses/",
+        ];
+        let tails = [
+            "",
+            "gpt-4o/chat/completions",
+            "gpt-4o/completions",
+            "gpt-4o/embeddings",
+            "gpt-4o/images/edits",
+            "gpt-4o/audio/speech",
+            "gpt-4o/chat/completion",
+            "gpt-4o",
+            "gpt-4o/",
+            "/chat/completions",
+            "files",
+            "files/file-1",
+            "batches/b_1/cancel",
+            "responses",
+            "resp_1/cancel",
+            "chat/completions",
+            "v1/chat/completions",
+            "audio/speech",
+            "models",
+            "models/m1",
+            "realtime",
+            "../chat/completions",
+            "gpt-4o/./chat/completions",
+            "gpt%2F4o/chat/completions",
+            "gpt-4o\\x/chat/completions",
+            "a//chat/completions",
+        ];
+        let mut n = 0;
+        for m in ["POST", "GET", "DELETE", "PUT", "post"] {
+            for p in prefixes {
+                for t in tails {
+                    let path = format!("{p}{t}");
+                    assert_eq!(
+                        classify(m, &path),
+                        classify_full_order(m, &path),
+                        "{m} {path}"
+                    );
+                    n += 1;
+                }
+            }
+        }
+        assert_eq!(n, 5 * prefixes.len() * tails.len());
     }
 
     #[test]
