@@ -627,3 +627,20 @@ def raw_request(base_url: str, method: str, target: str, headers: dict[str, str]
             rest = rest[size + 2:]
         rest = decoded
     return RawResponse(status, hdrs, rest, head.decode("latin-1"))
+
+
+@dataclass
+class TwoResources:
+    """A gateway in front of two mock Azure resources, `east` and `west`."""
+
+    gw: Gateway
+    east: Mock
+    west: Mock
+
+    @property
+    def mocks(self) -> list[Mock]:
+        return [self.east, self.west]
+
+    def clear(self) -> None:
+        for m in self.mocks:
+            m.clear()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 
 import openai
 import pytest
@@ -26,19 +25,7 @@ CAROL_KEY = make_key("carol files")
 UPSTREAM = {"east": "gpt-4o-east", "west": "gpt-4o-west"}
 
 
-@dataclass
-class Env:
-    gw: agw.Gateway
-    east: agw.Mock
-    west: agw.Mock
-
-    @property
-    def mocks(self) -> list[agw.Mock]:
-        return [self.east, self.west]
-
-    def clear(self) -> None:
-        for m in self.mocks:
-            m.clear()
+Env = agw.TwoResources
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,19 +28,7 @@ BOUNDARY = "agw-upload-test-boundary"
 MiB = 1024 * 1024
 
 
-@dataclass
-class Env:
-    gw: agw.Gateway
-    east: agw.Mock
-    west: agw.Mock
-
-    @property
-    def mocks(self) -> list[agw.Mock]:
-        return [self.east, self.west]
-
-    def clear(self) -> None:
-        for m in self.mocks:
-            m.clear()
+class Env(agw.TwoResources):
 
     def uploads(self) -> list[tuple[str, dict]]:
         return [(m.name, q) for m in self.mocks for q in m.data_requests()

@@ -18,7 +18,7 @@ use super::plan::Path;
 use super::respond::client_head;
 use super::{abort, client_gone, Ctx, Failure, Gateway};
 use crate::body::RequestBody;
-use crate::config::runtime::{Credential, Deployment, Member};
+use crate::config::runtime::{Backend, Credential, Deployment, Member};
 use crate::deadline::timeout_at;
 use crate::errors::{ErrorCode, GatewayError};
 use crate::front::downstream::Downstream;
@@ -29,6 +29,7 @@ use crate::upstream::capacity::{parse_report, shortfall, Capacity};
 use crate::upstream::pool::{Upstream, Upstreams};
 use crate::upstream::request::{exchange, Auth, Request, Send, SendError, Target};
 use crate::upstream::select::{capacity_skips, now_ms, unix_ms, Candidate, Cooldown};
+use crate::upstream::token::Token;
 
 /// The kept body of a retried answer is capped at this size.
 const MAX_KEPT_ERROR_BODY: usize = 256 * 1024;
@@ -138,6 +139,21 @@ fn capacity_may_bind(
         let window = snap.cfg.backends[m.backend].capacity_window_ms;
         shortfall(c.report(), now, window, bound).is_some()
     })
+}
+
+/// The credential a member's request carries: its key, the gateway's token, or the caller's
+/// JWT for a `forward` backend.
+pub(super) fn auth_for<'a>(
+    credential: &'a Credential,
+    token: Option<&'a Token>,
+    caller_jwt: Option<&'a str>,
+) -> Auth<'a> {
+    match (credential, token, caller_jwt) {
+        (Credential::ApiKey(k), _, _) => Auth::ApiKey(k),
+        (Credential::ManagedIdentity, Some(t), _) => Auth::Authorization(&t.header),
+        (Credential::Forward, _, Some(jwt)) => Auth::BearerJwt(jwt),
+        _ => Auth::None,
+    }
 }
 
 /// Whether a member may be tried for a request: a `forward` backend only with the caller's
@@ -302,6 +318,57 @@ impl Gateway {
             .await
     }
 
+    /// The start of every attempt on a member (whole or streamed request): counted, recorded
+    /// as the one tried, and the gateway's managed-identity token when the member needs it
+    /// (`Err` when it has none: logged and counted as the member's error).
+    pub(super) async fn open_attempt(
+        &self,
+        ctx: &mut Ctx,
+        backend: &Backend,
+        f: &Forward<'_>,
+    ) -> Result<Option<Arc<Token>>, ()> {
+        let o = &mut ctx.outcome;
+        o.attempts += 1;
+        o.tried = Some(Tried {
+            backend: backend.name.clone(),
+            region: Some(backend.region.clone()).filter(|r| !r.is_empty()),
+        });
+        match (&backend.credential, &self.token) {
+            (Credential::ManagedIdentity, Some(t)) => match t.get().await {
+                Ok(t) => Ok(Some(t)),
+                Err(e) => {
+                    log::error!("backend {}: {e}", backend.name);
+                    self.attempt_failed(backend, f);
+                    Err(())
+                }
+            },
+            _ => Ok(None),
+        }
+    }
+
+    /// An attempt that ended without an answer (`code="error"`).
+    pub(super) fn attempt_failed(&self, backend: &Backend, f: &Forward<'_>) {
+        self.metrics
+            .upstream_attempts
+            .with_label_values(&[&backend.name, &f.deployment.name, "error"])
+            .inc()
+    }
+
+    /// An attempt answered: its status counted and its time to the answer's head observed.
+    pub(super) fn attempt_answered(
+        &self,
+        backend: &Backend,
+        f: &Forward<'_>,
+        status: u16,
+        to_head: std::time::Duration,
+    ) {
+        let series =
+            self.metrics
+                .attempt_series(&backend.name, &f.deployment.name, status_label(status));
+        series.attempts.inc();
+        series.ttfb.observe(to_head.as_secs_f64());
+    }
+
     /// One attempt on member `i`: its credential, the request encoded for it, one send.
     /// Without an answer the loop moves on to another member; a timeout ends the request
     /// (504): the whole-request deadline has passed.
@@ -316,38 +383,15 @@ impl Gateway {
         let member = &f.deployment.members[i];
         let backend = &snap.cfg.backends[member.backend];
         let deadline = ctx.deadline(snap);
-        let o = &mut ctx.outcome;
-        o.attempts += 1;
-        o.tried = Some(Tried {
-            backend: backend.name.clone(),
-            region: Some(backend.region.clone()).filter(|r| !r.is_empty()),
-        });
-        let error = || {
-            self.metrics
-                .upstream_attempts
-                .with_label_values(&[&backend.name, &f.deployment.name, "error"])
-                .inc()
+        let error = || self.attempt_failed(backend, f);
+        let Ok(token) = self.open_attempt(ctx, backend, f).await else {
+            return Ok(Attempt::NoToken);
         };
-        let token = match (&backend.credential, &self.token) {
-            (Credential::ManagedIdentity, Some(t)) => match t.get().await {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    log::error!("backend {}: {e}", backend.name);
-                    error();
-                    return Ok(Attempt::NoToken);
-                }
-            },
-            _ => None,
-        };
+        let o = &ctx.outcome;
         let payload = f
             .body
             .for_upstream(&f.deployment.name, &member.upstream_deployment);
-        let auth = match (&backend.credential, &token, f.caller_jwt) {
-            (Credential::ApiKey(k), _, _) => Auth::ApiKey(k),
-            (Credential::ManagedIdentity, Some(t), _) => Auth::Authorization(&t.header),
-            (Credential::Forward, _, Some(jwt)) => Auth::BearerJwt(jwt),
-            _ => Auth::None,
-        };
+        let auth = auth_for(&backend.credential, token.as_deref(), f.caller_jwt);
         let wire = encode_for(client_head, f, member, &backend.host_header, &payload, auth);
         let peer = snap.peers[member.backend].load_full();
         let started = Instant::now();
@@ -393,13 +437,7 @@ impl Gateway {
                 }
             }
         }
-        let series = self.metrics.attempt_series(
-            &backend.name,
-            &f.deployment.name,
-            status_label(head.status),
-        );
-        series.attempts.inc();
-        series.ttfb.observe((head_at - started).as_secs_f64());
+        self.attempt_answered(backend, f, head.status, head_at - started);
         Ok(Attempt::Answered(Answer {
             up,
             head,

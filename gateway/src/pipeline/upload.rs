@@ -18,23 +18,20 @@ use filters::Operation;
 use tokio::io::AsyncWriteExt;
 
 use super::failover::{self, Next, Verdict};
-use super::forward::{candidates, Answer, Forward, INLINE};
-use super::outcome::Tried;
+use super::forward::{auth_for, candidates, Answer, Forward, INLINE};
 use super::plan::{self, Path, Plan};
 use super::route::Route;
 use super::{Ctx, Failure, Gateway};
 use crate::body::RequestBody;
-use crate::config::runtime::Credential;
 use crate::deadline::timeout_at;
 use crate::errors::{ErrorCode, GatewayError};
 use crate::front::downstream::{Downstream, ReadError};
 use crate::http1::{encode_chunk, Head};
 use crate::multipart::{Piece, Scanner};
-use crate::observe::metrics::status_label;
 use crate::state::Snapshot;
 use crate::upload::{concat, upstream_length, Checker, FormKind, Part, Renderer, UploadError};
 use crate::upstream::pool::{Upstream, Upstreams};
-use crate::upstream::request::{final_head, Auth, Request, Target};
+use crate::upstream::request::{final_head, Request, Target};
 use crate::upstream::select::{now_ms, unix_ms, Candidate};
 
 /// Rendered bytes are written upstream in pieces of about this size.
@@ -348,35 +345,12 @@ impl Gateway {
         let member = &f.deployment.members[i];
         let backend = &snap.cfg.backends[member.backend];
         let deadline = ctx.deadline(snap);
-        let o = &mut ctx.outcome;
-        o.attempts += 1;
-        o.tried = Some(Tried {
-            backend: backend.name.clone(),
-            region: Some(backend.region.clone()).filter(|r| !r.is_empty()),
-        });
-        let error = || {
-            self.metrics
-                .upstream_attempts
-                .with_label_values(&[&backend.name, &f.deployment.name, "error"])
-                .inc()
+        let error = || self.attempt_failed(backend, f);
+        let Ok(token) = self.open_attempt(ctx, backend, f).await else {
+            return Ok(None);
         };
-        let token = match (&backend.credential, &self.token) {
-            (Credential::ManagedIdentity, Some(t)) => match t.get().await {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    log::error!("backend {}: {e}", backend.name);
-                    error();
-                    return Ok(None);
-                }
-            },
-            _ => None,
-        };
-        let auth = match (&backend.credential, &token, f.caller_jwt) {
-            (Credential::ApiKey(k), _, _) => Auth::ApiKey(k),
-            (Credential::ManagedIdentity, Some(t), _) => Auth::Authorization(&t.header),
-            (Credential::Forward, _, Some(jwt)) => Auth::BearerJwt(jwt),
-            _ => Auth::None,
-        };
+        let o = &ctx.outcome;
+        let auth = auth_for(&backend.credential, token.as_deref(), f.caller_jwt);
         let upstream = &*member.upstream_deployment;
         let model = form.model().unwrap_or_default().to_string();
         let batch = form.is_batch();
@@ -505,13 +479,7 @@ impl Gateway {
         };
         let (head, framing) = head;
         let head_at = Instant::now();
-        let series = self.metrics.attempt_series(
-            &backend.name,
-            &f.deployment.name,
-            status_label(head.status),
-        );
-        series.attempts.inc();
-        series.ttfb.observe((head_at - started).as_secs_f64());
+        self.attempt_answered(backend, f, head.status, head_at - started);
         Ok(Some(Answer {
             up,
             head,

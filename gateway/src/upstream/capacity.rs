@@ -95,7 +95,8 @@ fn decimal(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(v).ok()?.parse().ok()
+    // Nineteen digits at most: below 10^19, so the sum cannot overflow a u64.
+    Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 /// The pure decision: `None` when the member may take a request that reserves `need`
@@ -189,6 +190,37 @@ mod tests {
                 ("x-ratelimit-remaining-tokens", "9")
             ]),
             (Some(7), None)
+        );
+    }
+
+    #[test]
+    fn decimal_agrees_with_str_parse() {
+        let oracle = |v: &str| {
+            let t = v.trim_ascii();
+            let plain = !t.is_empty() && t.len() <= 19 && t.bytes().all(|b| b.is_ascii_digit());
+            plain.then(|| t.parse::<u64>().ok()).flatten()
+        };
+        for v in [
+            "0",
+            "7",
+            " 42 ",
+            "0042",
+            "1200",
+            "9999999999999999999",
+            "18446744073709551615",
+            "10000000000000000000",
+            "",
+            " ",
+            "+1",
+            "-0",
+            "1 2",
+            "٣",
+        ] {
+            assert_eq!(decimal(v.as_bytes()), oracle(v), "{v:?}");
+        }
+        assert_eq!(
+            decimal(b"9999999999999999999"),
+            Some(9_999_999_999_999_999_999)
         );
     }
 
