@@ -792,54 +792,11 @@ impl Limiter {
             return;
         }
         let corrections = &corrections[..n];
-        match (ticket.decider, &self.redis) {
-            (Decider::Redis, Some(redis)) => {
-                let ok = redis
-                    .reconcile(
-                        &ticket.subject,
-                        &ticket.user,
-                        &ticket.deployment,
-                        ticket.day,
-                        corrections,
-                        now,
-                    )
-                    .await;
-                if !ok {
-                    (self.on_store_error)();
-                }
-            }
-            _ => self.local.reconcile_now(
-                &ticket.subject,
-                &ticket.user,
-                &ticket.deployment,
-                ticket.day,
-                corrections,
-                now,
-            ),
-        }
+        self.apply(ticket, ticket.day, corrections, now).await;
     }
-    /// Charges `tokens` more to the token windows `admission` was counted in, as of `now`:
-    /// the per-minute windows from now on (the client may go into debt), the day window of
-    /// the current UTC day. For usage that arrives in parts with no reservation of its own —
-    /// a realtime session's `response.done` events (SPEC §12) — so, unlike
-    /// [`Limiter::reconcile`], it may be called any number of times for one admission.
-    /// Nothing happens for an admission no limit applied to. A Redis failure drops the charge
-    /// and calls `on_store_error`.
-    pub async fn charge(&self, admission: &Admission, tokens: u64) {
-        self.charge_at(admission, tokens, SystemTime::now()).await
-    }
-
-    pub async fn charge_at(&self, admission: &Admission, tokens: u64, now: SystemTime) {
-        let Some(ticket) = admission.ticket.as_deref() else {
-            return;
-        };
-        let now = micros(now);
-        let (corrections, n) = surcharges(ticket, tokens);
-        if n == 0 {
-            return;
-        }
-        let corrections = &corrections[..n];
-        let day = day_index(now);
+    /// Applies corrections to the windows of `ticket`'s admission where it was decided (Redis
+    /// or this process); a Redis failure drops them and calls `on_store_error`.
+    async fn apply(&self, ticket: &Ticket, day: i64, corrections: &[Correction], now: i64) {
         match (ticket.decider, &self.redis) {
             (Decider::Redis, Some(redis)) => {
                 let ok = redis
@@ -865,6 +822,31 @@ impl Limiter {
                 now,
             ),
         }
+    }
+
+    /// Charges `tokens` more to the token windows `admission` was counted in, as of `now`:
+    /// the per-minute windows from now on (the client may go into debt), the day window of
+    /// the current UTC day. For usage that arrives in parts with no reservation of its own —
+    /// a realtime session's `response.done` events (SPEC §12) — so, unlike
+    /// [`Limiter::reconcile`], it may be called any number of times for one admission.
+    /// Nothing happens for an admission no limit applied to. A Redis failure drops the charge
+    /// and calls `on_store_error`.
+    pub async fn charge(&self, admission: &Admission, tokens: u64) {
+        self.charge_at(admission, tokens, SystemTime::now()).await
+    }
+
+    pub async fn charge_at(&self, admission: &Admission, tokens: u64, now: SystemTime) {
+        let Some(ticket) = admission.ticket.as_deref() else {
+            return;
+        };
+        let now = micros(now);
+        let (corrections, n) = surcharges(ticket, tokens);
+        if n == 0 {
+            return;
+        }
+        let corrections = &corrections[..n];
+        let day = day_index(now);
+        self.apply(ticket, day, corrections, now).await;
     }
 }
 
