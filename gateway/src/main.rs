@@ -45,6 +45,17 @@ mod allocator {
                 set(option, value);
             }
         }
+        // Transparent huge pages (`always` on many distributions) fault 2 MiB at a time into
+        // the allocator's arenas, and a purge of a few pages then gives nothing back: with
+        // them off the idle RSS was 34 instead of 47 MiB and the RSS 30 s after 1,000 SSE
+        // streams +2 instead of +7..+33 MiB (load-tests/results.md, session 8). The same
+        // choice as mimalloc's own `MIMALLOC_ALLOW_THP=0`, which keeps THP when set to 1.
+        #[cfg(target_os = "linux")]
+        if std::env::var_os("MIMALLOC_ALLOW_THP").is_none_or(|v| v == "0") {
+            if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+                log::debug!("transparent huge pages left on: prctl: {e}");
+            }
+        }
     }
 
     #[allow(unsafe_code)]
@@ -82,6 +93,10 @@ mod allocator {
                 if std::env::var_os(variable).is_none() {
                     assert_eq!(get(option), value, "{variable}");
                 }
+            }
+            #[cfg(target_os = "linux")]
+            if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+                assert_eq!(nix::sys::prctl::get_thp_disable(), Ok(true));
             }
         }
     }
@@ -178,10 +193,10 @@ fn revocation(path: &std::path::Path, what: keys::Revocation, key_id: Option<&st
 }
 
 fn main() -> ExitCode {
-    allocator::tune();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .target(env_logger::Target::Stderr)
         .init();
+    allocator::tune();
     let cli = Cli::parse();
     match cli.command {
         Command::Run {
