@@ -255,7 +255,7 @@ async fn rs256_token_is_accepted() {
 async fn es256_token_is_accepted() {
     let (v, _, _) = setup().await;
     let got = v.verify(&token(ec1(), &claims())).await.unwrap();
-    assert_eq!(got.client_value, "app-1");
+    assert_eq!(&*got.client_value, "app-1");
 }
 
 #[tokio::test]
@@ -423,7 +423,7 @@ async fn tokens_are_routed_to_their_provider_by_issuer() {
     let cb = with(cb, "appid", json!("fab-app"));
     let got = v.verify(&token(rsa2(), &cb)).await.unwrap();
     assert_eq!(
-        (&*got.provider, got.client_value.as_str()),
+        (&*got.provider, &*got.client_value),
         ("fabrikam", "fab-app")
     );
     // Fabrikam's issuer signed by contoso's key: fabrikam's JWKS does not have it.
@@ -1239,10 +1239,7 @@ async fn real_http_discovery_and_jwks_url() {
     let fresh =
         |iss: &str| json!({"iss": iss, "aud": AUDIENCE, "exp": now + 600, "azp": "app-http"});
     let got = v.verify(&token(rsa1(), &fresh(&issuer_a))).await.unwrap();
-    assert_eq!(
-        (&*got.provider, got.client_value.as_str()),
-        ("a", "app-http")
-    );
+    assert_eq!((&*got.provider, &*got.client_value), ("a", "app-http"));
     let got = v.verify(&token(ec1(), &fresh(&issuer_b))).await.unwrap();
     assert_eq!(&*got.provider, "b");
 
@@ -1352,6 +1349,59 @@ async fn cache_is_bounded_and_only_holds_successes() {
     let v = verifier_with(config(), &source, &FakeClock::new()).with_token_cache(0);
     v.verify(&token(rsa1(), &claims())).await.unwrap();
     assert_eq!(v.cached_tokens(), 0);
+}
+
+#[test]
+fn only_wanted_claims_are_kept_and_the_payload_is_still_checked_whole() {
+    let wanted: Vec<String> = ["aud", "azp", "exp", "iss"].map(String::from).into();
+    let ok = |json: &str| wanted_from_json(json.as_bytes(), &wanted).map(Value::Object);
+    let cases: [(&str, Option<Value>); 9] = [
+        (
+            r#"{"iss":"i","jti":"x","iat":1,"exp":2,"aud":["a"],"azp":"c","big":{"n":[1,{"m":null}]}}"#,
+            Some(json!({"iss": "i", "exp": 2, "aud": ["a"], "azp": "c"})),
+        ),
+        // An escaped name is a name like any other.
+        (
+            r#"{"\u0061zp":"c","j\u0074i":1}"#,
+            Some(json!({"azp": "c"})),
+        ),
+        // A repeated member: the last counts (as serde_json's Map).
+        (r#"{"azp":"a","azp":"b"}"#, Some(json!({"azp": "b"}))),
+        (" {} ", Some(json!({}))),
+        // Not one JSON object: refused, also when the fault is in a skipped member.
+        (r#"{"jti":tru}"#, None),
+        (r#"{"jti":"x",}"#, None),
+        (r#"{"azp":"c"} {}"#, None),
+        ("[1,2]", None),
+        (r#""azp""#, None),
+    ];
+    for (json, want) in cases {
+        assert_eq!(ok(json).ok(), want, "{json}");
+    }
+}
+
+#[tokio::test]
+async fn cache_stats_count_hits_and_misses() {
+    let (v, _, clock) = setup().await;
+    let t = token(rsa1(), &claims());
+    v.verify(&t).await.unwrap(); // miss, then cached
+    v.verify(&t).await.unwrap(); // hit
+    v.verify(&t).await.unwrap(); // hit
+    assert_eq!(invalid(v.verify("a.b.c").await), "header is not base64url"); // miss
+    let other = token(rsa1(), &with(claims(), "jti", json!("other")));
+    v.verify(&other).await.unwrap(); // miss
+    assert_eq!(
+        v.cache_stats(),
+        TokenCacheStats {
+            entries: 2,
+            hits: 2,
+            misses: 3
+        }
+    );
+    // An expired entry is not a hit: it is verified again (and refused).
+    clock.set(T0 + 3600 + 61);
+    assert_eq!(invalid(v.verify(&t).await), "token expired");
+    assert_eq!((v.cache_stats().hits, v.cache_stats().misses), (2, 4));
 }
 
 // ---------------------------------------------------------------- measurement
