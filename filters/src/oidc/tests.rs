@@ -1416,10 +1416,12 @@ async fn measure_verify_cost() {
     let clock = FakeClock::new();
     let cold = verifier_with(config(), &source, &clock).with_token_cache(0);
     let warm = verifier_with(config(), &source, &clock);
-    // A realistic Entra-sized access token (~1.7 KB).
-    let c = with(claims(), "scp", json!("x".repeat(900)));
-    for key in [rsa1(), ec1()] {
-        let t = token(key, &c);
+    // A short token (~600 bytes, as load-tests/jwt.sh's) and a realistic Entra-sized access
+    // token (~1.7 KB).
+    let short = claims();
+    let long = with(claims(), "scp", json!("x".repeat(900)));
+    for (key, c) in [(rsa1(), &short), (rsa1(), &long), (ec1(), &long)] {
+        let t = token(key, c);
         for (label, v, n) in [("full verify", &cold, 500u32), ("cache hit", &warm, 20_000)] {
             v.verify(&t).await.unwrap();
             let start = Instant::now();
@@ -1623,4 +1625,60 @@ fn signature_step_timings() {
     let parsed = started.elapsed() / N;
     assert_eq!(ok, 2 * N);
     println!("RS256 verify: jsonwebtoken {jwt:?}, parsed key {parsed:?}");
+}
+
+/// Where a full verify's time goes, natively: the pieces of `verify` one by one on the same
+/// token, interleaved in 20 rounds of 200 calls each, the fastest round of each reported (the
+/// minimum is what a busy machine moves least). Timing only; run with
+/// `cargo test --release -p filters --lib -- --ignored --nocapture --test-threads=1 miss_pieces_timings`.
+#[tokio::test]
+#[ignore]
+async fn miss_pieces_timings() {
+    use std::time::{Duration, Instant};
+    const ROUNDS: usize = 20;
+    const N: u32 = 200;
+    let source = FakeSource::serving(jwks(&[rsa1()]));
+    let cold = verifier_with(config(), &source, &FakeClock::new()).with_token_cache(0);
+    let t = token(rsa1(), &claims());
+    cold.verify(&t).await.unwrap();
+    let wanted = cold.wanted.clone();
+    let keys = cold.providers[0].current_keys();
+    let parsed = ParsedToken::parse(&t, &wanted).unwrap();
+    let Lookup::Found(key) = keys.find(parsed.header.kid.as_deref(), Algorithm::RS256) else {
+        panic!("no key");
+    };
+    let labels = [
+        "cache key (SHA-256)",
+        "parse",
+        "signature",
+        "full verify, cache off",
+    ];
+    let mut best = [Duration::MAX; 4];
+    for _ in 0..ROUNDS {
+        for (i, slot) in best.iter_mut().enumerate() {
+            let started = Instant::now();
+            for _ in 0..N {
+                match i {
+                    0 => {
+                        std::hint::black_box(cache::cache_key(&t));
+                    }
+                    1 => {
+                        std::hint::black_box(ParsedToken::parse(&t, &wanted).unwrap());
+                    }
+                    2 => assert!(key.verify(
+                        Algorithm::RS256,
+                        parsed.signing_input.as_bytes(),
+                        parsed.signature
+                    )),
+                    _ => {
+                        std::hint::black_box(cold.verify(&t).await.unwrap());
+                    }
+                }
+            }
+            *slot = (*slot).min(started.elapsed() / N);
+        }
+    }
+    for (label, d) in labels.iter().zip(best) {
+        println!("{label}: {d:?}");
+    }
 }
