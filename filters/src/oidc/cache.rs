@@ -4,9 +4,8 @@
 //! Measured (release, this 2-core machine, `tests::miss_pieces_timings`, fastest rounds): a
 //! full RS256 `verify` of a ~650-byte token costs ≈ 17.7 µs (15.5 µs of it aws-lc's
 //! signature check), a hit ≈ 1.4 µs (`measure_verify_cost`; 0.4 µs of it the SHA-256 of
-//! the token). SDK clients
-//! reuse one access token for up to an hour, so nearly every request of a hot client is a
-//! hit.
+//! the token). SDK clients reuse one access token for up to an hour, so nearly every
+//! request of a hot client is a hit.
 //!
 //! An entry is served only while `now <= exp + leeway` (exactly what a fresh `verify` would
 //! allow) and while its provider still holds the key set that verified it: any JWKS change
