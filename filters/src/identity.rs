@@ -83,7 +83,7 @@ impl Presented {
 pub struct VerifiedJwt {
     pub provider: Arc<str>,
     /// Value of the provider's `client_claim`.
-    pub client_value: String,
+    pub client_value: Arc<str>,
     pub user: Option<String>,
     /// The provider's grants the token matched (`None`: the provider has none).
     pub grants: Option<crate::grants::Granted>,
@@ -138,7 +138,7 @@ impl TokenMap {
         let listed = self
             .listed
             .get(&*jwt.provider)
-            .and_then(|apps| apps.get(jwt.client_value.as_str()));
+            .and_then(|apps| apps.get(&*jwt.client_value));
         if let Some(&c) = listed {
             return Ok((c, None));
         }
@@ -251,7 +251,7 @@ mod tests {
             match token.split_once('.') {
                 Some(("good", app)) => Ok(VerifiedJwt {
                     provider: Arc::from("idp"),
-                    client_value: app.to_string(),
+                    client_value: Arc::from(app),
                     user: Some("u1".into()),
                     grants: None,
                 }),

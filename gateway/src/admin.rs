@@ -77,6 +77,10 @@ pub fn status_json(snap: &Snapshot) -> serde_json::Value {
         "backends": backends,
         "deployments": deployments,
         "oidc_providers": snap.oidc.as_ref().map(|o| o.status().len()).unwrap_or(0),
+        "oidc_token_cache": snap.oidc.as_ref().map(|o| {
+            let c = o.cache_stats();
+            serde_json::json!({"entries": c.entries, "hits": c.hits, "misses": c.misses})
+        }),
         "clients": snap.cfg.clients.len(),
         "capacity": capacity_json(snap, now),
         "fleet": {

@@ -382,6 +382,27 @@ def test_garbage_refused(env, garbage):
     assert_refused(env.gw, env.backends, garbage)
 
 
+def test_status_counts_token_cache_hits_and_misses(env):
+    """`/status` `oidc_token_cache`: a token verified once is then answered from the cache
+    (a hit); a new token, a refused one and a tampered copy of a cached one are misses; only
+    the verified tokens are held."""
+    def cache() -> dict:
+        return env.gw.admin.get("/status").json()["oidc_token_cache"]
+
+    token = mint(RSA, env.contoso(jti="status-cache-1"))
+    tampered = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+    before = cache()
+    assert post_chat(env.gw, {"Authorization": f"Bearer {token}"}).status_code == 200
+    for _ in range(3):
+        assert post_chat(env.gw, {"Authorization": f"Bearer {token}"}).status_code == 200
+    assert post_chat(env.gw, {"Authorization": f"Bearer {tampered}"}).status_code == 401
+    assert post_chat(env.gw, {"Authorization": "Bearer a.b.c"}).status_code == 401
+    after = cache()
+    assert after["hits"] - before["hits"] == 3, (before, after)
+    assert after["misses"] - before["misses"] == 3, (before, after)
+    assert after["entries"] == before["entries"] + 1, (before, after)
+
+
 def test_failing_jwt_rejects_even_with_a_good_api_key(env):
     now = int(time.time())
     expired = mint(RSA, env.contoso(exp=now - 600))

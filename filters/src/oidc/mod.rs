@@ -24,7 +24,7 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -151,8 +151,8 @@ pub fn validate_provider(cfg: &OidcProviderConfig) -> Vec<(String, String)> {
 pub struct VerifiedToken {
     /// The provider's `name`.
     pub provider: Arc<str>,
-    /// Value of the provider's `client_claim`.
-    pub client_value: String,
+    /// Value of the provider's `client_claim` (shared with the cache: a hit copies no string).
+    pub client_value: Arc<str>,
     /// Value of the provider's `user_claim`, when configured and present as a string.
     pub user: Option<String>,
     /// The token's `exp` (Unix seconds).
@@ -249,6 +249,23 @@ pub struct OidcVerifier {
     clock: Clock,
     started: AtomicBool,
     cache: TokenCache,
+    /// Every claim name some provider reads (see [`wanted_claims`]): the others are skipped
+    /// unparsed.
+    wanted: Vec<String>,
+    /// Tokens answered from the cache / looked up there and not found (then verified).
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// The verified-token cache's figures, for `/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCacheStats {
+    /// Tokens held now.
+    pub entries: usize,
+    /// Tokens answered from the cache since start.
+    pub hits: u64,
+    /// Tokens not found in the cache since start (verified, or refused).
+    pub misses: u64,
 }
 
 impl fmt::Debug for OidcVerifier {
@@ -319,12 +336,16 @@ impl OidcVerifier {
                 fetch: tokio::sync::Mutex::new(FetchState::default()),
             });
         }
+        let wanted = wanted_claims(&built);
         Ok(Self {
+            wanted,
             providers: built,
             by_issuer,
             clock,
             started: AtomicBool::new(false),
             cache: TokenCache::new(DEFAULT_TOKEN_CACHE_CAPACITY),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         })
     }
 
@@ -338,6 +359,15 @@ impl OidcVerifier {
     /// Number of tokens currently cached.
     pub fn cached_tokens(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Entries, hits and misses of the verified-token cache.
+    pub fn cache_stats(&self) -> TokenCacheStats {
+        TokenCacheStats {
+            entries: self.cache.len(),
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
     }
 
     /// Fetches discovery + JWKS of every provider once (concurrently; failures are logged,
@@ -458,10 +488,12 @@ impl OidcVerifier {
         if let Some(hit) = self.cache.get(&cache_key, now, |i| {
             self.providers[i].current_keys().generation
         }) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
 
-        let parsed = ParsedToken::parse(token)?;
+        let parsed = ParsedToken::parse(token, &self.wanted)?;
         let Some(Value::String(iss)) = parsed.claims.get("iss") else {
             return Err(OidcError::Invalid("no iss claim"));
         };
@@ -544,6 +576,7 @@ struct Header {
 
 struct ParsedToken<'t> {
     header: Header,
+    /// The claims some provider reads (see [`wanted_claims`]); the others were skipped.
     claims: Map<String, Value>,
     /// `header.payload`, the signed bytes.
     signing_input: &'t str,
@@ -551,7 +584,9 @@ struct ParsedToken<'t> {
 }
 
 impl<'t> ParsedToken<'t> {
-    fn parse(token: &'t str) -> Result<Self, OidcError> {
+    /// Splits and decodes `token`, keeping the claims named in `wanted` (all claims are
+    /// still parsed as JSON: a malformed payload is refused whatever it names).
+    fn parse(token: &'t str, wanted: &[String]) -> Result<Self, OidcError> {
         let mut parts = token.split('.');
         let (Some(header_b64), Some(payload), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -572,7 +607,7 @@ impl<'t> ParsedToken<'t> {
         let payload_json = URL_SAFE_NO_PAD
             .decode(payload)
             .map_err(|_| OidcError::Invalid("payload is not base64url"))?;
-        let claims: Map<String, Value> = serde_json::from_slice(&payload_json)
+        let claims = wanted_from_json(&payload_json, wanted)
             .map_err(|_| OidcError::Invalid("payload is not a JSON object"))?;
         let signing_input = &token[..header_b64.len() + 1 + payload.len()];
         Ok(Self {
@@ -582,6 +617,85 @@ impl<'t> ParsedToken<'t> {
             signature,
         })
     }
+}
+
+/// The claim names the verifier may read, over every provider: `iss` (the routing), `exp`,
+/// `nbf`, `aud`, and each provider's `client_claim`, `user_claim`, `required_claims` and
+/// grant claims. A token's other claims (`jti`, `iat`, `oid`, `tid`, …: most of an Entra ID
+/// token) are skipped without building a JSON value for them.
+fn wanted_claims(providers: &[Provider]) -> Vec<String> {
+    let mut names: Vec<String> = ["iss", "exp", "nbf", "aud"].map(String::from).into();
+    for p in providers {
+        names.push(p.client_claim.clone());
+        names.extend(p.user_claim.clone());
+        names.extend(p.required_claims.iter().map(|(claim, _)| claim.clone()));
+        if let Some(g) = &p.grants {
+            names.extend(g.list.iter().map(|g| g.claim.clone()));
+        }
+    }
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// A JSON object's members named in `wanted`, the others parsed and dropped (a repeated
+/// name: the last one counts, as `serde_json::Map` does). Fails unless `json` is exactly one
+/// JSON object.
+fn wanted_from_json(json: &[u8], wanted: &[String]) -> serde_json::Result<Map<String, Value>> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    use std::borrow::Cow;
+
+    /// A member name, borrowed from the input unless it had escapes.
+    struct Name<'de>(Cow<'de, str>);
+    impl<'de> Deserialize<'de> for Name<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Name<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a member name")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Name<'de>, E> {
+                    Ok(Name(Cow::Borrowed(v)))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Name<'de>, E> {
+                    Ok(Name(Cow::Owned(v.to_string())))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    struct Wanted<'w>(&'w [String]);
+    impl<'de> Visitor<'de> for Wanted<'_> {
+        type Value = Map<String, Value>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<Self::Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(Name(name)) = members.next_key()? {
+                if self.0.iter().any(|w| *w == *name) {
+                    let value: Value = members.next_value()?;
+                    out.insert(name.into_owned(), value);
+                } else {
+                    members.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(out)
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Wanted<'_> {
+        type Value = Map<String, Value>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let claims = Wanted(wanted).deserialize(&mut de)?;
+    de.end()?;
+    Ok(claims)
 }
 
 /// The token's `alg`, refusing `none`, HS* (alg confusion: an HMAC "signed" with the
@@ -662,7 +776,7 @@ fn check_claims(
     }
 
     let client_value = match claims.get(&provider.client_claim) {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(s)) if !s.is_empty() => Arc::from(s.as_str()),
         _ => return Err(OidcError::ClientClaimMissing),
     };
     let grants = match &provider.grants {

@@ -255,7 +255,7 @@ async fn rs256_token_is_accepted() {
 async fn es256_token_is_accepted() {
     let (v, _, _) = setup().await;
     let got = v.verify(&token(ec1(), &claims())).await.unwrap();
-    assert_eq!(got.client_value, "app-1");
+    assert_eq!(&*got.client_value, "app-1");
 }
 
 #[tokio::test]
@@ -423,7 +423,7 @@ async fn tokens_are_routed_to_their_provider_by_issuer() {
     let cb = with(cb, "appid", json!("fab-app"));
     let got = v.verify(&token(rsa2(), &cb)).await.unwrap();
     assert_eq!(
-        (&*got.provider, got.client_value.as_str()),
+        (&*got.provider, &*got.client_value),
         ("fabrikam", "fab-app")
     );
     // Fabrikam's issuer signed by contoso's key: fabrikam's JWKS does not have it.
@@ -1239,10 +1239,7 @@ async fn real_http_discovery_and_jwks_url() {
     let fresh =
         |iss: &str| json!({"iss": iss, "aud": AUDIENCE, "exp": now + 600, "azp": "app-http"});
     let got = v.verify(&token(rsa1(), &fresh(&issuer_a))).await.unwrap();
-    assert_eq!(
-        (&*got.provider, got.client_value.as_str()),
-        ("a", "app-http")
-    );
+    assert_eq!((&*got.provider, &*got.client_value), ("a", "app-http"));
     let got = v.verify(&token(ec1(), &fresh(&issuer_b))).await.unwrap();
     assert_eq!(&*got.provider, "b");
 
@@ -1354,6 +1351,59 @@ async fn cache_is_bounded_and_only_holds_successes() {
     assert_eq!(v.cached_tokens(), 0);
 }
 
+#[test]
+fn only_wanted_claims_are_kept_and_the_payload_is_still_checked_whole() {
+    let wanted: Vec<String> = ["aud", "azp", "exp", "iss"].map(String::from).into();
+    let ok = |json: &str| wanted_from_json(json.as_bytes(), &wanted).map(Value::Object);
+    let cases: [(&str, Option<Value>); 9] = [
+        (
+            r#"{"iss":"i","jti":"x","iat":1,"exp":2,"aud":["a"],"azp":"c","big":{"n":[1,{"m":null}]}}"#,
+            Some(json!({"iss": "i", "exp": 2, "aud": ["a"], "azp": "c"})),
+        ),
+        // An escaped name is a name like any other.
+        (
+            r#"{"\u0061zp":"c","j\u0074i":1}"#,
+            Some(json!({"azp": "c"})),
+        ),
+        // A repeated member: the last counts (as serde_json's Map).
+        (r#"{"azp":"a","azp":"b"}"#, Some(json!({"azp": "b"}))),
+        (" {} ", Some(json!({}))),
+        // Not one JSON object: refused, also when the fault is in a skipped member.
+        (r#"{"jti":tru}"#, None),
+        (r#"{"jti":"x",}"#, None),
+        (r#"{"azp":"c"} {}"#, None),
+        ("[1,2]", None),
+        (r#""azp""#, None),
+    ];
+    for (json, want) in cases {
+        assert_eq!(ok(json).ok(), want, "{json}");
+    }
+}
+
+#[tokio::test]
+async fn cache_stats_count_hits_and_misses() {
+    let (v, _, clock) = setup().await;
+    let t = token(rsa1(), &claims());
+    v.verify(&t).await.unwrap(); // miss, then cached
+    v.verify(&t).await.unwrap(); // hit
+    v.verify(&t).await.unwrap(); // hit
+    assert_eq!(invalid(v.verify("a.b.c").await), "header is not base64url"); // miss
+    let other = token(rsa1(), &with(claims(), "jti", json!("other")));
+    v.verify(&other).await.unwrap(); // miss
+    assert_eq!(
+        v.cache_stats(),
+        TokenCacheStats {
+            entries: 2,
+            hits: 2,
+            misses: 3
+        }
+    );
+    // An expired entry is not a hit: it is verified again (and refused).
+    clock.set(T0 + 3600 + 61);
+    assert_eq!(invalid(v.verify(&t).await), "token expired");
+    assert_eq!((v.cache_stats().hits, v.cache_stats().misses), (2, 4));
+}
+
 // ---------------------------------------------------------------- measurement
 
 /// Cost of a full `verify` (RS256, ES256; cache off) against a cache hit. Run with
@@ -1366,10 +1416,12 @@ async fn measure_verify_cost() {
     let clock = FakeClock::new();
     let cold = verifier_with(config(), &source, &clock).with_token_cache(0);
     let warm = verifier_with(config(), &source, &clock);
-    // A realistic Entra-sized access token (~1.7 KB).
-    let c = with(claims(), "scp", json!("x".repeat(900)));
-    for key in [rsa1(), ec1()] {
-        let t = token(key, &c);
+    // A short token (~600 bytes, as load-tests/jwt.sh's) and a realistic Entra-sized access
+    // token (~1.7 KB).
+    let short = claims();
+    let long = with(claims(), "scp", json!("x".repeat(900)));
+    for (key, c) in [(rsa1(), &short), (rsa1(), &long), (ec1(), &long)] {
+        let t = token(key, c);
         for (label, v, n) in [("full verify", &cold, 500u32), ("cache hit", &warm, 20_000)] {
             v.verify(&t).await.unwrap();
             let start = Instant::now();
@@ -1573,4 +1625,60 @@ fn signature_step_timings() {
     let parsed = started.elapsed() / N;
     assert_eq!(ok, 2 * N);
     println!("RS256 verify: jsonwebtoken {jwt:?}, parsed key {parsed:?}");
+}
+
+/// Where a full verify's time goes, natively: the pieces of `verify` one by one on the same
+/// token, interleaved in 20 rounds of 200 calls each, the fastest round of each reported (the
+/// minimum is what a busy machine moves least). Timing only; run with
+/// `cargo test --release -p filters --lib -- --ignored --nocapture --test-threads=1 miss_pieces_timings`.
+#[tokio::test]
+#[ignore]
+async fn miss_pieces_timings() {
+    use std::time::{Duration, Instant};
+    const ROUNDS: usize = 20;
+    const N: u32 = 200;
+    let source = FakeSource::serving(jwks(&[rsa1()]));
+    let cold = verifier_with(config(), &source, &FakeClock::new()).with_token_cache(0);
+    let t = token(rsa1(), &claims());
+    cold.verify(&t).await.unwrap();
+    let wanted = cold.wanted.clone();
+    let keys = cold.providers[0].current_keys();
+    let parsed = ParsedToken::parse(&t, &wanted).unwrap();
+    let Lookup::Found(key) = keys.find(parsed.header.kid.as_deref(), Algorithm::RS256) else {
+        panic!("no key");
+    };
+    let labels = [
+        "cache key (SHA-256)",
+        "parse",
+        "signature",
+        "full verify, cache off",
+    ];
+    let mut best = [Duration::MAX; 4];
+    for _ in 0..ROUNDS {
+        for (i, slot) in best.iter_mut().enumerate() {
+            let started = Instant::now();
+            for _ in 0..N {
+                match i {
+                    0 => {
+                        std::hint::black_box(cache::cache_key(&t));
+                    }
+                    1 => {
+                        std::hint::black_box(ParsedToken::parse(&t, &wanted).unwrap());
+                    }
+                    2 => assert!(key.verify(
+                        Algorithm::RS256,
+                        parsed.signing_input.as_bytes(),
+                        parsed.signature
+                    )),
+                    _ => {
+                        std::hint::black_box(cold.verify(&t).await.unwrap());
+                    }
+                }
+            }
+            *slot = (*slot).min(started.elapsed() / N);
+        }
+    }
+    for (label, d) in labels.iter().zip(best) {
+        println!("{label}: {d:?}");
+    }
 }
