@@ -488,9 +488,14 @@ impl Head {
 
     /// Whether a `Connection` header lists this option.
     fn connection_has(&self, option: &str) -> bool {
+        let option = option.as_bytes();
         self.values(Name::Connection).any(|v| {
+            // One option (`keep-alive`, `close`: the usual value) is compared as it is.
+            if memchr::memchr(b',', v).is_none() {
+                return v.trim_ascii().eq_ignore_ascii_case(option);
+            }
             v.split(|&b| b == b',')
-                .any(|o| o.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
+                .any(|o| o.trim_ascii().eq_ignore_ascii_case(option))
         })
     }
 
