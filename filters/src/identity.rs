@@ -29,13 +29,24 @@ impl Presented {
         api_key: Option<&[u8]>,
         authorization: Option<&[u8]>,
     ) -> Result<Presented, FilterError> {
+        fn text(v: Option<&[u8]>) -> Result<Option<&str>, FilterError> {
+            v.map(|v| std::str::from_utf8(v).map_err(|_| FilterError::InvalidCredential))
+                .transpose()
+        }
+        Presented::from_text(text(api_key)?, text(authorization)?)
+    }
+
+    /// [`Presented::from_headers`] for values already known to be UTF-8 (a request head
+    /// that was checked as a whole): the same reading without checking them again.
+    pub fn from_text(
+        api_key: Option<&str>,
+        authorization: Option<&str>,
+    ) -> Result<Presented, FilterError> {
         let mut p = Presented::default();
-        if let Some(v) = api_key {
-            let s = std::str::from_utf8(v).map_err(|_| FilterError::InvalidCredential)?;
+        if let Some(s) = api_key {
             p.api_key = Some(s.trim().to_string());
         }
-        if let Some(v) = authorization {
-            let s = std::str::from_utf8(v).map_err(|_| FilterError::InvalidCredential)?;
+        if let Some(s) = authorization {
             let (scheme, rest) = s
                 .trim()
                 .split_once(' ')

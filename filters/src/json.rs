@@ -222,20 +222,26 @@ impl<'a> Reader<'a> {
             self.literal(b"null")?;
             return Some(None);
         }
+        // The digits and their value in one pass (wrapping: a value is only kept with at
+        // most 19 digits, which fit).
         let start = self.i;
-        let n = self.digits();
-        let digits = &self.b[start..self.i];
-        if n == 0 || n > 19 || (n > 1 && digits[0] == b'0') {
+        let mut v = 0u64;
+        while let Some(&c) = self.b.get(self.i) {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 {
+                break;
+            }
+            v = v.wrapping_mul(10).wrapping_add(u64::from(d));
+            self.i += 1;
+        }
+        let n = self.i - start;
+        if n == 0 || n > 19 || (n > 1 && self.b[start] == b'0') {
             return None;
         }
         if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
             return None;
         }
-        Some(Some(
-            digits
-                .iter()
-                .fold(0u64, |v, d| v * 10 + u64::from(d - b'0')),
-        ))
+        Some(Some(v))
     }
 
     /// Any value; `Some(Some(b))` for `true`/`false`.

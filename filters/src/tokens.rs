@@ -103,13 +103,45 @@ impl RawUsage {
 /// In raw JSON a `"usage"` followed by `:` can only be a key (quotes inside strings are
 /// escaped), and OpenAI and Azure put the response's usage last.
 pub fn usage_in_json(buf: &[u8]) -> Option<Usage> {
-    const KEY: &[u8] = b"\"usage\"";
-    // The last `"usage"` is found with a forward (vectorized) search; earlier ones are only
-    // looked at when the last is not an object key.
-    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
-        std::sync::OnceLock::new();
-    let finder = FINDER.get_or_init(|| memchr::memmem::Finder::new(KEY));
-    let mut next = finder.find_iter(buf).last();
+    usage_from(buf, last_key(buf))
+}
+
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+/// The last `"usage"` in `buf`: from the end, by its rarer `u` (a vectorized search for one
+/// byte; memmem's reverse searcher has no vectorized prefilter and cost more than the
+/// forward search of the whole answer).
+fn rfind_key(buf: &[u8]) -> Option<usize> {
+    let mut end = buf.len();
+    while let Some(u) = memchr::memrchr(b'u', &buf[..end]) {
+        if u >= 1 && buf[u - 1..].starts_with(USAGE_KEY) {
+            return Some(u - 1);
+        }
+        end = u;
+    }
+    None
+}
+
+/// The last `"usage"` of a forward, non-overlapping search, found from the end (the usage is
+/// at the end of a response: only the tail is scanned). The two differ only where
+/// occurrences overlap, `"usage"usage"…` (one quote shared, the only way `"usage"` overlaps
+/// itself): a forward search takes the first of such a run, then every second one, so its
+/// last is the rightmost or the one before it by the parity of the run's length.
+fn last_key(buf: &[u8]) -> Option<usize> {
+    const SHIFT: usize = USAGE_KEY.len() - 1;
+    let last = rfind_key(buf)?;
+    let mut before = 0;
+    while last >= SHIFT * (before + 1) && buf[last - SHIFT * (before + 1)..].starts_with(USAGE_KEY)
+    {
+        before += 1;
+    }
+    Some(if before % 2 == 1 { last - SHIFT } else { last })
+}
+
+/// Reads the usage object after the `"usage"` at `next` (when it is a key), or after the
+/// ones before it.
+fn usage_from(buf: &[u8], mut next: Option<usize>) -> Option<Usage> {
+    const KEY: &[u8] = USAGE_KEY;
     while let Some(pos) = next {
         let mut i = pos + KEY.len();
         while i < buf.len() && buf[i].is_ascii_whitespace() {
@@ -127,7 +159,7 @@ pub fn usage_in_json(buf: &[u8]) -> Option<Usage> {
                 }
             }
         }
-        next = find_last(&buf[..pos], KEY);
+        next = rfind_key(&buf[..pos]);
     }
     None
 }
@@ -198,10 +230,6 @@ fn usage_by_serde(buf: &[u8]) -> Option<RawUsage> {
         .into_iter::<RawUsage>()
         .next()
         .and_then(Result::ok)
-}
-
-fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::rfind(hay, needle)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -472,6 +500,68 @@ fn last_event_end(buf: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    /// The search before it scanned from the end: forward, non-overlapping, the last of them
+    /// (the oracle of [`last_key`]).
+    fn usage_forward(buf: &[u8]) -> Option<Usage> {
+        usage_from(buf, memchr::memmem::find_iter(buf, USAGE_KEY).last())
+    }
+
+    #[test]
+    fn the_last_usage_from_the_end_is_the_last_of_a_forward_search() {
+        let obj = |n: u32| format!(r#"{{"prompt_tokens":{n},"completion_tokens":1}}"#);
+        let mut docs: Vec<String> = Vec::new();
+        // Runs of overlapping `"usage"` of every length, each place followed by a usage
+        // object or not, with text before and after.
+        for run in 1..=6 {
+            for objects in 0u32..(1 << run) {
+                let mut d = String::from("{\"id\":\"x\",");
+                for k in 0..run {
+                    d.push_str(if k == 0 { "\"usage\"" } else { "usage\"" });
+                    if objects & (1 << k) != 0 {
+                        d.push_str(&format!(":{},", obj(k)));
+                        // The next one starts a new run after the object.
+                        d.push('"');
+                        d.push_str("usage\"");
+                    }
+                }
+                for tail in [
+                    "",
+                    ":",
+                    ": {\"total_tokens\":9}}",
+                    "\"usage\":{\"total_tokens\":7}}",
+                ] {
+                    docs.push(format!("{d}{tail}"));
+                    docs.push(format!("\"usage\":{}{d}{tail}", obj(99)));
+                }
+            }
+        }
+        docs.extend(
+            [
+                r#"{"usage":{"prompt_tokens":1},"x":"usage","usage":{"prompt_tokens":2}}"#,
+                r#"{"usage":{"prompt_tokens":1}}"usage""#,
+                r#""usage""usage"usage"usage":{"total_tokens":3}"#,
+                r#""usage"usage"usage"usage"usage":{"total_tokens":3}"#,
+                r#""usage":"usage"usage":{"total_tokens":4}"#,
+                r#"usage"usage":{"total_tokens":5}"#,
+                r#""usage"usage"#,
+                r#""usage""#,
+                "",
+            ]
+            .map(String::from),
+        );
+        let mut found = 0;
+        for d in &docs {
+            assert_eq!(
+                rfind_key(d.as_bytes()),
+                memchr::memmem::rfind(d.as_bytes(), USAGE_KEY)
+            );
+            let want = usage_forward(d.as_bytes());
+            assert_eq!(usage_in_json(d.as_bytes()), want, "{d}");
+            found += usize::from(want.is_some());
+        }
+        assert!(found > docs.len() / 2, "{found} of {}", docs.len());
+    }
+
     use super::*;
 
     #[test]

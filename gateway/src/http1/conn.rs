@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::fast;
 use super::head::{span_of, Field, Head, Name};
 use super::{H1Error, MAX_HEAD, MAX_HEADERS, READ_CHUNK, READ_MIN_FREE, READ_SMALL};
 use crate::deadline::timeout_at;
@@ -175,6 +176,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     fn try_parse(&mut self, response: bool) -> Result<Option<Head>, H1Error> {
+        // The usual head in its strictest form first; anything else (or a head not complete
+        // yet) is for httparse to decide.
+        let fast = if response {
+            fast::response(&self.rbuf)
+        } else {
+            fast::request(&self.rbuf)
+        };
+        if let Some(p) = fast {
+            if p.used > MAX_HEAD {
+                return Err(H1Error::HeadTooLarge);
+            }
+            let buf = self.rbuf.split_to(p.used).freeze();
+            return Ok(Some(Head::new(
+                buf, p.method, p.target, p.status, p.minor, p.fields,
+            )));
+        }
         // Left uninitialized: httparse writes only the slots it fills.
         let mut headers =
             [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];

@@ -120,6 +120,15 @@ fn transfer_coding<'a>(minor: u8, te: impl Iterator<Item = &'a [u8]>) -> Result<
 fn content_length<'a>(cl: impl Iterator<Item = &'a [u8]>) -> Result<Option<u64>, Refusal> {
     let mut len: Option<u64> = None;
     for value in cl {
+        // One element (the usual value) is read as it is.
+        if memchr::memchr(b',', value).is_none() {
+            let n = decimal(trim_ows(value)).ok_or("bad Content-Length")?;
+            if len.is_some_and(|l| l != n) {
+                return Err("conflicting Content-Length");
+            }
+            len = Some(n);
+            continue;
+        }
         for part in value.split(|&b| b == b',') {
             let n = decimal(trim_ows(part)).ok_or("bad Content-Length")?;
             if len.is_some_and(|l| l != n) {

@@ -72,6 +72,8 @@ fn eq_lower(name: &[u8], lit: &[u8]) -> bool {
 
 /// How many [`Name`]s there are.
 const NAMES: usize = Name::RateLimit as usize + 1;
+// One bit of `Head::repeated` each.
+const _: () = assert!(NAMES <= 32);
 
 impl Name {
     /// The name of a header as sent (any case).
@@ -225,6 +227,10 @@ pub struct Head {
     fields: Vec<Field>,
     /// Per [`Name`], 1 + the index of its first field (0: absent).
     first: [u8; NAMES],
+    /// Per [`Name`] (a bit each), whether a second field of it follows the first: the
+    /// values of a name that is there once are its first field alone, with no walk over
+    /// the fields after it.
+    repeated: u32,
 }
 
 /// A head's bytes. A request head that is all UTF-8 (checked once when it is made) is kept as
@@ -318,13 +324,18 @@ impl Head {
             ((0, 0), None)
         };
         let mut first = [0u8; NAMES];
+        let mut repeated = 0u32;
         for (i, f) in fields.iter().enumerate() {
             let slot = &mut first[f.kind as usize];
-            if *slot == 0 && f.kind != Name::Other {
+            if *slot == 0 {
                 // At most MAX_HEADERS (128) fields.
                 *slot = (i + 1) as u8;
+            } else {
+                repeated |= 1 << f.kind as u32;
             }
         }
+        // `Other` is never looked up by its slot.
+        first[Name::Other as usize] = 0;
         // (`try_from` drops the bytes of a head that is not UTF-8: it gets a second handle
         // of the shared buffer, which costs less than checking the bytes twice.)
         let raw = match status {
@@ -340,6 +351,7 @@ impl Head {
             minor,
             fields,
             first,
+            repeated,
         }
     }
 
@@ -445,13 +457,21 @@ impl Head {
             .map(|f| (f.kind, self.slice(f.name), self.slice(f.value)))
     }
 
+    /// The fields from the first of `kind` (a known name) to the last that may be one of it:
+    /// none when it is absent, its first alone when it is not repeated.
+    fn of_kind(&self, kind: Name) -> &[Field] {
+        let len = self.fields.len();
+        let (from, to) = match self.first[kind as usize] {
+            0 => (len, len),
+            i if self.repeated & (1 << kind as u32) == 0 => (i as usize - 1, i as usize),
+            i => (i as usize - 1, len),
+        };
+        &self.fields[from..to]
+    }
+
     /// The values of every header recognized as `kind` (a known name), from its first.
     fn values(&self, kind: Name) -> impl DoubleEndedIterator<Item = &[u8]> {
-        let from = match self.first[kind as usize] {
-            0 => self.fields.len(),
-            i => i as usize - 1,
-        };
-        self.fields[from..]
+        self.of_kind(kind)
             .iter()
             .filter(move |f| f.kind == kind)
             .map(|f| self.slice(f.value))
@@ -460,11 +480,7 @@ impl Head {
     /// The name and value of every header recognized as `kind`, from its first (nothing to
     /// walk when there is none).
     pub fn named(&self, kind: Name) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let from = match self.first[kind as usize] {
-            0 => self.fields.len(),
-            i => i as usize - 1,
-        };
-        self.fields[from..]
+        self.of_kind(kind)
             .iter()
             .filter(move |f| f.kind == kind)
             .map(|f| (self.slice(f.name), self.slice(f.value)))
@@ -472,9 +488,14 @@ impl Head {
 
     /// Whether a `Connection` header lists this option.
     fn connection_has(&self, option: &str) -> bool {
+        let option = option.as_bytes();
         self.values(Name::Connection).any(|v| {
+            // One option (`keep-alive`, `close`: the usual value) is compared as it is.
+            if memchr::memchr(b',', v).is_none() {
+                return v.trim_ascii().eq_ignore_ascii_case(option);
+            }
             v.split(|&b| b == b',')
-                .any(|o| o.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
+                .any(|o| o.trim_ascii().eq_ignore_ascii_case(option))
         })
     }
 

@@ -12,6 +12,8 @@
 //!   ends, the chunk-line and trailer-line grammars, which fields are hop-by-hop;
 //! - [`body`]: reads one body by its framing, with per-message limits;
 //! - [`conn`]: one connection, its read buffer and the head-read timeout;
+//! - [`fast`]: the usual head in its strictest form, read without `httparse` (which reads
+//!   every other head);
 //! - [`encode`]: response heads and chunks as they leave.
 //!
 //! A head that cannot be parsed, or is larger than [`MAX_HEAD`] (64 KiB) or has more than
@@ -22,6 +24,7 @@ use std::io;
 mod body;
 mod conn;
 mod encode;
+mod fast;
 pub mod framing;
 mod head;
 #[cfg(test)]

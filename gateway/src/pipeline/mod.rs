@@ -583,8 +583,17 @@ impl Gateway {
         ctx: &mut Ctx,
         snap: &Snapshot,
     ) -> Result<Identity, Failure> {
-        let presented =
-            Presented::from_headers(head.get(Name::ApiKey), head.get(Name::Authorization));
+        // The values as text (a request head is checked as UTF-8 once, as a whole); one that
+        // is not UTF-8 is an invalid credential.
+        let text = |name| match head.get(name) {
+            None => Ok(None),
+            Some(_) => head
+                .get_str(name)
+                .map(Some)
+                .ok_or(filters::FilterError::InvalidCredential),
+        };
+        let presented = text(Name::ApiKey)
+            .and_then(|key| Presented::from_text(key, text(Name::Authorization)?));
         let mut presented = presented.map_err(|e| {
             ctx.outcome.caller.auth = if head.contains(Name::Authorization) {
                 filters::AuthMethod::Oidc
