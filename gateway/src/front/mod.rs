@@ -4,6 +4,7 @@
 pub mod downstream;
 pub mod h1;
 pub mod h2;
+pub mod h2_io;
 pub mod handshake;
 
 use std::sync::Arc;
@@ -50,6 +51,8 @@ impl ServerApp for Front {
     ) -> Option<Stream> {
         let stream = self.handshakes.accept(stream).await?;
         if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            // Small frames of many streams coalesced into one TLS record and write (h2_io).
+            let stream: Stream = Box::new(h2_io::Unvectored(stream));
             return self.h2.process_new(stream, shutdown).await;
         }
         let serving = h1::serve_connection(&self.gateway, stream, shutdown);
