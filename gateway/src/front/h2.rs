@@ -8,13 +8,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use filters::cert::PeerCert;
+use http::header::{self, HeaderName, HeaderValue};
+use http::StatusCode;
 use pingora::http::ResponseHeader;
+use pingora::modules::http::HttpModules;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 
 use super::downstream::{Downstream, ReadError};
 use crate::http1::{Collected, Head, Name};
-use crate::pipeline::respond::ResponseHead;
+use crate::pipeline::respond::{split_fields, ResponseHead};
 use crate::pipeline::{Ctx, Gateway};
 
 /// How long a refused request's unread body is still taken in after the answer.
@@ -31,6 +34,10 @@ impl ProxyHttp for H2Gateway {
     fn new_ctx(&self) -> Ctx {
         self.0.new_ctx()
     }
+
+    /// No modules: Pingora's default is a (disabled) compression module, whose context every
+    /// request would build and whose filters every head and body would pass through.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let mut d = Session2::new(session);
@@ -105,18 +112,66 @@ impl<'a> Session2<'a> {
     }
 
     fn response(resp: &ResponseHead, len: Option<usize>) -> io::Result<Box<ResponseHeader>> {
-        let mut out =
-            ResponseHeader::build(resp.status, Some(resp.fields().count() + 1)).map_err(io_err)?;
-        for (n, v) in resp.fields() {
-            out.append_header(String::from_utf8_lossy(n).into_owned(), v)
-                .map_err(io_err)?;
-        }
-        if let Some(n) = len {
-            out.insert_header("content-length", n.to_string())
-                .map_err(io_err)?;
-        }
-        Ok(Box::new(out))
+        h2_response(resp, len)
+            .map(Box::new)
+            .map_err(io::Error::other)
     }
+}
+
+/// A response head for Pingora's HTTP/2 session, built as `http` parts: no case map (HTTP/2
+/// names are lowercase on the wire), each name parsed once ([`field_name`]), the values sharing
+/// one copy of the head's field lines, and the values that are new in every response marked
+/// never to be indexed ([`never_indexed`]). A field `http` refuses (a name that is not a token,
+/// a control byte in a value) fails the response, as before.
+fn h2_response(resp: &ResponseHead, len: Option<usize>) -> Result<ResponseHeader, http::Error> {
+    let lines = Bytes::copy_from_slice(resp.field_lines());
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = StatusCode::from_u16(resp.status)?;
+    // Pingora adds `date` to what is here.
+    parts.headers.reserve(split_fields(&lines).count() + 2);
+    for (n, v) in split_fields(&lines) {
+        let name = field_name(n)?;
+        let mut value = HeaderValue::from_maybe_shared(lines.slice_ref(v))?;
+        value.set_sensitive(never_indexed(&name));
+        parts.headers.append(name, value);
+    }
+    if let Some(n) = len {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    Ok(ResponseHeader::from(parts))
+}
+
+/// The custom names in (nearly) every answer, made once rather than per response; standard
+/// names are found by `http` without an allocation anyway.
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static APIM_REQUEST_ID: HeaderName = HeaderName::from_static("apim-request-id");
+static RATELIMIT_REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-requests");
+static RATELIMIT_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-tokens");
+static RATELIMIT_LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+static RATELIMIT_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+
+fn field_name(n: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    Ok(match n {
+        b"x-request-id" => X_REQUEST_ID.clone(),
+        b"apim-request-id" => APIM_REQUEST_ID.clone(),
+        b"x-ratelimit-remaining-requests" => RATELIMIT_REMAINING_REQUESTS.clone(),
+        b"x-ratelimit-remaining-tokens" => RATELIMIT_REMAINING_TOKENS.clone(),
+        b"x-ratelimit-limit-requests" => RATELIMIT_LIMIT_REQUESTS.clone(),
+        b"x-ratelimit-limit-tokens" => RATELIMIT_LIMIT_TOKENS.clone(),
+        _ => HeaderName::from_bytes(n)?,
+    })
+}
+
+/// Values that are new in every response (request ids): HPACK would add each to the
+/// connection's dynamic table, evicting what repeats (content type, rate-limit values) and
+/// lengthening the chain that every later response's lookup under the same name walks, for no
+/// gain. Never indexed, they are sent as literals and leave the table alone.
+fn never_indexed(name: &HeaderName) -> bool {
+    name == X_REQUEST_ID || name == APIM_REQUEST_ID
 }
 
 fn io_err(e: Box<pingora::Error>) -> io::Error {
@@ -237,5 +292,90 @@ mod tests {
             Some("other".into()),
             None,
         )));
+    }
+
+    fn head(status: u16, fields: &[(&str, &str)]) -> ResponseHead {
+        let mut h = ResponseHead::new(status);
+        for (n, v) in fields {
+            h.add(n, v);
+        }
+        h
+    }
+
+    #[test]
+    fn an_h2_response_head_keeps_fields_in_order_and_never_indexes_request_ids() {
+        let h = head(
+            200,
+            &[
+                ("Content-Type", "application/json"),
+                ("apim-request-id", "b5c1"),
+                ("x-ratelimit-remaining-requests", "9"),
+                ("x-custom", "a: b"),
+                ("x-custom", "second"),
+                ("x-request-id", "0123-4567"),
+            ],
+        );
+        let r = h2_response(&h, Some(376)).unwrap();
+        assert_eq!(r.status, 200);
+        let got: Vec<(&str, &[u8], bool)> = r
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes(), v.is_sensitive()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("content-type", &b"application/json"[..], false),
+                ("apim-request-id", b"b5c1", true),
+                ("x-ratelimit-remaining-requests", b"9", false),
+                ("x-custom", b"a: b", false),
+                ("x-custom", b"second", false),
+                ("x-request-id", b"0123-4567", true),
+                ("content-length", b"376", false),
+            ]
+        );
+        // A streamed head has no length.
+        let r = h2_response(&head(429, &[("retry-after", "3")]), None).unwrap();
+        assert_eq!(r.status, 429);
+        assert_eq!(r.headers.len(), 1);
+        assert!(r.headers.get("content-length").is_none());
+    }
+
+    #[test]
+    fn what_http_refuses_fails_the_response() {
+        for (status, fields) in [
+            (200, &[("bad name", "v")][..]),
+            (200, &[("x-ok", "bell\u{7}")][..]),
+            (200, &[("", "v")][..]),
+            (1000, &[][..]),
+        ] {
+            assert!(
+                h2_response(&head(status, fields), None).is_err(),
+                "{fields:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_made_once_are_the_names_http_parses() {
+        for n in [
+            "x-request-id",
+            "apim-request-id",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-limit-tokens",
+            "content-type",
+            "X-Request-Id",
+            "x-other",
+        ] {
+            let oracle = HeaderName::from_bytes(n.as_bytes()).unwrap();
+            assert_eq!(field_name(n.as_bytes()).unwrap(), oracle, "{n}");
+            assert_eq!(
+                never_indexed(&oracle),
+                n.eq_ignore_ascii_case("x-request-id") || n == "apim-request-id",
+                "{n}"
+            );
+        }
     }
 }

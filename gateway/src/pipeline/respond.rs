@@ -49,20 +49,26 @@ impl ResponseHead {
 
     /// The fields as (name, value), in the order they were added.
     pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.buf
-            .split(|&b| b == b'\n')
-            .filter_map(|line| line.strip_suffix(b"\r"))
-            .filter_map(|line| {
-                // Names are tokens (no colon): the first ": " ends the name.
-                let at = memchr::memchr(b':', line)?;
-                Some((&line[..at], &line[at + 2..]))
-            })
+        split_fields(&self.buf)
     }
 
     /// The fields as HTTP/1 field lines (`name: value\r\n` each).
     pub fn field_lines(&self) -> &[u8] {
         &self.buf
     }
+}
+
+/// The (name, value) pairs of field lines as [`ResponseHead::field_lines`] gives them (borrowed
+/// from `lines`, so that a copy of the lines can share them).
+pub fn split_fields(lines: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    lines
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.strip_suffix(b"\r"))
+        .filter_map(|line| {
+            // Names are tokens (no colon): the first ": " ends the name.
+            let at = memchr::memchr(b':', line)?;
+            Some((&line[..at], &line[at + 2..]))
+        })
 }
 
 /// The head of an answer the gateway writes itself (JSON).
