@@ -12,28 +12,23 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::{Stream, ALPN};
-use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 
 use crate::pipeline::Gateway;
-use h2::H2Gateway;
+use h2::H2App;
 use handshake::Handshakes;
 
 /// The listeners' application: TLS handshakes ([`handshake`]), then HTTP/1.x on the
 /// gateway's codec or HTTP/2 through Pingora.
 pub struct Front {
     gateway: Arc<Gateway>,
-    h2: Arc<HttpProxy<H2Gateway>>,
+    h2: Arc<H2App>,
     handshakes: Handshakes,
 }
 
 impl Front {
-    pub fn new(
-        gateway: Arc<Gateway>,
-        conf: &Arc<pingora::server::configuration::ServerConf>,
-        handshakes: Handshakes,
-    ) -> Self {
-        let h2 = Arc::new(pingora::proxy::http_proxy(conf, H2Gateway(gateway.clone())));
+    pub fn new(gateway: Arc<Gateway>, handshakes: Handshakes) -> Self {
+        let h2 = Arc::new(H2App(gateway.clone()));
         Front {
             gateway,
             h2,
