@@ -8,8 +8,10 @@
 //! sized for its whole upstream state machine, about 5 KiB moved twice per request) was work
 //! that no request of the gateway used.
 
+use std::future::Future;
 use std::io;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -35,27 +37,51 @@ pub struct H2App(pub Arc<Gateway>);
 
 #[async_trait]
 impl HttpServerApp for H2App {
-    /// One stream: answered by the pipeline, then ended — or, when the response broke off
-    /// (the client went away, or the backend mid-stream; the pipeline has counted and logged
-    /// it, below warn: SPEC §8), dropped unended, which resets the stream and no other.
-    /// Accounted (metrics, audit) either way. A stream is never reused.
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: ServerSession,
-        _shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        let mut ctx = self.0.new_ctx();
-        let whole = self
-            .0
-            .serve(&mut Session2::new(&mut session), &mut ctx)
-            .await;
-        self.0.finish(&mut ctx).await;
-        if whole {
-            // Ends the stream if the answer did not (it always does: a no-op).
-            let _ = session.finish().await;
-        }
-        None
+    /// One stream ([`serve_stream`]), its future boxed where it is made ([`boxed_in_place`]):
+    /// `async fn` here would have `async_trait` make it on the stack and copy all of it — the
+    /// pipeline's state, ~8 KiB — into its box, on every request.
+    fn process_new_http<'life0, 'life1, 'async_trait>(
+        self: &'life0 Arc<Self>,
+        session: ServerSession,
+        _shutdown: &'life1 ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        boxed_in_place(move || serve_stream(&self.0, session))
     }
+}
+
+/// One stream: answered by the pipeline, then ended — or, when the response broke off (the
+/// client went away, or the backend mid-stream; the pipeline has counted and logged it, below
+/// warn: SPEC §8), dropped unended, which resets the stream and no other. Accounted (metrics,
+/// audit) either way. A stream is never reused.
+async fn serve_stream(gateway: &Gateway, mut session: ServerSession) -> Option<ReusedHttpStream> {
+    let mut ctx = gateway.new_ctx();
+    let whole = gateway
+        .serve(&mut Session2::new(&mut session), &mut ctx)
+        .await;
+    gateway.finish(&mut ctx).await;
+    if whole {
+        // Ends the stream if the answer did not (it always does: a no-op).
+        let _ = session.finish().await;
+    }
+    None
+}
+
+/// A future made in the box that holds it: the box is allocated first, so the future's
+/// first state (its arguments) is written there rather than made on the stack and copied,
+/// whole, into the box.
+fn boxed_in_place<'a, F>(
+    make: impl FnOnce() -> F,
+) -> Pin<Box<dyn Future<Output = F::Output> + Send + 'a>>
+where
+    F: Future + Send + 'a,
+{
+    let made: Box<F> = Box::write(Box::new_uninit(), make());
+    Box::into_pin(made)
 }
 
 /// One request on Pingora's HTTP/2 session.
