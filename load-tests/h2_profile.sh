@@ -72,7 +72,7 @@ for t in $TARGETS; do
           [ "$ir" -gt $((N * 100)) ] || continue
           line="$line thread $(awk '/^thread:/ {print $2; exit}' "$f") $((ir / N));"
           # the TLS handshakes of the run's connections (h2load opens them in the measured run)
-          h=$(callgrind_annotate --inclusive=yes "$f" 2>/dev/null | awk '/:SSL_do_handshake / {gsub(",","",$1); print $1; exit}')
+          h=$(callgrind_annotate --inclusive=yes "$f" 2>/dev/null | awk '/:SSL_do_handshake / && !n++ {gsub(",","",$1); print $1}')
           hs=$((hs + ${h:-0}))
         done
         echo "$line all threads $((total / N)) instructions per request; without the TLS handshakes $(((total - hs) / N))"
