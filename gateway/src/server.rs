@@ -248,7 +248,7 @@ pub fn run(opts: RunOptions) -> Result<(), String> {
         server_cfg.header_timeout,
         metrics.clone(),
     );
-    let front = Front::new(Arc::new(gateway), &server.configuration, handshakes);
+    let front = Front::new(Arc::new(gateway), handshakes);
     let mut proxy = Service::new("aoai-gateway".to_string(), front);
     for l in &server_cfg.listeners {
         let listener = ListenerConfig::tcp(l.address.as_str());

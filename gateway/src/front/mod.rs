@@ -4,6 +4,7 @@
 pub mod downstream;
 pub mod h1;
 pub mod h2;
+pub mod h2_io;
 pub mod handshake;
 
 use std::sync::Arc;
@@ -11,28 +12,23 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::{Stream, ALPN};
-use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 
 use crate::pipeline::Gateway;
-use h2::H2Gateway;
+use h2::H2App;
 use handshake::Handshakes;
 
 /// The listeners' application: TLS handshakes ([`handshake`]), then HTTP/1.x on the
 /// gateway's codec or HTTP/2 through Pingora.
 pub struct Front {
     gateway: Arc<Gateway>,
-    h2: Arc<HttpProxy<H2Gateway>>,
+    h2: Arc<H2App>,
     handshakes: Handshakes,
 }
 
 impl Front {
-    pub fn new(
-        gateway: Arc<Gateway>,
-        conf: &Arc<pingora::server::configuration::ServerConf>,
-        handshakes: Handshakes,
-    ) -> Self {
-        let h2 = Arc::new(pingora::proxy::http_proxy(conf, H2Gateway(gateway.clone())));
+    pub fn new(gateway: Arc<Gateway>, handshakes: Handshakes) -> Self {
+        let h2 = Arc::new(H2App(gateway.clone()));
         Front {
             gateway,
             h2,
@@ -50,6 +46,8 @@ impl ServerApp for Front {
     ) -> Option<Stream> {
         let stream = self.handshakes.accept(stream).await?;
         if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            // Small frames of many streams coalesced into one TLS record and write (h2_io).
+            let stream: Stream = Box::new(h2_io::Unvectored(stream));
             return self.h2.process_new(stream, shutdown).await;
         }
         let serving = h1::serve_connection(&self.gateway, stream, shutdown);
