@@ -688,8 +688,10 @@ impl Gateway {
                     .as_ref()
                     .map_or(json_start.len() >= JSON_ID_WINDOW, |c| c.done());
                 if id.is_some() || over {
-                    // Recorded before the client sees the id.
-                    self.record(snap, r, id, &ctx.outcome).await;
+                    // Recorded before the client sees the id. (Boxed, here and at the end:
+                    // only a stored response records, and inline it would be the largest
+                    // step of every stream's state.)
+                    Box::pin(self.record(snap, r, id, &ctx.outcome)).await;
                     record = None;
                 }
             }
@@ -714,7 +716,7 @@ impl Gateway {
         }
         if let Some(r) = record {
             let id = response_id_in_json(&json_start);
-            self.record(snap, r, id, &ctx.outcome).await;
+            Box::pin(self.record(snap, r, id, &ctx.outcome)).await;
         }
         let o = &mut ctx.outcome;
         let last = sse.as_mut().map(|s| s.finish()).unwrap_or_default();
