@@ -654,6 +654,9 @@ impl Gateway {
             mut record,
         } = s;
         let mut reader = BodyReader::new(a.framing);
+        if is_sse {
+            a.up.set_small_reads(crate::http1::READ_STREAM);
+        }
         let mut sse = is_sse.then(|| SseTracker::new(f.stream_usage));
         let mut tail = (!is_sse && a.status < 300).then(|| JsonTail::new(USAGE_TAIL));
         // A new response's id: the first event of a stream, the start of a long JSON answer.
@@ -729,6 +732,7 @@ impl Gateway {
             estimate_stream(o, snap, f, s, a.status).await;
         }
         d.send_end(last).await.map_err(client_gone)?;
+        a.up.set_small_reads(crate::http1::READ_SMALL);
         self.release(a.key, a.up, a.head_at, a.keep_alive, a.framing);
         Ok(())
     }
