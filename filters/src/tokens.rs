@@ -1,7 +1,10 @@
 //! Token accounting: reading the backend's reported usage from plain JSON responses and
 //! from SSE streams, and hiding the usage chunk the gateway asked for on the client's behalf.
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 /// Token usage of one response.
@@ -232,6 +235,7 @@ fn usage_by_serde(buf: &[u8]) -> Option<RawUsage> {
         .and_then(Result::ok)
 }
 
+#[cfg(test)]
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(hay, needle)
 }
@@ -323,7 +327,8 @@ impl SseTracker {
             return Bytes::new();
         };
         let complete = self.pending.split_to(cut);
-        if !self.strip && self.text.is_none() && !contains(&complete, b"\"usage\"") {
+        // Nothing to read or change: passed on as it came, without going event by event.
+        if !self.strip && self.text.is_none() && usage_members(&complete) != UsageMembers::Other {
             return complete.freeze();
         }
         let mut out = BytesMut::with_capacity(complete.len());
@@ -362,10 +367,18 @@ impl SseTracker {
         if let Some(text) = &mut self.text {
             collect_text(&event_data(event), text);
         }
-        if !contains(event, b"\"usage\"") {
-            out.extend_from_slice(event);
-            return;
+        match usage_members(event) {
+            UsageMembers::None => out.extend_from_slice(event),
+            // What reading the event as JSON would come to, without building the document
+            // (Azure's every chunk of a stream with `include_usage` carries `"usage":null`).
+            UsageMembers::OnlyNull if self.strip => strip_null_usage_into(event, out),
+            UsageMembers::OnlyNull => out.extend_from_slice(event),
+            UsageMembers::Other => self.event_by_json(event, out),
         }
+    }
+
+    /// An event that may carry a usage object: read as JSON.
+    fn event_by_json(&mut self, event: &[u8], out: &mut BytesMut) {
         let data = event_data(event);
         let mut usage_only = false;
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) {
@@ -391,7 +404,7 @@ impl SseTracker {
         if usage_only {
             return;
         }
-        out.extend_from_slice(&strip_null_usage(event));
+        strip_null_usage_into(event, out);
     }
 }
 
@@ -426,19 +439,55 @@ fn collect_text(data: &[u8], out: &mut String) {
     }
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    find(hay, needle).is_some()
+/// Searchers built once: building one costs more than a search through an SSE event.
+static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static COMMA_NULL_USAGE: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b",\"usage\":null"));
+static NULL_USAGE_COMMA: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"usage\":null,"));
+
+/// What the `"usage"` strings of an SSE event (or run of events) are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UsageMembers {
+    /// There are none.
+    None,
+    /// Each is the member `"usage":null`: no usage object is anywhere in it.
+    OnlyNull,
+    /// Some other: possibly a usage object, read as JSON.
+    Other,
 }
 
-/// Removes `,"usage":null` / `"usage":null,` members.
-fn strip_null_usage(event: &[u8]) -> Vec<u8> {
-    let mut s = event.to_vec();
-    for pat in [&b",\"usage\":null"[..], &b"\"usage\":null,"[..]] {
-        while let Some(i) = find(&s, pat) {
-            s.drain(i..i + pat.len());
+/// The pure decision that spares an event its JSON reading. A usage object's key appears as
+/// the bytes `"usage"` (inside a JSON string its quotes would be escaped); when every such
+/// occurrence is followed by `:null`, the document has no usage object at any depth.
+fn usage_members(buf: &[u8]) -> UsageMembers {
+    let mut seen = UsageMembers::None;
+    for at in USAGE_KEY.find_iter(buf) {
+        if !buf[at + b"\"usage\"".len()..].starts_with(b":null") {
+            return UsageMembers::Other;
+        }
+        seen = UsageMembers::OnlyNull;
+    }
+    seen
+}
+
+/// Appends `event` to `out` without its `,"usage":null` members, then without its
+/// `"usage":null,` members (each pattern removed until none is left, as a search from the
+/// start would: a removal can only join a new match across its own place).
+fn strip_null_usage_into(event: &[u8], out: &mut BytesMut) {
+    let start = out.len();
+    out.extend_from_slice(event);
+    for pat in [&*COMMA_NULL_USAGE, &*NULL_USAGE_COMMA] {
+        let n = pat.needle().len();
+        let mut from = start;
+        while let Some(i) = pat.find(&out[from..]) {
+            let at = from + i;
+            out.copy_within(at + n.., at);
+            out.truncate(out.len() - n);
+            // No match lies wholly before `at`; a new one must cross the join.
+            from = at.saturating_sub(n - 1).max(start);
         }
     }
-    s
 }
 
 /// The data of an event: its `data:` lines joined by newlines.
@@ -750,6 +799,88 @@ mod tests {
 
     fn stream() -> String {
         format!("{CHUNK}\n\n{USAGE}\n\ndata: [DONE]\n\n")
+    }
+
+    #[test]
+    fn usage_members_table() {
+        use UsageMembers::*;
+        for (event, want) in [
+            ("data: {\"choices\":[]}\n\n", None),
+            (CHUNK, OnlyNull),
+            (USAGE, Other),
+            // Every occurrence is looked at, not the first only.
+            (
+                r#"data: {"usage":null,"response":{"usage":{"total_tokens":1}}}"#,
+                Other,
+            ),
+            (r#"data: {"usage":null,"x":{"usage":null}}"#, OnlyNull),
+            // Not the compact member: read as JSON.
+            (r#"data: {"usage": null}"#, Other),
+            (r#"data: {"usage" :null}"#, Other),
+            (r#"data: {"type":"usage"}"#, Other),
+            (r#"data: {"usage":nullx}"#, OnlyNull),
+            (r#"data: {"usage""#, Other),
+            // Inside a string the quotes are escaped: not a member.
+            (r#"data: {"content":"say \"usage\""}"#, None),
+        ] {
+            assert_eq!(usage_members(event.as_bytes()), want, "{event}");
+        }
+    }
+
+    /// The old strip, the reference: the whole pattern searched from the start each time.
+    fn strip_by_search(event: &[u8]) -> Vec<u8> {
+        let mut s = event.to_vec();
+        for pat in [&b",\"usage\":null"[..], &b"\"usage\":null,"[..]] {
+            while let Some(i) = find(&s, pat) {
+                s.drain(i..i + pat.len());
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn stripping_in_place_agrees_with_searching_from_the_start() {
+        for event in [
+            CHUNK,
+            r#"data: {"usage":null,"id":"c"}"#,
+            r#"data: {"a":1,"usage":null,"usage":null,"b":2}"#,
+            r#"data: {"usage":null,"usage":null}"#,
+            // Removals that join a new match across their place.
+            r#"data: {,,"usage":null"usage":null}"#,
+            r#"data: ,"usage":,"usage":nullnull"#,
+            r#"data: "usage":null"usage":null,,"#,
+            r#"data: {"usage":{"total_tokens":1}}"#,
+            "",
+        ] {
+            let mut out = BytesMut::from(&b"kept"[..]);
+            strip_null_usage_into(event.as_bytes(), &mut out);
+            let mut want = b"kept".to_vec();
+            want.extend_from_slice(&strip_by_search(event.as_bytes()));
+            assert_eq!(&out[..], &want[..], "{event}");
+        }
+    }
+
+    #[test]
+    fn events_without_a_usage_object_skip_the_json_reading_with_the_same_result() {
+        let events = [
+            format!("{CHUNK}\n\n"),
+            "data: {\"id\":\"c\",\"usage\":null,\"choices\":[]}\n\n".to_string(),
+            "data: {\"usage\":null}\r\n\r\n".to_string(),
+            "data: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n".to_string(),
+            "data: not json, \"usage\":null,\n\n".to_string(),
+        ];
+        for mode in [StreamUsage::AsSent, StreamUsage::Injected] {
+            for e in &events {
+                assert_eq!(usage_members(e.as_bytes()), UsageMembers::OnlyNull, "{e}");
+                let (mut fast, mut slow) = (SseTracker::new(mode), SseTracker::new(mode));
+                let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+                fast.event(e.as_bytes(), &mut a);
+                slow.event_by_json(e.as_bytes(), &mut b);
+                assert_eq!(a, b, "{mode:?} {e}");
+                assert_eq!(fast.usage(), slow.usage());
+                assert_eq!(fast.push(e.as_bytes()), b.freeze(), "{mode:?} {e}");
+            }
+        }
     }
 
     #[test]

@@ -312,8 +312,10 @@ impl RequestBody {
             return None;
         }
         // Validated in `inspect`: a document that still does not parse is treated as none.
+        // The body as it goes upstream: with the `stream_options` the gateway added.
+        let text = self.rewritten.as_ref().unwrap_or(&self.raw);
         self.json
-            .get_or_init(|| serde_json::from_slice(&self.raw).ok().map(Arc::new))
+            .get_or_init(|| serde_json::from_slice(text).ok().map(Arc::new))
             .as_ref()
     }
 
@@ -381,7 +383,12 @@ impl RequestBody {
             }
         }
         self.rewritten = serde_json::to_vec(&v).ok().map(Bytes::from);
-        self.json = std::sync::OnceLock::from(Some(Arc::new(v)));
+        // Not kept: an open stream would hold the whole document for nothing (issue 18:
+        // memory per stream). A later reader (a rename for another member, a token estimate)
+        // parses `rewritten` again, which is this document.
+        if self.rewritten.is_none() {
+            self.json = std::sync::OnceLock::from(Some(Arc::new(v)));
+        }
         true
     }
 
@@ -632,6 +639,12 @@ mod tests {
         );
         let v: Value = serde_json::from_slice(&b.for_upstream("m", "m")).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
+        // The parsed document is not kept after the rewrite; a member with another
+        // deployment name still gets the rewritten body, renamed.
+        assert!(b.json.get().is_none());
+        let v: Value = serde_json::from_slice(&b.for_upstream("m", "m-ptu")).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m-ptu");
 
         let mut b = chat(r#"{"stream":true,"stream_options":{"include_usage":true}}"#);
         assert_eq!(

@@ -15,8 +15,9 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// How often a worker thread looks for passed deadlines.
@@ -183,21 +184,41 @@ async fn ticker() {
 
 /// Runs `fut` until `deadline` (up to one [`TICK`] later). Nothing is registered when `fut`
 /// finishes at its first poll: a body or an answer already in the read buffer costs nothing.
-pub async fn timeout_at<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, TimedOut> {
-    let mut fut = std::pin::pin!(fut);
-    let mut registration: Option<Registration> = None;
-    std::future::poll_fn(move |cx| {
-        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+pub fn timeout_at<F: Future>(deadline: Instant, fut: F) -> TimeoutAt<F> {
+    TimeoutAt {
+        fut,
+        deadline,
+        registration: None,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`timeout_at`]. A struct rather than an `async fn`: an `async fn` keeps
+    /// its argument and the pinned copy it polls apart, so every step awaited under a
+    /// deadline took twice its size in the connection's state (issue 18: memory per stream).
+    pub struct TimeoutAt<F> {
+        #[pin]
+        fut: F,
+        deadline: Instant,
+        registration: Option<Registration>,
+    }
+}
+
+impl<F: Future> Future for TimeoutAt<F> {
+    type Output = Result<F::Output, TimedOut>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.fut.poll(cx) {
             return Poll::Ready(Ok(v));
         }
-        match &registration {
-            None => registration = Some(Registration::new(deadline, cx.waker())),
+        match this.registration {
+            None => *this.registration = Some(Registration::new(*this.deadline, cx.waker())),
             Some(r) if r.fired(cx.waker()) => return Poll::Ready(Err(TimedOut)),
             Some(_) => {}
         }
         Poll::Pending
-    })
-    .await
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +229,24 @@ fn live() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_under_a_deadline_is_kept_once() {
+        let step = async {
+            let held = [7u8; 4096];
+            std::future::pending::<()>().await;
+            held[0]
+        };
+        let step_size = std::mem::size_of_val(&step);
+        assert!(step_size >= 4096);
+        let timed = timeout_at(Instant::now(), step);
+        // The step, the deadline and the registration: not a second copy of the step.
+        assert!(
+            std::mem::size_of_val(&timed) <= step_size + 64,
+            "{} for a step of {step_size}",
+            std::mem::size_of_val(&timed)
+        );
+    }
 
     #[tokio::test]
     async fn a_ready_future_registers_nothing() {

@@ -13,6 +13,8 @@ use gateway::{config, keys, server};
 
 /// mimalloc: fewer cycles per request than glibc malloc on this allocation-heavy path, and
 /// less fragmentation under TLS + h2 load (see ../shared/notes/pingora-0.9.md).
+/// (The `system-alloc` feature leaves the C allocator in place, for heap profilers.)
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -4,6 +4,7 @@ passes the usage a client asked for, logs streamed token counts, and does not bu
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -169,3 +170,27 @@ def test_a_client_that_hangs_up_mid_stream_is_499_not_a_server_error(cluster):
     assert metric_value(scrape(gw), "aoai_gateway_requests_total", code="499") == 1
     noisy = [l for l in gw.proc.stderr().splitlines() if " ERROR " in l or " WARN " in l]
     assert not noisy, noisy
+
+
+def test_an_open_stream_keeps_a_small_connection_state(module_cluster):
+    """Issue 18 (memory per open SSE stream): the state of an HTTP/1 connection, which every
+    open stream holds for its whole life, stays small — the rarely used large stages
+    (realtime, streamed forms, lists, a TLS connect to a backend) are boxed, and no step is
+    kept twice. The gateway logs its size once at debug; this is the debug build's figure
+    (9,888 bytes before those changes, 7,648 after; the release build's is about the same)."""
+    m = module_cluster.mock("eastus-a")
+    cfg = agw.make_config(
+        deployments={"gpt-4o": [agw.member("b1")]}, backends=[agw.backend("b1", m)]
+    )
+    gw = module_cluster.gateway(cfg, env={"RUST_LOG": "gateway=debug"})
+    r, text = _stream(gw, agw.chat_path("gpt-4o"), agw.chat_body("Hello there.", stream=True))
+    assert r.status_code == 200, text
+    assert agw.sse_data(text)[-1] == "[DONE]"
+    found = None
+    for _ in range(50):
+        found = re.search(r"an HTTP/1 connection's state: (\d+) bytes", gw.proc.stderr())
+        if found:
+            break
+        time.sleep(0.1)
+    assert found, "the gateway did not log its connection state's size at debug"
+    assert int(found.group(1)) <= 8192, found.group(0)

@@ -50,16 +50,22 @@ impl ServerApp for Front {
             let stream: Stream = Box::new(h2_io::Unvectored(stream));
             return self.h2.process_new(stream, shutdown).await;
         }
-        let serving = h1::serve_connection(&self.gateway, stream, shutdown);
-        // The size of one HTTP/1 connection's state (its task), once: memory per connection.
-        static SIZE_LOGGED: std::sync::Once = std::sync::Once::new();
-        SIZE_LOGGED.call_once(|| {
-            log::debug!(
-                "an HTTP/1 connection's state: {} bytes",
-                std::mem::size_of_val(&serving)
-            )
-        });
-        serving.await;
+        // Awaited where it is made: bound to a name first, the connection's state would be
+        // kept twice (the named future and the one polled), 2 × its size per connection.
+        sized(h1::serve_connection(&self.gateway, stream, shutdown)).await;
         None
     }
+}
+
+/// Logs the size of one HTTP/1 connection's state (its future, before any buffer) once, at
+/// debug: memory per connection (issue 18).
+fn sized<F: std::future::Future>(serving: F) -> F {
+    static SIZE_LOGGED: std::sync::Once = std::sync::Once::new();
+    SIZE_LOGGED.call_once(|| {
+        log::debug!(
+            "an HTTP/1 connection's state: {} bytes",
+            std::mem::size_of_val(&serving)
+        )
+    });
+    serving
 }

@@ -26,6 +26,8 @@ pub struct Conn<S> {
     /// The size of the read buffer's allocation (made here, so known here: `BytesMut`
     /// shows only the room past its own view).
     alloc: usize,
+    /// The room of a small read ([`READ_SMALL`], or less for an SSE stream's events).
+    small: usize,
 }
 
 /// How the read buffer is readied for the next read ([`prep_read`]).
@@ -47,8 +49,21 @@ pub(super) enum Prep {
 /// reads (a request head and its small body, a chat answer, an SSE event) get
 /// [`READ_SMALL`] bytes of room, and a connection waiting between them holds that much; a
 /// read that filled its room asks for [`READ_CHUNK`].
+#[cfg(test)]
 pub(super) fn prep_read(len: usize, free: usize, alloc: usize, bulk: bool) -> Prep {
-    let want = if bulk { READ_CHUNK } else { READ_SMALL };
+    prep_read_with(len, free, alloc, bulk, READ_SMALL)
+}
+
+/// [`prep_read`] with `small` bytes of room for a small read (an SSE stream's backend reads:
+/// [`super::READ_STREAM`]).
+pub(super) fn prep_read_with(
+    len: usize,
+    free: usize,
+    alloc: usize,
+    bulk: bool,
+    small: usize,
+) -> Prep {
+    let want = if bulk { READ_CHUNK } else { small };
     if len == 0 && alloc > want {
         Prep::Shrink(want)
     } else if free < READ_MIN_FREE {
@@ -74,7 +89,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             head_started: None,
             bulk: false,
             alloc: 0,
+            small: READ_SMALL,
         }
+    }
+
+    /// The room of the small reads from now on (`READ_SMALL` by default): an SSE stream's
+    /// events are a few hundred bytes, and an open stream holds this much while it waits.
+    /// A read that fills its room still switches to [`READ_CHUNK`].
+    pub fn set_small_reads(&mut self, room: usize) {
+        self.small = room.clamp(READ_MIN_FREE * 2, READ_SMALL);
     }
 
     /// Bounds the time from a request head's first byte to its end (a client that trickles
@@ -107,7 +130,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     pub(super) async fn fill(&mut self) -> Result<usize, H1Error> {
         let len = self.rbuf.len();
-        match prep_read(len, self.rbuf.capacity() - len, self.alloc, self.bulk) {
+        match prep_read_with(
+            len,
+            self.rbuf.capacity() - len,
+            self.alloc,
+            self.bulk,
+            self.small,
+        ) {
             Prep::Keep => {}
             Prep::Room(n) => {
                 if !self.rbuf.try_reclaim(n) {

@@ -194,6 +194,12 @@ impl Text {
         &self.0
     }
 
+    /// The same text in its own allocation, so that it no longer keeps the buffer of the
+    /// head it was read from (that buffer's room is then free for the connection's reads).
+    pub fn detached(&self) -> Text {
+        Text(ByteString::from(self.as_str().to_owned()))
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }

@@ -45,6 +45,9 @@ pub(crate) const READ_CHUNK: usize = 16 * 1024;
 /// an answer's head, an SSE event. A stream that waits holds this much, not [`READ_CHUNK`]
 /// (issue 18: memory per open stream).
 pub(crate) const READ_SMALL: usize = 4 * 1024;
+/// Room for a backend read while an SSE answer streams (its events are a few hundred bytes):
+/// what an open stream holds on the backend side while it waits (issue 18).
+pub const READ_STREAM: usize = 2 * 1024;
 /// Less room than this after the buffered bytes and the buffer is made room in before a read.
 pub(crate) const READ_MIN_FREE: usize = 1024;
 

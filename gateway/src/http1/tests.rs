@@ -499,7 +499,7 @@ async fn a_status_below_100_is_refused() {
 
 #[test]
 fn read_room_is_small_unless_reads_fill_it() {
-    use super::conn::{bulk_after, prep_read, Prep};
+    use super::conn::{bulk_after, prep_read, prep_read_with, Prep};
     // A connection's first read: a small buffer.
     assert_eq!(prep_read(0, 0, 0, false), Prep::Room(READ_SMALL));
     // Room enough: read into it, with or without bytes buffered.
@@ -532,6 +532,22 @@ fn read_room_is_small_unless_reads_fill_it() {
     );
     assert_eq!(prep_read(1, 10, READ_CHUNK, false), Prep::Room(READ_SMALL));
     // Bulk: a read that fills its room starts it; a small one ends it.
+    // An SSE stream's backend reads: a 4 KiB buffer with nothing in it becomes 2 KiB, which
+    // is then kept and made room in; a read that fills it goes to bulk reads as before.
+    let stream = super::READ_STREAM;
+    assert_eq!(
+        prep_read_with(0, READ_SMALL - 300, READ_SMALL, false, stream),
+        Prep::Shrink(stream)
+    );
+    assert_eq!(prep_read_with(200, 1500, stream, false, stream), Prep::Keep);
+    assert_eq!(
+        prep_read_with(0, READ_MIN_FREE - 1, stream, false, stream),
+        Prep::Room(stream)
+    );
+    assert_eq!(
+        prep_read_with(0, 0, stream, true, stream),
+        Prep::Room(READ_CHUNK)
+    );
     assert!(bulk_after(READ_SMALL, READ_SMALL, false));
     assert!(!bulk_after(READ_SMALL - 1, READ_SMALL, false));
     assert!(bulk_after(READ_CHUNK - 10, READ_CHUNK, true));

@@ -71,6 +71,17 @@ pub(super) struct Forward<'a> {
     pub outputs: Option<&'a NewRecord>,
 }
 
+/// An answer being streamed: what is kept of it once its head has gone to the client (not
+/// the head itself, which shares the backend connection's first read buffer).
+struct Streamed {
+    up: Upstream,
+    framing: Framing,
+    key: u64,
+    head_at: Instant,
+    status: u16,
+    keep_alive: bool,
+}
+
 /// An answer from one member.
 pub(super) struct Answer {
     pub(super) up: Upstream,
@@ -461,7 +472,7 @@ impl Gateway {
         let body = match read {
             Ok(Ok((b, complete))) => {
                 if complete {
-                    self.release(key, up, head_at, &head, framing);
+                    self.release(key, up, head_at, head.keep_alive(), framing);
                 }
                 b
             }
@@ -530,7 +541,7 @@ impl Gateway {
                 if a.head.status < 300 {
                     o.usage = filters::tokens::usage_in_json(&body);
                 }
-                self.release(a.key, a.up, a.head_at, &a.head, a.framing);
+                self.release(a.key, a.up, a.head_at, a.head.keep_alive(), a.framing);
                 if let Some(r) = record {
                     // Recorded before the client has the id, so its next request finds it.
                     self.record(snap, r, response_id_in_json(&body), &ctx.outcome)
@@ -546,13 +557,36 @@ impl Gateway {
                 return d.send_full(&out, &body).await.map_err(client_gone);
             }
         }
+        // While the answer streams, nothing keeps its heads: neither the one sent to the
+        // client nor the backend's, whose buffer the stream's reads can then reuse (issue 18:
+        // memory per open stream).
+        if let Some(id) = &mut o.upstream_request_id {
+            *id = id.detached();
+        }
         d.send_stream_head(&out).await.map_err(client_gone)?;
+        drop(out);
+        let Answer {
+            up,
+            head,
+            framing,
+            key,
+            head_at,
+        } = a;
+        let streamed = Streamed {
+            up,
+            framing,
+            key,
+            head_at,
+            status: head.status,
+            keep_alive: head.keep_alive(),
+        };
+        drop(head);
         let s = Streaming {
             is_sse,
             deadline,
             record,
         };
-        self.stream(d, ctx, snap, a, f, s).await
+        self.stream(d, ctx, snap, streamed, f, s).await
     }
 
     /// One request to member `i` read whole (at most `cap` bytes): its status and body, `None`
@@ -574,7 +608,7 @@ impl Gateway {
         match read {
             Err(_) => Err(GatewayError::new(ErrorCode::BackendTimeout).into()),
             Ok(Ok((body, true))) => {
-                self.release(a.key, a.up, a.head_at, &a.head, a.framing);
+                self.release(a.key, a.up, a.head_at, a.head.keep_alive(), a.framing);
                 Ok(Some((a.head.status, body)))
             }
             Ok(_) => Ok(None),
@@ -610,7 +644,7 @@ impl Gateway {
         d: &mut D,
         ctx: &mut Ctx,
         snap: &Snapshot,
-        mut a: Answer,
+        mut a: Streamed,
         f: &Forward<'_>,
         s: Streaming<'_>,
     ) -> Result<(), Failure> {
@@ -620,8 +654,11 @@ impl Gateway {
             mut record,
         } = s;
         let mut reader = BodyReader::new(a.framing);
+        if is_sse {
+            a.up.set_small_reads(crate::http1::READ_STREAM);
+        }
         let mut sse = is_sse.then(|| SseTracker::new(f.stream_usage));
-        let mut tail = (!is_sse && a.head.status < 300).then(|| JsonTail::new(USAGE_TAIL));
+        let mut tail = (!is_sse && a.status < 300).then(|| JsonTail::new(USAGE_TAIL));
         // A new response's id: the first event of a stream, the start of a long JSON answer.
         let mut sse_id = record.filter(|_| is_sse).map(|_| SseIdCapture::default());
         let mut json_start: Vec<u8> = Vec::new();
@@ -654,8 +691,10 @@ impl Gateway {
                     .as_ref()
                     .map_or(json_start.len() >= JSON_ID_WINDOW, |c| c.done());
                 if id.is_some() || over {
-                    // Recorded before the client sees the id.
-                    self.record(snap, r, id, &ctx.outcome).await;
+                    // Recorded before the client sees the id. (Boxed, here and at the end:
+                    // only a stored response records, and inline it would be the largest
+                    // step of every stream's state.)
+                    Box::pin(self.record(snap, r, id, &ctx.outcome)).await;
                     record = None;
                 }
             }
@@ -673,14 +712,14 @@ impl Gateway {
                 // the backend stops generating for nobody.
                 o.usage = sse.as_ref().and_then(|s| s.usage());
                 if let Some(s) = &sse {
-                    estimate_stream(o, snap, f, s, a.head.status).await;
+                    estimate_stream(o, snap, f, s, a.status).await;
                 }
                 return Err(client_gone(e));
             }
         }
         if let Some(r) = record {
             let id = response_id_in_json(&json_start);
-            self.record(snap, r, id, &ctx.outcome).await;
+            Box::pin(self.record(snap, r, id, &ctx.outcome)).await;
         }
         let o = &mut ctx.outcome;
         let last = sse.as_mut().map(|s| s.finish()).unwrap_or_default();
@@ -690,17 +729,19 @@ impl Gateway {
             _ => None,
         };
         if let Some(s) = &sse {
-            estimate_stream(o, snap, f, s, a.head.status).await;
+            estimate_stream(o, snap, f, s, a.status).await;
         }
         d.send_end(last).await.map_err(client_gone)?;
-        self.release(a.key, a.up, a.head_at, &a.head, a.framing);
+        a.up.set_small_reads(crate::http1::READ_SMALL);
+        self.release(a.key, a.up, a.head_at, a.keep_alive, a.framing);
         Ok(())
     }
 
     /// Pools a backend connection whose answer was read to its end, unless the backend
-    /// closes it (`Connection: close`, HTTP/1.0, a body delimited by the close).
-    fn release(&self, key: u64, up: Upstream, since: Instant, resp: &Head, framing: Framing) {
-        if framing != Framing::Close && resp.keep_alive() {
+    /// closes it (`Connection: close` or HTTP/1.0 without keep-alive: `keep_alive` false; a
+    /// body delimited by the close).
+    fn release(&self, key: u64, up: Upstream, since: Instant, keep_alive: bool, framing: Framing) {
+        if framing != Framing::Close && keep_alive {
             self.upstreams.put(key, up, since);
         }
     }

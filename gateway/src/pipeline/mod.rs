@@ -197,7 +197,9 @@ impl Gateway {
         let identity = self.authenticate(d, &head, ctx, snap).await?;
         let (operation, rest) = routed?;
         if let route::Route::Realtime { v1 } = route {
-            return self.realtime(d, ctx, snap, &head, &identity, v1).await;
+            // The rarely used large stages are boxed (here and below): inline, the largest
+            // of them would size every request's state, an open SSE stream's included.
+            return Box::pin(self.realtime(d, ctx, snap, &head, &identity, v1)).await;
         }
         let mut body = match upload::form_kind(&route, operation, rest) {
             // A multipart form: streamed to the backend when it is large (SPEC §11, §13).
@@ -208,17 +210,16 @@ impl Gateway {
                         Self::inspect_body(raw, &head, (operation, rest), &route)?
                     }
                     upload::Held::Streamed(form) => {
-                        return self
-                            .streamed_form(
-                                d,
-                                ctx,
-                                snap,
-                                &head,
-                                &identity,
-                                (operation, &route),
-                                form,
-                            )
-                            .await
+                        return Box::pin(self.streamed_form(
+                            d,
+                            ctx,
+                            snap,
+                            &head,
+                            &identity,
+                            (operation, &route),
+                            form,
+                        ))
+                        .await
                     }
                 }
             }
@@ -361,8 +362,7 @@ impl Gateway {
             Plan::List { operation, path } => {
                 self.admit_limits(ctx, snap, &identity, operation, None, None)
                     .await?;
-                self.answer_list(d, ctx, snap, &head, &identity, operation, path)
-                    .await
+                Box::pin(self.answer_list(d, ctx, snap, &head, &identity, operation, path)).await
             }
             Plan::Stored { id, action, path } => {
                 let Some(body) = body else {

@@ -105,9 +105,9 @@ impl Upstreams {
             tcp.set_nodelay(true)?;
             return Ok(Conn::new(Either::Left(tcp)));
         }
-        let stream = self
-            .connector
-            .new_stream(peer)
+        // Boxed: Pingora's TLS connect is a large future, and inline it would size every
+        // request's state (and every open stream's) for a step a plain backend never takes.
+        let stream = Box::pin(self.connector.new_stream(peer))
             .await
             .map_err(io::Error::other)?;
         Ok(Conn::new(Either::Right(stream)))
