@@ -440,7 +440,7 @@ fn collect_text(data: &[u8], out: &mut String) {
 }
 
 /// Searchers built once: building one costs more than a search through an SSE event.
-static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static USAGE_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 static COMMA_NULL_USAGE: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b",\"usage\":null"));
 static NULL_USAGE_COMMA: LazyLock<Finder<'static>> =
@@ -462,7 +462,7 @@ enum UsageMembers {
 /// occurrence is followed by `:null`, the document has no usage object at any depth.
 fn usage_members(buf: &[u8]) -> UsageMembers {
     let mut seen = UsageMembers::None;
-    for at in USAGE_KEY.find_iter(buf) {
+    for at in USAGE_FINDER.find_iter(buf) {
         if !buf[at + b"\"usage\"".len()..].starts_with(b":null") {
             return UsageMembers::Other;
         }
