@@ -4,7 +4,7 @@ The answers of the streams of one connection are written together (front/h2_io.r
 several streams share a TLS record and a write), so these check what a client of such a
 connection sees: every stream its own whole answer, and a stream cut short by its client
 leaving its siblings alone. curl multiplexes the transfers of one `--parallel` run over one
-HTTP/2 connection (`%{num_connects}` tells).
+HTTP/2 connection (`%{num_connects}` tells); the `h2` library sends what curl cannot (a CONNECT).
 """
 
 from __future__ import annotations
@@ -118,3 +118,76 @@ def test_a_stream_cut_short_leaves_its_siblings_whole(h2, backend, tmp_path):
         assert statuses == [200, 200, 499], statuses
     finally:
         backend.faults(chunk_delay_ms=0)
+
+
+class _H2Answer:
+    """One stream's answer, read with the `h2` library: status, headers, body."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes):
+        self.headers = {k.decode(): v.decode() for k, v in headers}
+        self.status_code = int(self.headers.pop(":status"))
+        self.body = body
+        self.text = body.decode(errors="replace")
+
+
+def _h2_exchange(h2gw: H2Gateway, requests: list[list[tuple[str, str]]]) -> list[_H2Answer]:
+    """Sends the requests (header lists) as streams of one fresh HTTP/2 connection, one after
+    the other, and returns their answers."""
+    import socket
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, port = h2gw.gw.listeners[0].rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=h2gw.ca)
+    ctx.set_alpn_protocols(["h2"])
+    answers = []
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as s:
+        assert s.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        s.sendall(conn.data_to_send())
+        for req in requests:
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, req, end_stream=True)
+            s.sendall(conn.data_to_send())
+            headers, body, ended = None, b"", False
+            while not ended:
+                data = s.recv(65536)
+                assert data, "the gateway closed the connection"
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                        headers = ev.headers
+                    elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                        body += ev.data
+                        conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                    elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                        ended = True
+                    elif isinstance(ev, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                        raise AssertionError(f"stream {sid} not answered: {ev!r}")
+                s.sendall(conn.data_to_send())
+            assert headers is not None, f"stream {sid} ended without a head"
+            answers.append(_H2Answer(headers, body))
+    return answers
+
+
+def test_connect_over_h2_is_refused_by_the_gateway_and_the_connection_serves_on(h2, backend):
+    """HTTP/2 CONNECT (RFC 9113 §8.5: `:method CONNECT` and `:authority`, no `:path`) is not
+    something the gateway tunnels: the stream gets the product's own 404
+    OperationNotSupported error body with a request id, audited, and nothing reaches the
+    backend; the next stream of the same connection is served as usual."""
+    backend.clear()
+    authority = f"{h2.gw.listeners[0]}"
+    connect = [(":method", "CONNECT"), (":authority", "backend.example:443"), ("api-key", KEY)]
+    models = [(":method", "GET"), (":scheme", "https"), (":authority", authority),
+              (":path", "/openai/models?api-version=2024-10-21"), ("api-key", KEY)]
+    refused, served = _h2_exchange(h2, [connect, models])
+    agw.assert_error(refused, 404, "OperationNotSupported")
+    line = h2.gw.audit_for(refused.headers["x-request-id"])
+    assert line["status"] == 404 and line["error_code"] == "OperationNotSupported", line
+    assert served.status_code == 200, served.text[:300]
+    assert "data" in json.loads(served.body), served.text[:300]
+    assert not backend.data_requests(), "a CONNECT reached the backend"
