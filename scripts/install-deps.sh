@@ -24,7 +24,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 PY=${PYTHON:-python3}
-if ! $PY -c 'import openai, pytest, jwt, httpx, cryptography, yaml' 2>/dev/null; then
+if ! $PY -c 'import openai, pytest, jwt, httpx, cryptography, yaml, websockets, h2' 2>/dev/null; then
   echo "installing Python test packages"
   $PY -m pip install -q -r tests/integration/requirements.txt
 fi
