@@ -16,6 +16,13 @@
 # `oidc_token_cache`) over the measured rounds are printed to show it.
 # Usage: load-tests/jwt.sh [BIN_DIR]   (default target/release)
 #   env: ROUNDS=3 DURATION=5 (s) COUNTS="1 10000 100000"
+#        STORM=1: after the cases, ROUNDS runs of one-token clients beside clients presenting
+#        new tokens (the largest count, when it is over the cache): the cached clients' rate
+#        during a miss storm against their rate alone
+#        CACHE_ENTRIES=65536 (identity.token_cache_entries; 0: every request verifies its token,
+#        so COUNTS=1 measures a verify on every request without any cache work)
+#        VERIFY_THREADS=1 (identity.verify_threads: the threads that check the signatures of
+#        tokens not in the cache; 0 checks them on the event loop)
 #        JWT_CACHE=dir keeps the signed tokens there and reuses them while younger than 2 h
 #        (signing 100,000 takes ~30 s of CPU)
 #        CALLGRIND=1: no wall clock; the gateway runs under valgrind's callgrind and each case
@@ -29,6 +36,8 @@ BIN=${1:-target/release}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 COUNTS=${COUNTS:-"1 10000 100000"}
+VERIFY_THREADS=${VERIFY_THREADS:-1}
+CACHE_ENTRIES=${CACHE_ENTRIES:-65536}
 [ -x "$BIN/aoai-gateway" ] || { echo "no $BIN/aoai-gateway (cargo build --release)" >&2; exit 1; }
 . load-tests/common.sh
 need nginx wrk openssl curl python3
@@ -55,7 +64,7 @@ MOCK=$(free_port); start_nginx_mock "$MOCK"
 NPORT=$(free_port); start_nginx_proxy pjwt "$NPORT" "127.0.0.1:$MOCK"
 GPORT=$(free_port); GADMIN=$(free_port)
 CLIENT_EXTRA=$(printf '    tokens:\n      - provider: bench\n        client: bench-app')
-TOP_EXTRA=$(printf 'identity:\n  oidc:\n    - name: bench\n      issuer: %s\n      audiences: [api://aoai-gateway]\n      jwks_url: http://127.0.0.1:%s/jwks.json\n      algorithms: [RS256]\n      client_claim: azp' "$ISSUER" "$JWKS_PORT")
+TOP_EXTRA=$(printf 'identity:\n  verify_threads: %s\n  token_cache_entries: %s\n  oidc:\n    - name: bench\n      issuer: %s\n      audiences: [api://aoai-gateway]\n      jwks_url: http://127.0.0.1:%s/jwks.json\n      algorithms: [RS256]\n      client_claim: azp' "$VERIFY_THREADS" "$CACHE_ENTRIES" "$ISSUER" "$JWKS_PORT")
 CLIENT_EXTRA=$CLIENT_EXTRA TOP_EXTRA=$TOP_EXTRA gateway_yaml gw "$GPORT" "$GADMIN" "http://127.0.0.1:$MOCK"
 if [ "${CALLGRIND:-0}" = 1 ]; then
   need valgrind callgrind_control
@@ -138,8 +147,26 @@ for n in $COUNTS; do
   read -r h1 m1 < <(cache_counts)
   hits_misses $((h1 - h0)) $((m1 - m0)) >"$DIR/c-$n.txt"
 done
+# A miss storm (STORM=1, the default, when the largest count is over the cache): ROUNDS runs
+# of ten one-token clients (their token cached) beside ten clients presenting new tokens
+# (continuing the largest count's cycle), at once; the one-token clients' rate is then
+# compared with their rate alone above.
+storm=0
+if [ "${STORM:-1}" = 1 ] && [ "$MAX" -gt 65536 ]; then
+  storm=1; : >"$DIR/sa.txt"; : >"$DIR/sb.txt"
+  read -r h0 m0 < <(cache_counts)
+  for _ in $(seq 1 "$ROUNDS"); do
+    wrk_run "$DIR/sa" "$GPORT" 1 "$DURATION" & apid=$!
+    wrk_run "$DIR/sb" "$GPORT" "$MAX" "$DURATION" "$gstart"; wait "$apid"
+    gstart=$(( gstart + $(wrk_fig "$DIR/sb" | cut -d' ' -f4) ))
+    wrk_fig "$DIR/sa" >>"$DIR/sa.txt"; wrk_fig "$DIR/sb" >>"$DIR/sb.txt"
+  done
+  read -r h1 m1 < <(cache_counts)
+  hits_misses $((h1 - h0)) $((m1 - m0)) >"$DIR/sc.txt"
+fi
 verify_s=$(openssl speed -seconds 3 rsa2048 2>/dev/null | awk '/^rsa 2048 bits/ {print $NF}')
 echo
+echo "identity.verify_threads: $VERIFY_THREADS, token_cache_entries: $CACHE_ENTRIES"
 printf '%-15s %-28s %-28s %-8s %-22s %-22s %s\n' "tokens cycling" "nginx RPS (p50/p99) errs" "gateway RPS (p50/p99) errs" "/ nginx" "gateway hits / misses" "gateway CPU us/request" "rounds (gateway; nginx)"
 for n in $COUNTS; do
   cpu=$(median <"$DIR/cpu-$n.txt"); eval "C_$n=$cpu"
@@ -157,5 +184,9 @@ echo "ceiling = 1/(1/$r1 + 1/$verify_s) = $ceiling requests/s"
 [ -n "${G_10000:-}" ] && echo "10,000 tokens / one token: $(ratio "$G_10000" "$r1")  (goal >= 0.9; nginx, which checks nothing, $(ratio "$N_10000" "$(eval echo "\$N_$first_n")"): the load tool's own share)"
 [ -n "${G_100000:-}" ] && echo "100,000 tokens / ceiling: $(ratio "$G_100000" "$ceiling")  (goal >= 0.9)"
 [ -n "${C_100000:-}" ] && echo "gateway CPU per request, 100,000 tokens - one token: $(awk -v a="$C_100000" -v b="$(eval echo "\$C_$first_n")" 'BEGIN {printf "%.1f", a - b}') us (the cost of a miss; openssl's verify above)"
+if [ "$storm" = 1 ]; then
+  read -r sa a50 a99 _ _ < <(med "$DIR/sa.txt"); read -r sb _ _ _ _ < <(med "$DIR/sb.txt")
+  echo "miss storm: one-token clients $sa/s (p50 $a50, p99 $a99) = $(ratio "$sa" "$r1") of their rate alone, beside $sb/s of $MAX tokens cycling (hits / misses $(cat "$DIR/sc.txt"); rounds: $(cut -d' ' -f1 "$DIR/sa.txt" | tr '\n' ' '))"
+fi
 echo "gateway: RSS $(( $(rss_kib "$gw_pid") / 1024 )) MiB; WARN/ERROR log lines: $(grep -cE 'WARN|ERROR' "$DIR/gw.err" || true)"
 echo "audit lines by status:"; grep -o '"status":[0-9]*' "$DIR/gw-audit.log" | sort | uniq -c | sort -rn | head -5

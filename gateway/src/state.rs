@@ -152,12 +152,15 @@ impl Snapshot {
             Some(p)
                 if p.cfg.oidc == cfg.oidc
                     && p.cfg.token_cache_entries == cfg.token_cache_entries
+                    && p.cfg.verify_threads == cfg.verify_threads
                     && p.oidc.is_some() =>
             {
                 p.oidc.clone()
             }
             _ => Some(Arc::new(
-                OidcVerifier::new(cfg.oidc.clone())?.with_token_cache(cfg.token_cache_entries),
+                OidcVerifier::new(cfg.oidc.clone())?
+                    .with_token_cache(cfg.token_cache_entries)
+                    .with_verify_threads(cfg.verify_threads)?,
             )),
         };
         let fleet = match prev {

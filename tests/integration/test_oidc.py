@@ -16,6 +16,7 @@ own gateway, since they count JWKS fetches and the refetch budget is per provide
 
 from __future__ import annotations
 
+import pathlib
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -687,3 +688,40 @@ def test_reload_during_provider_outage_keeps_the_keys(cluster):
     r = post_chat(gw, {"Authorization": f"Bearer {mint(RSA, c())}"})
     assert r.status_code == 200, (
         f"after a reload during the IdP outage a valid token got {r.status_code}: {r.text}")
+
+
+def verify_threads_of(gw: agw.Gateway) -> int:
+    """The gateway's threads named `agw-jwt-verify` (what `ps -L` / `top -H` show)."""
+    tasks = pathlib.Path(f"/proc/{gw.proc.proc.pid}/task")
+    return sum((t / "comm").read_text().strip() == "agw-jwt-verify" for t in tasks.iterdir())
+
+
+@pytest.mark.parametrize("threads", [None, 0, 3], ids=["default", "on-the-event-loop", "three"])
+def test_verify_threads_check_new_tokens_with_the_same_answers(cluster, threads):
+    """`identity.verify_threads` (default 1): signatures of tokens not in the cache are checked
+    on that many threads of their own (0: on the event loop). Whatever the setting, twenty new
+    tokens sent at once are each accepted once verified, and tampered copies refused."""
+    idp = cluster.mock("idp", oidc=True)
+    backend = cluster.mock("backend")
+    serve_jwks(idp, RSA)
+    identity = {"oidc": [provider("contoso", idp)]}
+    if threads is not None:
+        identity["verify_threads"] = threads
+    gw = cluster.gateway(agw.single(
+        backend,
+        clients=[agw.client("oidc-app", keys=(),
+                            tokens=[{"provider": "contoso", "client": "app-listed"}])],
+        identity=identity,
+        health_checks={"interval_seconds": 3600},
+    ))
+    wait_startup_fetch(idp)
+    assert verify_threads_of(gw) == (1 if threads is None else threads)
+
+    good = [mint(RSA, claims(idp.url, AUD, jti=f"vt-{i}")) for i in range(20)]
+    tampered = [tamper_signature(t) for t in good[:5]]
+    before = gw.admin.get("/status").json()["oidc_token_cache"]
+    codes = flood(gw, good + tampered)
+    assert codes == [200] * 20 + [401] * 5, codes
+    after = gw.admin.get("/status").json()["oidc_token_cache"]
+    assert after["misses"] - before["misses"] == 25, (before, after)
+    assert after["entries"] - before["entries"] == 20, (before, after)

@@ -2,6 +2,7 @@
 //! with a key.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use aws_lc_rs::signature::{self as sig, ParsedPublicKey, RsaPublicKeyComponents};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -115,7 +116,8 @@ impl VerifyKey {
 /// The keys of one provider as of one fetch. Replaced whole, never mutated.
 #[derive(Default)]
 pub(crate) struct KeySet {
-    pub(crate) keys: Vec<VerifyKey>,
+    /// Shared with the signature checks in flight ([`super::signature`]).
+    pub(crate) keys: Vec<Arc<VerifyKey>>,
     /// Bumped by every successful fetch; lets concurrent misses notice that someone else
     /// fetched while they waited.
     pub(crate) generation: u64,
@@ -125,7 +127,7 @@ pub(crate) struct KeySet {
 
 /// Result of looking a token's key up.
 pub(crate) enum Lookup<'a> {
-    Found(&'a VerifyKey),
+    Found(&'a Arc<VerifyKey>),
     /// The `kid` exists but its key does not fit the token's `alg` (no refetch: that is not
     /// a rotation, it is a forged or misconfigured token).
     WrongType,

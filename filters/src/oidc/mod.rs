@@ -18,6 +18,7 @@
 pub mod cache;
 mod fetch;
 mod keys;
+mod signature;
 #[cfg(test)]
 mod tests;
 
@@ -38,6 +39,8 @@ use cache::TokenCache;
 pub use cache::DEFAULT_TOKEN_CACHE_CAPACITY;
 pub use fetch::{check_url, HttpJwksSource, JwksSource, HTTP_TIMEOUT, MAX_DOCUMENT_BYTES};
 use keys::{KeySet, Lookup};
+use signature::Signatures;
+pub use signature::{DEFAULT_VERIFY_THREADS, MAX_VERIFY_THREADS};
 
 use crate::FilterError;
 
@@ -255,6 +258,8 @@ pub struct OidcVerifier {
     /// Tokens answered from the cache / looked up there and not found (then verified).
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Where misses' signatures are checked (`identity.verify_threads`).
+    signatures: Signatures,
 }
 
 /// The verified-token cache's figures, for `/status`.
@@ -346,6 +351,7 @@ impl OidcVerifier {
             cache: TokenCache::new(DEFAULT_TOKEN_CACHE_CAPACITY),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            signatures: Signatures::Inline,
         })
     }
 
@@ -354,6 +360,13 @@ impl OidcVerifier {
     pub fn with_token_cache(mut self, capacity: usize) -> Self {
         self.cache = TokenCache::new(capacity);
         self
+    }
+
+    /// Checks the signatures of tokens not in the cache on `threads` threads of their own
+    /// (`identity.verify_threads`; 0: on the event loop, the default of [`Self::with_sources`]).
+    pub fn with_verify_threads(mut self, threads: usize) -> Result<Self, String> {
+        self.signatures = Signatures::new(threads)?;
+        Ok(self)
     }
 
     /// Number of tokens currently cached.
@@ -445,7 +458,7 @@ impl OidcVerifier {
                     keys.len()
                 );
                 *slot = Arc::new(KeySet {
-                    keys,
+                    keys: keys.into_iter().map(Arc::new).collect(),
                     generation: slot.generation + 1,
                     fetched_at: Some((self.clock)()),
                 });
@@ -516,7 +529,11 @@ impl OidcVerifier {
         loop {
             match keys.find(kid, alg) {
                 Lookup::Found(key) => {
-                    if !key.verify(alg, parsed.signing_input.as_bytes(), parsed.signature) {
+                    let valid = self
+                        .signatures
+                        .verify(key, alg, parsed.signing_input, parsed.signature)
+                        .await;
+                    if !valid {
                         return Err(OidcError::Invalid("bad signature"));
                     }
                     break;

@@ -1682,3 +1682,84 @@ async fn miss_pieces_timings() {
         println!("{label}: {d:?}");
     }
 }
+
+// ---------------------------------------------------------------- verify threads
+
+/// Misses checked on the pool threads (`identity.verify_threads`) get the answers the event
+/// loop gives: good tokens of both key types accepted with their identity, a flipped
+/// signature, a swapped payload and another key's signature refused — forty checks in flight
+/// at once through two threads, the cache off so that every one is a miss.
+#[tokio::test]
+async fn verify_threads_give_the_same_answers_as_the_event_loop() {
+    let source = FakeSource::serving(jwks(&[rsa1(), ec1()]));
+    let clock = FakeClock::new();
+    let mut cases: Vec<(String, Result<&'static str, &'static str>)> = Vec::new();
+    for key in [rsa1(), ec1()] {
+        let t = token(key, &claims());
+        let mut bytes = t.clone().into_bytes();
+        let last = bytes.len() - 5;
+        bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
+        let parts: Vec<&str> = t.split('.').collect();
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64json(&with(claims(), "azp", json!("admin-app"))),
+            parts[2]
+        );
+        cases.push((t.clone(), Ok("app-1")));
+        cases.push((String::from_utf8(bytes).unwrap(), Err("bad signature")));
+        cases.push((forged, Err("bad signature")));
+    }
+    let other = sign_raw(
+        &json!({"alg": "RS256", "kid": "rsa-1"}),
+        &claims(),
+        &rsa2().signing,
+        Algorithm::RS256,
+    );
+    cases.push((other, Err("bad signature")));
+    let expected = claims()["azp"].as_str().unwrap().to_owned();
+    for threads in [0, 2] {
+        let v = Arc::new(
+            verifier_with(config(), &source, &clock)
+                .with_token_cache(0)
+                .with_verify_threads(threads)
+                .unwrap(),
+        );
+        v.refresh_all().await;
+        let mut set = tokio::task::JoinSet::new();
+        for round in 0..6 {
+            for (i, (t, want)) in cases.iter().cloned().enumerate() {
+                let v = v.clone();
+                set.spawn(async move {
+                    (
+                        round,
+                        i,
+                        v.verify(&t).await.map(|ok| ok.client_value.to_string()),
+                        want,
+                    )
+                });
+            }
+        }
+        let mut seen = 0;
+        while let Some(done) = set.join_next().await {
+            let (round, i, got, want) = done.unwrap();
+            match (got, want) {
+                (Ok(client), Ok(_)) => assert_eq!(client, expected, "case {i} round {round}"),
+                (Err(OidcError::Invalid(why)), Err(w)) => assert_eq!(why, w, "case {i}"),
+                (got, want) => panic!("{threads} threads, case {i}: got {got:?}, want {want:?}"),
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, 6 * cases.len());
+        assert_eq!(v.cache_stats().misses, 6 * cases.len() as u64);
+    }
+}
+
+/// The pool's size is bounded; 0 is allowed (checks on the event loop).
+#[test]
+fn verify_threads_are_bounded() {
+    let source = FakeSource::serving(jwks(&[rsa1()]));
+    let v = verifier_with(config(), &source, &FakeClock::new());
+    let err = v.with_verify_threads(MAX_VERIFY_THREADS + 1).err().unwrap();
+    assert!(err.contains("identity.verify_threads"), "{err}");
+}

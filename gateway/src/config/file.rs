@@ -145,6 +145,13 @@ pub struct IdentityFile {
     /// Verified tokens kept (CLOCK eviction); 0 turns the cache off.
     #[serde(default = "default_token_cache_entries")]
     pub token_cache_entries: usize,
+    /// Threads that check the signatures of tokens not in the cache; 0: on the event loop.
+    #[serde(default = "default_verify_threads")]
+    pub verify_threads: usize,
+}
+
+fn default_verify_threads() -> usize {
+    filters::oidc::DEFAULT_VERIFY_THREADS
 }
 
 fn default_token_cache_entries() -> usize {
@@ -156,6 +163,7 @@ impl Default for IdentityFile {
         IdentityFile {
             oidc: Vec::new(),
             token_cache_entries: default_token_cache_entries(),
+            verify_threads: default_verify_threads(),
         }
     }
 }

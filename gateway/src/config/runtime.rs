@@ -170,6 +170,8 @@ pub struct Config {
     pub oidc: Vec<OidcProviderConfig>,
     /// `identity.token_cache_entries`.
     pub token_cache_entries: usize,
+    /// `identity.verify_threads`.
+    pub verify_threads: usize,
     /// Looked up per request: a fast hash (the names come from the file).
     pub deployments: HashMap<String, Arc<Deployment>, foldhash::fast::RandomState>,
     /// Deployment names in file order (for `models.read` and `/healthz`).

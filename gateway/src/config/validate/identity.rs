@@ -50,6 +50,20 @@ pub(super) fn oidc_providers(
     oidc
 }
 
+/// `identity.verify_threads`: at most [`filters::oidc::MAX_VERIFY_THREADS`] (0: signatures
+/// checked on the event loop).
+pub(super) fn verify_threads(threads: usize, errs: &mut Errors) {
+    if threads > filters::oidc::MAX_VERIFY_THREADS {
+        errs.at(
+            "identity.verify_threads",
+            format!(
+                "{threads} threads: at most {} (0 checks signatures on the event loop)",
+                filters::oidc::MAX_VERIFY_THREADS
+            ),
+        );
+    }
+}
+
 /// `identity.oidc[].grants`: each needs a claim, a value (one word: `scp` is split on
 /// spaces), operations, and deployment patterns that name configured deployments.
 fn grants(
@@ -153,6 +167,23 @@ mod tests {
         assert_cases(cases, |f: &Vec<OidcFile>, errs: &mut Errors| {
             oidc_providers(f, &deployments(), errs)
         });
+    }
+
+    #[test]
+    fn verify_threads_are_bounded_with_their_line() {
+        let text = "identity:\n  verify_threads: 65\n";
+        for (threads, errors) in [(0, 0), (1, 0), (64, 0), (65, 1), (usize::MAX, 1)] {
+            let mut errs = crate::config::load::errors_for(text);
+            verify_threads(threads, &mut errs);
+            assert_eq!(errs.list.len(), errors, "{threads}");
+            if let Some(e) = errs.list.first() {
+                assert_eq!(
+                    (e.path.as_str(), e.line),
+                    ("identity.verify_threads", Some(2))
+                );
+                assert!(e.message.contains("at most 64"), "{}", e.message);
+            }
+        }
     }
 
     fn deployments() -> BTreeMap<String, Vec<MemberFile>> {

@@ -29,6 +29,7 @@ pub fn validate(f: FileConfig, mut errs: Errors) -> Result<Config, Vec<ConfigErr
     let (deployments, deployment_names) =
         deployments::deployments(&f.deployments, &backend_index, &mut errs);
     let oidc = identity::oidc_providers(&f.identity.oidc, &f.deployments, &mut errs);
+    identity::verify_threads(f.identity.verify_threads, &mut errs);
     let clients = clients::clients(&f.clients, &f.identity.oidc, &f.deployments, &mut errs);
     clients::warn_if_certificates_unused(&f.clients, &server.listeners);
     let retries = retries::retries(&f.retries, &mut errs);
@@ -48,6 +49,7 @@ pub fn validate(f: FileConfig, mut errs: Errors) -> Result<Config, Vec<ConfigErr
         tokens: clients.tokens,
         oidc,
         token_cache_entries: f.identity.token_cache_entries,
+        verify_threads: f.identity.verify_threads,
         deployments,
         deployment_names,
         backends,
