@@ -52,10 +52,16 @@ fn backend(b: &BackendFile, path: &str, errs: &mut Errors) -> Backend {
         );
     }
     let default_port = if tls { 443 } else { 80 };
-    let host_header = if port == default_port {
-        host.clone()
+    // An IPv6 literal goes in brackets in `Host` (RFC 9110 §7.2, RFC 3986 §3.2.2).
+    let name = if host.contains(':') {
+        format!("[{host}]")
     } else {
-        format!("{host}:{port}")
+        host.clone()
+    };
+    let host_header = if port == default_port {
+        name
+    } else {
+        format!("{name}:{port}")
     };
     Backend {
         name: Arc::from(b.name.as_str()),
@@ -112,13 +118,42 @@ pub fn parse_backend_url(url: &str) -> Result<(bool, String, u16), String> {
     if hostport.contains('/') || hostport.contains('?') || hostport.contains('@') {
         return Err("must be the resource's base URL, without a path".into());
     }
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => match p.parse::<u16>() {
-            Ok(port) => (h.trim_matches(['[', ']']).to_string(), port),
-            Err(_) => return Err(format!("bad port `{p}`")),
-        },
-        _ => (hostport.to_string(), if tls { 443 } else { 80 }),
+    // An IPv6 literal only in brackets (RFC 3986 §3.2.2): `http://::1` would read as host
+    // `:` and port 1.
+    let (host, port) = if let Some(after) = hostport.strip_prefix('[') {
+        let Some((ip, tail)) = after.split_once(']') else {
+            return Err("has an unclosed `[`".into());
+        };
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("`[{ip}]` is not an IPv6 address"));
+        }
+        match tail {
+            "" => (ip, None),
+            _ => match tail.strip_prefix(':') {
+                Some(p) => (ip, Some(p)),
+                None => return Err(format!("has `{tail}` after `[{ip}]`")),
+            },
+        }
+    } else {
+        match hostport.split_once(':') {
+            Some((_, p)) if p.contains(':') => {
+                return Err("writes an IPv6 address without brackets (http://[::1]:8080)".into())
+            }
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
     };
+    let port = match port {
+        Some(p) => p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?,
+        None => {
+            if tls {
+                443
+            } else {
+                80
+            }
+        }
+    };
+    let host = host.to_string();
     if host.is_empty() {
         return Err("has no host".into());
     }
@@ -141,6 +176,32 @@ mod tests {
             (false, "127.0.0.1".to_string(), 9000)
         );
         assert!(parse_backend_url("ftp://x").is_err());
+        assert_eq!(
+            parse_backend_url("http://[::1]:9000/").unwrap(),
+            (false, "::1".to_string(), 9000)
+        );
+        assert_eq!(
+            parse_backend_url("https://[fd00::5]").unwrap(),
+            (true, "fd00::5".to_string(), 443)
+        );
+        for (url, why) in [
+            (
+                "http://::1",
+                "writes an IPv6 address without brackets (http://[::1]:8080)",
+            ),
+            (
+                "http://::1:9000",
+                "writes an IPv6 address without brackets (http://[::1]:8080)",
+            ),
+            ("http://[::1", "has an unclosed `[`"),
+            ("http://[x]:1", "`[x]` is not an IPv6 address"),
+            ("http://[::1]9000", "has `9000` after `[::1]`"),
+            ("http://[::1]:", "bad port ``"),
+            ("http://h:99999", "bad port `99999`"),
+            ("http://:80", "has no host"),
+        ] {
+            assert_eq!(parse_backend_url(url).unwrap_err(), why, "{url}");
+        }
         assert!(parse_backend_url("https://x/openai").is_err());
         assert!(parse_backend_url("https://x:notaport").is_err());
     }
@@ -215,6 +276,8 @@ mod tests {
 - {{name: b, url: 'http://127.0.0.1:9000/', credential: api_key, api_key: k, ca_file: {READABLE}}}
 - {{name: c, url: 'https://c:443', credential: forward}}
 - {{name: c, url: 'https://c:80', credential: forward}}
+- {{name: v6, url: 'http://[::1]:9000', credential: forward}}
+- {{name: v6d, url: 'https://[::1]', credential: forward}}
 "
         );
         let ((bs, index), errs) = run(&yaml, |b: &Vec<BackendFile>, errs: &mut Errors| {
@@ -231,7 +294,14 @@ mod tests {
             bs.iter()
                 .map(|b| b.host_header.as_str())
                 .collect::<Vec<_>>(),
-            ["a.example", "127.0.0.1:9000", "c", "c:80"]
+            [
+                "a.example",
+                "127.0.0.1:9000",
+                "c",
+                "c:80",
+                "[::1]:9000",
+                "[::1]"
+            ]
         );
         assert_eq!(&*bs[0].region, "r");
         assert_eq!(
