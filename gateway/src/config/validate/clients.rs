@@ -2,7 +2,7 @@
 //! certificates) with their lookup tables, allow lists and limits; then one client template
 //! per provider that accepts unlisted applications (`identity.oidc[i].unlisted_clients`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use filters::apikey::{parse_hash, KeyRecord, KeyStore};
@@ -40,11 +40,12 @@ pub(super) fn clients(
         tokens: TokenMap::default(),
     };
     let mut ids = HashSet::new();
+    let mut key_ids = HashMap::new();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     for (ci, c) in file.iter().enumerate() {
         let path = format!("clients[{ci}]");
         check_id(c, &path, &mut ids, errs);
-        let key_expiries = api_keys(c, ci, &path, now, &mut out.keys, errs);
+        let key_expiries = api_keys(c, ci, &path, now, &mut out.keys, &mut key_ids, errs);
         tokens(c, ci, &path, &providers, &mut out.tokens, errs);
         certificates(c, ci, &path, &mut out.certs, errs);
         out.clients.push(Client {
@@ -83,6 +84,7 @@ fn api_keys(
     path: &str,
     now: i64,
     keys: &mut KeyStore,
+    key_ids: &mut HashMap<String, String>,
     errs: &mut Errors,
 ) -> Vec<(String, i64)> {
     let mut key_expiries = Vec::new();
@@ -119,6 +121,15 @@ fn api_keys(
         };
         if !keys.insert(hash, record) {
             errs.at(format!("{kp}.sha256"), "this key hash is listed twice");
+        } else if let Some(first) = key_ids.get(&key_id) {
+            // The key id names a key in the audit log, the expiry metric and `keys revoke`:
+            // two keys under one id could not be told apart, nor revoked one at a time.
+            errs.at(
+                format!("{kp}.sha256"),
+                format!("shares its key id `{key_id}` (the hash's first 8 hex digits) with {first}: issue another key"),
+            );
+        } else {
+            key_ids.insert(key_id, kp.clone());
         }
     }
     key_expiries
@@ -316,6 +327,27 @@ mod tests {
                 |f: &Vec<_>, e: &mut _| check(f, e),
             );
         }
+    }
+
+    #[test]
+    fn two_keys_under_one_key_id_are_refused_across_clients() {
+        let first = "a".repeat(64);
+        let same_id = format!("{}{}", "A".repeat(8), "b".repeat(56));
+        let other_id = format!("{}{}", "a".repeat(7), "c".repeat(57));
+        let yaml = format!(
+            "
+- {{id: a, api_keys: [{{sha256: {first}}}, {{sha256: {other_id}}}], allow: {{deployments: ['*'], operations: ['*']}}}}
+- {{id: b, api_keys: [{{sha256: {same_id}}}], allow: {{deployments: ['*'], operations: ['*']}}}}
+"
+        );
+        let want: &[(&str, &str)] = &[(
+            "clients[1].api_keys[0].sha256",
+            "shares its key id `aaaaaaaa` (the hash's first 8 hex digits) with clients[0].api_keys[0]: issue another key",
+        )];
+        let deployments = BTreeMap::from([("d".to_string(), Vec::new())]);
+        assert_cases(&[(yaml.as_str(), want)], |f: &Vec<_>, e: &mut _| {
+            clients(f, &[], &deployments, e)
+        });
     }
 
     #[test]
