@@ -116,6 +116,8 @@ impl BackgroundService for Supervisor {
                 return;
             }
         };
+        // Started here, in the serving process (after `--daemon`'s fork): the token tables.
+        self.state.load().warm_tables();
         // The token first: requests wait for its first fetch (and only for that one).
         if let Some(t) = &self.token {
             tokio::spawn(t.clone().refresh_loop());

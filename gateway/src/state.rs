@@ -89,7 +89,20 @@ pub fn peer_at(b: &Backend, addr: std::net::SocketAddr) -> Result<HttpPeer, Stri
     Ok(peer)
 }
 
+/// Reads, in a background thread, the token tables that the configured names use.
+fn warm_tables(estimator: &PromptEstimator, cfg: &Config) {
+    estimator.warm(cfg.deployments.iter().flat_map(|(name, d)| {
+        std::iter::once(name.as_str()).chain(d.members.iter().map(|m| &*m.upstream_deployment))
+    }));
+}
+
 impl Snapshot {
+    /// Reads the token tables this configuration's names use, in the background (at start,
+    /// by the supervisor: see [`Snapshot::build`]).
+    pub fn warm_tables(&self) {
+        warm_tables(&self.estimator, &self.cfg);
+    }
+
     /// Builds everything for `cfg`, reusing the limiter, estimator and pool state of `prev`
     /// where the configuration kept them.
     pub fn build(
@@ -140,11 +153,14 @@ impl Snapshot {
                 PromptEstimateFile::Bytes => EstimateMode::Bytes,
             })),
         };
-        // The encodings the configured names use are read now, in the background (a reload
-        // that adds a deployment of another family reads that one too; each is read once).
-        estimator.warm(cfg.deployments.iter().flat_map(|(name, d)| {
-            std::iter::once(name.as_str()).chain(d.members.iter().map(|m| &*m.upstream_deployment))
-        }));
+        // The encodings the configured names use are read in the background: at start by the
+        // supervisor ([`Snapshot::warm_tables`], after `run --daemon`'s fork — a thread started
+        // before it would not exist in the serving process, and a table it was reading at the
+        // fork would stay "being read" there for ever), on a reload here (one that adds a
+        // deployment of another family reads that one too; each is read once).
+        if prev.is_some() {
+            warm_tables(&estimator, &cfg);
+        }
         // Unchanged providers keep their verifier: cached keys (also while the IdP is
         // unreachable), verified tokens and the refetch budget survive a reload.
         let oidc = match prev {

@@ -699,8 +699,10 @@ def verify_threads_of(gw: agw.Gateway) -> int:
 @pytest.mark.parametrize("threads", [None, 0, 3], ids=["default", "on-the-event-loop", "three"])
 def test_verify_threads_check_new_tokens_with_the_same_answers(cluster, threads):
     """`identity.verify_threads` (default 1): signatures of tokens not in the cache are checked
-    on that many threads of their own (0: on the event loop). Whatever the setting, twenty new
-    tokens sent at once are each accepted once verified, and tampered copies refused."""
+    on that many threads of their own (0: on the event loop), started by the first token that
+    needs them (none at start: a `--daemon` fork would lose them). Whatever the setting,
+    twenty new tokens sent at once are each accepted once verified, and tampered copies
+    refused."""
     idp = cluster.mock("idp", oidc=True)
     backend = cluster.mock("backend")
     serve_jwks(idp, RSA)
@@ -715,7 +717,7 @@ def test_verify_threads_check_new_tokens_with_the_same_answers(cluster, threads)
         health_checks={"interval_seconds": 3600},
     ))
     wait_startup_fetch(idp)
-    assert verify_threads_of(gw) == (1 if threads is None else threads)
+    assert verify_threads_of(gw) == 0, "started before a token needed them"
 
     good = [mint(RSA, claims(idp.url, AUD, jti=f"vt-{i}")) for i in range(20)]
     tampered = [tamper_signature(t) for t in good[:5]]
@@ -725,3 +727,4 @@ def test_verify_threads_check_new_tokens_with_the_same_answers(cluster, threads)
     after = gw.admin.get("/status").json()["oidc_token_cache"]
     assert after["misses"] - before["misses"] == 25, (before, after)
     assert after["entries"] - before["entries"] == 20, (before, after)
+    assert verify_threads_of(gw) == (1 if threads is None else threads)

@@ -10,9 +10,9 @@
 //! skips the check. With 0 threads the check runs on the event loop, as before.
 //!
 //! A check always has an answer: if the pool's threads are gone (they only end when the
-//! verifier is dropped) the check runs where it was asked.
+//! verifier is dropped) or could not be started, the check runs where it was asked.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use jsonwebtoken::Algorithm;
 use tokio::sync::{mpsc, oneshot};
@@ -50,11 +50,50 @@ impl Job {
 /// Where signatures are checked: the asking task's thread, or a pool of threads.
 pub(crate) enum Signatures {
     Inline,
-    Pool(mpsc::Sender<Job>),
+    Pool(Pool),
+}
+
+/// The pool's threads start with the first check that needs them, in the process that
+/// serves: threads started before `--daemon`'s fork would not exist in the child, and a
+/// gateway whose tokens all hit the cache never starts them.
+pub(crate) struct Pool {
+    threads: usize,
+    /// `None` inside: no thread could be started (checks then run in place).
+    queue: OnceLock<Option<mpsc::Sender<Job>>>,
+}
+
+impl Pool {
+    fn queue(&self) -> Option<&mpsc::Sender<Job>> {
+        self.queue.get_or_init(|| start(self.threads)).as_ref()
+    }
+}
+
+/// Starts `threads` pool threads (named `agw-jwt-verify`) on one queue.
+fn start(threads: usize) -> Option<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel::<Job>(QUEUE);
+    let rx = Arc::new(Mutex::new(rx));
+    let mut started = 0;
+    for _ in 0..threads {
+        let rx = rx.clone();
+        match std::thread::Builder::new()
+            .name("agw-jwt-verify".into())
+            .spawn(move || serve(&rx))
+        {
+            Ok(_) => started += 1,
+            Err(e) => log::warn!("identity.verify_threads: cannot start a thread: {e}"),
+        }
+    }
+    if started == 0 {
+        log::warn!(
+            "identity.verify_threads: no thread started; signatures are checked on the event loop"
+        );
+        return None;
+    }
+    Some(tx)
 }
 
 impl Signatures {
-    /// `threads` pool threads (named `agw-jwt-verify`), or [`Signatures::Inline`] for 0.
+    /// A pool of `threads` threads (started on first use), or [`Signatures::Inline`] for 0.
     pub(crate) fn new(threads: usize) -> Result<Self, String> {
         if threads == 0 {
             return Ok(Signatures::Inline);
@@ -64,16 +103,10 @@ impl Signatures {
                 "identity.verify_threads: {threads} is more than {MAX_VERIFY_THREADS}"
             ));
         }
-        let (tx, rx) = mpsc::channel::<Job>(QUEUE);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..threads {
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name("agw-jwt-verify".into())
-                .spawn(move || serve(&rx))
-                .map_err(|e| format!("identity.verify_threads: cannot start a thread: {e}"))?;
-        }
-        Ok(Signatures::Pool(tx))
+        Ok(Signatures::Pool(Pool {
+            threads,
+            queue: OnceLock::new(),
+        }))
     }
 
     /// Whether `signature` (base64url) is a valid `alg` signature of `signing_input` by `key`.
@@ -84,7 +117,10 @@ impl Signatures {
         signing_input: &str,
         signature: &str,
     ) -> bool {
-        let Signatures::Pool(tx) = self else {
+        let Some(tx) = (match self {
+            Signatures::Inline => None,
+            Signatures::Pool(pool) => pool.queue(),
+        }) else {
             return key.verify(alg, signing_input.as_bytes(), signature);
         };
         let mut token = String::with_capacity(signing_input.len() + signature.len());

@@ -5,7 +5,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
 
@@ -110,21 +110,55 @@ enum Msg {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: SyncSender<Msg>,
+    writer: Arc<Writer>,
+}
+
+/// The writer thread, started by the first message rather than with the file: `run --daemon`
+/// forks after the configuration is read, and a thread started before the fork would not
+/// exist in the serving process (its lines would queue unwritten, then block the sender).
+struct Writer {
+    /// What the thread will own; taken when it starts.
+    pending: Mutex<Option<(Receiver<Msg>, Sink, String)>>,
+    started: OnceLock<()>,
 }
 
 impl AuditLog {
-    /// Starts the writer for `path` (`-` = stdout).
+    /// Opens `path` (`-` = stdout); its writer starts with the first line.
     pub fn start(path: &str) -> std::io::Result<AuditLog> {
         let sink = Sink::open(path)?;
         let (tx, rx) = sync_channel(65_536);
-        let path = path.to_string();
-        std::thread::Builder::new()
-            .name("audit-log".into())
-            .spawn(move || writer(rx, sink, path))?;
-        Ok(AuditLog { tx })
+        let writer = Writer {
+            pending: Mutex::new(Some((rx, sink, path.to_string()))),
+            started: OnceLock::new(),
+        };
+        Ok(AuditLog {
+            tx,
+            writer: Arc::new(writer),
+        })
+    }
+
+    /// Starts the writer thread unless it runs already.
+    fn running(&self) {
+        self.writer.started.get_or_init(|| {
+            let pending = self
+                .writer
+                .pending
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+            if let Some((rx, sink, path)) = pending {
+                if let Err(e) = std::thread::Builder::new()
+                    .name("audit-log".into())
+                    .spawn(move || writer(rx, sink, path))
+                {
+                    log::error!("cannot start the audit log writer: {e}");
+                }
+            }
+        });
     }
 
     pub fn log(&self, rec: AuditRecord) {
+        self.running();
         match self.tx.try_send(Msg::Line(Box::new(rec))) {
             Ok(()) => {}
             Err(TrySendError::Full(m)) => {
@@ -137,11 +171,13 @@ impl AuditLog {
 
     /// Reopens the file (after logrotate moved it).
     pub fn reopen(&self) {
+        self.running();
         let _ = self.tx.send(Msg::Reopen);
     }
 
     /// Waits until every line logged so far is written (before the process exits).
     pub fn sync(&self, timeout: std::time::Duration) {
+        self.running();
         let (tx, rx) = sync_channel(1);
         if self.tx.send(Msg::Sync(tx)).is_ok() {
             let _ = rx.recv_timeout(timeout);
