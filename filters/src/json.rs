@@ -474,7 +474,9 @@ mod tests {
                 }
             }
             fn literal(&mut self, word: &[u8]) -> Option<()> {
-                self.b[self.i..].starts_with(word).then(|| self.i += word.len())
+                self.b[self.i..]
+                    .starts_with(word)
+                    .then(|| self.i += word.len())
             }
             /// Up to the first `"`, `\` or control character, a byte at a time.
             fn run(&mut self) -> Option<u8> {
@@ -511,7 +513,8 @@ mod tests {
                                 if !hex.iter().all(u8::is_ascii_hexdigit) {
                                     return None;
                                 }
-                                let unit = u32::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+                                let unit =
+                                    u32::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
                                 if (0xd800..=0xdfff).contains(&unit) {
                                     return None;
                                 }
@@ -524,7 +527,10 @@ mod tests {
                 }
             }
             fn digits(&mut self) -> usize {
-                let n = self.b[self.i..].iter().take_while(|c| c.is_ascii_digit()).count();
+                let n = self.b[self.i..]
+                    .iter()
+                    .take_while(|c| c.is_ascii_digit())
+                    .count();
                 self.i += n;
                 n
             }
@@ -625,17 +631,35 @@ mod tests {
         let at = skip_ws(text, 0);
         let mut fast = Reader::new(text);
         fast.i = at;
-        let mut slow = recursive::Reader { b: text, i: at, non_ascii: false };
+        let mut slow = recursive::Reader {
+            b: text,
+            i: at,
+            non_ascii: false,
+        };
         let got = fast.value(depth);
-        assert_eq!(got, slow.value(depth), "{:?} at depth {depth}", String::from_utf8_lossy(text));
+        assert_eq!(
+            got,
+            slow.value(depth),
+            "{:?} at depth {depth}",
+            String::from_utf8_lossy(text)
+        );
         if got.is_some() {
             assert_eq!(fast.i, slow.i, "{:?}", String::from_utf8_lossy(text));
-            assert_eq!(fast.non_ascii, slow.non_ascii, "{:?}", String::from_utf8_lossy(text));
+            assert_eq!(
+                fast.non_ascii,
+                slow.non_ascii,
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
         }
         let (mut fk, mut sk) = (Vec::new(), Vec::new());
         let mut fast = Reader::new(text);
         fast.i = at;
-        let mut slow = recursive::Reader { b: text, i: at, non_ascii: false };
+        let mut slow = recursive::Reader {
+            b: text,
+            i: at,
+            non_ascii: false,
+        };
         let f = fast.members(|r, k| {
             fk.push(k);
             r.value(depth + 1).map(drop)
@@ -691,7 +715,10 @@ mod tests {
                 same_as_recursive(&doc[..end], 1);
             }
         }
-        assert!(accepted > 5000, "the changes exercise the accepting path: {accepted}");
+        assert!(
+            accepted > 5000,
+            "the changes exercise the accepting path: {accepted}"
+        );
         // Nesting around the depth limit, from both readers' depths, arrays and objects.
         for n in [1, 48, 49, 50, 98, 99, 100, 101, 127, 130] {
             for depth in [1, 2, 50, 100, 101] {
