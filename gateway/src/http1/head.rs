@@ -407,6 +407,12 @@ impl Head {
 
     /// The method, sharing the head's buffer.
     pub fn method_text(&self) -> Text {
+        // The usual methods as static text: no handle on the head's buffer to take and drop.
+        for m in ["POST", "GET", "DELETE"] {
+            if self.slice(self.method) == m.as_bytes() {
+                return Text(ByteString::from_static(m));
+            }
+        }
         self.text_at(self.method).unwrap_or_default()
     }
 

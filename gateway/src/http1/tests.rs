@@ -152,6 +152,17 @@ fn lookups_find_the_first_of_repeated_headers_and_framing_sees_all() {
 }
 
 #[test]
+fn the_method_as_text_is_the_method_whether_it_is_a_usual_one_or_not() {
+    for m in [
+        "POST", "GET", "DELETE", "PUT", "HEAD", "OPTIONS", "PATCH", "post", "GETS", "POS", "X",
+    ] {
+        let h = Head::request(m, "/p", []);
+        assert_eq!(h.method_text().as_str(), m);
+        assert_eq!(h.method_text().as_str(), h.method());
+    }
+}
+
+#[test]
 fn text_parts_of_heads_with_and_without_bytes_above_ascii() {
     // A UTF-8 head: its parts are borrowed from the one check of the whole head.
     let h = Head::request(
