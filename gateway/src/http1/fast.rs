@@ -172,8 +172,23 @@ fn fields(b: &[u8], mut i: usize) -> Option<(usize, Vec<Field>)> {
             return (*b.get(i + 1)? == b'\n').then_some((i + 2, fields));
         }
         let n0 = i;
-        i = token_end(b, i)?;
-        if i == n0 || b[i] != b':' || fields.len() == MAX_HEADERS {
+        // A known name (nearly every field): found by its colon, then recognized and proven a
+        // token by one comparison with its literal. Any other: its token bytes read first.
+        let colon = memchr::memchr(b':', &b[n0..]).map(|c| n0 + c);
+        let kind = match colon.and_then(|c| Name::known(&b[n0..c])) {
+            Some(kind) => {
+                i = colon?;
+                kind
+            }
+            None => {
+                i = token_end(b, i)?;
+                if i == n0 || b[i] != b':' {
+                    return None;
+                }
+                Name::of(&b[n0..i])
+            }
+        };
+        if fields.len() == MAX_HEADERS {
             return None;
         }
         let name = &b[n0..i];
@@ -191,7 +206,7 @@ fn fields(b: &[u8], mut i: usize) -> Option<(usize, Vec<Field>)> {
         fields.push(Field {
             name: span(n0, n0 + name.len()),
             value: span(v0, v1),
-            kind: Name::of(name),
+            kind,
         });
         i += 2;
     }
