@@ -13,33 +13,23 @@ const MAX_DEPTH: usize = 100;
 /// Numbers with more digits than this are left to serde (it checks their range).
 const MAX_DIGITS: usize = 15;
 
-/// Bytes that end a run of plain string characters: `"`, `\`, control characters, and
-/// (to note them) bytes above ASCII.
-const STOP: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut i = 0;
-    while i < 256 {
-        t[i] = i < 0x20 || i == b'"' as usize || i == b'\\' as usize || i >= 0x80;
-        i += 1;
-    }
-    t
-};
-
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGH: u64 = 0x8080_8080_8080_8080;
 
 /// The bytes of `w` (little-endian) that JSON requires escaped in a string — below 0x20,
 /// `"`, `\` — as their high bits. Bits above the first such byte may be set wrongly; the
 /// lowest set bit is always the first one ("some byte is below `n`" is exact up to the first
-/// one that is, for `n` <= 0x80).
+/// one that is, for `n` <= 0x80). Bytes above ASCII are never marked.
 fn escape_bits(w: u64) -> u64 {
     let below = |w: u64, n: u64| w.wrapping_sub(ONES * n) & !w & HIGH;
     below(w, 0x20) | below(w ^ (ONES * 0x22), 1) | below(w ^ (ONES * 0x5c), 1)
 }
 
-/// [`escape_bits`] and the bytes above ASCII: the bytes of `w` that are in [`STOP`].
-fn stop_bits(w: u64) -> u64 {
-    w & HIGH | escape_bits(w)
+/// The eight bytes at `i` as a little-endian word, when there are eight.
+#[inline(always)]
+fn word_at(b: &[u8], i: usize) -> Option<u64> {
+    let w: [u8; 8] = b.get(i..i.checked_add(8)?)?.try_into().ok()?;
+    Some(u64::from_le_bytes(w))
 }
 
 /// Whether any byte of a string needs an escape in JSON (`"`, `\`, below 0x20), eight
@@ -47,7 +37,9 @@ fn stop_bits(w: u64) -> u64 {
 pub fn needs_escape(bytes: &[u8]) -> bool {
     let mut words = bytes.chunks_exact(8);
     for word in &mut words {
-        if escape_bits(u64::from_le_bytes(word.try_into().expect("eight bytes"))) != 0 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        if escape_bits(u64::from_le_bytes(w)) != 0 {
             return true;
         }
     }
@@ -55,6 +47,151 @@ pub fn needs_escape(bytes: &[u8]) -> bool {
         .remainder()
         .iter()
         .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// JSON's whitespace (RFC 8259 §2).
+#[inline(always)]
+fn is_ws(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// The first position at or after `i` that is not whitespace (`i` itself in compact text:
+/// one compare, every byte of a token being above the space).
+#[inline(always)]
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while let Some(&c) = b.get(i) {
+        if c > b' ' || !is_ws(c) {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
+/// A string's characters from `i` (after its opening quote or an escape) up to the first
+/// `"`, `\` or control character: its position and the byte. Plain text, ASCII or not, is
+/// passed eight bytes at a time; `non_ascii` is set when a byte above ASCII was passed.
+/// `None`: the text ended first.
+#[inline(always)]
+fn run(b: &[u8], mut i: usize, non_ascii: &mut bool) -> Option<(usize, u8)> {
+    let mut high = 0u64;
+    while let Some(w) = word_at(b, i) {
+        let stops = escape_bits(w);
+        if stops != 0 {
+            // The bytes before the first stop byte are the string's.
+            let at = stops.trailing_zeros() / 8;
+            high |= w & ((1u64 << (at * 8)) - 1);
+            *non_ascii |= high & HIGH != 0;
+            return Some((i + at as usize, (w >> (at * 8)) as u8));
+        }
+        high |= w;
+        i += 8;
+    }
+    *non_ascii |= high & HIGH != 0;
+    // Fewer than eight bytes left.
+    while let Some(&c) = b.get(i) {
+        if c >= 0x80 {
+            *non_ascii = true;
+        } else if c < 0x20 || c == b'"' || c == b'\\' {
+            return Some((i, c));
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The rest of a string from `i` (after its opening quote): escapes are checked (`\u` of a
+/// surrogate is left to serde); the position after its closing quote.
+#[inline(always)]
+fn string(b: &[u8], mut i: usize, non_ascii: &mut bool) -> Option<usize> {
+    loop {
+        let (at, c) = run(b, i, non_ascii)?;
+        match c {
+            b'"' => return Some(at + 1),
+            b'\\' => i = escape(b, at + 1)?,
+            // A control character.
+            _ => return None,
+        }
+    }
+}
+
+/// The escape after a backslash at `i - 1`; the position after it.
+fn escape(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(i + 1),
+        b'u' => {
+            let hex = b.get(i + 1..i + 5)?;
+            let mut unit = 0u32;
+            for &h in hex {
+                unit = unit * 16 + (h as char).to_digit(16)?;
+            }
+            if (0xd800..=0xdfff).contains(&unit) {
+                return None;
+            }
+            Some(i + 5)
+        }
+        _ => None,
+    }
+}
+
+/// A key at `i` — a string without escapes, whitespace, `:`, whitespace: where the key's
+/// text is and the position of the value.
+#[inline(always)]
+fn key(b: &[u8], i: usize, non_ascii: &mut bool) -> Option<(std::ops::Range<usize>, usize)> {
+    if *b.get(i)? != b'"' {
+        return None;
+    }
+    let (end, c) = run(b, i + 1, non_ascii)?;
+    if c != b'"' {
+        return None;
+    }
+    let colon = skip_ws(b, end + 1);
+    if *b.get(colon)? != b':' {
+        return None;
+    }
+    Some((i + 1..end, skip_ws(b, colon + 1)))
+}
+
+/// `word` at `i`; the position after it.
+#[inline(always)]
+fn literal(b: &[u8], i: usize, word: &[u8]) -> Option<usize> {
+    b.get(i..)?.starts_with(word).then_some(i + word.len())
+}
+
+/// The end of the run of ASCII digits at `i`.
+#[inline(always)]
+fn digits(b: &[u8], mut i: usize) -> usize {
+    while b.get(i).is_some_and(u8::is_ascii_digit) {
+        i += 1;
+    }
+    i
+}
+
+/// `-? (0 | [1-9][0-9]*) (. [0-9]+)?` at `i`, at most [`MAX_DIGITS`] digits, no exponent;
+/// the position after it.
+fn number(b: &[u8], mut i: usize) -> Option<usize> {
+    if b.get(i) == Some(&b'-') {
+        i += 1;
+    }
+    let start = i;
+    i = digits(b, i);
+    let int = i - start;
+    if int == 0 || (b[start] == b'0' && int > 1) {
+        return None;
+    }
+    let mut total = int;
+    if b.get(i) == Some(&b'.') {
+        let frac = i + 1;
+        i = digits(b, frac);
+        if i == frac {
+            return None;
+        }
+        total += i - frac;
+    }
+    if total > MAX_DIGITS || matches!(b.get(i), Some(b'e' | b'E')) {
+        return None;
+    }
+    Some(i)
 }
 
 /// A position in a JSON text. Every method answers `None` for "not sure".
@@ -78,16 +215,8 @@ impl<'a> Reader<'a> {
         self.b.get(self.i).copied()
     }
 
-    fn next(&mut self) -> Option<u8> {
-        let c = self.peek()?;
-        self.i += 1;
-        Some(c)
-    }
-
     pub fn ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            self.i += 1;
-        }
+        self.i = skip_ws(self.b, self.i);
     }
 
     /// Whether a byte above ASCII was read so far.
@@ -105,183 +234,132 @@ impl<'a> Reader<'a> {
         Some(())
     }
 
-    fn literal(&mut self, word: &[u8]) -> Option<()> {
-        if self.b[self.i..].starts_with(word) {
-            self.i += word.len();
-            Some(())
-        } else {
-            None
-        }
-    }
-
-    /// Reads a string's characters up to the first `"`, `\` or control character (the
-    /// opening quote already read); returns that byte. Plain ASCII is skipped eight bytes at
-    /// a time, up to the first byte of a word that may stop the run.
-    fn run(&mut self) -> Option<u8> {
-        loop {
-            while let Some(word) = self.b.get(self.i..self.i + 8) {
-                let stops = stop_bits(u64::from_le_bytes(word.try_into().expect("eight bytes")));
-                if stops != 0 {
-                    self.i += stops.trailing_zeros() as usize / 8;
-                    break;
-                }
-                self.i += 8;
-            }
-            let c = *self.b.get(self.i)?;
-            self.i += 1;
-            if STOP[usize::from(c)] {
-                if c >= 0x80 {
-                    self.non_ascii = true;
-                    continue;
-                }
-                return Some(c);
-            }
-        }
-    }
-
     /// A string without escapes or control characters; its contents.
     pub fn plain_string(&mut self) -> Option<&'a [u8]> {
-        if self.next()? != b'"' {
+        let b = self.b;
+        if *b.get(self.i)? != b'"' {
             return None;
         }
-        let start = self.i;
-        match self.run()? {
-            b'"' => Some(&self.b[start..self.i - 1]),
+        let start = self.i + 1;
+        match run(b, start, &mut self.non_ascii)? {
+            (end, b'"') => {
+                self.i = end + 1;
+                b.get(start..end)
+            }
             _ => None,
         }
     }
 
-    /// Any string: escapes are checked (`\u` of a surrogate is left to serde).
-    fn string(&mut self) -> Option<()> {
-        if self.next()? != b'"' {
-            return None;
-        }
-        loop {
-            match self.run()? {
-                b'"' => return Some(()),
-                b'\\' => match self.next()? {
-                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
-                    b'u' => {
-                        let hex = self.b.get(self.i..self.i + 4)?;
-                        if !hex.iter().all(u8::is_ascii_hexdigit) {
-                            return None;
-                        }
-                        let unit = hex
-                            .iter()
-                            .fold(0u32, |n, &h| n * 16 + (h as char).to_digit(16).unwrap_or(0));
-                        if (0xd800..=0xdfff).contains(&unit) {
-                            return None;
-                        }
-                        self.i += 4;
-                    }
-                    _ => return None,
-                },
-                // A control character.
-                _ => return None,
-            }
-        }
-    }
-
-    /// `-? (0 | [1-9][0-9]*) (. [0-9]+)?`, at most [`MAX_DIGITS`] digits, no exponent.
-    fn number(&mut self) -> Option<()> {
-        if self.peek() == Some(b'-') {
-            self.i += 1;
-        }
-        let first = self.peek()?;
-        let int = self.digits();
-        if int == 0 || (first == b'0' && int > 1) {
-            return None;
-        }
-        let mut total = int;
-        if self.peek() == Some(b'.') {
-            self.i += 1;
-            let frac = self.digits();
-            if frac == 0 {
-                return None;
-            }
-            total += frac;
-        }
-        if total > MAX_DIGITS || matches!(self.peek(), Some(b'e' | b'E')) {
-            return None;
-        }
-        Some(())
-    }
-
-    fn digits(&mut self) -> usize {
-        let n = self.b[self.i..]
-            .iter()
-            .take_while(|c| c.is_ascii_digit())
-            .count();
-        self.i += n;
-        n
-    }
-
     /// An unsigned integer (at most 19 digits, so it fits a `u64`) or `null`.
     pub fn uint_or_null(&mut self) -> Option<Option<u64>> {
-        if self.peek()? == b'n' {
-            self.literal(b"null")?;
+        let b = self.b;
+        if *b.get(self.i)? == b'n' {
+            self.i = literal(b, self.i, b"null")?;
             return Some(None);
         }
         // The digits and their value in one pass (wrapping: a value is only kept with at
         // most 19 digits, which fit).
         let start = self.i;
+        let mut i = start;
         let mut v = 0u64;
-        while let Some(&c) = self.b.get(self.i) {
+        while let Some(&c) = b.get(i) {
             let d = c.wrapping_sub(b'0');
             if d > 9 {
                 break;
             }
             v = v.wrapping_mul(10).wrapping_add(u64::from(d));
-            self.i += 1;
+            i += 1;
         }
-        let n = self.i - start;
-        if n == 0 || n > 19 || (n > 1 && self.b[start] == b'0') {
+        let n = i - start;
+        if n == 0 || n > 19 || (n > 1 && b[start] == b'0') {
             return None;
         }
-        if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
+        if matches!(b.get(i), Some(b'.' | b'e' | b'E')) {
             return None;
         }
+        self.i = i;
         Some(Some(v))
     }
 
-    /// Any value; `Some(Some(b))` for `true`/`false`.
+    /// Any value, at nesting depth `depth`; `Some(Some(b))` for `true`/`false`.
+    ///
+    /// One loop over the value's tokens, whatever its nesting (no recursion): the containers
+    /// open inside it are a stack of bits, one per level (set: an object).
     pub fn value(&mut self, depth: usize) -> Option<Option<bool>> {
-        if depth > MAX_DEPTH {
-            return None;
-        }
-        match self.peek()? {
-            b'"' => self.string()?,
-            b't' => {
-                self.literal(b"true")?;
-                return Some(Some(true));
+        let b = self.b;
+        let mut i = self.i;
+        let mut non_ascii = false;
+        // Containers open inside the value; bit k of `objects`: the k-th innermost is an
+        // object. At most MAX_DEPTH of them (the depth check), fewer than 128.
+        let mut open = 0usize;
+        let mut objects = 0u128;
+        let mut boolean = None;
+        'value: loop {
+            if depth + open > MAX_DEPTH {
+                return None;
             }
-            b'f' => {
-                self.literal(b"false")?;
-                return Some(Some(false));
-            }
-            b'n' => self.literal(b"null")?,
-            b'-' | b'0'..=b'9' => self.number()?,
-            b'[' => {
-                self.i += 1;
-                self.ws();
-                if self.peek()? == b']' {
-                    self.i += 1;
-                } else {
-                    loop {
-                        self.value(depth + 1)?;
-                        self.ws();
-                        match self.next()? {
-                            b',' => self.ws(),
-                            b']' => break,
-                            _ => return None,
-                        }
+            match *b.get(i)? {
+                b'"' => i = string(b, i + 1, &mut non_ascii)?,
+                b'{' => {
+                    i = skip_ws(b, i + 1);
+                    if *b.get(i)? == b'}' {
+                        i += 1;
+                    } else {
+                        open += 1;
+                        objects = objects << 1 | 1;
+                        i = key(b, i, &mut non_ascii)?.1;
+                        continue 'value;
                     }
                 }
+                b'[' => {
+                    i = skip_ws(b, i + 1);
+                    if *b.get(i)? == b']' {
+                        i += 1;
+                    } else {
+                        open += 1;
+                        objects <<= 1;
+                        continue 'value;
+                    }
+                }
+                b't' => {
+                    i = literal(b, i, b"true")?;
+                    boolean = Some(true);
+                }
+                b'f' => {
+                    i = literal(b, i, b"false")?;
+                    boolean = Some(false);
+                }
+                b'n' => i = literal(b, i, b"null")?,
+                b'-' | b'0'..=b'9' => i = number(b, i)?,
+                _ => return None,
             }
-            b'{' => self.members(|r, _| r.value(depth + 1).map(drop))?,
-            _ => return None,
+            // After a value: a separator, or the end of the containers it closes.
+            loop {
+                if open == 0 {
+                    self.i = i;
+                    self.non_ascii |= non_ascii;
+                    return Some(boolean);
+                }
+                boolean = None;
+                i = skip_ws(b, i);
+                let in_object = objects & 1 == 1;
+                match *b.get(i)? {
+                    b',' => {
+                        i = skip_ws(b, i + 1);
+                        if in_object {
+                            i = key(b, i, &mut non_ascii)?.1;
+                        }
+                        continue 'value;
+                    }
+                    b'}' if in_object => {}
+                    b']' if !in_object => {}
+                    _ => return None,
+                }
+                i += 1;
+                open -= 1;
+                objects >>= 1;
+            }
         }
-        Some(None)
     }
 
     /// The object at this position, member by member: `member` reads the value of each key
@@ -290,26 +368,26 @@ impl<'a> Reader<'a> {
         &mut self,
         mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>,
     ) -> Option<()> {
-        if self.next()? != b'{' {
+        let b = self.b;
+        if *b.get(self.i)? != b'{' {
             return None;
         }
-        self.ws();
-        if self.peek()? == b'}' {
-            self.i += 1;
+        let mut i = skip_ws(b, self.i + 1);
+        if *b.get(i)? == b'}' {
+            self.i = i + 1;
             return Some(());
         }
         loop {
-            let key = self.plain_string()?;
-            self.ws();
-            if self.next()? != b':' {
-                return None;
-            }
-            self.ws();
-            member(self, key)?;
-            self.ws();
-            match self.next()? {
-                b',' => self.ws(),
-                b'}' => return Some(()),
+            let (name, at) = key(b, i, &mut self.non_ascii)?;
+            self.i = at;
+            member(self, b.get(name)?)?;
+            i = skip_ws(b, self.i);
+            match *b.get(i)? {
+                b',' => i = skip_ws(b, i + 1),
+                b'}' => {
+                    self.i = i + 1;
+                    return Some(());
+                }
                 _ => return None,
             }
         }
@@ -326,26 +404,330 @@ pub fn first_time(seen: &mut bool) -> Option<()> {
 mod tests {
     use super::*;
 
+    /// What [`run`] must find, a byte at a time: the first `"`, `\` or control character and
+    /// whether a byte above ASCII comes before it.
+    fn run_naive(b: &[u8], i: usize) -> (Option<(usize, u8)>, bool) {
+        let mut high = false;
+        for (at, &c) in b.iter().enumerate().skip(i) {
+            if c < 0x20 || c == b'"' || c == b'\\' {
+                return (Some((at, c)), high);
+            }
+            high |= c >= 0x80;
+        }
+        (None, high)
+    }
+
     #[test]
-    fn the_word_at_a_time_check_finds_the_first_stop_byte() {
-        let first = |word: [u8; 8]| match stop_bits(u64::from_le_bytes(word)) {
-            0 => None,
-            bits => Some(bits.trailing_zeros() as usize / 8),
-        };
-        for b in 0..=255u8 {
-            for at in 0..8 {
-                let mut word = *b"abcdefgh";
-                word[at] = b;
-                let want = STOP[usize::from(b)].then_some(at);
-                assert_eq!(first(word), want, "byte {b:#04x} at {at}");
-                // Whatever follows it, the first stop byte is where it is.
-                for later in 0..=255u8 {
-                    for after in at + 1..8 {
-                        let mut w = word;
-                        w[after] = later;
-                        let want = want.or(STOP[usize::from(later)].then_some(after));
-                        assert_eq!(first(w), want, "{b:#04x} at {at}, {later:#04x} at {after}");
+    fn the_word_at_a_time_scan_finds_the_first_stop_byte_and_notes_bytes_above_ascii() {
+        // Every byte value at every position of texts of 0..=20 bytes after a start offset
+        // of 0..=2, in backgrounds of plain ASCII and of bytes above it, with a second byte
+        // of every kind after the first (the word loop may mark bytes wrongly above the
+        // first stop byte).
+        let seconds = [b'a', b'"', b'\\', 0x00, 0x1f, 0x80, 0xff, 0x7f, b' '];
+        for background in [b'a', 0x80, 0xc3, 0xff, b'!', b'#', b']', 0x7f] {
+            for len in 0..=20 {
+                for start in 0..=2.min(len) {
+                    for pos in 0..len {
+                        for c in 0..=255u8 {
+                            for (k, &second) in seconds.iter().enumerate() {
+                                let mut v = vec![background; len];
+                                v[pos] = c;
+                                let after = pos + 1 + k % 7;
+                                if after < len {
+                                    v[after] = second;
+                                }
+                                let mut high = false;
+                                let got = run(&v, start, &mut high);
+                                assert_eq!((got, high), run_naive(&v, start), "{v:?} from {start}");
+                            }
+                        }
                     }
+                }
+            }
+        }
+    }
+
+    /// The recursive reader the one-loop [`Reader::value`] replaced (a method per token,
+    /// a call per nested value), kept as its oracle: both must accept the same texts, stop
+    /// at the same position and note the same bytes above ASCII.
+    mod recursive {
+        use super::super::MAX_DEPTH;
+
+        pub struct Reader<'a> {
+            pub b: &'a [u8],
+            pub i: usize,
+            pub non_ascii: bool,
+        }
+
+        impl<'a> Reader<'a> {
+            fn peek(&self) -> Option<u8> {
+                self.b.get(self.i).copied()
+            }
+            fn next(&mut self) -> Option<u8> {
+                let c = self.peek()?;
+                self.i += 1;
+                Some(c)
+            }
+            fn ws(&mut self) {
+                while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                    self.i += 1;
+                }
+            }
+            fn literal(&mut self, word: &[u8]) -> Option<()> {
+                self.b[self.i..]
+                    .starts_with(word)
+                    .then(|| self.i += word.len())
+            }
+            /// Up to the first `"`, `\` or control character, a byte at a time.
+            fn run(&mut self) -> Option<u8> {
+                loop {
+                    let c = self.next()?;
+                    if c >= 0x80 {
+                        self.non_ascii = true;
+                    } else if c < 0x20 || c == b'"' || c == b'\\' {
+                        return Some(c);
+                    }
+                }
+            }
+            fn plain_string(&mut self) -> Option<&'a [u8]> {
+                if self.next()? != b'"' {
+                    return None;
+                }
+                let start = self.i;
+                match self.run()? {
+                    b'"' => Some(&self.b[start..self.i - 1]),
+                    _ => None,
+                }
+            }
+            fn string(&mut self) -> Option<()> {
+                if self.next()? != b'"' {
+                    return None;
+                }
+                loop {
+                    match self.run()? {
+                        b'"' => return Some(()),
+                        b'\\' => match self.next()? {
+                            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                            b'u' => {
+                                let hex = self.b.get(self.i..self.i + 4)?;
+                                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                    return None;
+                                }
+                                let unit =
+                                    u32::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+                                if (0xd800..=0xdfff).contains(&unit) {
+                                    return None;
+                                }
+                                self.i += 4;
+                            }
+                            _ => return None,
+                        },
+                        _ => return None,
+                    }
+                }
+            }
+            fn digits(&mut self) -> usize {
+                let n = self.b[self.i..]
+                    .iter()
+                    .take_while(|c| c.is_ascii_digit())
+                    .count();
+                self.i += n;
+                n
+            }
+            fn number(&mut self) -> Option<()> {
+                if self.peek() == Some(b'-') {
+                    self.i += 1;
+                }
+                let first = self.peek()?;
+                let int = self.digits();
+                if int == 0 || (first == b'0' && int > 1) {
+                    return None;
+                }
+                let mut total = int;
+                if self.peek() == Some(b'.') {
+                    self.i += 1;
+                    let frac = self.digits();
+                    if frac == 0 {
+                        return None;
+                    }
+                    total += frac;
+                }
+                (total <= super::super::MAX_DIGITS && !matches!(self.peek(), Some(b'e' | b'E')))
+                    .then_some(())
+            }
+            pub fn value(&mut self, depth: usize) -> Option<Option<bool>> {
+                if depth > MAX_DEPTH {
+                    return None;
+                }
+                match self.peek()? {
+                    b'"' => self.string()?,
+                    b't' => {
+                        self.literal(b"true")?;
+                        return Some(Some(true));
+                    }
+                    b'f' => {
+                        self.literal(b"false")?;
+                        return Some(Some(false));
+                    }
+                    b'n' => self.literal(b"null")?,
+                    b'-' | b'0'..=b'9' => self.number()?,
+                    b'[' => {
+                        self.i += 1;
+                        self.ws();
+                        if self.peek()? == b']' {
+                            self.i += 1;
+                        } else {
+                            loop {
+                                self.value(depth + 1)?;
+                                self.ws();
+                                match self.next()? {
+                                    b',' => self.ws(),
+                                    b']' => break,
+                                    _ => return None,
+                                }
+                            }
+                        }
+                    }
+                    b'{' => self.members(|r, _| r.value(depth + 1).map(drop))?,
+                    _ => return None,
+                }
+                Some(None)
+            }
+            pub fn members(
+                &mut self,
+                mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>,
+            ) -> Option<()> {
+                if self.next()? != b'{' {
+                    return None;
+                }
+                self.ws();
+                if self.peek()? == b'}' {
+                    self.i += 1;
+                    return Some(());
+                }
+                loop {
+                    let key = self.plain_string()?;
+                    self.ws();
+                    if self.next()? != b':' {
+                        return None;
+                    }
+                    self.ws();
+                    member(self, key)?;
+                    self.ws();
+                    match self.next()? {
+                        b',' => self.ws(),
+                        b'}' => return Some(()),
+                        _ => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The one-loop reader and the recursive one agree on `text` from its first
+    /// non-whitespace byte, at nesting `depth`: accepted or not, where they stop, what they
+    /// noted; and the keys `members` visits.
+    fn same_as_recursive(text: &[u8], depth: usize) -> bool {
+        let at = skip_ws(text, 0);
+        let mut fast = Reader::new(text);
+        fast.i = at;
+        let mut slow = recursive::Reader {
+            b: text,
+            i: at,
+            non_ascii: false,
+        };
+        let got = fast.value(depth);
+        assert_eq!(
+            got,
+            slow.value(depth),
+            "{:?} at depth {depth}",
+            String::from_utf8_lossy(text)
+        );
+        if got.is_some() {
+            assert_eq!(fast.i, slow.i, "{:?}", String::from_utf8_lossy(text));
+            assert_eq!(
+                fast.non_ascii,
+                slow.non_ascii,
+                "{:?}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        let (mut fk, mut sk) = (Vec::new(), Vec::new());
+        let mut fast = Reader::new(text);
+        fast.i = at;
+        let mut slow = recursive::Reader {
+            b: text,
+            i: at,
+            non_ascii: false,
+        };
+        let f = fast.members(|r, k| {
+            fk.push(k);
+            r.value(depth + 1).map(drop)
+        });
+        let s = slow.members(|r, k| {
+            sk.push(k);
+            r.value(depth + 1).map(drop)
+        });
+        assert_eq!(f, s, "members of {:?}", String::from_utf8_lossy(text));
+        assert_eq!(fk, sk);
+        if f.is_some() {
+            assert_eq!((fast.i, fast.non_ascii), (slow.i, slow.non_ascii));
+        }
+        got.is_some()
+    }
+
+    #[test]
+    fn the_one_loop_reader_agrees_with_the_recursive_one() {
+        let docs = [
+            r#"{"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello in five words."}],"max_tokens":32}"#,
+            r#"{"messages":[{"role":"user","content":"Grüße, 日本 🙂 \n\u00e9"}],"n":-1.5,"x":[true,false,null]}"#,
+            r#" { "a" : [ 1 , { "b" : [ ] , "c" : { } } , "x\"y" , -0.25 ] , "t" : true } "#,
+            r#"["é",{"日本":"語"},"🙂",0,[[],[{}]],{"k":[null]}]"#,
+            r#"{"usage":{"prompt_tokens":12,"completion_tokens":4,"total_tokens":16},"s":"\ud83d"}"#,
+            "[1,2.5,\"a\\tb\\u00E9\\/\",{\"k\":false}]\t",
+            "true",
+            "\"plain text, and more than eight bytes of it\"",
+        ];
+        // Single-byte changes, removals and insertions of JSON-significant bytes, whitespace,
+        // bytes above ASCII and control characters, at every position.
+        let alphabet = b"{}[]\",:\\ \t\n-0123456789.eEtfnul\x01\x1fxu\x80\xbf\xc3\xe6\xf0\xff";
+        let mut accepted = 0;
+        for doc in docs {
+            let doc = doc.as_bytes();
+            for depth in [1, 2] {
+                accepted += usize::from(same_as_recursive(doc, depth));
+                for i in 0..doc.len() {
+                    let mut d = doc.to_vec();
+                    d.remove(i);
+                    same_as_recursive(&d, depth);
+                    for &c in alphabet {
+                        let mut m = doc.to_vec();
+                        m[i] = c;
+                        accepted += usize::from(same_as_recursive(&m, depth));
+                        let mut n = doc.to_vec();
+                        n.insert(i, c);
+                        accepted += usize::from(same_as_recursive(&n, depth));
+                    }
+                }
+            }
+            // Every prefix (texts that end early).
+            for end in 0..doc.len() {
+                same_as_recursive(&doc[..end], 1);
+            }
+        }
+        assert!(
+            accepted > 5000,
+            "the changes exercise the accepting path: {accepted}"
+        );
+        // Nesting around the depth limit, from both readers' depths, arrays and objects.
+        for n in [1, 48, 49, 50, 98, 99, 100, 101, 127, 130] {
+            for depth in [1, 2, 50, 100, 101] {
+                let arrays = format!("{}1{}", "[".repeat(n), "]".repeat(n));
+                let empties = format!("{}{}", "[".repeat(n), "]".repeat(n));
+                let objects = format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n));
+                let mixed = format!("{}\"x\"{}", "[{\"k\":".repeat(n), "}]".repeat(n));
+                for text in [arrays, empties, objects, mixed] {
+                    same_as_recursive(text.as_bytes(), depth);
                 }
             }
         }

@@ -20,6 +20,7 @@ use pingora::upstreams::peer::HttpPeer;
 use crate::config::file::{OnStoreFailureFile, PromptEstimateFile, StoreKindFile};
 use crate::config::runtime::{Backend, Config};
 use crate::observe::metrics::Metrics;
+use crate::upstream::pool::Upstreams;
 use crate::upstream::select::PoolState;
 
 pub struct Snapshot {
@@ -27,7 +28,7 @@ pub struct Snapshot {
     pub chain: FilterChain,
     pub pool: PoolState,
     /// By backend index. Re-resolved by the health checker when the host's address changes.
-    pub peers: Vec<arc_swap::ArcSwap<HttpPeer>>,
+    pub peers: Vec<arc_swap::ArcSwap<Peer>>,
     pub estimator: Arc<PromptEstimator>,
     pub limiter: Arc<Limiter>,
     /// Stored-object records (SPEC §11), on the same store as the limiter's counters.
@@ -60,6 +61,20 @@ fn same_store(a: &Config, b: &Config) -> bool {
     a.state.store == b.state.store
         && a.state.redis_url == b.state.redis_url
         && a.limits.on_store_failure == b.limits.on_store_failure
+}
+
+/// A backend's peer and its connection pool key ([`Upstreams::key`]), hashed once per
+/// address rather than per request.
+pub struct Peer {
+    pub http: HttpPeer,
+    pub key: u64,
+}
+
+impl Peer {
+    pub fn new(http: HttpPeer) -> Peer {
+        let key = Upstreams::key(&http);
+        Peer { http, key }
+    }
 }
 
 /// Builds the upstream peer of a backend: resolved address (pingora's `HttpPeer::new` with a
@@ -113,7 +128,7 @@ impl Snapshot {
         let peers = cfg
             .backends
             .iter()
-            .map(|b| build_peer(b).map(arc_swap::ArcSwap::from_pointee))
+            .map(|b| build_peer(b).map(|p| arc_swap::ArcSwap::from_pointee(Peer::new(p))))
             .collect::<Result<Vec<_>, _>>()?;
         let (limiter, objects) = match prev {
             Some(p) if same_store(&p.cfg, &cfg) => (p.limiter.clone(), p.objects.clone()),
@@ -231,5 +246,30 @@ impl Snapshot {
                     .set(*exp);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_keeps_the_pool_key_of_its_address() {
+        let at = |addr: &str, tls: bool| {
+            HttpPeer::new(
+                addr.parse::<std::net::SocketAddr>().unwrap(),
+                tls,
+                "b".into(),
+            )
+        };
+        for (addr, tls) in [("127.0.0.1:80", false), ("127.0.0.2:443", true)] {
+            assert_eq!(Peer::new(at(addr, tls)).key, Upstreams::key(&at(addr, tls)));
+        }
+        // A re-resolved address is a new peer with its own key: its connections are not
+        // pooled with the old address's.
+        assert_ne!(
+            Peer::new(at("127.0.0.1:80", false)).key,
+            Peer::new(at("127.0.0.2:80", false)).key
+        );
     }
 }

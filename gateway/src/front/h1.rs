@@ -79,9 +79,9 @@ pub async fn serve_connection(gw: &Gateway, stream: Stream, shutdown: &ShutdownW
             _ => break,
         };
         let closing = clocks.shutting_down();
-        let mut d = H1::new(&mut conn, head, client, &cert, &mut out, closing);
+        let mut d = H1::new(&mut conn, &head, client, &cert, &mut out, closing);
         let mut ctx = gw.new_ctx();
-        let reusable = gw.serve(&mut d, &mut ctx).await && d.reusable();
+        let reusable = gw.serve(&mut d, &head, &mut ctx).await && d.reusable();
         gw.finish(&mut ctx).await;
         clocks.served = true;
         if !reusable {
@@ -198,7 +198,7 @@ async fn refuse_head(
 /// One request on an HTTP/1.x connection.
 pub struct H1<'a> {
     conn: &'a mut Conn<Stream>,
-    head: Head,
+    head: &'a Head,
     client: Option<IpAddr>,
     cert: &'a Option<PeerCert>,
     out: &'a mut Vec<u8>,
@@ -217,7 +217,7 @@ pub struct H1<'a> {
 impl<'a> H1<'a> {
     pub fn new(
         conn: &'a mut Conn<Stream>,
-        head: Head,
+        head: &'a Head,
         client: Option<IpAddr>,
         cert: &'a Option<PeerCert>,
         out: &'a mut Vec<u8>,
@@ -280,7 +280,7 @@ fn read_error(e: H1Error) -> ReadError {
 
 impl Downstream for H1<'_> {
     fn head(&self) -> &Head {
-        &self.head
+        self.head
     }
 
     fn client_addr(&self) -> Option<IpAddr> {

@@ -60,8 +60,9 @@ impl HttpServerApp for H2App {
 /// audit) either way. A stream is never reused.
 async fn serve_stream(gateway: &Gateway, mut session: ServerSession) -> Option<ReusedHttpStream> {
     let mut ctx = gateway.new_ctx();
+    let head = Session2::head_of(&session);
     let whole = gateway
-        .serve(&mut Session2::new(&mut session), &mut ctx)
+        .serve(&mut Session2::new(&mut session, &head), &head, &mut ctx)
         .await;
     gateway.finish(&mut ctx).await;
     if whole {
@@ -87,11 +88,17 @@ where
 /// One request on Pingora's HTTP/2 session.
 pub struct Session2<'a> {
     session: &'a mut ServerSession,
-    head: Head,
+    head: &'a Head,
 }
 
 impl<'a> Session2<'a> {
-    pub fn new(session: &'a mut ServerSession) -> Self {
+    /// The request on `session`, answered through it; `head` is its head ([`Self::head_of`]).
+    pub fn new(session: &'a mut ServerSession, head: &'a Head) -> Self {
+        Session2 { session, head }
+    }
+
+    /// The head of the request on `session`.
+    pub fn head_of(session: &ServerSession) -> Head {
         let req = session.req_header();
         let target = req
             .uri
@@ -103,8 +110,7 @@ impl<'a> Session2<'a> {
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_bytes()))
             .collect();
-        let head = Head::request(req.method.as_str(), &target, headers);
-        Session2 { session, head }
+        Head::request(req.method.as_str(), &target, headers)
     }
 
     fn response(resp: &ResponseHead, len: Option<usize>) -> io::Result<Box<ResponseHeader>> {
@@ -176,7 +182,7 @@ fn io_err(e: Box<pingora::Error>) -> io::Error {
 
 impl Downstream for Session2<'_> {
     fn head(&self) -> &Head {
-        &self.head
+        self.head
     }
 
     fn client_addr(&self) -> Option<IpAddr> {

@@ -70,6 +70,46 @@ fn eq_lower(name: &[u8], lit: &[u8]) -> bool {
     word(name, n - 8) | LOWER == word(lit, n - 8)
 }
 
+/// `name` equals the lower-case literal `lit` of the same length with any of its letters in
+/// upper case, every other byte equal, eight bytes at a time. Unlike [`eq_lower`], exact for
+/// any bytes (a control byte never passes for `-`).
+fn eq_exact_lower(name: &[u8], lit: &[u8]) -> bool {
+    // The case bit (0x20) of the bytes of `l` that are lower-case letters.
+    fn case_bits(l: u64) -> u64 {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        let at_least_a = l.wrapping_add(ONES * (0x80 - u64::from(b'a')));
+        let above_z = l.wrapping_add(ONES * (0x7f - u64::from(b'z')));
+        (at_least_a & !above_z & (ONES * 0x80)) >> 2
+    }
+    let n = name.len();
+    if n != lit.len() {
+        return false;
+    }
+    if n < 8 {
+        return name
+            .iter()
+            .zip(lit)
+            .all(|(&a, &l)| a == l || (l.is_ascii_lowercase() && a == l - 0x20));
+    }
+    let word = |s: &[u8], i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&s[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    let same = |i: usize| {
+        let l = word(lit, i);
+        (word(name, i) ^ l) & !case_bits(l) == 0
+    };
+    let mut i = 0;
+    while i + 8 < n {
+        if !same(i) {
+            return false;
+        }
+        i += 8;
+    }
+    same(n - 8)
+}
+
 /// How many [`Name`]s there are.
 const NAMES: usize = Name::RateLimit as usize + 1;
 // One bit of `Head::repeated` each.
@@ -78,8 +118,29 @@ const _: () = assert!(NAMES <= 32);
 impl Name {
     /// The name of a header as sent (any case).
     pub fn of(name: &[u8]) -> Name {
-        let is = |s: &str| eq_lower(name, s.as_bytes());
+        if let Some(known) = Name::literal(name, eq_lower) {
+            return known;
+        }
         match name.len() {
+            n if n > 12 && name[..12].eq_ignore_ascii_case(b"x-ratelimit-") => Name::RateLimit,
+            n if n > 14 && name[..14].eq_ignore_ascii_case(b"sec-websocket-") => Name::SecWebSocket,
+            _ => Name::Other,
+        }
+    }
+
+    /// A name written as one of the known literals, each letter in either case and every
+    /// other byte itself: recognized, and a token with no other check (the literals are
+    /// letters, digits and `-`). `None` for any other name, the `x-ratelimit-*` and
+    /// `sec-websocket-*` ones included.
+    pub(super) fn known(name: &[u8]) -> Option<Name> {
+        Name::literal(name, eq_exact_lower)
+    }
+
+    /// The known literal `name` is, compared by `eq`.
+    #[inline(always)]
+    fn literal(name: &[u8], eq: fn(&[u8], &[u8]) -> bool) -> Option<Name> {
+        let is = |s: &str| eq(name, s.as_bytes());
+        Some(match name.len() {
             2 if is("te") => Name::Te,
             4 if is("host") => Name::Host,
             6 if is("cookie") => Name::Cookie,
@@ -105,10 +166,8 @@ impl Name {
             17 if is("transfer-encoding") => Name::TransferEncoding,
             19 if is("proxy-authorization") => Name::ProxyAuthorization,
             14 if is("http2-settings") => Name::Http2Settings,
-            n if n > 12 && name[..12].eq_ignore_ascii_case(b"x-ratelimit-") => Name::RateLimit,
-            n if n > 14 && name[..14].eq_ignore_ascii_case(b"sec-websocket-") => Name::SecWebSocket,
-            _ => Name::Other,
-        }
+            _ => return None,
+        })
     }
 
     /// Hop-by-hop: about one connection, never forwarded either way.
@@ -407,6 +466,12 @@ impl Head {
 
     /// The method, sharing the head's buffer.
     pub fn method_text(&self) -> Text {
+        // The usual methods as static text: no handle on the head's buffer to take and drop.
+        for m in ["POST", "GET", "DELETE"] {
+            if self.slice(self.method) == m.as_bytes() {
+                return Text(ByteString::from_static(m));
+            }
+        }
         self.text_at(self.method).unwrap_or_default()
     }
 

@@ -152,6 +152,17 @@ fn lookups_find_the_first_of_repeated_headers_and_framing_sees_all() {
 }
 
 #[test]
+fn the_method_as_text_is_the_method_whether_it_is_a_usual_one_or_not() {
+    for m in [
+        "POST", "GET", "DELETE", "PUT", "HEAD", "OPTIONS", "PATCH", "post", "GETS", "POS", "X",
+    ] {
+        let h = Head::request(m, "/p", []);
+        assert_eq!(h.method_text().as_str(), m);
+        assert_eq!(h.method_text().as_str(), h.method());
+    }
+}
+
+#[test]
 fn text_parts_of_heads_with_and_without_bytes_above_ascii() {
     // A UTF-8 head: its parts are borrowed from the one check of the whole head.
     let h = Head::request(
@@ -616,5 +627,66 @@ async fn keep_alive_requests_reuse_one_small_read_buffer() {
         assert_eq!(body_of(&mut c, Framing::Length(2)).await.unwrap(), b"{}");
         drop(h);
         assert_eq!(c.allocated(), READ_SMALL, "request {i}");
+    }
+}
+
+#[test]
+fn known_names_are_their_literals_with_letters_in_either_case_and_nothing_else() {
+    let literals = [
+        ("te", Name::Te),
+        ("host", Name::Host),
+        ("cookie", Name::Cookie),
+        ("expect", Name::Expect),
+        ("api-key", Name::ApiKey),
+        ("trailer", Name::Trailer),
+        ("upgrade", Name::Upgrade),
+        ("connection", Name::Connection),
+        ("keep-alive", Name::KeepAlive),
+        ("set-cookie", Name::SetCookie),
+        ("retry-after", Name::RetryAfter),
+        ("content-type", Name::ContentType),
+        ("x-request-id", Name::XRequestId),
+        ("x-azure-fdid", Name::XAzureFdid),
+        ("authorization", Name::Authorization),
+        ("content-length", Name::ContentLength),
+        ("retry-after-ms", Name::RetryAfterMs),
+        ("apim-request-id", Name::ApimRequestId),
+        ("accept-encoding", Name::AcceptEncoding),
+        ("x-forwarded-for", Name::XForwardedFor),
+        ("proxy-connection", Name::ProxyConnection),
+        ("x-azure-clientip", Name::XAzureClientIp),
+        ("transfer-encoding", Name::TransferEncoding),
+        ("proxy-authorization", Name::ProxyAuthorization),
+        ("http2-settings", Name::Http2Settings),
+    ];
+    for (lit, kind) in literals {
+        let lit = lit.as_bytes();
+        assert_eq!(Name::known(lit), Some(kind));
+        assert_eq!(Name::known(&lit.to_ascii_uppercase()), Some(kind));
+        assert_eq!(Name::of(lit), kind);
+        // Every byte value at every position: a letter's other case passes, nothing else.
+        for at in 0..lit.len() {
+            for c in 0..=255u8 {
+                let mut m = lit.to_vec();
+                m[at] = c;
+                let l = lit[at];
+                let same = c == l || (l.is_ascii_lowercase() && c == l.to_ascii_uppercase());
+                assert_eq!(Name::known(&m), same.then_some(kind), "{m:?}");
+                if same {
+                    assert_eq!(Name::of(&m), kind);
+                }
+            }
+        }
+        // Longer or shorter by a byte: not the literal.
+        assert_eq!(Name::known(&lit[1..]), None);
+        assert_eq!(Name::known(&[lit, b"x"].concat()), None);
+    }
+    for other in [
+        &b"x-ratelimit-remaining-requests"[..],
+        b"sec-websocket-key",
+        b"server",
+        b"",
+    ] {
+        assert_eq!(Name::known(other), None);
     }
 }

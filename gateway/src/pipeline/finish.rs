@@ -75,12 +75,10 @@ impl Gateway {
                 )
                 .await;
         }
-        let id = ctx.outcome.request_id;
-        let outcome = std::mem::replace(&mut ctx.outcome, Outcome::new(id));
         // The wall clock at the end, from the start and the monotonic duration.
         let ended = time::OffsetDateTime::from(ctx.started + elapsed);
         self.audit
-            .log(record_of(outcome, usage, source, elapsed, ended));
+            .log(record_of(&mut ctx.outcome, usage, source, elapsed, ended));
     }
 
     /// `requests_total`, `request_duration_seconds`, `rejections_total`, `tokens_total`.

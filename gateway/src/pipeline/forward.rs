@@ -26,7 +26,7 @@ use crate::http1::{BodyReader, Collected, Framing, H1Error, Head, Name, Text};
 use crate::observe::metrics::status_label;
 use crate::state::Snapshot;
 use crate::upstream::capacity::{parse_report, shortfall, Capacity};
-use crate::upstream::pool::{Upstream, Upstreams};
+use crate::upstream::pool::Upstream;
 use crate::upstream::request::{exchange, Auth, Request, Send, SendError, Target};
 use crate::upstream::select::{capacity_skips, now_ms, unix_ms, Candidate, Cooldown};
 use crate::upstream::token::Token;
@@ -406,9 +406,9 @@ impl Gateway {
         let wire = encode_for(client_head, f, member, &backend.host_header, &payload, auth);
         let peer = snap.peers[member.backend].load_full();
         let started = Instant::now();
-        let key = Upstreams::key(&peer);
+        let key = peer.key;
         let send = Send {
-            peer: &peer,
+            peer: &peer.http,
             key,
             wire: &wire,
             body: &payload,

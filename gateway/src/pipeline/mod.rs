@@ -140,10 +140,14 @@ impl Gateway {
     }
 
     /// Handles one request. `false`: the response broke off and the connection must close.
-    pub async fn serve<D: Downstream>(&self, d: &mut D, ctx: &mut Ctx) -> bool {
+    ///
+    /// `head` is `d`'s head, borrowed apart from `d` (which the stages use mutably) so that
+    /// it need not be copied for them.
+    pub async fn serve<D: Downstream>(&self, d: &mut D, head: &Head, ctx: &mut Ctx) -> bool {
+        debug_assert!(std::ptr::eq(head, d.head()));
         let snap = self.state.load_full();
         ctx.outcome.client_ip = admit_client_ip(d, &snap);
-        let result = self.stages(d, ctx, &snap).await;
+        let result = self.stages(d, head, ctx, &snap).await;
         ctx.snap = Some(snap);
         match result {
             Ok(()) => true,
@@ -170,11 +174,10 @@ impl Gateway {
     async fn stages<D: Downstream>(
         &self,
         d: &mut D,
+        head: &Head,
         ctx: &mut Ctx,
         snap: &Arc<Snapshot>,
     ) -> Result<(), Failure> {
-        // A copy of the head (its buffer is shared) to borrow from while `d` is in use.
-        let head = d.head().clone();
         let (method, path) = (head.method(), head.path());
         ctx.outcome.method = head.method_text();
         ctx.outcome.path = head.path_text();
@@ -194,12 +197,12 @@ impl Gateway {
         // Known before identity (its refusals are labelled with it), refused after it.
         let routed = plan::operation(&route);
         ctx.outcome.operation = routed.as_ref().ok().map(|&(op, _)| op);
-        let identity = self.authenticate(d, &head, ctx, snap).await?;
+        let identity = self.authenticate(d, head, ctx, snap).await?;
         let (operation, rest) = routed?;
         if let route::Route::Realtime { v1 } = route {
             // The rarely used large stages are boxed (here and below): inline, the largest
             // of them would size every request's state, an open SSE stream's included.
-            return Box::pin(self.realtime(d, ctx, snap, &head, &identity, v1)).await;
+            return Box::pin(self.realtime(d, ctx, snap, head, &identity, v1)).await;
         }
         let mut body = match upload::form_kind(&route, operation, rest) {
             // A multipart form: streamed to the backend when it is large (SPEC §11, §13).
@@ -207,14 +210,14 @@ impl Gateway {
                 let ct = head.get_str(Name::ContentType).unwrap_or("");
                 match self.read_form(d, ctx, snap, kind, ct).await? {
                     upload::Held::Whole(raw) => {
-                        Self::inspect_body(raw, &head, (operation, rest), &route)?
+                        Self::inspect_body(raw, head, (operation, rest), &route)?
                     }
                     upload::Held::Streamed(form) => {
                         return Box::pin(self.streamed_form(
                             d,
                             ctx,
                             snap,
-                            &head,
+                            head,
                             &identity,
                             (operation, &route),
                             form,
@@ -224,7 +227,7 @@ impl Gateway {
                 }
             }
             None => {
-                self.read_body(d, &head, ctx, snap, (operation, rest), &route)
+                self.read_body(d, head, ctx, snap, (operation, rest), &route)
                     .await?
             }
         };
@@ -287,7 +290,7 @@ impl Gateway {
                 let stream_usage = body.ensure_stream_usage(operation, || {
                     crate::api_version::accepts_stream_options(v1, head.query())
                 });
-                let caller_jwt = identity.jwt_authenticated.then(|| bearer(&head)).flatten();
+                let caller_jwt = identity.jwt_authenticated.then(|| bearer(head)).flatten();
                 let record = body.stores_response().then(|| objects::NewRecord {
                     owner: owner(&identity),
                     deployment: deployment.name.clone(),
@@ -324,7 +327,7 @@ impl Gateway {
                     body: &body,
                     path: plan::Path::AsSent(path),
                     query: query.as_deref(),
-                    caller_jwt: identity.jwt_authenticated.then(|| bearer(&head)).flatten(),
+                    caller_jwt: identity.jwt_authenticated.then(|| bearer(head)).flatten(),
                     operation,
                     stream_usage: filters::tokens::StreamUsage::AsSent,
                     pinned: None,
@@ -350,7 +353,7 @@ impl Gateway {
                     body: &body,
                     path: plan::Path::AsSent(path),
                     query: head.query(),
-                    caller_jwt: identity.jwt_authenticated.then(|| bearer(&head)).flatten(),
+                    caller_jwt: identity.jwt_authenticated.then(|| bearer(head)).flatten(),
                     operation,
                     stream_usage: filters::tokens::StreamUsage::AsSent,
                     pinned: Some(pinned.backend),
@@ -362,7 +365,7 @@ impl Gateway {
             Plan::List { operation, path } => {
                 self.admit_limits(ctx, snap, &identity, operation, None, None)
                     .await?;
-                Box::pin(self.answer_list(d, ctx, snap, &head, &identity, operation, path)).await
+                Box::pin(self.answer_list(d, ctx, snap, head, &identity, operation, path)).await
             }
             Plan::Stored { id, action, path } => {
                 let Some(body) = body else {
@@ -377,7 +380,7 @@ impl Gateway {
                     .is_some_and(|q| q.split('&').any(|p| p == "stream=true"));
                 self.admit_limits(ctx, snap, &identity, operation, Some(&deployment), None)
                     .await?;
-                let caller_jwt = identity.jwt_authenticated.then(|| bearer(&head)).flatten();
+                let caller_jwt = identity.jwt_authenticated.then(|| bearer(head)).flatten();
                 // A batch's output and error files become its owner's when its answer names them.
                 let outputs = (operation == Operation::Batches)
                     .then(|| self.new_record(ctx, snap, &identity, &deployment.name));

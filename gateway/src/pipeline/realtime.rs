@@ -275,7 +275,7 @@ impl Gateway {
             }
             let peer = snap.peers[member.backend].load_full();
             let started = Instant::now();
-            let conn = match timeout_at(deadline, self.upstreams.connect(&peer)).await {
+            let conn = match timeout_at(deadline, self.upstreams.connect(&peer.http)).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     log::warn!("backend {}: realtime connect failed: {e}", backend.name);

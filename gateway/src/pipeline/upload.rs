@@ -30,7 +30,7 @@ use crate::http1::{encode_chunk, Head};
 use crate::multipart::{Piece, Scanner};
 use crate::state::Snapshot;
 use crate::upload::{concat, upstream_length, Checker, FormKind, Part, Renderer, UploadError};
-use crate::upstream::pool::{Upstream, Upstreams};
+use crate::upstream::pool::Upstream;
 use crate::upstream::request::{final_head, Request, Target};
 use crate::upstream::select::{now_ms, unix_ms, Candidate};
 
@@ -394,10 +394,10 @@ impl Gateway {
         }
         let peer = snap.peers[member.backend].load_full();
         let started = Instant::now();
-        let key = Upstreams::key(&peer);
+        let key = peer.key;
         // A new connection: a pooled one that the backend closed meanwhile would fail only
         // once the body streams, when no other member can be tried.
-        let mut up = match timeout_at(deadline, self.upstreams.connect(&peer)).await {
+        let mut up = match timeout_at(deadline, self.upstreams.connect(&peer.http)).await {
             Err(_) => {
                 error();
                 return Err(GatewayError::new(ErrorCode::BackendTimeout).into());

@@ -47,7 +47,7 @@ impl HealthChecker {
             return; // keep the last good address
         };
         let addrs: Vec<std::net::SocketAddr> = addrs.collect();
-        let current = snap.peers[i].load()._address.as_inet().copied();
+        let current = snap.peers[i].load().http._address.as_inet().copied();
         if addrs.is_empty() || addrs.iter().any(|a| Some(*a) == current) {
             return;
         }
@@ -59,7 +59,7 @@ impl HealthChecker {
                     b.host,
                     addrs[0]
                 );
-                snap.peers[i].store(Arc::new(peer));
+                snap.peers[i].store(Arc::new(crate::state::Peer::new(peer)));
             }
             Err(e) => log::error!("{e}"),
         }
@@ -70,7 +70,7 @@ impl HealthChecker {
         let timeout = snap.cfg.health.timeout;
         self.re_resolve(snap, i).await;
         let peer = snap.peers[i].load_full();
-        let peer = &*peer;
+        let peer = &peer.http;
         let Ok(mut req) = RequestHeader::build("GET", snap.cfg.health.path.as_bytes(), Some(3))
         else {
             return false;
