@@ -41,35 +41,41 @@ async fn parses_a_request_and_keeps_the_pipelined_rest() {
     assert!(c.read_head(false).await.unwrap().is_none(), "clean close");
 }
 
+/// Every header name the codec knows by its literal (`Name::known`).
+const LITERALS: &[(&str, Name)] = &[
+    ("te", Name::Te),
+    ("host", Name::Host),
+    ("cookie", Name::Cookie),
+    ("expect", Name::Expect),
+    ("api-key", Name::ApiKey),
+    ("trailer", Name::Trailer),
+    ("upgrade", Name::Upgrade),
+    ("connection", Name::Connection),
+    ("keep-alive", Name::KeepAlive),
+    ("set-cookie", Name::SetCookie),
+    ("retry-after", Name::RetryAfter),
+    ("content-type", Name::ContentType),
+    ("x-request-id", Name::XRequestId),
+    ("x-azure-fdid", Name::XAzureFdid),
+    ("authorization", Name::Authorization),
+    ("content-length", Name::ContentLength),
+    ("retry-after-ms", Name::RetryAfterMs),
+    ("apim-request-id", Name::ApimRequestId),
+    ("accept-encoding", Name::AcceptEncoding),
+    ("x-forwarded-for", Name::XForwardedFor),
+    ("proxy-connection", Name::ProxyConnection),
+    ("x-azure-clientip", Name::XAzureClientIp),
+    ("transfer-encoding", Name::TransferEncoding),
+    ("proxy-authorization", Name::ProxyAuthorization),
+    ("http2-settings", Name::Http2Settings),
+];
+
 #[test]
 fn header_names_are_recognized_in_any_case_and_only_exactly() {
-    let known = [
-        ("te", Name::Te),
-        ("host", Name::Host),
-        ("cookie", Name::Cookie),
-        ("expect", Name::Expect),
-        ("api-key", Name::ApiKey),
-        ("trailer", Name::Trailer),
-        ("upgrade", Name::Upgrade),
-        ("connection", Name::Connection),
-        ("keep-alive", Name::KeepAlive),
-        ("set-cookie", Name::SetCookie),
-        ("retry-after", Name::RetryAfter),
-        ("content-type", Name::ContentType),
-        ("x-request-id", Name::XRequestId),
-        ("x-azure-fdid", Name::XAzureFdid),
-        ("authorization", Name::Authorization),
-        ("content-length", Name::ContentLength),
-        ("retry-after-ms", Name::RetryAfterMs),
-        ("apim-request-id", Name::ApimRequestId),
-        ("accept-encoding", Name::AcceptEncoding),
-        ("x-forwarded-for", Name::XForwardedFor),
-        ("proxy-connection", Name::ProxyConnection),
-        ("x-azure-clientip", Name::XAzureClientIp),
-        ("transfer-encoding", Name::TransferEncoding),
-        ("proxy-authorization", Name::ProxyAuthorization),
-        ("x-ratelimit-remaining-tokens", Name::RateLimit),
-    ];
+    let known = LITERALS
+        .iter()
+        .copied()
+        .chain([("x-ratelimit-remaining-tokens", Name::RateLimit)]);
     for (lit, name) in known {
         assert_eq!(Name::of(lit.as_bytes()), name, "{lit}");
         assert_eq!(Name::of(lit.to_uppercase().as_bytes()), name, "{lit}");
@@ -632,34 +638,7 @@ async fn keep_alive_requests_reuse_one_small_read_buffer() {
 
 #[test]
 fn known_names_are_their_literals_with_letters_in_either_case_and_nothing_else() {
-    let literals = [
-        ("te", Name::Te),
-        ("host", Name::Host),
-        ("cookie", Name::Cookie),
-        ("expect", Name::Expect),
-        ("api-key", Name::ApiKey),
-        ("trailer", Name::Trailer),
-        ("upgrade", Name::Upgrade),
-        ("connection", Name::Connection),
-        ("keep-alive", Name::KeepAlive),
-        ("set-cookie", Name::SetCookie),
-        ("retry-after", Name::RetryAfter),
-        ("content-type", Name::ContentType),
-        ("x-request-id", Name::XRequestId),
-        ("x-azure-fdid", Name::XAzureFdid),
-        ("authorization", Name::Authorization),
-        ("content-length", Name::ContentLength),
-        ("retry-after-ms", Name::RetryAfterMs),
-        ("apim-request-id", Name::ApimRequestId),
-        ("accept-encoding", Name::AcceptEncoding),
-        ("x-forwarded-for", Name::XForwardedFor),
-        ("proxy-connection", Name::ProxyConnection),
-        ("x-azure-clientip", Name::XAzureClientIp),
-        ("transfer-encoding", Name::TransferEncoding),
-        ("proxy-authorization", Name::ProxyAuthorization),
-        ("http2-settings", Name::Http2Settings),
-    ];
-    for (lit, kind) in literals {
+    for &(lit, kind) in LITERALS {
         let lit = lit.as_bytes();
         assert_eq!(Name::known(lit), Some(kind));
         assert_eq!(Name::known(&lit.to_ascii_uppercase()), Some(kind));
