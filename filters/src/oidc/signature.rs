@@ -134,18 +134,13 @@ impl Signatures {
             signing_input_len: signing_input.len(),
             answer,
         };
-        match tx.send(job).await {
-            Ok(()) => match answered.await {
-                Ok(ok) => ok,
-                // The thread ended without answering (it panicked): check here.
-                Err(_) => key.verify(alg, signing_input.as_bytes(), signature),
-            },
-            // No thread left to take it: check here.
-            Err(mpsc::error::SendError(job)) => {
-                let (signing_input, signature) = job.token.split_at(job.signing_input_len);
-                job.key.verify(alg, signing_input.as_bytes(), signature)
+        if tx.send(job).await.is_ok() {
+            if let Ok(ok) = answered.await {
+                return ok;
             }
         }
+        // No thread left to take it, or it ended without answering (it panicked): check here.
+        key.verify(alg, signing_input.as_bytes(), signature)
     }
 }
 
