@@ -35,10 +35,11 @@ pub struct KeyRecord {
     pub key_id: std::sync::Arc<str>,
 }
 
-/// A presented key whose SHA-256 is a configured hash, with that hash.
+/// A presented key whose SHA-256 is a configured hash, with that key's record (its index in
+/// [`KeyStore`]'s records, which a store never reorders or removes).
 struct SeenKey {
     key: Box<[u8]>,
-    digest: [u8; 32],
+    record: usize,
 }
 
 /// Presented keys already found, so that a known key is not hashed again: SHA-256 of a key
@@ -50,8 +51,8 @@ struct SeenKey {
 /// from it. An entry is found by a per-process randomly seeded 64-bit hash of the presented
 /// bytes and then compared in full in constant time (`constant_time_eq`, a word at a time);
 /// two keys sharing a 64-bit hash are both still answered, the second by SHA-256. An entry
-/// yields only the digest: the record, its expiry and the revocation list are looked up as
-/// without the cache. Trade-off: the plain text of every key that was presented and
+/// yields the key's record, whose expiry is checked as without the cache (the digest map is
+/// not searched again: ~150 instructions a request). Trade-off: the plain text of every key that was presented and
 /// accepted stays in memory for as long as this configuration (it is dropped with it on a
 /// reload); without the cache only its hash does, and the presented key only for the
 /// request's lifetime.
@@ -81,19 +82,19 @@ impl std::fmt::Debug for SeenKeys {
 }
 
 impl SeenKeys {
-    /// The digest cached for exactly these bytes.
-    fn get(&self, hash: u64, key: &[u8]) -> Option<[u8; 32]> {
+    /// The record cached for exactly these bytes.
+    fn get(&self, hash: u64, key: &[u8]) -> Option<usize> {
         let map = self.map.load();
         let seen = map.get(&hash)?;
-        constant_time_eq::constant_time_eq(&seen.key, key).then_some(seen.digest)
+        constant_time_eq::constant_time_eq(&seen.key, key).then_some(seen.record)
     }
 
-    /// Remembers `key` (whose SHA-256 is the configured `digest`) unless its 64-bit hash is
-    /// taken or `cap` entries are there.
-    fn insert(&self, hash: u64, key: &[u8], digest: [u8; 32], cap: usize) {
+    /// Remembers `key` (whose SHA-256 is the configured hash of `record`) unless its 64-bit
+    /// hash is taken or `cap` entries are there.
+    fn insert(&self, hash: u64, key: &[u8], record: usize, cap: usize) {
         let entry = Arc::new(SeenKey {
             key: key.into(),
-            digest,
+            record,
         });
         self.map.rcu(|map| {
             if map.len() >= cap || map.contains_key(&hash) {
@@ -114,8 +115,10 @@ impl SeenKeys {
 /// All configured keys, looked up by the SHA-256 of the presented key.
 #[derive(Debug, Default)]
 pub struct KeyStore {
-    /// The keys are SHA-256 digests of configured keys: a fast hash suffices.
-    by_hash: HashMap<[u8; 32], KeyRecord, foldhash::fast::RandomState>,
+    /// The keys are SHA-256 digests of configured keys: a fast hash suffices. The value is the
+    /// index of the key's record in `records`.
+    by_hash: HashMap<[u8; 32], usize, foldhash::fast::RandomState>,
+    records: Vec<KeyRecord>,
     seen: SeenKeys,
 }
 
@@ -124,15 +127,27 @@ impl Clone for KeyStore {
     fn clone(&self) -> Self {
         KeyStore {
             by_hash: self.by_hash.clone(),
+            records: self.records.clone(),
             seen: SeenKeys::default(),
         }
     }
 }
 
 impl KeyStore {
-    /// Adds a key; returns `false` if the same hash was already present.
+    /// Adds a key; returns `false` if the same hash was already present (its record is then
+    /// replaced, in place: a remembered key's index stays right).
     pub fn insert(&mut self, hash: [u8; 32], record: KeyRecord) -> bool {
-        self.by_hash.insert(hash, record).is_none()
+        match self.by_hash.get(&hash) {
+            Some(&i) => {
+                self.records[i] = record;
+                false
+            }
+            None => {
+                self.by_hash.insert(hash, self.records.len());
+                self.records.push(record);
+                true
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -144,29 +159,28 @@ impl KeyStore {
     }
 
     pub fn records(&self) -> impl Iterator<Item = &KeyRecord> {
-        self.by_hash.values()
+        self.records.iter()
     }
 
     /// Finds the key's record; unknown and expired keys are both `InvalidCredential`.
     pub fn lookup(&self, key: &str, now_unix: i64) -> Result<&KeyRecord, FilterError> {
         let key = key.as_bytes();
         let hash = self.seen.seed.hash_one(key);
-        let (digest, cached) = match self.seen.get(hash, key) {
-            Some(d) => (d, true),
-            None => (Sha256::digest(key).into(), false),
-        };
-        match self.by_hash.get(&digest) {
-            Some(rec) => {
-                if !cached {
-                    self.seen.insert(hash, key, digest, self.by_hash.len());
-                }
-                if rec.expires_at.is_none_or(|exp| now_unix < exp) {
-                    Ok(rec)
-                } else {
-                    Err(FilterError::InvalidCredential)
-                }
+        let index = match self.seen.get(hash, key) {
+            Some(i) => i,
+            None => {
+                let digest: [u8; 32] = Sha256::digest(key).into();
+                let &i = self
+                    .by_hash
+                    .get(&digest)
+                    .ok_or(FilterError::InvalidCredential)?;
+                self.seen.insert(hash, key, i, self.records.len());
+                i
             }
-            None => Err(FilterError::InvalidCredential),
+        };
+        match self.records.get(index) {
+            Some(rec) if rec.expires_at.is_none_or(|exp| now_unix < exp) => Ok(rec),
+            _ => Err(FilterError::InvalidCredential),
         }
     }
 
@@ -180,7 +194,7 @@ impl KeyStore {
     #[cfg(test)]
     fn lookup_uncached(&self, key: &str, now_unix: i64) -> Result<&KeyRecord, FilterError> {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        match self.by_hash.get(&digest) {
+        match self.by_hash.get(&digest).map(|&i| &self.records[i]) {
             Some(rec) if rec.expires_at.is_none_or(|exp| now_unix < exp) => Ok(rec),
             _ => Err(FilterError::InvalidCredential),
         }
@@ -320,11 +334,30 @@ mod tests {
     }
 
     #[test]
+    fn a_replaced_record_is_what_a_remembered_key_answers() {
+        let mut s = store();
+        assert_eq!(s.lookup("agw_good", 0).unwrap().client, 0);
+        let h = parse_hash(&hash_key("agw_good")).unwrap();
+        let replaced = KeyRecord {
+            client: 7,
+            expires_at: Some(5),
+            key_id: "y".into(),
+        };
+        assert!(!s.insert(h, replaced.clone()));
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.lookup("agw_good", 0), Ok(&replaced));
+        assert_eq!(s.lookup("agw_good", 5), Err(FilterError::InvalidCredential));
+        assert_eq!(s.lookup("agw_good", 0), s.lookup_uncached("agw_good", 0));
+        assert_eq!(s.records().filter(|r| r.client == 7).count(), 1);
+    }
+
+    #[test]
     fn the_cache_is_bounded_by_the_configured_keys() {
         let s = store();
         let hash = s.seen.seed.hash_one(b"x".as_slice());
         for i in 0..10u8 {
-            s.seen.insert(hash ^ u64::from(i), b"x", [i; 32], s.len());
+            s.seen
+                .insert(hash ^ u64::from(i), b"x", usize::from(i), s.len());
         }
         assert_eq!(s.remembered(), 2);
     }
