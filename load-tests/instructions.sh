@@ -3,7 +3,8 @@
 # to about 1 % on this machine, where wall-clock RPS moves ±20 % between runs of the same binary.
 # Instrumentation is on only while wrk runs (after a warm-up), so start-up is not counted.
 # Usage: load-tests/instructions.sh [BIN_DIR]   (default target/release)   env: DURATION=8,
-#        CG_OUT=dir to keep the callgrind output
+#        CG_OUT=dir to keep the callgrind output, CG_OPTS="--cache-sim=yes --branch-sim=yes" to
+#        simulate caches and branch prediction (the per-thread totals then list each event)
 #        NGINX=1 load-tests/instructions.sh   counts the bare nginx proxy instead (its one
 #        worker, run in the foreground with `master_process off`), the yardstick's figure.
 #        NGINX=1 NGINX_LOG=1: the same nginx writing an access log line per request (JSON, the
@@ -27,7 +28,8 @@ if [ "${NGINX:-0}" = 1 ]; then
 else
   set -- "$BIN/aoai-gateway" run -c "$DIR/gateway.yaml"; PORT=18091
 fi
-valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes \
+# shellcheck disable=SC2086 # CG_OPTS: more callgrind options, e.g. "--cache-sim=yes --branch-sim=yes"
+valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes ${CG_OPTS:-} \
   --callgrind-out-file="$DIR/cg.out" "$@" 2>"$DIR/vg.err" &
 vg=$!; pids+=($vg)
 for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.2; done
@@ -44,6 +46,10 @@ for f in "$DIR"/cg.out.*-*; do
   ir=$(awk '/^totals:/ {s+=$2} END {print s+0}' "$f")
   [ "$ir" -gt $((n * 100)) ] || continue   # threads that did not work per request
   echo "thread $(awk '/^thread:/ {print $2; exit}' "$f"): $((ir / n)) instructions per request"
+  if [ -n "${CG_OPTS:-}" ]; then
+    awk -v n="$n" '/^events:/ {for (i = 2; i <= NF; i++) e[i] = $i}
+      /^totals:/ {for (i = 2; i <= NF; i++) printf "  %s %.1f", e[i], $i / n; print " (per request)"}' "$f"
+  fi
 done
 # CG_OUT=dir keeps the callgrind files (for callgrind_annotate, e.g. to compare two builds).
 [ -n "${CG_OUT:-}" ] && mkdir -p "$CG_OUT" && cp "$DIR"/cg.out.* "$CG_OUT"/
