@@ -16,19 +16,19 @@ use crate::{AuthMethod, FilterError};
 
 /// The credentials a request presents, taken from its headers and TLS session.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Presented {
-    pub api_key: Option<String>,
-    pub jwt: Option<String>,
+pub struct Presented<'a> {
+    pub api_key: Option<&'a str>,
+    pub jwt: Option<&'a str>,
     pub certificate: Option<PeerCert>,
 }
 
-impl Presented {
+impl<'a> Presented<'a> {
     /// Reads `api-key` and `Authorization` header values. A malformed `Authorization`
     /// (not `Bearer <something>`) is an invalid credential.
     pub fn from_headers(
-        api_key: Option<&[u8]>,
-        authorization: Option<&[u8]>,
-    ) -> Result<Presented, FilterError> {
+        api_key: Option<&'a [u8]>,
+        authorization: Option<&'a [u8]>,
+    ) -> Result<Presented<'a>, FilterError> {
         fn text(v: Option<&[u8]>) -> Result<Option<&str>, FilterError> {
             v.map(|v| std::str::from_utf8(v).map_err(|_| FilterError::InvalidCredential))
                 .transpose()
@@ -39,12 +39,12 @@ impl Presented {
     /// [`Presented::from_headers`] for values already known to be UTF-8 (a request head
     /// that was checked as a whole): the same reading without checking them again.
     pub fn from_text(
-        api_key: Option<&str>,
-        authorization: Option<&str>,
-    ) -> Result<Presented, FilterError> {
+        api_key: Option<&'a str>,
+        authorization: Option<&'a str>,
+    ) -> Result<Presented<'a>, FilterError> {
         let mut p = Presented::default();
         if let Some(s) = api_key {
-            p.api_key = Some(s.trim().to_string());
+            p.api_key = Some(s.trim());
         }
         if let Some(s) = authorization {
             let (scheme, rest) = s
@@ -59,13 +59,13 @@ impl Presented {
                 return Err(FilterError::InvalidCredential);
             }
             if token.starts_with(KEY_PREFIX) {
-                if p.api_key.as_deref().is_some_and(|k| k != token) {
+                if p.api_key.is_some_and(|k| k != token) {
                     // Two different keys: refuse rather than guess.
                     return Err(FilterError::InvalidCredential);
                 }
-                p.api_key = Some(token.to_string());
+                p.api_key = Some(token);
             } else {
-                p.jwt = Some(token.to_string());
+                p.jwt = Some(token);
             }
         }
         Ok(p)
@@ -177,7 +177,7 @@ pub struct IdentityResolver {
 }
 
 impl IdentityResolver {
-    pub async fn resolve(&self, p: &Presented, now_unix: i64) -> Result<Identity, FilterError> {
+    pub async fn resolve(&self, p: &Presented<'_>, now_unix: i64) -> Result<Identity, FilterError> {
         if p.is_empty() {
             return Err(FilterError::MissingCredential);
         }
@@ -306,11 +306,11 @@ mod tests {
     #[test]
     fn headers_are_classified() {
         let p = Presented::from_headers(Some(b"agw_x"), None).unwrap();
-        assert_eq!(p.api_key.as_deref(), Some("agw_x"));
+        assert_eq!(p.api_key, Some("agw_x"));
         let p = Presented::from_headers(None, Some(b"Bearer agw_y")).unwrap();
-        assert_eq!(p.api_key.as_deref(), Some("agw_y"));
+        assert_eq!(p.api_key, Some("agw_y"));
         let p = Presented::from_headers(None, Some(b"bearer eyJ.a.b")).unwrap();
-        assert_eq!(p.jwt.as_deref(), Some("eyJ.a.b"));
+        assert_eq!(p.jwt, Some("eyJ.a.b"));
         assert_eq!(p.method(), AuthMethod::Oidc);
         assert_eq!(
             Presented::from_headers(None, Some(b"Basic abc")),
@@ -367,8 +367,8 @@ mod tests {
     fn failing_credential_rejects_even_with_a_good_one() {
         let r = resolver();
         let p = Presented {
-            api_key: Some("agw_a".into()),
-            jwt: Some("bad.token".into()),
+            api_key: Some("agw_a"),
+            jwt: Some("bad.token"),
             certificate: None,
         };
         assert_eq!(rt(r.resolve(&p, 0)), Err(FilterError::InvalidCredential));
@@ -378,7 +378,7 @@ mod tests {
     fn listed_and_unlisted_apps() {
         let r = resolver();
         let p = Presented {
-            jwt: Some("good.app-b".into()),
+            jwt: Some("good.app-b"),
             ..Default::default()
         };
         let id = rt(r.resolve(&p, 0)).unwrap();
@@ -386,7 +386,7 @@ mod tests {
         assert!(id.jwt_authenticated);
         assert_eq!(id.user.as_deref(), Some("u1"));
         let p = Presented {
-            jwt: Some("good.app-z".into()),
+            jwt: Some("good.app-z"),
             ..Default::default()
         };
         let id = rt(r.resolve(&p, 0)).unwrap();
@@ -399,7 +399,7 @@ mod tests {
         let mut r = resolver();
         r.tokens.unlisted.clear();
         let p = Presented {
-            jwt: Some("good.app-z".into()),
+            jwt: Some("good.app-z"),
             ..Default::default()
         };
         assert_eq!(rt(r.resolve(&p, 0)), Err(FilterError::Forbidden));
@@ -409,8 +409,8 @@ mod tests {
     fn credentials_naming_different_clients_are_refused() {
         let r = resolver();
         let p = Presented {
-            api_key: Some("agw_a".into()),
-            jwt: Some("good.app-b".into()),
+            api_key: Some("agw_a"),
+            jwt: Some("good.app-b"),
             certificate: None,
         };
         assert_eq!(rt(r.resolve(&p, 0)), Err(FilterError::InvalidCredential));

@@ -79,7 +79,7 @@ pub enum FilterError {
 /// What the identity filter decides on: the credentials a request presented, and when.
 #[derive(Debug, Clone, Copy)]
 pub struct Credentials<'a> {
-    pub presented: &'a identity::Presented,
+    pub presented: &'a identity::Presented<'a>,
     pub now: std::time::SystemTime,
 }
 
