@@ -235,6 +235,14 @@ impl HeaderKey for &'static str {
     }
 }
 
+/// What the usual `Connection` field says ([`Head::usual_connection`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UsualConnection {
+    Absent,
+    KeepAlive,
+    Close,
+}
+
 /// One header: where its name and value sit in the head's buffer, and which it is.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Field {
@@ -570,8 +578,40 @@ impl Head {
         })
     }
 
+    /// What the head's `Connection` field says when it says what nearly every message
+    /// says: nothing (no such field), or one field whose whole value is `keep-alive` or
+    /// `close` (any case). `None`: anything else, read by the general rules.
+    fn usual_connection(&self) -> Option<UsualConnection> {
+        let kind = Name::Connection;
+        match self.first[kind as usize] {
+            0 => Some(UsualConnection::Absent),
+            _ if self.repeated & (1 << kind as u32) != 0 => None,
+            i => {
+                let v = self.slice(self.fields[i as usize - 1].value);
+                if eq_exact_lower(v, b"keep-alive") {
+                    Some(UsualConnection::KeepAlive)
+                } else if eq_exact_lower(v, b"close") {
+                    Some(UsualConnection::Close)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
     /// Whether the connection may carry another message after this one.
     pub fn keep_alive(&self) -> bool {
+        // The usual `Connection` field decides at once, as the rules below decide it
+        // (`keep_alive_by_the_rules` is the oracle of the test beside them).
+        match self.usual_connection() {
+            Some(UsualConnection::Absent) => self.minor != 0,
+            Some(UsualConnection::KeepAlive) => true,
+            Some(UsualConnection::Close) => false,
+            None => self.keep_alive_by_the_rules(),
+        }
+    }
+
+    fn keep_alive_by_the_rules(&self) -> bool {
         // `close` wins over `keep-alive` in either version (RFC 9112 §9.3, §9.6). HTTP/1.0
         // keeps the connection only on a `Connection` field that is all visible ASCII: one
         // with other bytes is not read as granting anything (as hyper reads it: closing is
@@ -587,8 +627,29 @@ impl Head {
         }
     }
 
+    /// The framing fields of the usual head, read without the general rules: no
+    /// `Transfer-Encoding`, and no `Content-Length` (`Some(None)`) or one whose value is
+    /// 1–18 digits (`Some(Some(n))`). `None`: anything else, for the general rules.
+    fn usual_length(&self) -> Option<Option<u64>> {
+        let (te, cl) = (Name::TransferEncoding, Name::ContentLength);
+        if self.first[te as usize] != 0 || self.repeated & (1 << cl as u32) != 0 {
+            return None;
+        }
+        match self.first[cl as usize] {
+            0 => Some(None),
+            i => framing::decimal(self.slice(self.fields[i as usize - 1].value)).map(Some),
+        }
+    }
+
     /// How the body of this request is delimited ([`framing::request_framing`]).
     pub fn request_framing(&self) -> Result<Framing, H1Error> {
+        if let Some(length) = self.usual_length() {
+            return Ok(Framing::Length(length.unwrap_or(0)));
+        }
+        self.request_framing_by_the_rules()
+    }
+
+    fn request_framing_by_the_rules(&self) -> Result<Framing, H1Error> {
         framing::request_framing(
             self.minor,
             self.values(Name::TransferEncoding),
@@ -600,6 +661,17 @@ impl Head {
     /// How the body of this response is delimited (`head_request`: it answers a HEAD;
     /// [`framing::response_framing`]).
     pub fn response_framing(&self, head_request: bool) -> Result<Framing, H1Error> {
+        if !framing::bodiless(self.status, head_request) {
+            match self.usual_length() {
+                Some(Some(n)) => return Ok(Framing::Length(n)),
+                Some(None) => return Ok(Framing::Close),
+                None => {}
+            }
+        }
+        self.response_framing_by_the_rules(head_request)
+    }
+
+    fn response_framing_by_the_rules(&self, head_request: bool) -> Result<Framing, H1Error> {
         framing::response_framing(
             self.status,
             self.minor,
@@ -610,14 +682,27 @@ impl Head {
         .map_err(H1Error::Malformed)
     }
 
+    /// Whether the `Connection` field names a field that is not dropped anyway
+    /// ([`framing::nominates_fields`]; the usual field names none).
+    fn nominates(&self) -> bool {
+        match self.usual_connection() {
+            Some(_) => false,
+            None => self.nominates_by_the_rules(),
+        }
+    }
+
+    fn nominates_by_the_rules(&self) -> bool {
+        self.first[Name::Connection as usize] != 0
+            && framing::nominates_fields(self.values(Name::Connection))
+    }
+
     /// The fields that may cross this hop: those `keep` accepts, less any that the message's
     /// `Connection` field nominates (RFC 9110 §7.6.1).
     pub fn end_to_end_fields<'a>(
         &'a self,
         keep: impl Fn(Name, &[u8]) -> bool + 'a,
     ) -> impl Iterator<Item = (Name, &'a [u8], &'a [u8])> + 'a {
-        let check = self.first[Name::Connection as usize] != 0
-            && framing::nominates_fields(self.values(Name::Connection));
+        let check = self.nominates();
         self.fields().filter(move |&(kind, name, _)| {
             keep(kind, name) && !(check && framing::nominated(name, self.values(Name::Connection)))
         })
@@ -628,5 +713,117 @@ impl Head {
     pub fn all_str(&self, kind: Name) -> impl DoubleEndedIterator<Item = &str> {
         self.values(kind)
             .filter_map(|v| std::str::from_utf8(v).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A head of these fields, as any version and status (0: a request).
+    fn head(minor: u8, status: u16, headers: &[(&str, &[u8])]) -> Head {
+        let h = Head::request("GET", "/", headers.iter().copied());
+        Head { minor, status, ..h }
+    }
+
+    fn framing_of(r: Result<Framing, H1Error>) -> Result<Framing, String> {
+        r.map_err(|e| e.to_string())
+    }
+
+    /// The usual `Connection` and framing fields are decided at once: exactly as the
+    /// general rules decide them, for every mix of the fields, versions and statuses.
+    #[test]
+    fn the_usual_fields_are_decided_as_the_rules_decide_them() {
+        let connections: &[&[&[u8]]] = &[
+            &[],
+            &[b"keep-alive"],
+            &[b"Keep-Alive"],
+            &[b"KEEP-ALIVE"],
+            &[b"close"],
+            &[b"Close"],
+            &[b"keep-alive, close"],
+            &[b"close, keep-alive"],
+            &[b" keep-alive"],
+            &[b"keep-alive\t"],
+            &[b"keep-alivex"],
+            &[b"keep_alive"],
+            &[b"keep\x0dalive"],
+            &[b"closed"],
+            &[b"keep-alive, X-Hop"],
+            &[b"upgrade"],
+            &[b""],
+            &[b","],
+            &[b"k\xffeep-alive"],
+            &[b"keep-alive", b"close"],
+            &[b"close", b"keep-alive"],
+            &[b"keep-alive", b"keep-alive"],
+            &[b"keep-alive", b"x-other"],
+        ];
+        let lengths: &[&[&[u8]]] = &[
+            &[],
+            &[b"0"],
+            &[b"5"],
+            &[b"007"],
+            &[b"999999999999999999"],
+            &[b"1000000000000000000"],
+            &[b"5, 5"],
+            &[b"5,6"],
+            &[b" 5"],
+            &[b"5\t"],
+            &[b""],
+            &[b"-1"],
+            &[b"+5"],
+            &[b"0x5"],
+            &[b"5", b"5"],
+            &[b"5", b"6"],
+        ];
+        let codings: &[&[&[u8]]] = &[
+            &[],
+            &[b"chunked"],
+            &[b"Chunked"],
+            &[b"gzip, chunked"],
+            &[b""],
+            &[b"chunked", b"chunked"],
+        ];
+        let (mut usual_connection, mut usual_length) = (0, 0);
+        for conn in connections {
+            for cl in lengths {
+                for te in codings {
+                    let mut fields: Vec<(&str, &[u8])> = vec![("x-first", b"1")];
+                    fields.extend(conn.iter().map(|v| ("Connection", *v)));
+                    fields.extend(cl.iter().map(|v| ("Content-Length", *v)));
+                    fields.extend(te.iter().map(|v| ("transfer-encoding", *v)));
+                    fields.push(("x-last", b"2"));
+                    for minor in [0, 1] {
+                        for status in [0, 100, 101, 200, 204, 304, 404] {
+                            let h = head(minor, status, &fields);
+                            let what = format!("{minor} {status} {fields:?}");
+                            usual_connection += usize::from(h.usual_connection().is_some());
+                            usual_length += usize::from(h.usual_length().is_some());
+                            assert_eq!(h.keep_alive(), h.keep_alive_by_the_rules(), "{what}");
+                            assert_eq!(h.nominates(), h.nominates_by_the_rules(), "{what}");
+                            if status == 0 {
+                                assert_eq!(
+                                    framing_of(h.request_framing()),
+                                    framing_of(h.request_framing_by_the_rules()),
+                                    "{what}"
+                                );
+                                continue;
+                            }
+                            for head_request in [false, true] {
+                                assert_eq!(
+                                    framing_of(h.response_framing(head_request)),
+                                    framing_of(h.response_framing_by_the_rules(head_request)),
+                                    "{what} {head_request}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Both ways are taken many times (the test compares something).
+        assert!(usual_connection > 1000 && usual_length > 1000);
+        assert!(usual_connection < 30_000 && usual_length < 30_000);
     }
 }
