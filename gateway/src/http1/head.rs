@@ -121,6 +121,12 @@ impl Name {
         if let Some(known) = Name::literal(name, eq_lower) {
             return known;
         }
+        Name::unlisted(name)
+    }
+
+    /// A name that is none of the known literals: one of the families (`x-ratelimit-*`,
+    /// `sec-websocket-*`) or [`Name::Other`].
+    pub(super) fn unlisted(name: &[u8]) -> Name {
         match name.len() {
             n if n > 12 && name[..12].eq_ignore_ascii_case(b"x-ratelimit-") => Name::RateLimit,
             n if n > 14 && name[..14].eq_ignore_ascii_case(b"sec-websocket-") => Name::SecWebSocket,
@@ -706,6 +712,52 @@ impl Head {
         self.fields().filter(move |&(kind, name, _)| {
             keep(kind, name) && !(check && framing::nominated(name, self.values(Name::Connection)))
         })
+    }
+
+    /// Writes the fields [`Head::end_to_end_fields`] gives as field lines into `out`, each
+    /// `name: value\r\n`. A run of such fields that arrived one after the other in exactly
+    /// that form (one space after the colon, no trailing whitespace, CRLF) is copied as it
+    /// arrived, in one piece: the same bytes as written field by field
+    /// (`end_to_end_lines_are_the_fields_written_one_by_one` checks).
+    pub fn write_end_to_end_fields(&self, keep: impl Fn(Name, &[u8]) -> bool, out: &mut Vec<u8>) {
+        let raw = self.raw.bytes().as_ref();
+        let check = self.nominates();
+        // The received bytes not written yet, from the first kept line of a run to its end.
+        let mut run = 0..0;
+        for f in &self.fields {
+            let name = self.slice(f.name);
+            if !keep(f.kind, name)
+                || (check && framing::nominated(name, self.values(Name::Connection)))
+            {
+                continue;
+            }
+            let (n0, n1) = (f.name.0 as usize, f.name.1 as usize);
+            let (v0, v1) = (f.value.0 as usize, f.value.1 as usize);
+            if v0 == n1 + 2
+                && raw.get(n1..v0) == Some(&b": "[..])
+                && raw.get(v1..v1 + 2) == Some(&b"\r\n"[..])
+            {
+                if run.end != n0 {
+                    if !run.is_empty() {
+                        out.extend_from_slice(&raw[run]);
+                    }
+                    run = n0..n0;
+                }
+                run.end = v1 + 2;
+                continue;
+            }
+            if !run.is_empty() {
+                out.extend_from_slice(&raw[run]);
+                run = 0..0;
+            }
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&raw[v0..v1]);
+            out.extend_from_slice(b"\r\n");
+        }
+        if !run.is_empty() {
+            out.extend_from_slice(&raw[run]);
+        }
     }
 
     /// Every value of a header recognized as `kind`, in order, as text (values that are not
