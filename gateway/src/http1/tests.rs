@@ -356,6 +356,50 @@ fn response_heads_encode_with_their_framing() {
     assert!(out.ends_with(b"x\r\n"));
 }
 
+/// Every status, framing and close: the head as it was written piece by piece (the oracle).
+#[test]
+fn response_heads_are_the_bytes_written_piece_by_piece() {
+    fn by_pieces(status: u16, lines: &[u8], framing: OutFraming, close: bool) -> Vec<u8> {
+        let mut out = b"HTTP/1.1 ".to_vec();
+        out.extend_from_slice(status.to_string().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(reason(status).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(lines);
+        match framing {
+            OutFraming::Length(n) => {
+                out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes())
+            }
+            OutFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            OutFraming::Close | OutFraming::None => {}
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+    for status in (100..1000u16).filter(|s| s % 7 == 0 || [200, 204, 304, 429, 999].contains(s)) {
+        for lines in [&b""[..], b"a: b\r\n", b"x-request-id: 1\r\nc: d\r\n"] {
+            for framing in [
+                OutFraming::Length(0),
+                OutFraming::Length(327),
+                OutFraming::Length(usize::MAX),
+                OutFraming::Chunked,
+                OutFraming::Close,
+                OutFraming::None,
+            ] {
+                for close in [false, true] {
+                    let mut out = b"prefix".to_vec();
+                    encode_head(status, lines, &mut out, framing, close);
+                    let want = [&b"prefix"[..], &by_pieces(status, lines, framing, close)].concat();
+                    assert_eq!(out, want, "{status} {framing:?} {close}");
+                }
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn strict_chunk_lines_and_trailers_refuse_what_could_be_read_two_ways() {
     for raw in [
