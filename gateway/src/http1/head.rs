@@ -310,6 +310,8 @@ pub struct Head {
     /// values of a name that is there once are its first field alone, with no walk over
     /// the fields after it.
     repeated: u32,
+    /// [`Head::usual_connection`], found once.
+    connection: Option<UsualConnection>,
 }
 
 /// A head's bytes. A request head that is all UTF-8 (checked once when it is made) is kept as
@@ -415,6 +417,7 @@ impl Head {
         }
         // `Other` is never looked up by its slot.
         first[Name::Other as usize] = 0;
+        let connection = Head::usual_connection_of(&buf, &fields, &first, repeated);
         // (`try_from` drops the bytes of a head that is not UTF-8: it gets a second handle
         // of the shared buffer, which costs less than checking the bytes twice.)
         let raw = match status {
@@ -431,6 +434,7 @@ impl Head {
             fields,
             first,
             repeated,
+            connection,
         }
     }
 
@@ -586,14 +590,25 @@ impl Head {
 
     /// What the head's `Connection` field says when it says what nearly every message
     /// says: nothing (no such field), or one field whose whole value is `keep-alive` or
-    /// `close` (any case). `None`: anything else, read by the general rules.
+    /// `close` (any case). `None`: anything else, read by the general rules. (Found once,
+    /// when the head is made: [`Head::usual_connection_of`].)
     fn usual_connection(&self) -> Option<UsualConnection> {
+        self.connection
+    }
+
+    fn usual_connection_of(
+        buf: &[u8],
+        fields: &[Field],
+        first: &[u8; NAMES],
+        repeated: u32,
+    ) -> Option<UsualConnection> {
         let kind = Name::Connection;
-        match self.first[kind as usize] {
+        match first[kind as usize] {
             0 => Some(UsualConnection::Absent),
-            _ if self.repeated & (1 << kind as u32) != 0 => None,
+            _ if repeated & (1 << kind as u32) != 0 => None,
             i => {
-                let v = self.slice(self.fields[i as usize - 1].value);
+                let s = fields.get(i as usize - 1)?.value;
+                let v = buf.get(s.0 as usize..s.1 as usize)?;
                 if eq_exact_lower(v, b"keep-alive") {
                     Some(UsualConnection::KeepAlive)
                 } else if eq_exact_lower(v, b"close") {
