@@ -731,7 +731,8 @@ async fn end_to_end_lines_are_the_fields_written_one_by_one() {
         out
     }
     fn check(h: &Head) -> usize {
-        let keeps: [&dyn Fn(Name, &[u8]) -> bool; 4] = [
+        type Keep<'a> = &'a dyn Fn(Name, &[u8]) -> bool;
+        let keeps: [Keep<'_>; 4] = [
             &super::framing::forward_upstream,
             &|k, _| super::framing::forward_downstream(k),
             &|_, _| true,
