@@ -10,11 +10,16 @@ pub fn encode_head(
     framing: OutFraming,
     close: bool,
 ) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(reason(status).as_bytes());
-    out.extend_from_slice(b"\r\n");
+    // The usual status line as one piece.
+    if status == 200 {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(reason(status).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(field_lines);
     match framing {
         OutFraming::Length(n) => {
@@ -25,10 +30,12 @@ pub fn encode_head(
         OutFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         OutFraming::Close | OutFraming::None => {}
     }
+    // The last field and the blank line as one piece.
     if close {
-        out.extend_from_slice(b"connection: close\r\n");
+        out.extend_from_slice(b"connection: close\r\n\r\n");
+    } else {
+        out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// How a response body goes out.

@@ -199,7 +199,14 @@ fn fields(b: &[u8], mut i: usize) -> Option<(usize, Vec<Field>)> {
                 if i == n0 || b[i] != b':' {
                     return None;
                 }
-                Name::of(&b[n0..i])
+                // A token whose colon was found above is none of the literals (`known`
+                // compares them exactly, and for token bytes that is what `Name::of`'s
+                // comparison ignoring case finds): only the families are left to look for.
+                if colon == Some(i) {
+                    Name::unlisted(&b[n0..i])
+                } else {
+                    Name::of(&b[n0..i])
+                }
             }
         };
         if fields.len() == MAX_HEADERS {

@@ -51,10 +51,15 @@ pub fn response_framing<'a>(
     te: impl Iterator<Item = &'a [u8]>,
     cl: impl Iterator<Item = &'a [u8]>,
 ) -> Result<Framing, Refusal> {
-    if head_request || status < 200 || status == 204 || status == 304 {
+    if bodiless(status, head_request) {
         return Ok(Framing::Length(0));
     }
     body_framing(minor, te, cl, Framing::Close)
+}
+
+/// A response that has no body whatever its fields say: to a HEAD, 1xx, 204 and 304.
+pub fn bodiless(status: u16, head_request: bool) -> bool {
+    head_request || status < 200 || status == 204 || status == 304
 }
 
 /// The rules both directions share: `chunked` alone, else one length, never both;
@@ -141,7 +146,7 @@ fn content_length<'a>(cl: impl Iterator<Item = &'a [u8]>) -> Result<Option<u64>,
 }
 
 /// One to 18 decimal digits (no sign, no spaces) as a number.
-fn decimal(digits: &[u8]) -> Option<u64> {
+pub(super) fn decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 18 {
         return None;
     }

@@ -121,6 +121,12 @@ impl Name {
         if let Some(known) = Name::literal(name, eq_lower) {
             return known;
         }
+        Name::unlisted(name)
+    }
+
+    /// A name that is none of the known literals: one of the families (`x-ratelimit-*`,
+    /// `sec-websocket-*`) or [`Name::Other`].
+    pub(super) fn unlisted(name: &[u8]) -> Name {
         match name.len() {
             n if n > 12 && name[..12].eq_ignore_ascii_case(b"x-ratelimit-") => Name::RateLimit,
             n if n > 14 && name[..14].eq_ignore_ascii_case(b"sec-websocket-") => Name::SecWebSocket,
@@ -235,6 +241,14 @@ impl HeaderKey for &'static str {
     }
 }
 
+/// What the usual `Connection` field says ([`Head::usual_connection`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UsualConnection {
+    Absent,
+    KeepAlive,
+    Close,
+}
+
 /// One header: where its name and value sit in the head's buffer, and which it is.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Field {
@@ -296,6 +310,8 @@ pub struct Head {
     /// values of a name that is there once are its first field alone, with no walk over
     /// the fields after it.
     repeated: u32,
+    /// [`Head::usual_connection`], found once.
+    connection: Option<UsualConnection>,
 }
 
 /// A head's bytes. A request head that is all UTF-8 (checked once when it is made) is kept as
@@ -401,6 +417,7 @@ impl Head {
         }
         // `Other` is never looked up by its slot.
         first[Name::Other as usize] = 0;
+        let connection = Head::usual_connection_of(&buf, &fields, &first, repeated);
         // (`try_from` drops the bytes of a head that is not UTF-8: it gets a second handle
         // of the shared buffer, which costs less than checking the bytes twice.)
         let raw = match status {
@@ -417,6 +434,7 @@ impl Head {
             fields,
             first,
             repeated,
+            connection,
         }
     }
 
@@ -570,8 +588,51 @@ impl Head {
         })
     }
 
+    /// What the head's `Connection` field says when it says what nearly every message
+    /// says: nothing (no such field), or one field whose whole value is `keep-alive` or
+    /// `close` (any case). `None`: anything else, read by the general rules. (Found once,
+    /// when the head is made: [`Head::usual_connection_of`].)
+    fn usual_connection(&self) -> Option<UsualConnection> {
+        self.connection
+    }
+
+    fn usual_connection_of(
+        buf: &[u8],
+        fields: &[Field],
+        first: &[u8; NAMES],
+        repeated: u32,
+    ) -> Option<UsualConnection> {
+        let kind = Name::Connection;
+        match first[kind as usize] {
+            0 => Some(UsualConnection::Absent),
+            _ if repeated & (1 << kind as u32) != 0 => None,
+            i => {
+                let s = fields.get(i as usize - 1)?.value;
+                let v = buf.get(s.0 as usize..s.1 as usize)?;
+                if eq_exact_lower(v, b"keep-alive") {
+                    Some(UsualConnection::KeepAlive)
+                } else if eq_exact_lower(v, b"close") {
+                    Some(UsualConnection::Close)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
     /// Whether the connection may carry another message after this one.
     pub fn keep_alive(&self) -> bool {
+        // The usual `Connection` field decides at once, as the rules below decide it
+        // (`keep_alive_by_the_rules` is the oracle of the test beside them).
+        match self.usual_connection() {
+            Some(UsualConnection::Absent) => self.minor != 0,
+            Some(UsualConnection::KeepAlive) => true,
+            Some(UsualConnection::Close) => false,
+            None => self.keep_alive_by_the_rules(),
+        }
+    }
+
+    fn keep_alive_by_the_rules(&self) -> bool {
         // `close` wins over `keep-alive` in either version (RFC 9112 §9.3, §9.6). HTTP/1.0
         // keeps the connection only on a `Connection` field that is all visible ASCII: one
         // with other bytes is not read as granting anything (as hyper reads it: closing is
@@ -587,8 +648,29 @@ impl Head {
         }
     }
 
+    /// The framing fields of the usual head, read without the general rules: no
+    /// `Transfer-Encoding`, and no `Content-Length` (`Some(None)`) or one whose value is
+    /// 1–18 digits (`Some(Some(n))`). `None`: anything else, for the general rules.
+    fn usual_length(&self) -> Option<Option<u64>> {
+        let (te, cl) = (Name::TransferEncoding, Name::ContentLength);
+        if self.first[te as usize] != 0 || self.repeated & (1 << cl as u32) != 0 {
+            return None;
+        }
+        match self.first[cl as usize] {
+            0 => Some(None),
+            i => framing::decimal(self.slice(self.fields[i as usize - 1].value)).map(Some),
+        }
+    }
+
     /// How the body of this request is delimited ([`framing::request_framing`]).
     pub fn request_framing(&self) -> Result<Framing, H1Error> {
+        if let Some(length) = self.usual_length() {
+            return Ok(Framing::Length(length.unwrap_or(0)));
+        }
+        self.request_framing_by_the_rules()
+    }
+
+    fn request_framing_by_the_rules(&self) -> Result<Framing, H1Error> {
         framing::request_framing(
             self.minor,
             self.values(Name::TransferEncoding),
@@ -600,6 +682,17 @@ impl Head {
     /// How the body of this response is delimited (`head_request`: it answers a HEAD;
     /// [`framing::response_framing`]).
     pub fn response_framing(&self, head_request: bool) -> Result<Framing, H1Error> {
+        if !framing::bodiless(self.status, head_request) {
+            match self.usual_length() {
+                Some(Some(n)) => return Ok(Framing::Length(n)),
+                Some(None) => return Ok(Framing::Close),
+                None => {}
+            }
+        }
+        self.response_framing_by_the_rules(head_request)
+    }
+
+    fn response_framing_by_the_rules(&self, head_request: bool) -> Result<Framing, H1Error> {
         framing::response_framing(
             self.status,
             self.minor,
@@ -610,17 +703,76 @@ impl Head {
         .map_err(H1Error::Malformed)
     }
 
+    /// Whether the `Connection` field names a field that is not dropped anyway
+    /// ([`framing::nominates_fields`]; the usual field names none).
+    fn nominates(&self) -> bool {
+        match self.usual_connection() {
+            Some(_) => false,
+            None => self.nominates_by_the_rules(),
+        }
+    }
+
+    fn nominates_by_the_rules(&self) -> bool {
+        self.first[Name::Connection as usize] != 0
+            && framing::nominates_fields(self.values(Name::Connection))
+    }
+
     /// The fields that may cross this hop: those `keep` accepts, less any that the message's
     /// `Connection` field nominates (RFC 9110 §7.6.1).
     pub fn end_to_end_fields<'a>(
         &'a self,
         keep: impl Fn(Name, &[u8]) -> bool + 'a,
     ) -> impl Iterator<Item = (Name, &'a [u8], &'a [u8])> + 'a {
-        let check = self.first[Name::Connection as usize] != 0
-            && framing::nominates_fields(self.values(Name::Connection));
+        let check = self.nominates();
         self.fields().filter(move |&(kind, name, _)| {
             keep(kind, name) && !(check && framing::nominated(name, self.values(Name::Connection)))
         })
+    }
+
+    /// Writes the fields [`Head::end_to_end_fields`] gives as field lines into `out`, each
+    /// `name: value\r\n`. A run of such fields that arrived one after the other in exactly
+    /// that form (one space after the colon, no trailing whitespace, CRLF) is copied as it
+    /// arrived, in one piece: the same bytes as written field by field
+    /// (`end_to_end_lines_are_the_fields_written_one_by_one` checks).
+    pub fn write_end_to_end_fields(&self, keep: impl Fn(Name, &[u8]) -> bool, out: &mut Vec<u8>) {
+        let raw = self.raw.bytes().as_ref();
+        let check = self.nominates();
+        // The received bytes not written yet, from the first kept line of a run to its end.
+        let mut run = 0..0;
+        for f in &self.fields {
+            let name = self.slice(f.name);
+            if !keep(f.kind, name)
+                || (check && framing::nominated(name, self.values(Name::Connection)))
+            {
+                continue;
+            }
+            let (n0, n1) = (f.name.0 as usize, f.name.1 as usize);
+            let (v0, v1) = (f.value.0 as usize, f.value.1 as usize);
+            if v0 == n1 + 2
+                && raw.get(n1..v0) == Some(&b": "[..])
+                && raw.get(v1..v1 + 2) == Some(&b"\r\n"[..])
+            {
+                if run.end != n0 {
+                    if !run.is_empty() {
+                        out.extend_from_slice(&raw[run]);
+                    }
+                    run = n0..n0;
+                }
+                run.end = v1 + 2;
+                continue;
+            }
+            if !run.is_empty() {
+                out.extend_from_slice(&raw[run]);
+                run = 0..0;
+            }
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&raw[v0..v1]);
+            out.extend_from_slice(b"\r\n");
+        }
+        if !run.is_empty() {
+            out.extend_from_slice(&raw[run]);
+        }
     }
 
     /// Every value of a header recognized as `kind`, in order, as text (values that are not
@@ -628,5 +780,117 @@ impl Head {
     pub fn all_str(&self, kind: Name) -> impl DoubleEndedIterator<Item = &str> {
         self.values(kind)
             .filter_map(|v| std::str::from_utf8(v).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A head of these fields, as any version and status (0: a request).
+    fn head(minor: u8, status: u16, headers: &[(&str, &[u8])]) -> Head {
+        let h = Head::request("GET", "/", headers.iter().copied());
+        Head { minor, status, ..h }
+    }
+
+    fn framing_of(r: Result<Framing, H1Error>) -> Result<Framing, String> {
+        r.map_err(|e| e.to_string())
+    }
+
+    /// The usual `Connection` and framing fields are decided at once: exactly as the
+    /// general rules decide them, for every mix of the fields, versions and statuses.
+    #[test]
+    fn the_usual_fields_are_decided_as_the_rules_decide_them() {
+        let connections: &[&[&[u8]]] = &[
+            &[],
+            &[b"keep-alive"],
+            &[b"Keep-Alive"],
+            &[b"KEEP-ALIVE"],
+            &[b"close"],
+            &[b"Close"],
+            &[b"keep-alive, close"],
+            &[b"close, keep-alive"],
+            &[b" keep-alive"],
+            &[b"keep-alive\t"],
+            &[b"keep-alivex"],
+            &[b"keep_alive"],
+            &[b"keep\x0dalive"],
+            &[b"closed"],
+            &[b"keep-alive, X-Hop"],
+            &[b"upgrade"],
+            &[b""],
+            &[b","],
+            &[b"k\xffeep-alive"],
+            &[b"keep-alive", b"close"],
+            &[b"close", b"keep-alive"],
+            &[b"keep-alive", b"keep-alive"],
+            &[b"keep-alive", b"x-other"],
+        ];
+        let lengths: &[&[&[u8]]] = &[
+            &[],
+            &[b"0"],
+            &[b"5"],
+            &[b"007"],
+            &[b"999999999999999999"],
+            &[b"1000000000000000000"],
+            &[b"5, 5"],
+            &[b"5,6"],
+            &[b" 5"],
+            &[b"5\t"],
+            &[b""],
+            &[b"-1"],
+            &[b"+5"],
+            &[b"0x5"],
+            &[b"5", b"5"],
+            &[b"5", b"6"],
+        ];
+        let codings: &[&[&[u8]]] = &[
+            &[],
+            &[b"chunked"],
+            &[b"Chunked"],
+            &[b"gzip, chunked"],
+            &[b""],
+            &[b"chunked", b"chunked"],
+        ];
+        let (mut usual_connection, mut usual_length) = (0, 0);
+        for conn in connections {
+            for cl in lengths {
+                for te in codings {
+                    let mut fields: Vec<(&str, &[u8])> = vec![("x-first", b"1")];
+                    fields.extend(conn.iter().map(|v| ("Connection", *v)));
+                    fields.extend(cl.iter().map(|v| ("Content-Length", *v)));
+                    fields.extend(te.iter().map(|v| ("transfer-encoding", *v)));
+                    fields.push(("x-last", b"2"));
+                    for minor in [0, 1] {
+                        for status in [0, 100, 101, 200, 204, 304, 404] {
+                            let h = head(minor, status, &fields);
+                            let what = format!("{minor} {status} {fields:?}");
+                            usual_connection += usize::from(h.usual_connection().is_some());
+                            usual_length += usize::from(h.usual_length().is_some());
+                            assert_eq!(h.keep_alive(), h.keep_alive_by_the_rules(), "{what}");
+                            assert_eq!(h.nominates(), h.nominates_by_the_rules(), "{what}");
+                            if status == 0 {
+                                assert_eq!(
+                                    framing_of(h.request_framing()),
+                                    framing_of(h.request_framing_by_the_rules()),
+                                    "{what}"
+                                );
+                                continue;
+                            }
+                            for head_request in [false, true] {
+                                assert_eq!(
+                                    framing_of(h.response_framing(head_request)),
+                                    framing_of(h.response_framing_by_the_rules(head_request)),
+                                    "{what} {head_request}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Both ways are taken many times (the test compares something).
+        assert!(usual_connection > 1000 && usual_length > 1000);
+        assert!(usual_connection < 30_000 && usual_length < 30_000);
     }
 }

@@ -356,6 +356,50 @@ fn response_heads_encode_with_their_framing() {
     assert!(out.ends_with(b"x\r\n"));
 }
 
+/// Every status, framing and close: the head as it was written piece by piece (the oracle).
+#[test]
+fn response_heads_are_the_bytes_written_piece_by_piece() {
+    fn by_pieces(status: u16, lines: &[u8], framing: OutFraming, close: bool) -> Vec<u8> {
+        let mut out = b"HTTP/1.1 ".to_vec();
+        out.extend_from_slice(status.to_string().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(reason(status).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(lines);
+        match framing {
+            OutFraming::Length(n) => {
+                out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes())
+            }
+            OutFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            OutFraming::Close | OutFraming::None => {}
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+    for status in (100..1000u16).filter(|s| s % 7 == 0 || [200, 204, 304, 429, 999].contains(s)) {
+        for lines in [&b""[..], b"a: b\r\n", b"x-request-id: 1\r\nc: d\r\n"] {
+            for framing in [
+                OutFraming::Length(0),
+                OutFraming::Length(327),
+                OutFraming::Length(usize::MAX),
+                OutFraming::Chunked,
+                OutFraming::Close,
+                OutFraming::None,
+            ] {
+                for close in [false, true] {
+                    let mut out = b"prefix".to_vec();
+                    encode_head(status, lines, &mut out, framing, close);
+                    let want = [&b"prefix"[..], &by_pieces(status, lines, framing, close)].concat();
+                    assert_eq!(out, want, "{status} {framing:?} {close}");
+                }
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn strict_chunk_lines_and_trailers_refuse_what_could_be_read_two_ways() {
     for raw in [
@@ -668,4 +712,105 @@ fn known_names_are_their_literals_with_letters_in_either_case_and_nothing_else()
     ] {
         assert_eq!(Name::known(other), None);
     }
+}
+
+/// The field lines written from a head: received runs copied as they are, and every other
+/// field written `name: value\r\n`, are the bytes of the fields written one by one, for
+/// every spacing around the values, the line ends `httparse` also reads, fields dropped in
+/// between, names the `Connection` field nominates, and heads made from parts.
+#[tokio::test]
+async fn end_to_end_lines_are_the_fields_written_one_by_one() {
+    fn one_by_one(h: &Head, keep: impl Fn(Name, &[u8]) -> bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (_, name, value) in h.end_to_end_fields(keep) {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    }
+    fn check(h: &Head) -> usize {
+        type Keep<'a> = &'a dyn Fn(Name, &[u8]) -> bool;
+        let keeps: [Keep<'_>; 4] = [
+            &super::framing::forward_upstream,
+            &|k, _| super::framing::forward_downstream(k),
+            &|_, _| true,
+            &|k, _| k != Name::Other,
+        ];
+        let mut copied = 0;
+        for keep in keeps {
+            let mut out = b"x".to_vec();
+            h.write_end_to_end_fields(keep, &mut out);
+            let want = [&b"x"[..], &one_by_one(h, keep)].concat();
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&want),
+                "{:?}",
+                h.fields().collect::<Vec<_>>()
+            );
+            copied += usize::from(out.len() > 1);
+        }
+        copied
+    }
+    async fn parsed(raw: Vec<u8>, response: bool) -> Head {
+        let (a, mut b) = duplex(1 << 16);
+        b.write_all(&raw).await.unwrap();
+        drop(b);
+        Conn::new(a).read_head(response).await.unwrap().unwrap()
+    }
+    let separators: [&[u8]; 4] = [b":", b": ", b":  ", b":\t"];
+    let trailing: [&[u8]; 3] = [b"", b" ", b"\t"];
+    let values: [&[u8]; 3] = [b"1", b"", b"a \xff b"];
+    let mut written = 0;
+    for (i, names) in [
+        ["X-A", "Cookie", "X-B"],
+        ["Content-Type", "X-Hop", "x-request-id"],
+        ["x_under", "X-A", "Content-Length"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        for sep in separators {
+            for trail in trailing {
+                for value in values {
+                    for at in 0..3 {
+                        let mut fields = Vec::new();
+                        if i == 1 {
+                            fields.extend_from_slice(b"Connection: keep-alive, X-Hop\r\n");
+                        }
+                        for (k, name) in names.iter().enumerate() {
+                            fields.extend_from_slice(name.as_bytes());
+                            if k == at {
+                                fields.extend_from_slice(sep);
+                                fields.extend_from_slice(value);
+                                fields.extend_from_slice(trail);
+                            } else {
+                                fields.extend_from_slice(b": v");
+                            }
+                            fields.extend_from_slice(b"\r\n");
+                        }
+                        let request = [&b"POST /x HTTP/1.1\r\n"[..], &fields, b"\r\n"].concat();
+                        written += check(&parsed(request, false).await);
+                        let response = [&b"HTTP/1.1 200 OK\r\n"[..], &fields, b"\r\n"].concat();
+                        written += check(&parsed(response, true).await);
+                        // Bare LF line ends (read by `httparse`): written field by field.
+                        let bare: Vec<u8> = [&b"HTTP/1.1 200 OK\r\n"[..], &fields, b"\r\n"]
+                            .concat()
+                            .iter()
+                            .copied()
+                            .filter(|&c| c != b'\r')
+                            .collect();
+                        written += check(&parsed(bare, true).await);
+                    }
+                }
+            }
+        }
+    }
+    assert!(written > 1000, "{written}");
+    check(&Head::request(
+        "GET",
+        "/",
+        [("X-A", &b": b\r\n"[..]), ("x-b", b"2"), ("Cookie", b"c")],
+    ));
 }

@@ -47,6 +47,16 @@ impl ResponseHead {
         self.buf.extend_from_slice(b"\r\n");
     }
 
+    /// Adds `x-request-id` (hex digits and dashes: nothing to refuse), as one piece.
+    fn push_request_id(&mut self, id: RequestId) {
+        const NAME: &[u8] = b"x-request-id: ";
+        let mut line = [0u8; NAME.len() + 36 + 2];
+        line[..NAME.len()].copy_from_slice(NAME);
+        line[NAME.len()..NAME.len() + 36].copy_from_slice(&id.text());
+        line[NAME.len() + 36..].copy_from_slice(b"\r\n");
+        self.buf.extend_from_slice(&line);
+    }
+
     /// The fields as (name, value), in the order they were added.
     pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         split_fields(&self.buf)
@@ -84,7 +94,7 @@ pub fn split_fields(lines: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
 pub fn json_head(status: u16, request_id: RequestId) -> ResponseHead {
     let mut resp = ResponseHead::new(status);
     resp.add("content-type", "application/json");
-    resp.add("x-request-id", request_id.text());
+    resp.push_request_id(request_id);
     resp
 }
 
@@ -101,9 +111,7 @@ pub fn client_head(
     let keep = |kind: Name, _: &[u8]| {
         forward_downstream(kind) && !(limits.is_some() && kind == Name::RateLimit)
     };
-    for (_, name, value) in backend.end_to_end_fields(keep) {
-        out.push(name, value);
-    }
+    backend.write_end_to_end_fields(keep, &mut out.buf);
     if let Some(h) = limits {
         for (k, v) in [
             ("x-ratelimit-limit-requests", h.limit_requests),
@@ -116,7 +124,7 @@ pub fn client_head(
             }
         }
     }
-    out.add("x-request-id", request_id.text());
+    out.push_request_id(request_id);
     out
 }
 

@@ -94,36 +94,39 @@ impl Request<'_> {
             out.extend_from_slice(q.as_bytes());
         }
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut line = |name: &[u8], value: &[&[u8]]| {
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            for v in value {
-                out.extend_from_slice(v);
-            }
-            out.extend_from_slice(b"\r\n");
-        };
-        for (_, name, value) in self.head.end_to_end_fields(forward_upstream) {
-            line(name, &[value]);
-        }
-        line(b"host", &[self.host.as_bytes()]);
+        self.head
+            .write_end_to_end_fields(forward_upstream, &mut out);
+        // Then `host`, the length and the credential: each line's end and the next name
+        // written as one piece.
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(self.host.as_bytes());
         match length {
-            Length::Body => line(
-                b"content-length",
-                &[itoa::Buffer::new().format(self.body.len()).as_bytes()],
-            ),
-            Length::Streamed(n) => line(
-                b"content-length",
-                &[itoa::Buffer::new().format(n).as_bytes()],
-            ),
-            Length::Chunked => line(b"transfer-encoding", &[b"chunked"]),
+            Length::Body | Length::Streamed(_) => {
+                let n = match length {
+                    Length::Streamed(n) => n,
+                    _ => self.body.len() as u64,
+                };
+                out.extend_from_slice(b"\r\ncontent-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            }
+            Length::Chunked => out.extend_from_slice(b"\r\ntransfer-encoding: chunked"),
         }
         match self.auth {
-            Auth::ApiKey(k) => line(b"api-key", &[k.as_bytes()]),
-            Auth::Authorization(v) => line(b"authorization", &[v.as_bytes()]),
-            Auth::BearerJwt(j) => line(b"authorization", &[b"Bearer ", j.as_bytes()]),
+            Auth::ApiKey(k) => {
+                out.extend_from_slice(b"\r\napi-key: ");
+                out.extend_from_slice(k.as_bytes());
+            }
+            Auth::Authorization(v) => {
+                out.extend_from_slice(b"\r\nauthorization: ");
+                out.extend_from_slice(v.as_bytes());
+            }
+            Auth::BearerJwt(j) => {
+                out.extend_from_slice(b"\r\nauthorization: Bearer ");
+                out.extend_from_slice(j.as_bytes());
+            }
             Auth::None => {}
         }
-        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(b"\r\n\r\n");
         if with_body {
             out.extend_from_slice(self.body);
         }
