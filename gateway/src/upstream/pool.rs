@@ -34,7 +34,10 @@ use crate::http1::Conn;
 /// Idle connections kept per backend address and thread.
 const MAX_IDLE: usize = 256;
 
-pub type Upstream = Conn<Io>;
+/// A backend connection, boxed once when it is made: a request moves it several times (out
+/// of the pool, through the attempt and its answer, back into the pool) and each move is
+/// then a pointer's, not the connection's ~130 bytes.
+pub type Upstream = Box<Conn<Io>>;
 
 /// A backend connection's transport: a plain tokio socket, or Pingora's stream for TLS (and
 /// anything else its connector makes).
@@ -103,14 +106,14 @@ impl Upstreams {
                 None => connecting.await?,
             };
             tcp.set_nodelay(true)?;
-            return Ok(Conn::new(Either::Left(tcp)));
+            return Ok(Box::new(Conn::new(Either::Left(tcp))));
         }
         // Boxed: Pingora's TLS connect is a large future, and inline it would size every
         // request's state (and every open stream's) for a step a plain backend never takes.
         let stream = Box::pin(self.connector.new_stream(peer))
             .await
             .map_err(io::Error::other)?;
-        Ok(Conn::new(Either::Right(stream)))
+        Ok(Box::new(Conn::new(Either::Right(stream))))
     }
 
     /// Returns a connection whose last response was read to its end, quiet since `since`.
