@@ -486,6 +486,7 @@ impl Gateway {
             framing,
             key,
             head_at,
+            since_start: head_at - ctx.start,
         }))
     }
 
