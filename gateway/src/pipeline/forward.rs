@@ -28,7 +28,7 @@ use crate::state::Snapshot;
 use crate::upstream::capacity::{parse_report, shortfall, Capacity};
 use crate::upstream::pool::Upstream;
 use crate::upstream::request::{exchange, Auth, Request, Send, SendError, Target};
-use crate::upstream::select::{capacity_skips, now_ms, unix_ms, Candidate, Cooldown};
+use crate::upstream::select::{capacity_skips, now_ms, Candidate, Cooldown};
 use crate::upstream::token::Token;
 
 /// The kept body of a retried answer is capped at this size.
@@ -237,7 +237,7 @@ impl Gateway {
         for attempt in 0..snap.cfg.retries.max_attempts {
             // The first attempt goes out at the request's start, as far as cooldowns go.
             let now = if attempt == 0 {
-                unix_ms(ctx.started)
+                ctx.started_ms
             } else {
                 now_ms()
             };
@@ -459,7 +459,7 @@ impl Gateway {
                 {
                     // The head's arrival on the wall clock, from the request's start: no
                     // second clock read.
-                    let at = unix_ms(ctx.started) + since_start.as_millis() as u64;
+                    let at = ctx.started_ms + since_start.as_millis() as u64;
                     cap.record(tokens, requests, at);
                 }
             }
