@@ -246,7 +246,7 @@ fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
             match rx.try_recv() {
                 Ok(Msg::Line(mut rec)) => {
                     if let Some(t) = rec.ended {
-                        clock.write_rfc3339(time::OffsetDateTime::from(t), &mut ts);
+                        clock.write_system(t, &mut ts);
                         std::mem::swap(&mut rec.ts, &mut ts);
                     }
                     write_json(&rec, &mut batch);
@@ -489,9 +489,31 @@ impl SecondCache {
     /// Replaces `out` with `t`'s text.
     fn write_rfc3339(&mut self, t: time::OffsetDateTime, out: &mut String) {
         let t = t.to_offset(time::UtcOffset::UTC);
-        let second = t.unix_timestamp();
+        self.write(t.unix_timestamp(), t.millisecond(), || t, out);
+    }
+
+    /// Replaces `out` with `t`'s text; a date is made only when the second changes.
+    fn write_system(&mut self, t: std::time::SystemTime, out: &mut String) {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => self.write(
+                d.as_secs() as i64,
+                d.subsec_millis() as u16,
+                || time::OffsetDateTime::from(t),
+                out,
+            ),
+            Err(_) => self.write_rfc3339(time::OffsetDateTime::from(t), out),
+        }
+    }
+
+    fn write(
+        &mut self,
+        second: i64,
+        ms: u16,
+        date: impl FnOnce() -> time::OffsetDateTime,
+        out: &mut String,
+    ) {
         if second != self.second || self.prefix.is_empty() {
-            let full = rfc3339(t);
+            let full = rfc3339(date());
             // "YYYY-MM-DDTHH:MM:SS" + ".mmmZ"
             self.prefix = full[..full.len() - 5].to_string();
             self.second = second;
@@ -499,7 +521,6 @@ impl SecondCache {
         out.clear();
         out.push_str(&self.prefix);
         out.push('.');
-        let ms = t.millisecond();
         out.push(char::from(b'0' + (ms / 100) as u8));
         out.push(char::from(b'0' + (ms / 10 % 10) as u8));
         out.push(char::from(b'0' + (ms % 10) as u8));
@@ -556,6 +577,30 @@ mod tests {
             let t = base + time::Duration::milliseconds(ms);
             assert_eq!(c.rfc3339(t), rfc3339(t), "{ms}");
         }
+    }
+
+    #[test]
+    fn timestamps_of_the_wall_clock_equal_formatted_ones() {
+        let mut c = SecondCache::default();
+        let mut out = String::new();
+        let base = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_790_000_000);
+        for ms in [0u64, 7, 99, 123, 999, 1000, 1001, 61_042, 86_400_005] {
+            for extra_ns in [0u64, 1, 999_999] {
+                let d = std::time::Duration::from_millis(ms)
+                    + std::time::Duration::from_nanos(extra_ns);
+                let t = base + d;
+                c.write_system(t, &mut out);
+                assert_eq!(
+                    out,
+                    rfc3339(time::OffsetDateTime::from(t)),
+                    "{ms} ms {extra_ns} ns"
+                );
+            }
+        }
+        // Before the epoch: the date's own arithmetic.
+        let t = std::time::UNIX_EPOCH - std::time::Duration::from_millis(1_500);
+        c.write_system(t, &mut out);
+        assert_eq!(out, rfc3339(time::OffsetDateTime::from(t)));
     }
 
     #[test]
