@@ -12,6 +12,12 @@
 //! A request runs on one thread from start to end (per-thread runtimes without work
 //! stealing), so the list is thread-local; a registration dropped on another thread would be
 //! left to expire, never confused with a newer one (slots carry a generation).
+//!
+//! The same ticker keeps the HTTP/1 connections' clocks between requests ([`ConnClock`]): a
+//! connection registers once, for its life, and waiting for its next request marks its slot
+//! (no clock read, no timer, no channel waiter per request). The ticker closes a wait that
+//! lasted the idle timeout (measured from the first tick that saw it: `idle` to `idle` + 2
+//! ticks), and ends every wait once the shutdown signal is up.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -19,6 +25,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 /// How often a worker thread looks for passed deadlines.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -46,6 +54,25 @@ struct Deadlines {
     next_generation: u64,
     live: usize,
     ticking: bool,
+    /// The connections' clocks ([`ConnClock`]).
+    conns: Vec<Option<Conn>>,
+    conns_free: Vec<usize>,
+    /// The shutdown signals of the connections registered (one, in practice).
+    shutdown: Vec<watch::Receiver<bool>>,
+}
+
+impl Deadlines {
+    /// Starts this thread's ticker unless it runs.
+    fn tick_on(&mut self) {
+        if !self.ticking {
+            self.ticking = true;
+            tokio::spawn(ticker());
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.live == 0 && self.conns.len() == self.conns_free.len()
+    }
 }
 
 static LISTS: AtomicU64 = AtomicU64::new(1);
@@ -87,10 +114,7 @@ impl Registration {
                 }
             };
             d.live += 1;
-            if !d.ticking {
-                d.ticking = true;
-                tokio::spawn(ticker());
-            }
+            d.tick_on();
             Registration {
                 list: d.list,
                 slot,
@@ -144,7 +168,8 @@ impl Drop for Registration {
     }
 }
 
-/// Wakes the requests whose deadline passed, every [`TICK`], while any is waiting.
+/// Wakes the requests whose deadline passed, and the connections whose wait for a request
+/// ended ([`on_tick`]), every [`TICK`], while any is waiting or open.
 async fn ticker() {
     let mut wake = Vec::new();
     loop {
@@ -152,6 +177,14 @@ async fn ticker() {
         let now = Instant::now();
         let stop = DEADLINES.with(|d| {
             let mut d = d.borrow_mut();
+            let shutting_down = d.shutdown.iter().any(|w| *w.borrow());
+            for c in d.conns.iter_mut().flatten() {
+                let was = c.wait;
+                c.wait = on_tick(was, now, c.idle, shutting_down);
+                if c.wait != was && matches!(c.wait, Wait::Ended(_)) {
+                    wake.extend(c.waker.take());
+                }
+            }
             let mut stale = Vec::new();
             for (i, slot) in d.slots.iter_mut().enumerate() {
                 let Some(e) = slot else { continue };
@@ -167,8 +200,9 @@ async fn ticker() {
                 d.free.push(i);
                 d.live -= 1;
             }
-            if d.live == 0 {
+            if d.idle() {
                 d.ticking = false;
+                d.shutdown.clear();
             }
             !d.ticking
         });
@@ -178,6 +212,172 @@ async fn ticker() {
         }
         if stop {
             return;
+        }
+    }
+}
+
+/// Why a connection's wait for its next request ended without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// Nothing came for the idle timeout.
+    Idle,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Where a connection is between its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Serving a request (or not yet waiting).
+    Busy,
+    /// Waiting for a request: since the tick that first saw it (`None` before that tick).
+    Since(Option<Instant>),
+    /// The wait ended without a request; the connection has not collected it yet.
+    Ended(Woken),
+}
+
+/// What a tick at `now` makes of a connection's wait (pure): a wait is timed from the first
+/// tick that sees it (never from before it began: a connection is not closed early), ends
+/// after `idle`, and every wait ends once the server is shutting down.
+fn on_tick(wait: Wait, now: Instant, idle: Duration, shutting_down: bool) -> Wait {
+    match wait {
+        Wait::Since(_) if shutting_down => Wait::Ended(Woken::Shutdown),
+        Wait::Since(None) => Wait::Since(Some(now)),
+        Wait::Since(Some(t)) if now.saturating_duration_since(t) >= idle => {
+            Wait::Ended(Woken::Idle)
+        }
+        w => w,
+    }
+}
+
+/// A connection's slot.
+struct Conn {
+    generation: u64,
+    idle: Duration,
+    wait: Wait,
+    waker: Option<Waker>,
+}
+
+/// An HTTP/1 connection's idle and shutdown clocks, registered once for its life in this
+/// thread's list (removed when dropped). [`ConnClock::wait`] runs the read of a request
+/// head until the ticker ends the wait.
+pub struct ConnClock {
+    list: u64,
+    slot: usize,
+    generation: u64,
+}
+
+impl ConnClock {
+    pub fn new(idle: Duration, shutdown: &watch::Receiver<bool>) -> ConnClock {
+        DEADLINES.with(|d| {
+            let mut d = d.borrow_mut();
+            d.next_generation += 1;
+            let generation = d.next_generation;
+            let conn = Conn {
+                generation,
+                idle,
+                wait: Wait::Busy,
+                waker: None,
+            };
+            let slot = match d.conns_free.pop() {
+                Some(i) => {
+                    d.conns[i] = Some(conn);
+                    i
+                }
+                None => {
+                    d.conns.push(Some(conn));
+                    d.conns.len() - 1
+                }
+            };
+            if !d.shutdown.iter().any(|w| w.same_channel(shutdown)) {
+                d.shutdown.push(shutdown.clone());
+            }
+            d.tick_on();
+            ConnClock {
+                list: d.list,
+                slot,
+                generation,
+            }
+        })
+    }
+
+    /// Runs `fut` (the read of the next request head) until it finishes or the wait ends
+    /// ([`Woken`]). Finishing at its first poll costs one look at nothing.
+    pub fn wait<F: Future>(&mut self, fut: F) -> Waited<'_, F> {
+        Waited { fut, clock: self }
+    }
+
+    /// Applies `f` to this connection's slot (nothing when it is not on this thread).
+    fn with<R>(&self, f: impl FnOnce(&mut Conn) -> R) -> Option<R> {
+        DEADLINES.with(|d| {
+            let mut d = d.borrow_mut();
+            if d.list != self.list {
+                return None;
+            }
+            match d.conns.get_mut(self.slot) {
+                Some(Some(c)) if c.generation == self.generation => Some(f(c)),
+                _ => None,
+            }
+        })
+    }
+}
+
+impl Drop for ConnClock {
+    fn drop(&mut self) {
+        let _ = DEADLINES.try_with(|d| {
+            let mut d = d.borrow_mut();
+            if d.list != self.list {
+                return;
+            }
+            let mine = matches!(
+                d.conns.get(self.slot),
+                Some(Some(c)) if c.generation == self.generation
+            );
+            if mine {
+                d.conns[self.slot] = None;
+                d.conns_free.push(self.slot);
+            }
+        });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`ConnClock::wait`].
+    pub struct Waited<'a, F> {
+        #[pin]
+        fut: F,
+        clock: &'a ConnClock,
+    }
+}
+
+impl<F: Future> Future for Waited<'_, F> {
+    type Output = Result<F::Output, Woken>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.fut.poll(cx) {
+            this.clock.with(|c| c.wait = Wait::Busy);
+            return Poll::Ready(Ok(v));
+        }
+        let ended = this.clock.with(|c| match c.wait {
+            Wait::Ended(why) => {
+                c.wait = Wait::Busy;
+                Some(why)
+            }
+            w => {
+                if w == Wait::Busy {
+                    c.wait = Wait::Since(None);
+                }
+                match &c.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => c.waker = Some(cx.waker().clone()),
+                }
+                None
+            }
+        });
+        match ended.flatten() {
+            Some(why) => Poll::Ready(Err(why)),
+            None => Poll::Pending,
         }
     }
 }
@@ -324,6 +524,111 @@ mod tests {
             std::future::pending::<()>(),
         )
         .await;
+        tokio::time::sleep(TICK * 3).await;
+        assert!(!DEADLINES.with(|d| d.borrow().ticking));
+    }
+
+    #[test]
+    fn a_connections_wait_by_tick() {
+        use Wait::*;
+        let t0 = Instant::now();
+        let idle = Duration::from_secs(2);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        for (wait, now, shutting_down, want) in [
+            // Serving: no tick touches it, shutdown or not.
+            (Busy, at(9_000), false, Busy),
+            (Busy, at(9_000), true, Busy),
+            // A new wait is timed from the first tick that sees it.
+            (Since(None), at(9_000), false, Since(Some(at(9_000)))),
+            (Since(Some(t0)), at(1_999), false, Since(Some(t0))),
+            (Since(Some(t0)), at(2_000), false, Ended(Woken::Idle)),
+            (Since(Some(t0)), at(60_000), false, Ended(Woken::Idle)),
+            // Shutdown ends every wait, a new one included.
+            (Since(None), at(0), true, Ended(Woken::Shutdown)),
+            (Since(Some(t0)), at(10), true, Ended(Woken::Shutdown)),
+            // An ended wait stays ended until the connection collects it.
+            (Ended(Woken::Idle), at(10), true, Ended(Woken::Idle)),
+            (
+                Ended(Woken::Shutdown),
+                at(10),
+                false,
+                Ended(Woken::Shutdown),
+            ),
+        ] {
+            assert_eq!(
+                on_tick(wait, now, idle, shutting_down),
+                want,
+                "{wait:?} at {:?} shutting down {shutting_down}",
+                now - t0
+            );
+        }
+    }
+
+    fn conns() -> usize {
+        DEADLINES.with(|d| {
+            let d = d.borrow();
+            d.conns.len() - d.conns_free.len()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_connection_waiting_longer_than_its_idle_timeout_is_told_so() {
+        let (_tx, rx) = watch::channel(false);
+        let idle = Duration::from_millis(150);
+        let mut clock = ConnClock::new(idle, &rx);
+        // A head already there: nothing waits.
+        assert_eq!(clock.wait(async { 7 }).await, Ok(7));
+        // A head that comes in time.
+        let r = clock
+            .wait(async {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                8
+            })
+            .await;
+        assert_eq!(r, Ok(8));
+        // None comes: ended within two ticks after the idle timeout, not before it.
+        let start = Instant::now();
+        let r = clock.wait(std::future::pending::<()>()).await;
+        let took = start.elapsed();
+        assert_eq!(r, Err(Woken::Idle));
+        assert!(took >= idle, "ended early: {took:?}");
+        assert!(took < idle + TICK * 4, "ended late: {took:?}");
+        // Each wait is timed on its own: the next one is not ended at once.
+        let r = clock
+            .wait(async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                9
+            })
+            .await;
+        assert_eq!(r, Ok(9));
+        assert_eq!(conns(), 1);
+        drop(clock);
+        assert_eq!(conns(), 0, "the slot goes with the connection");
+    }
+
+    #[tokio::test]
+    async fn the_shutdown_signal_ends_a_wait_within_a_tick_or_two() {
+        let (tx, rx) = watch::channel(false);
+        let mut clock = ConnClock::new(Duration::from_secs(60), &rx);
+        let signal = async {
+            tokio::time::sleep(Duration::from_millis(80)).await;
+            tx.send(true).unwrap();
+            Instant::now()
+        };
+        let (r, signalled) = tokio::join!(clock.wait(std::future::pending::<()>()), signal);
+        assert_eq!(r, Err(Woken::Shutdown));
+        assert!(signalled.elapsed() < TICK * 3, "{:?}", signalled.elapsed());
+        // A head that is there still wins over the signal.
+        assert_eq!(clock.wait(async { 1 }).await, Ok(1));
+    }
+
+    #[tokio::test]
+    async fn open_connections_keep_the_ticker_and_it_stops_after_them() {
+        let (_tx, rx) = watch::channel(false);
+        let clock = ConnClock::new(Duration::from_secs(60), &rx);
+        tokio::time::sleep(TICK * 3).await;
+        assert!(DEADLINES.with(|d| d.borrow().ticking));
+        drop(clock);
         tokio::time::sleep(TICK * 3).await;
         assert!(!DEADLINES.with(|d| d.borrow().ticking));
     }

@@ -14,7 +14,7 @@ use pingora::time::fast_timeout::fast_timeout;
 use tokio::io::AsyncWriteExt;
 
 use super::downstream::{Downstream, ReadError};
-use crate::deadline::timeout_at;
+use crate::deadline::{timeout_at, ConnClock, Woken};
 use crate::errors::{ErrorCode, GatewayError};
 use crate::http1::{
     encode_chunk, encode_head, BodyReader, Collected, Conn, Framing, H1Error, Head, Name,
@@ -48,7 +48,7 @@ fn trim_out(out: &mut Vec<u8>) -> bool {
 
 /// Serves the requests of one HTTP/1.x connection, one after the other (pipelined ones
 /// included), until the client closes, asks to close, stays idle for
-/// `server.idle_timeout_seconds` (N to 2N), takes longer than
+/// `server.idle_timeout_seconds` (up to 100 ms more), takes longer than
 /// `server.header_timeout_seconds` to send a head (408), sends something that is not
 /// HTTP/1.x (400), or the server shuts down.
 pub async fn serve_connection(gw: &Gateway, stream: Stream, shutdown: &ShutdownWatch) {
@@ -83,7 +83,6 @@ pub async fn serve_connection(gw: &Gateway, stream: Stream, shutdown: &ShutdownW
         let mut ctx = gw.new_ctx();
         let reusable = gw.serve(&mut d, &head, &mut ctx).await && d.reusable();
         gw.finish(&mut ctx).await;
-        clocks.served = true;
         if !reusable {
             break;
         }
@@ -91,24 +90,20 @@ pub async fn serve_connection(gw: &Gateway, stream: Stream, shutdown: &ShutdownW
     let _ = timeout_at(Instant::now() + Duration::from_secs(1), conn.io.shutdown()).await;
 }
 
-/// The clocks a connection waits under between requests: the shutdown signal and one idle
-/// clock per connection (rather than a timer per request): a connection on which no request
-/// completed between two ticks is closed (idle N to 2N). After a request that outlasted
-/// several ticks, one late tick fires, not a burst of them.
-struct Clocks {
-    shutdown: ShutdownWatch,
-    idle_tick: tokio::time::Interval,
-    served: bool,
+/// The clocks a connection waits under between requests: the shutdown signal and the idle
+/// timeout, kept by this thread's deadline ticker ([`ConnClock`]: registered once per
+/// connection; a request costs no timer and no channel waiter). A wait for the next head
+/// that lasts the idle timeout (`idle` to `idle` + 2 ticks of 50 ms) closes the connection.
+struct Clocks<'a> {
+    shutdown: &'a ShutdownWatch,
+    clock: ConnClock,
 }
 
-impl Clocks {
-    fn new(shutdown: &ShutdownWatch, idle: Duration) -> Clocks {
-        let mut idle_tick = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
-        idle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+impl<'a> Clocks<'a> {
+    fn new(shutdown: &'a ShutdownWatch, idle: Duration) -> Clocks<'a> {
         Clocks {
-            shutdown: shutdown.clone(),
-            idle_tick,
-            served: false,
+            shutdown,
+            clock: ConnClock::new(idle, shutdown),
         }
     }
 
@@ -130,21 +125,12 @@ impl Clocks {
                     .await
                     .ok();
             }
-            // `read_head` keeps what it read in the connection's buffer: dropping it for a
-            // tick or the shutdown signal loses nothing.
-            tokio::select! {
-                biased;
-                r = conn.read_head(false) => return Some(r),
-                changed = self.shutdown.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                }
-                _ = self.idle_tick.tick() => {
-                    if !std::mem::replace(&mut self.served, false) {
-                        return None;
-                    }
-                }
+            // `read_head` keeps what it read in the connection's buffer: dropping it when
+            // the shutdown signal ends the wait loses nothing.
+            match self.clock.wait(conn.read_head(false)).await {
+                Ok(r) => return Some(r),
+                Err(Woken::Idle) => return None,
+                Err(Woken::Shutdown) => {}
             }
         }
     }

@@ -21,8 +21,10 @@ use crate::pipeline::outcome::{Outcome, UsageSource};
 pub struct AuditRecord {
     /// Written by the writer thread from `ended` (formatting stays off the request path).
     pub ts: String,
+    /// When the request ended (the wall clock at its start plus its monotonic duration;
+    /// turned into a date by the writer thread).
     #[serde(skip)]
-    pub ended: Option<time::OffsetDateTime>,
+    pub ended: Option<std::time::SystemTime>,
     pub request_id: RequestId,
     pub client: Arc<str>,
     pub auth: &'static str,
@@ -57,49 +59,53 @@ pub struct AuditRecord {
 /// The audit record of a finished request, from its outcome and the usage charged.
 ///
 /// It takes what it logs out of `o` (the request's outcome is spent by then): the outcome is
-/// not copied whole (~600 bytes) for a record of its fields.
+/// not copied whole (~600 bytes) for a record of its fields. The record is made in its box
+/// (the one the writer thread receives), not on the stack and copied there.
 pub fn record_of(
     o: &mut Outcome,
     usage: Option<Usage>,
     source: UsageSource,
     elapsed: std::time::Duration,
-    ended: time::OffsetDateTime,
-) -> AuditRecord {
+    ended: std::time::SystemTime,
+) -> Box<AuditRecord> {
     let status = o.status();
     let (backend, region) = match o.tried.take() {
         Some(t) => (Some(t.backend), t.region),
         None => (None, None),
     };
-    AuditRecord {
-        ts: String::new(),
-        ended: Some(ended),
-        request_id: o.request_id,
-        client: o.caller.client.clone(),
-        auth: o.caller.auth.as_str(),
-        key_id: o.caller.key_id.take(),
-        user: o.caller.user.take(),
-        provider: o.caller.provider.take(),
-        client_ip: o.client_ip,
-        method: std::mem::take(&mut o.method),
-        path: std::mem::take(&mut o.path),
-        operation: o.operation.map(|op| op.as_str()),
-        deployment: o.deployment.take(),
-        backend,
-        region,
-        attempts: o.attempts,
-        status,
-        error_code: o.error.as_ref().map(|e| e.code.as_str()),
-        stream: o.stream,
-        prompt_tokens: usage.map(|u| u.prompt),
-        completion_tokens: usage.map(|u| u.completion),
-        total_tokens: usage.map(|u| u.total),
-        cached_tokens: usage.and_then(|u| u.details.cached_prompt),
-        reasoning_tokens: usage.and_then(|u| u.details.reasoning),
-        usage_source: source.as_str(),
-        duration_ms: elapsed.as_millis() as u64,
-        ttfb_ms: o.ttfb.map(|t| t.as_millis() as u64),
-        upstream_request_id: o.upstream_request_id.take(),
-    }
+    Box::write(
+        Box::new_uninit(),
+        AuditRecord {
+            ts: String::new(),
+            ended: Some(ended),
+            request_id: o.request_id,
+            client: o.caller.client.clone(),
+            auth: o.caller.auth.as_str(),
+            key_id: o.caller.key_id.take(),
+            user: o.caller.user.take(),
+            provider: o.caller.provider.take(),
+            client_ip: o.client_ip,
+            method: std::mem::take(&mut o.method),
+            path: std::mem::take(&mut o.path),
+            operation: o.operation.map(|op| op.as_str()),
+            deployment: o.deployment.take(),
+            backend,
+            region,
+            attempts: o.attempts,
+            status,
+            error_code: o.error.as_ref().map(|e| e.code.as_str()),
+            stream: o.stream,
+            prompt_tokens: usage.map(|u| u.prompt),
+            completion_tokens: usage.map(|u| u.completion),
+            total_tokens: usage.map(|u| u.total),
+            cached_tokens: usage.and_then(|u| u.details.cached_prompt),
+            reasoning_tokens: usage.and_then(|u| u.details.reasoning),
+            usage_source: source.as_str(),
+            duration_ms: elapsed.as_millis() as u64,
+            ttfb_ms: o.ttfb.map(|t| t.as_millis() as u64),
+            upstream_request_id: o.upstream_request_id.take(),
+        },
+    )
 }
 
 enum Msg {
@@ -160,9 +166,9 @@ impl AuditLog {
         });
     }
 
-    pub fn log(&self, rec: AuditRecord) {
+    pub fn log(&self, rec: Box<AuditRecord>) {
         self.running();
-        match self.tx.try_send(Msg::Line(Box::new(rec))) {
+        match self.tx.try_send(Msg::Line(rec)) {
             Ok(()) => {}
             Err(TrySendError::Full(m)) => {
                 // The writer is behind: wait rather than lose an audit line.
@@ -240,7 +246,7 @@ fn writer(rx: Receiver<Msg>, mut sink: Sink, path: String) {
             match rx.try_recv() {
                 Ok(Msg::Line(mut rec)) => {
                     if let Some(t) = rec.ended {
-                        clock.write_rfc3339(t, &mut ts);
+                        clock.write_system(t, &mut ts);
                         std::mem::swap(&mut rec.ts, &mut ts);
                     }
                     write_json(&rec, &mut batch);
@@ -483,9 +489,31 @@ impl SecondCache {
     /// Replaces `out` with `t`'s text.
     fn write_rfc3339(&mut self, t: time::OffsetDateTime, out: &mut String) {
         let t = t.to_offset(time::UtcOffset::UTC);
-        let second = t.unix_timestamp();
+        self.write(t.unix_timestamp(), t.millisecond(), || t, out);
+    }
+
+    /// Replaces `out` with `t`'s text; a date is made only when the second changes.
+    fn write_system(&mut self, t: std::time::SystemTime, out: &mut String) {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => self.write(
+                d.as_secs() as i64,
+                d.subsec_millis() as u16,
+                || time::OffsetDateTime::from(t),
+                out,
+            ),
+            Err(_) => self.write_rfc3339(time::OffsetDateTime::from(t), out),
+        }
+    }
+
+    fn write(
+        &mut self,
+        second: i64,
+        ms: u16,
+        date: impl FnOnce() -> time::OffsetDateTime,
+        out: &mut String,
+    ) {
         if second != self.second || self.prefix.is_empty() {
-            let full = rfc3339(t);
+            let full = rfc3339(date());
             // "YYYY-MM-DDTHH:MM:SS" + ".mmmZ"
             self.prefix = full[..full.len() - 5].to_string();
             self.second = second;
@@ -493,7 +521,6 @@ impl SecondCache {
         out.clear();
         out.push_str(&self.prefix);
         out.push('.');
-        let ms = t.millisecond();
         out.push(char::from(b'0' + (ms / 100) as u8));
         out.push(char::from(b'0' + (ms / 10 % 10) as u8));
         out.push(char::from(b'0' + (ms % 10) as u8));
@@ -521,12 +548,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("audit.log");
         let log = AuditLog::start(path.to_str().unwrap()).unwrap();
-        log.log(AuditRecord {
+        log.log(Box::new(AuditRecord {
             client: Arc::from("anonymous"),
             auth: "none",
             usage_source: "none",
             ..Default::default()
-        });
+        }));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let text = loop {
             let t = std::fs::read_to_string(&path).unwrap_or_default();
@@ -553,6 +580,30 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_of_the_wall_clock_equal_formatted_ones() {
+        let mut c = SecondCache::default();
+        let mut out = String::new();
+        let base = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_790_000_000);
+        for ms in [0u64, 7, 99, 123, 999, 1000, 1001, 61_042, 86_400_005] {
+            for extra_ns in [0u64, 1, 999_999] {
+                let d = std::time::Duration::from_millis(ms)
+                    + std::time::Duration::from_nanos(extra_ns);
+                let t = base + d;
+                c.write_system(t, &mut out);
+                assert_eq!(
+                    out,
+                    rfc3339(time::OffsetDateTime::from(t)),
+                    "{ms} ms {extra_ns} ns"
+                );
+            }
+        }
+        // Before the epoch: the date's own arithmetic.
+        let t = std::time::UNIX_EPOCH - std::time::Duration::from_millis(1_500);
+        c.write_system(t, &mut out);
+        assert_eq!(out, rfc3339(time::OffsetDateTime::from(t)));
+    }
+
+    #[test]
     fn timestamp_is_rfc3339_utc() {
         let ts = rfc3339(time::OffsetDateTime::now_utc());
         assert!(ts.ends_with('Z'));
@@ -576,7 +627,7 @@ mod tests {
     fn full() -> AuditRecord {
         AuditRecord {
             ts: "2026-09-22T10:00:00.123Z".into(),
-            ended: Some(time::OffsetDateTime::UNIX_EPOCH),
+            ended: Some(std::time::UNIX_EPOCH),
             request_id: RequestId::default(),
             client: Arc::from("team-a"),
             auth: "api_key",

@@ -75,8 +75,9 @@ impl Gateway {
                 )
                 .await;
         }
-        // The wall clock at the end, from the start and the monotonic duration.
-        let ended = time::OffsetDateTime::from(ctx.started + elapsed);
+        // The wall clock at the end, from the start and the monotonic duration (made a date
+        // by the audit writer thread).
+        let ended = ctx.started + elapsed;
         self.audit
             .log(record_of(&mut ctx.outcome, usage, source, elapsed, ended));
     }

@@ -28,7 +28,7 @@ use crate::state::Snapshot;
 use crate::upstream::capacity::{parse_report, shortfall, Capacity};
 use crate::upstream::pool::Upstream;
 use crate::upstream::request::{exchange, Auth, Request, Send, SendError, Target};
-use crate::upstream::select::{capacity_skips, now_ms, unix_ms, Candidate, Cooldown};
+use crate::upstream::select::{capacity_skips, now_ms, Candidate, Cooldown};
 use crate::upstream::token::Token;
 
 /// The kept body of a retried answer is capped at this size.
@@ -90,6 +90,8 @@ pub(super) struct Answer {
     /// Where its connection goes back to, and since when it has been quiet.
     pub(super) key: u64,
     pub(super) head_at: Instant,
+    /// From the request's start to this answer's head (its time to first byte).
+    pub(super) since_start: std::time::Duration,
 }
 
 /// The chooser's view of every member now; `tried` carries over between attempts (and
@@ -150,6 +152,16 @@ fn capacity_may_bind(
         let window = snap.cfg.backends[m.backend].capacity_window_ms;
         shortfall(c.report(), now, window, bound).is_some()
     })
+}
+
+/// The random number the chooser weighs members with: drawn only when there is more than
+/// one (with one member every draw picks the same).
+fn chance(members: usize) -> u64 {
+    if members > 1 {
+        rand::random()
+    } else {
+        0
+    }
 }
 
 /// The credential a member's request carries: its key, the gateway's token, or the caller's
@@ -225,7 +237,7 @@ impl Gateway {
         for attempt in 0..snap.cfg.retries.max_attempts {
             // The first attempt goes out at the request's start, as far as cooldowns go.
             let now = if attempt == 0 {
-                unix_ms(ctx.started)
+                ctx.started_ms
             } else {
                 now_ms()
             };
@@ -244,7 +256,7 @@ impl Gateway {
                 }
             }
             candidates(snap, f, cools, (caps, need, now), cands);
-            let i = match failover::next_member(attempt, cands, now, rand::random()) {
+            let i = match failover::next_member(attempt, cands, now, chance(cands.len())) {
                 Next::Try(i) => i,
                 // Only the holder can answer: it being unavailable is 503, whatever the reason.
                 Next::Refuse(_) if f.pinned.is_some() => {
@@ -433,6 +445,7 @@ impl Gateway {
             }
         };
         let head_at = Instant::now();
+        let since_start = head_at - ctx.start;
         // Every answer's capacity report is kept, but a 429's: its retry headers say when
         // to come back (the cooldown), and its "0 remaining" would outlast them.
         if head.status != 429 {
@@ -444,7 +457,10 @@ impl Gateway {
                     .get(&*f.deployment.name)
                     .and_then(|c| c.get(i))
                 {
-                    cap.record(tokens, requests, now_ms());
+                    // The head's arrival on the wall clock, from the request's start: no
+                    // second clock read.
+                    let at = ctx.started_ms + since_start.as_millis() as u64;
+                    cap.record(tokens, requests, at);
                 }
             }
         }
@@ -455,6 +471,7 @@ impl Gateway {
             framing,
             key,
             head_at,
+            since_start,
         }))
     }
 
@@ -467,6 +484,7 @@ impl Gateway {
             framing,
             key,
             head_at,
+            ..
         } = a;
         let read = timeout_at(deadline, read_capped(&mut up, framing, MAX_KEPT_ERROR_BODY)).await;
         let body = match read {
@@ -514,7 +532,7 @@ impl Gateway {
         // A new response to record (only `POST …/responses` asks).
         let record = f.record.filter(|_| record_for(a.head.status, true));
         let o = &mut ctx.outcome;
-        o.ttfb = Some(a.head_at - ctx.start);
+        o.ttfb = Some(a.since_start);
         o.upstream_request_id = upstream_request_id(&a.head);
         o.ending = Ending::Answered(a.head.status);
         let out = client_head(
@@ -571,6 +589,7 @@ impl Gateway {
             framing,
             key,
             head_at,
+            ..
         } = a;
         let streamed = Streamed {
             up,
@@ -843,7 +862,48 @@ async fn read_capped(
 
 #[cfg(test)]
 mod tests {
-    use super::usable;
+    use super::{chance, usable};
+    use crate::pipeline::failover::next_member;
+    use crate::upstream::select::Candidate;
+
+    #[test]
+    fn one_member_is_chosen_alike_whatever_the_draw_so_none_is_made() {
+        assert_eq!(chance(0), 0);
+        assert_eq!(chance(1), 0);
+        let now = 1_000_000;
+        for priority in [0, 5] {
+            for weight in [0, 1, 3, 100] {
+                for (healthy, cooling_until_ms, tried) in [
+                    (true, 0, false),
+                    (false, 0, false),
+                    (true, now + 5_000, false),
+                    (true, 0, true),
+                    (false, now + 5_000, true),
+                ] {
+                    for short in [None, Some(0), Some(10)] {
+                        let c = Candidate {
+                            priority,
+                            weight,
+                            healthy,
+                            cooling_until_ms,
+                            tried,
+                            short,
+                        };
+                        for attempt in [0, 1] {
+                            let drawn = next_member(attempt, &[c], now, chance(1));
+                            for r in [1, 2, 7, 99, u64::MAX, rand::random()] {
+                                assert_eq!(
+                                    next_member(attempt, &[c], now, r),
+                                    drawn,
+                                    "{c:?} attempt {attempt} draw {r}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn usable_members() {

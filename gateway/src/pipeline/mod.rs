@@ -82,6 +82,8 @@ pub struct Ctx {
     start: Instant,
     /// The wall clock at `start` (read once: key expiry, cooldowns, the audit timestamp).
     started: SystemTime,
+    /// `started` in milliseconds since the Unix epoch (cooldowns, capacity reports).
+    started_ms: u64,
     outcome: Outcome,
     /// The configuration the request was served under (metrics, limiter, audit).
     snap: Option<Arc<Snapshot>>,
@@ -130,10 +132,12 @@ fn client_gone(e: impl std::fmt::Display) -> Failure {
 impl Gateway {
     pub fn new_ctx(&self) -> Ctx {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let started = SystemTime::now();
         Ctx {
             _in_flight: InFlight(self.in_flight.clone()),
             start: Instant::now(),
-            started: SystemTime::now(),
+            started,
+            started_ms: crate::upstream::select::unix_ms(started),
             outcome: Outcome::new(RequestId::new()),
             snap: None,
         }

@@ -32,7 +32,7 @@ use crate::state::Snapshot;
 use crate::upload::{concat, upstream_length, Checker, FormKind, Part, Renderer, UploadError};
 use crate::upstream::pool::Upstream;
 use crate::upstream::request::{final_head, Request, Target};
-use crate::upstream::select::{now_ms, unix_ms, Candidate};
+use crate::upstream::select::{now_ms, Candidate};
 
 /// Rendered bytes are written upstream in pieces of about this size.
 const WRITE_AT: usize = 64 * 1024;
@@ -297,7 +297,7 @@ impl Gateway {
         let head = d.head().clone();
         for attempt in 0..snap.cfg.retries.max_attempts {
             let now = if attempt == 0 {
-                unix_ms(ctx.started)
+                ctx.started_ms
             } else {
                 now_ms()
             };
@@ -486,6 +486,7 @@ impl Gateway {
             framing,
             key,
             head_at,
+            since_start: head_at - ctx.start,
         }))
     }
 

@@ -34,7 +34,10 @@ use crate::http1::Conn;
 /// Idle connections kept per backend address and thread.
 const MAX_IDLE: usize = 256;
 
-pub type Upstream = Conn<Io>;
+/// A backend connection, boxed once when it is made: a request moves it several times (out
+/// of the pool, through the attempt and its answer, back into the pool) and each move is
+/// then a pointer's, not the connection's ~130 bytes.
+pub type Upstream = Box<Conn<Io>>;
 
 /// A backend connection's transport: a plain tokio socket, or Pingora's stream for TLS (and
 /// anything else its connector makes).
@@ -103,14 +106,14 @@ impl Upstreams {
                 None => connecting.await?,
             };
             tcp.set_nodelay(true)?;
-            return Ok(Conn::new(Either::Left(tcp)));
+            return Ok(Box::new(Conn::new(Either::Left(tcp))));
         }
         // Boxed: Pingora's TLS connect is a large future, and inline it would size every
         // request's state (and every open stream's) for a step a plain backend never takes.
         let stream = Box::pin(self.connector.new_stream(peer))
             .await
             .map_err(io::Error::other)?;
-        Ok(Conn::new(Either::Right(stream)))
+        Ok(Box::new(Conn::new(Either::Right(stream))))
     }
 
     /// Returns a connection whose last response was read to its end, quiet since `since`.
@@ -135,10 +138,20 @@ fn reusable(quiet: Duration, max_idle: Duration) -> bool {
 }
 
 /// An idle connection is usable when a read would block: no close, no unexpected bytes
-/// (a byte read here is lost, but the connection is dropped with it).
+/// (a byte read here is lost, but the connection is dropped with it). A plain socket is
+/// asked with `try_read` (the same readiness check and `recv` as a polled read, without a
+/// future or a waker registered with the driver).
 fn still_open(conn: &mut Upstream) -> bool {
     let mut byte = [0u8; 1];
-    conn.io.read(&mut byte).now_or_never().is_none()
+    match &mut conn.io {
+        Either::Left(tcp) => would_block(tcp.try_read(&mut byte)),
+        Either::Right(_) => conn.io.read(&mut byte).now_or_never().is_none(),
+    }
+}
+
+/// Whether a non-blocking read found nothing to read (not a close, not bytes, not an error).
+fn would_block(read: io::Result<usize>) -> bool {
+    matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 #[cfg(test)]
@@ -213,6 +226,17 @@ mod tests {
                 upstreams.take(2, Instant::now(), limit).is_none(),
                 "stray bytes: {stray}"
             );
+        }
+    }
+
+    #[test]
+    fn only_a_read_that_would_block_leaves_a_connection_usable() {
+        use io::ErrorKind::*;
+        assert!(would_block(Err(WouldBlock.into())));
+        assert!(!would_block(Ok(0)), "closed");
+        assert!(!would_block(Ok(1)), "stray bytes");
+        for e in [ConnectionReset, BrokenPipe, Interrupted, Other] {
+            assert!(!would_block(Err(e.into())), "{e:?}");
         }
     }
 
