@@ -17,6 +17,13 @@ DURATION=${DURATION:-8}
 command -v valgrind >/dev/null && command -v nginx >/dev/null && command -v wrk >/dev/null ||
   { echo "needs valgrind, nginx and wrk" >&2; exit 1; }
 . load-tests/common.sh
+# The ports are fixed (gateway.yaml, the nginx confs) and the gateway listens with SO_REUSEPORT:
+# a second run at the same time would silently split the load with this one.
+for p in 18080 18090 18091 18092; do
+  if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then
+    echo "port $p is in use (another load test running?): wait for it to end" >&2; exit 1
+  fi
+done
 nginx -c "$DIR/mock.conf" -p "$DIR" & pids+=($!)
 if [ "${NGINX:-0}" = 1 ]; then
   sed -i 's/^worker_processes 1;/worker_processes 1;\nmaster_process off;/' "$DIR/proxy.conf"
