@@ -4,6 +4,7 @@
 # is repeated ROUNDS times; medians are printed with the gateway/nginx ratio, and each one's CPU
 # time (user + system, /proc, all of the gateway's threads; nginx's one worker) per request.
 # Usage: load-tests/bench.sh [BIN_DIR]   (default target/release)   env: ROUNDS=3 DURATION=10s
+#   NGINX_LOG=1: nginx writes a JSON access line a request (common.sh), as the gateway its audit log.
 #   BARE=1 adds a column for Pingora's own proxy doing nothing (BIN_DIR/examples/bare_pingora,
 #   `cargo build --release --example bare_pingora`): the framework's floor, for reference.
 set -euo pipefail
@@ -17,6 +18,7 @@ command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs nginx 
 . load-tests/common.sh
 
 nginx -c "$DIR/mock.conf" -p "$DIR" & pids+=($!)
+if [ "${NGINX_LOG:-0}" = 1 ]; then nginx_access_log "$DIR/proxy.conf"; fi
 nginx -c "$DIR/proxy.conf" -p "$DIR" & pids+=($!)
 proxy_master=$!
 "$BIN/aoai-gateway" run -c "$DIR/gateway.yaml" 2>"$DIR/gateway.err" & pids+=($!)
@@ -84,5 +86,6 @@ done
 rss=$(ps -o rss= -p "$gw_pid" | tr -d ' ')
 echo
 echo "gateway RSS after the run: $((rss / 1024)) MiB; audit lines written: $(wc -l <"$DIR/audit.log")"
+if [ "${NGINX_LOG:-0}" = 1 ]; then echo "nginx access lines written: $(wc -l <"$DIR/access.log")"; fi
 echo "gateway answers by status (from the audit log):"
 grep -o '"status":[0-9]*,"error_code":[^,]*' "$DIR/audit.log" | sort | uniq -c | sort -rn | head -5

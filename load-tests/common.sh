@@ -13,6 +13,14 @@ KEY=agw_bench-key-000000000000000000000000000000000
 SHA=$(printf '%s' "$KEY" | sha256sum | cut -d' ' -f1)
 sed -e "s#__DIR__#$DIR#g" -e "s#__KEY_SHA256__#$SHA#" load-tests/gateway.yaml >"$DIR/gateway.yaml"
 
+# NGINX_LOG=1 (bench.sh, instructions.sh): the yardstick proxy writes an access line a request,
+# JSON with an audit line's fields, unbuffered as the gateway's audit log is written within
+# ~10 ms: for a like-for-like figure beside the gateway's audit log (the bare proxy logs nothing).
+nginx_access_log() { # proxy.conf path
+  local fmt='{"ts":"$time_iso8601","request_id":"$request_id","client":"$remote_addr","method":"$request_method","path":"$uri","status":$status,"upstream":"$upstream_addr","duration_ms":$request_time,"upstream_ms":"$upstream_response_time","bytes":$body_bytes_sent}'
+  sed -i "s#^  access_log off;#  log_format audit escape=json '$fmt';\n  access_log $DIR/access.log audit;#" "$1"
+}
+
 # --- Helpers of the issue-18 scripts (tls.sh, sse.sh, h2.sh, jwt.sh, fleet.sh): every port is a
 # free ephemeral loopback port, every process is in `pids` (killed on exit).
 need() { for t in "$@"; do command -v "$t" >/dev/null || { echo "needs $t (apt-get install it; see load-tests/README.md)" >&2; exit 1; }; done; }

@@ -27,10 +27,7 @@ done
 nginx -c "$DIR/mock.conf" -p "$DIR" & pids+=($!)
 if [ "${NGINX:-0}" = 1 ]; then
   sed -i 's/^worker_processes 1;/worker_processes 1;\nmaster_process off;/' "$DIR/proxy.conf"
-  if [ "${NGINX_LOG:-0}" = 1 ]; then
-    fmt='{"ts":"$time_iso8601","request_id":"$request_id","client":"$remote_addr","method":"$request_method","path":"$uri","status":$status,"upstream":"$upstream_addr","duration_ms":$request_time,"upstream_ms":"$upstream_response_time","bytes":$body_bytes_sent}'
-    sed -i "s#^  access_log off;#  log_format audit escape=json '$fmt';\n  access_log $DIR/access.log audit;#" "$DIR/proxy.conf"
-  fi
+  if [ "${NGINX_LOG:-0}" = 1 ]; then nginx_access_log "$DIR/proxy.conf"; fi
   set -- nginx -c "$DIR/proxy.conf" -p "$DIR"; PORT=18090
 else
   set -- "$BIN/aoai-gateway" run -c "$DIR/gateway.yaml"; PORT=18091
